@@ -1,0 +1,238 @@
+//! Key types. Public keys are checked once when made; secrets are zeroized on drop, print as
+//! `..` in `Debug`, implement neither `Display` nor serialization, and expose their bytes only
+//! through methods named `dangerous_*`.
+
+use std::fmt;
+
+use ed25519_dalek::Signer as _;
+use rand_core::CryptoRngCore;
+use thiserror::Error;
+use zeroize::Zeroizing;
+
+/// Length of an Ed25519 public key, an X25519 public key and every secret key here.
+pub const KEY_LEN: usize = 32;
+/// Length of an Ed25519 signature.
+pub const SIGNATURE_LEN: usize = 64;
+
+/// A byte string is not a valid key.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("not a valid Ed25519 public key")]
+pub struct InvalidKey;
+
+/// A signature did not verify. Carries no detail on purpose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+#[error("signature verification failed")]
+pub struct BadSignature;
+
+/// An Ed25519 public (verifying) key: identifies a cell or a node and checks its signatures.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PublicKey([u8; KEY_LEN]);
+
+impl PublicKey {
+    /// Parses 32 bytes, refusing encodings that are not points on the curve and points of
+    /// small order (which would let anyone forge signatures for that key).
+    pub fn from_bytes(bytes: &[u8; KEY_LEN]) -> Result<Self, InvalidKey> {
+        let key = ed25519_dalek::VerifyingKey::from_bytes(bytes).map_err(|_| InvalidKey)?;
+        if key.is_weak() {
+            return Err(InvalidKey);
+        }
+        Ok(Self(*bytes))
+    }
+
+    /// The 32-byte encoding.
+    pub fn as_bytes(&self) -> &[u8; KEY_LEN] {
+        &self.0
+    }
+
+    /// Checks `signature` over `context || message` with strict (non-malleable) verification.
+    pub fn verify(
+        &self,
+        context: &[u8],
+        message: &[u8],
+        signature: &Signature,
+    ) -> Result<(), BadSignature> {
+        let key = ed25519_dalek::VerifyingKey::from_bytes(&self.0).map_err(|_| BadSignature)?;
+        let sig = ed25519_dalek::Signature::from_bytes(&signature.0);
+        let msg = [context, message].concat();
+        key.verify_strict(&msg, &sig).map_err(|_| BadSignature)
+    }
+}
+
+impl fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PublicKey({})", hex_prefix(&self.0))
+    }
+}
+
+/// An Ed25519 signature.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Signature(pub [u8; SIGNATURE_LEN]);
+
+impl fmt::Debug for Signature {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Signature({})", hex_prefix(&self.0))
+    }
+}
+
+/// An Ed25519 signing key.
+pub struct SigningSecret(ed25519_dalek::SigningKey);
+
+impl SigningSecret {
+    /// Draws a fresh key from `rng`.
+    pub fn generate(rng: &mut impl CryptoRngCore) -> Self {
+        let mut seed = Zeroizing::new([0u8; KEY_LEN]);
+        rng.fill_bytes(seed.as_mut());
+        Self::from_seed(&seed)
+    }
+
+    /// Rebuilds the key from its 32-byte seed.
+    pub fn from_seed(seed: &[u8; KEY_LEN]) -> Self {
+        Self(ed25519_dalek::SigningKey::from_bytes(seed))
+    }
+
+    /// The matching public key.
+    pub fn public(&self) -> PublicKey {
+        PublicKey(self.0.verifying_key().to_bytes())
+    }
+
+    /// Signs `context || message`. Every signature in cellmesh carries a context string so a
+    /// signature made for one purpose is never valid for another.
+    pub fn sign(&self, context: &[u8], message: &[u8]) -> Signature {
+        let msg = Zeroizing::new([context, message].concat());
+        Signature(self.0.sign(&msg).to_bytes())
+    }
+
+    /// The 32-byte seed. Only for sealing into the keystore.
+    pub fn dangerous_seed(&self) -> Zeroizing<[u8; KEY_LEN]> {
+        Zeroizing::new(self.0.to_bytes())
+    }
+}
+
+impl fmt::Debug for SigningSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SigningSecret(..)")
+    }
+}
+
+/// An X25519 public key, used for key agreement (handshakes, end-to-end sessions).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AgreementPublicKey([u8; KEY_LEN]);
+
+impl AgreementPublicKey {
+    /// Wraps 32 bytes. Every 32-byte string is a valid X25519 public key; low-order points
+    /// are caught where they matter, when a shared secret comes out all-zero.
+    pub fn from_bytes(bytes: [u8; KEY_LEN]) -> Self {
+        Self(bytes)
+    }
+
+    /// The 32-byte encoding.
+    pub fn as_bytes(&self) -> &[u8; KEY_LEN] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for AgreementPublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "AgreementPublicKey({})", hex_prefix(&self.0))
+    }
+}
+
+/// An X25519 static secret.
+pub struct AgreementSecret(x25519_dalek::StaticSecret);
+
+impl AgreementSecret {
+    /// Draws a fresh key from `rng`.
+    pub fn generate(rng: &mut impl CryptoRngCore) -> Self {
+        let mut bytes = Zeroizing::new([0u8; KEY_LEN]);
+        rng.fill_bytes(bytes.as_mut());
+        Self::from_bytes(&bytes)
+    }
+
+    /// Rebuilds the key from its 32 bytes (clamped on use, per RFC 7748).
+    pub fn from_bytes(bytes: &[u8; KEY_LEN]) -> Self {
+        Self(x25519_dalek::StaticSecret::from(*bytes))
+    }
+
+    /// The matching public key.
+    pub fn public(&self) -> AgreementPublicKey {
+        AgreementPublicKey(x25519_dalek::PublicKey::from(&self.0).to_bytes())
+    }
+
+    /// The 32 secret bytes. Only for sealing into the keystore and for handing to a
+    /// handshake implementation.
+    pub fn dangerous_bytes(&self) -> Zeroizing<[u8; KEY_LEN]> {
+        Zeroizing::new(self.0.to_bytes())
+    }
+}
+
+impl fmt::Debug for AgreementSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AgreementSecret(..)")
+    }
+}
+
+/// A signing key and an agreement key that belong together: a cell's, or a node's.
+#[derive(Debug)]
+pub struct KeyPair {
+    /// Signs tokens.
+    pub signing: SigningSecret,
+    /// Agrees on keys.
+    pub agreement: AgreementSecret,
+}
+
+impl KeyPair {
+    /// Draws both keys from `rng` (how each device makes its node keys).
+    pub fn generate(rng: &mut impl CryptoRngCore) -> Self {
+        Self {
+            signing: SigningSecret::generate(rng),
+            agreement: AgreementSecret::generate(rng),
+        }
+    }
+}
+
+fn hex_prefix(bytes: &[u8]) -> String {
+    bytes.iter().take(4).map(|b| format!("{b:02x}")).collect::<String>() + ".."
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signatures_are_bound_to_their_context() {
+        let key = SigningSecret::from_seed(&[7; 32]);
+        let sig = key.sign(b"ctx-a", b"hello");
+        assert!(key.public().verify(b"ctx-a", b"hello", &sig).is_ok());
+        assert!(key.public().verify(b"ctx-b", b"hello", &sig).is_err());
+        assert!(key.public().verify(b"ctx-a", b"hellO", &sig).is_err());
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let key = SigningSecret::from_seed(&[7; 32]);
+        assert_eq!(format!("{key:?}"), "SigningSecret(..)");
+        let a = AgreementSecret::from_bytes(&[9; 32]);
+        assert_eq!(format!("{a:?}"), "AgreementSecret(..)");
+    }
+
+    #[test]
+    fn small_order_public_keys_are_refused() {
+        // The identity point and a point of order 2.
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        assert_eq!(PublicKey::from_bytes(&identity), Err(InvalidKey));
+        let mut order2 = [0u8; 32];
+        order2[0] = 0xec;
+        order2[1..31].fill(0xff);
+        order2[31] = 0x7f;
+        assert_eq!(PublicKey::from_bytes(&order2), Err(InvalidKey));
+    }
+
+    #[test]
+    fn off_curve_public_keys_are_refused() {
+        // y = 2 is not the y-coordinate of any point on edwards25519.
+        let mut bytes = [0u8; 32];
+        bytes[0] = 2;
+        assert_eq!(PublicKey::from_bytes(&bytes), Err(InvalidKey));
+    }
+}

@@ -1,0 +1,31 @@
+//! The cellmesh protocol core.
+//!
+//! Everything that decides what goes on the wire lives here, and nothing here performs I/O:
+//! no sockets, no files, no clock, no operating-system randomness. Callers pass the current
+//! time ([`Timestamp`]) and a random source (any [`rand_core::CryptoRngCore`]) in, and get
+//! bytes, typed values or typed errors back. That is what lets the same code run in the
+//! daemon, in tests that never sleep, and in a deterministic simulator.
+//!
+//! How the pieces depend on each other:
+//!
+//! ```text
+//!  mnemonic ──► keys ──► id (CellId, NodeId, Fingerprint)
+//!                 │          │
+//!                 ▼          ▼
+//!               token (one signed format) ──► device (cell ⇄ node binding, revocation)
+//!                                   keystore (sealing secrets at rest; pure functions)
+//! ```
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
+pub mod codec;
+pub mod device;
+pub mod id;
+pub mod keys;
+pub mod keystore;
+pub mod mnemonic;
+pub mod token;
+mod time;
+
+pub use time::Timestamp;
