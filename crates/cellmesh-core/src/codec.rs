@@ -155,6 +155,9 @@ mod tests {
         assert_eq!(Reader::new(&[9]).finish(), Err(DecodeError::Trailing(1)));
         assert_eq!(Reader::new(&[2]).flag("f"), Err(DecodeError::Invalid("f")));
         let mut r = Reader::new(&[5, 1, 2, 3, 4, 5]);
-        assert!(matches!(r.bytes8("x", 4), Err(DecodeError::TooLarge { .. })));
+        assert!(matches!(
+            r.bytes8("x", 4),
+            Err(DecodeError::TooLarge { .. })
+        ));
     }
 }

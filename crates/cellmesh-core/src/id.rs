@@ -177,7 +177,8 @@ fn decode_id(hrp: &str, prefix: &'static str, s: &str) -> Result<PublicKey, Pars
 fn base32() -> data_encoding::Encoding {
     let mut spec = data_encoding::Specification::new();
     spec.symbols.push_str("abcdefghijklmnopqrstuvwxyz234567");
-    spec.encoding().unwrap_or_else(|_| unreachable!("the base32 specification is valid"))
+    spec.encoding()
+        .unwrap_or_else(|_| unreachable!("the base32 specification is valid"))
 }
 
 #[cfg(test)]
@@ -194,9 +195,17 @@ mod tests {
         let id = cell();
         let text = id.to_string();
         assert_eq!(text.len(), 5 + BODY_CHARS);
-        assert!(text.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()));
+        assert!(
+            text.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        );
         assert_eq!(text.parse::<CellId>().unwrap(), id);
-        assert_eq!(format!("  {}\n", text.to_uppercase()).parse::<CellId>().unwrap(), id);
+        assert_eq!(
+            format!("  {}\n", text.to_uppercase())
+                .parse::<CellId>()
+                .unwrap(),
+            id
+        );
         assert!(id.short().starts_with("cell1") && id.short().len() == 15);
     }
 

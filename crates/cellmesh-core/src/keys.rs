@@ -191,7 +191,12 @@ impl KeyPair {
 }
 
 fn hex_prefix(bytes: &[u8]) -> String {
-    bytes.iter().take(4).map(|b| format!("{b:02x}")).collect::<String>() + ".."
+    bytes
+        .iter()
+        .take(4)
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>()
+        + ".."
 }
 
 #[cfg(test)]

@@ -17,7 +17,10 @@
 //! ```
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
-#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
 
 pub mod codec;
 pub mod device;
@@ -25,7 +28,7 @@ pub mod id;
 pub mod keys;
 pub mod keystore;
 pub mod mnemonic;
-pub mod token;
 mod time;
+pub mod token;
 
 pub use time::Timestamp;

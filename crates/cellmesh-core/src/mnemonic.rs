@@ -113,8 +113,12 @@ impl Mnemonic {
 
     /// Derives the cell's keys. `passphrase` is the optional BIP39 passphrase (empty if none).
     pub fn derive(&self, passphrase: &str) -> CellSecrets {
-        let seed = Zeroizing::new(self.0.to_seed_normalized(passphrase));
-        CellSecrets::from_bip39_seed(&seed)
+        CellSecrets::from_bip39_seed(&self.dangerous_bip39_seed(passphrase))
+    }
+
+    /// The 64-byte BIP39 seed (exposed for known-answer tests against BIP39's own vectors).
+    pub fn dangerous_bip39_seed(&self, passphrase: &str) -> Zeroizing<[u8; 64]> {
+        Zeroizing::new(self.0.to_seed_normalized(passphrase))
     }
 }
 
@@ -175,8 +179,11 @@ mod tests {
 
     #[test]
     fn parse_is_forgiving_about_spacing_and_case_only() {
-        let m = Mnemonic::parse(&format!("  {}\n", ABANDON.to_uppercase().replace(' ', "\t ")))
-            .unwrap();
+        let m = Mnemonic::parse(&format!(
+            "  {}\n",
+            ABANDON.to_uppercase().replace(' ', "\t ")
+        ))
+        .unwrap();
         assert_eq!(m.phrase().as_str(), ABANDON);
         assert_eq!(Mnemonic::from_entropy(&[0; 16]).phrase().as_str(), ABANDON);
     }

@@ -111,7 +111,8 @@ impl Name {
     pub fn new(s: &str) -> Result<Self, TokenError> {
         let ok = !s.is_empty()
             && s.len() <= MAX_NAME
-            && s.bytes().all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'-'));
+            && s.bytes()
+                .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'-'));
         if !ok {
             return Err(TokenError::InvalidName(s.chars().take(MAX_NAME).collect()));
         }
@@ -254,7 +255,11 @@ impl Claims {
     }
 
     /// Sets attribute `key` (a [`Name`]) to `value`.
-    pub fn with_attribute(mut self, key: &str, value: impl Into<Vec<u8>>) -> Result<Self, TokenError> {
+    pub fn with_attribute(
+        mut self,
+        key: &str,
+        value: impl Into<Vec<u8>>,
+    ) -> Result<Self, TokenError> {
         self.attributes.insert(Name::new(key)?, value.into());
         Ok(self)
     }
@@ -314,7 +319,10 @@ impl Claims {
         let mut out = Vec::with_capacity(256);
         out.push(TOKEN_VERSION);
         out.push(self.kind.code());
-        put_bytes8(&mut out, self.realm.as_ref().map_or(&[][..], |r| r.0.as_bytes()));
+        put_bytes8(
+            &mut out,
+            self.realm.as_ref().map_or(&[][..], |r| r.0.as_bytes()),
+        );
         put_bytes8(&mut out, self.subject.as_bytes());
         out.extend_from_slice(self.issuer.as_bytes());
         put_optional(&mut out, self.audience.as_ref());
@@ -346,7 +354,11 @@ impl Claims {
             .map_err(|_| DecodeError::Invalid("subject"))?
             .to_string();
         let issuer = read_key(r, "issuer")?;
-        let audience = if r.flag("audience flag")? { Some(r.array()?) } else { None };
+        let audience = if r.flag("audience flag")? {
+            Some(r.array()?)
+        } else {
+            None
+        };
         let uuid = r.array()?;
         let issued_at = Timestamp(r.u64()?);
         let not_before = Timestamp(r.u64()?);

@@ -1,0 +1,111 @@
+//! Known-answer vectors: the same values `docs/PROTOCOL.md` publishes. If one of these
+//! changes, every existing cell's ID changes with it: that is a wire break, not a refactor.
+
+use cellmesh_core::Timestamp;
+use cellmesh_core::id::{CellId, NodeId};
+use cellmesh_core::keys::SigningSecret;
+use cellmesh_core::mnemonic::Mnemonic;
+use cellmesh_core::token::{Claims, Name, Token, TokenKind, attr};
+
+struct CellVector {
+    mnemonic: &'static str,
+    passphrase: &'static str,
+    ed25519: &'static str,
+    x25519: &'static str,
+    cell_id: &'static str,
+}
+
+const CELLS: &[CellVector] = &[
+    CellVector {
+        mnemonic: "abandon abandon abandon abandon abandon abandon abandon abandon abandon abandon abandon about",
+        passphrase: "",
+        ed25519: "d396bfd0fae3ae4a117385e85f5a62aff348ead5ca521957f83f72864bf8a0bd",
+        x25519: "c23712c4446360db2e6bf74048a28ff2a900e9a368f726a1ff944f747ac4495d",
+        cell_id: "cell12oll7uh24oxeueltqxuf6wtcv7zur2wvzjjbsv7yh5zims7yuc67kpmc",
+    },
+    CellVector {
+        mnemonic: "legal winner thank year wave sausage worth useful legal winner thank yellow",
+        passphrase: "",
+        ed25519: "0ea911460765d36536a2997e3344f53a2e5ed5bd232493a226ff4753a8e6adb6",
+        x25519: "e9d699b6b74d9fe173e65afc2ea2d87238a765a6f6a006cc579c23162177af5a",
+        cell_id: "cell1b2urcrqhmxjwknvctf7dgrhvhixf5vn5emsjhirg75dvhkhgvw3pajvd",
+    },
+    CellVector {
+        mnemonic: "letter advice cage absurd amount doctor acoustic avoid letter advice cage above",
+        passphrase: "",
+        ed25519: "ae6b3ed27f38a97a1054fd6a0341a5a1675e19b6d54a241eb5cf1daac7b7f662",
+        x25519: "b603b806f927f716768a67aaa8f92607737183f9f0139c743af03830b38ade15",
+        cell_id: "cell1vzvt5ut7hcuxuecu7vvagqnfuftv4gnw2vfcihvvz4o2vr5x6zrhrbvi",
+    },
+    CellVector {
+        mnemonic: "abandon abandon abandon abandon abandon abandon abandon abandon abandon abandon abandon about",
+        passphrase: "TREZOR",
+        ed25519: "8c153f92648fdd07e709fd7d286e202e8062e9bbff97af124c3bc7fe35588cf2",
+        x25519: "f66f0467ff76d601a0c694abbad9fcf3438ca20fe6ee8f2b993adc9503356a39",
+        cell_id: "cell1rqkt7eter7oqpzyj7v6sq3raf2agf2n376l26esmhpd74nkyrtzcfkud",
+    },
+];
+
+const TOKEN_HEX: &str = "01020b6578616d706c652e6f72670d63656c6c6d6573682063656c6cd396bfd0fae3ae4a117385e85f5a62aff348ead5ca521957f83f72864bf8a0bd0011111111111111111111111111111111000000006b49d200000000006b49d200000000006d2b0580d396bfd0fae3ae4a117385e85f5a62aff348ead5ca521957f83f72864bf8a0bd01c23712c4446360db2e6bf74048a28ff2a900e9a368f726a1ff944f747ac4495d01046e6f646500202152f8d19b791d24453242e15f2eab6cb7cffa7b6a5ed30097960e069881db12b1b8767e796ebd082db7a123b721bdccd18db9468e598d568bbf9f2bcb212d36f89c14fc5a8d9e641f079a8929d724e0e68f1879063a177a576a46ea7261650b00";
+const TOKEN_FINGERPRINT: &str = "a4e4aac18630005d24a77348f69ad15ece93b4ff157fe50d08b81650d384595e";
+const NODE_ID: &str = "node1efjprum3peosirjsilqv6lvlns3476t3njpngaexsyhangeb3mjopaaz";
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn bip39_seed_matches_the_bip39_reference_vector() {
+    // From the BIP39 reference vectors (trezor/python-mnemonic vectors.json).
+    let m = Mnemonic::parse(CELLS[3].mnemonic).unwrap();
+    assert_eq!(
+        hex(m.dangerous_bip39_seed("TREZOR").as_ref()),
+        "c55257c360c07c72029aebc1b53c05ed0362ada38ead3e3e9efa3708e53495531f09a6987599d18264c1e1c92f2cf141630c7a3c4ab7c81b2f001698e7463b04"
+    );
+}
+
+#[test]
+fn mnemonic_to_keys_to_cell_id() {
+    for v in CELLS {
+        let cell = Mnemonic::parse(v.mnemonic).unwrap().derive(v.passphrase);
+        assert_eq!(
+            hex(cell.signing().public().as_bytes()),
+            v.ed25519,
+            "{}",
+            v.mnemonic
+        );
+        assert_eq!(hex(cell.agreement().public().as_bytes()), v.x25519);
+        assert_eq!(cell.cell_id().to_string(), v.cell_id);
+        assert_eq!(v.cell_id.parse::<CellId>().unwrap(), cell.cell_id());
+    }
+}
+
+#[test]
+fn claims_to_token_bytes_to_fingerprint() {
+    let cell = Mnemonic::parse(CELLS[0].mnemonic).unwrap().derive("");
+    let node = SigningSecret::from_seed(&[0x42; 32]);
+    assert_eq!(NodeId::from_key(node.public()).to_string(), NODE_ID);
+    let key = cell.signing().public();
+    let claims = Claims {
+        kind: TokenKind::Identity,
+        realm: Some(Name::new("example.org").unwrap()),
+        subject: "cellmesh cell".into(),
+        issuer: key,
+        audience: None,
+        uuid: [0x11; 16],
+        issued_at: Timestamp(1_800_000_000),
+        not_before: Timestamp(1_800_000_000),
+        expires_at: Timestamp(1_831_536_000),
+        key,
+        agreement_key: Some(cell.agreement().public()),
+        attributes: Default::default(),
+    }
+    .with_attribute(attr::NODE, node.public().as_bytes().to_vec())
+    .unwrap();
+    let token = claims.sign(cell.signing()).unwrap();
+    assert_eq!(hex(&token.to_bytes()), TOKEN_HEX);
+    assert_eq!(token.fingerprint().to_string(), TOKEN_FINGERPRINT);
+    let decoded = Token::decode(&hex::decode(TOKEN_HEX).unwrap()).unwrap();
+    assert_eq!(decoded, token);
+    assert!(decoded.verify(Timestamp(1_800_000_000), 0).is_ok());
+}
