@@ -203,6 +203,11 @@ impl Revocations {
         self.revoked.contains(&(cell, node))
     }
 
+    /// Every revoked (cell, node) pair.
+    pub fn iter(&self) -> impl Iterator<Item = (CellId, NodeId)> + '_ {
+        self.revoked.iter().copied()
+    }
+
     /// How many devices are revoked.
     pub fn len(&self) -> usize {
         self.revoked.len()

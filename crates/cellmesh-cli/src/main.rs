@@ -1,0 +1,336 @@
+//! `cellmesh`: the command-line tool. A thin layer over the `cellmesh` library: it parses
+//! arguments, asks for secrets, prints results, and maps failures to exit codes
+//! (0 success, 1 failure, 2 usage error).
+
+#![forbid(unsafe_code)]
+
+use std::fs;
+use std::io::{self, IsTerminal as _, Read as _};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use cellmesh::core::id::NodeId;
+use cellmesh::core::keystore::{KdfParams, Passphrase};
+use cellmesh::core::mnemonic::Mnemonic;
+use cellmesh::home::{Created, Home, Keystore};
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+use zeroize::Zeroizing;
+
+mod demo;
+
+/// End-to-end encrypted messaging between cells.
+#[derive(Parser)]
+#[command(name = "cellmesh", version, about, long_about = None)]
+struct Cli {
+    /// Home directory holding this device's keystore [default: the per-user data directory].
+    #[arg(long, global = true, env = "CELLMESH_HOME", value_name = "DIR")]
+    home: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a new cell: prints its 12 recovery words once, then its Cell ID.
+    CreateCell {
+        #[command(flatten)]
+        secrets: SecretArgs,
+        /// Replace a cell that already exists in this home (it is lost unless you have its words).
+        #[arg(long)]
+        force: bool,
+        /// Print one JSON object (with `cell_id`, `node_id`, `mnemonic`).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore a cell on this device from its 12 words (read from a hidden prompt, or from
+    /// stdin when it is not a terminal), with a new key for this device.
+    ConnectCell {
+        #[command(flatten)]
+        secrets: SecretArgs,
+        /// Replace a different cell that already exists in this home.
+        #[arg(long)]
+        force: bool,
+        /// Print one JSON object (with `cell_id`, `node_id`).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show this device's Cell ID, node ID and the cell's devices known here.
+    Whoami {
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke one of this cell's devices: prints a signed revocation that verifiers honour.
+    RevokeDevice {
+        /// The device's node ID (`node1...`).
+        node_id: NodeId,
+        #[command(flatten)]
+        secrets: SecretArgs,
+        /// Allow revoking this very device.
+        #[arg(long)]
+        force: bool,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a self-contained demonstration in a temporary directory and exit.
+    Demo,
+}
+
+/// Where secrets come from. The keystore passphrase is taken from `--passphrase-file`, else
+/// `CELLMESH_PASSPHRASE`, else a hidden prompt on the terminal.
+#[derive(Args)]
+struct SecretArgs {
+    /// File whose first line is the keystore passphrase.
+    #[arg(long, value_name = "FILE")]
+    passphrase_file: Option<PathBuf>,
+    /// File whose first line is the optional BIP39 passphrase (the "25th word"); also
+    /// `CELLMESH_SEED_PASSPHRASE`. The same words with another seed passphrase are another cell.
+    #[arg(long, value_name = "FILE")]
+    seed_passphrase_file: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let home = || -> Result<Home> {
+        match &cli.home {
+            Some(dir) => Ok(Home::new(dir)),
+            None => Ok(Home::new(Home::default_dir()?)),
+        }
+    };
+    match &cli.command {
+        Command::CreateCell {
+            secrets,
+            force,
+            json,
+        } => create_cell(&home()?, secrets, *force, *json),
+        Command::ConnectCell {
+            secrets,
+            force,
+            json,
+        } => connect_cell(&home()?, secrets, *force, *json),
+        Command::Whoami { json } => whoami(&home()?, *json),
+        Command::RevokeDevice {
+            node_id,
+            secrets,
+            force,
+            json,
+        } => revoke_device(&home()?, *node_id, secrets, *force, *json),
+        Command::Demo => demo::run(),
+    }
+}
+
+fn create_cell(home: &Home, args: &SecretArgs, force: bool, json: bool) -> Result<()> {
+    if !force {
+        if let Ok(existing) = home.load() {
+            bail!(
+                "{} already holds cell {}; pass --force to replace it (only its 12 words can bring it back)",
+                home.keystore_path().display(),
+                existing.cell
+            );
+        }
+    }
+    let seed_passphrase = seed_passphrase(args)?;
+    let passphrase = keystore_passphrase(args, true)?;
+    let mnemonic = cellmesh::new_mnemonic();
+    let keystore = match home.create(
+        &mnemonic,
+        &seed_passphrase,
+        &passphrase,
+        KdfParams::DEFAULT,
+        force,
+    )? {
+        Created::New(k) | Created::AlreadyPresent(k) => k,
+    };
+    if json {
+        let out = json!({
+            "cell_id": keystore.cell.to_string(),
+            "node_id": keystore.node.to_string(),
+            "mnemonic": mnemonic.phrase().as_str(),
+            "home": home.dir(),
+        });
+        println!("{out}");
+        return Ok(());
+    }
+    eprintln!(
+        "Your recovery phrase is below. Write it down and keep it offline.\n\
+         It is shown only this once; it is the only way to restore this cell on another\n\
+         device, and anyone who has it can act as this cell.\n"
+    );
+    for (i, word) in mnemonic.words().enumerate() {
+        let sep = if i % 4 == 3 { "\n" } else { "" };
+        print!("{:>4}. {word:<10}{sep}", i + 1);
+    }
+    println!();
+    print_ids(home, &keystore);
+    Ok(())
+}
+
+fn connect_cell(home: &Home, args: &SecretArgs, force: bool, json: bool) -> Result<()> {
+    let phrase = read_mnemonic()?;
+    let mnemonic = Mnemonic::parse(&phrase).context("recovery phrase refused")?;
+    let seed_passphrase = seed_passphrase(args)?;
+    let cell = mnemonic.derive(&seed_passphrase).cell_id();
+    let existing = home.load().ok();
+    let passphrase = match &existing {
+        Some(k) if k.cell == cell && !force => None,
+        _ => Some(keystore_passphrase(args, true)?),
+    };
+    let (keystore, fresh) = match passphrase {
+        None => (existing.context("keystore vanished")?, false),
+        Some(p) => match home.create(&mnemonic, &seed_passphrase, &p, KdfParams::DEFAULT, force) {
+            Ok(Created::New(k)) => (k, true),
+            Ok(Created::AlreadyPresent(k)) => (k, false),
+            Err(e) => return Err(e).context("cannot connect this device"),
+        },
+    };
+    if json {
+        let out = json!({
+            "cell_id": keystore.cell.to_string(),
+            "node_id": keystore.node.to_string(),
+            "home": home.dir(),
+            "new_device": fresh,
+        });
+        println!("{out}");
+        return Ok(());
+    }
+    if fresh {
+        println!("Connected this device to cell {}.", keystore.cell.short());
+    } else {
+        println!("This device already holds cell {}.", keystore.cell.short());
+    }
+    print_ids(home, &keystore);
+    Ok(())
+}
+
+fn whoami(home: &Home, json: bool) -> Result<()> {
+    let k = home.load()?;
+    if json {
+        let devices: Vec<_> = k
+            .devices
+            .iter()
+            .map(|d| {
+                json!({
+                    "node_id": d.node.to_string(),
+                    "this_device": d.node == k.node,
+                    "revoked": d.revoked,
+                    "certified_until": d.identity.as_ref().map(|t| t.claims().expires_at.0),
+                })
+            })
+            .collect();
+        let out = json!({
+            "cell_id": k.cell.to_string(),
+            "node_id": k.node.to_string(),
+            "home": home.dir(),
+            "devices": devices,
+        });
+        println!("{out}");
+        return Ok(());
+    }
+    print_ids(home, &k);
+    println!("Devices:");
+    for d in &k.devices {
+        let mut notes = Vec::new();
+        if d.node == k.node {
+            notes.push("this device");
+        }
+        if d.revoked {
+            notes.push("revoked");
+        }
+        println!("  {}  {}", d.node, notes.join(", "));
+    }
+    Ok(())
+}
+
+fn revoke_device(
+    home: &Home,
+    node: NodeId,
+    args: &SecretArgs,
+    force: bool,
+    json: bool,
+) -> Result<()> {
+    let passphrase = keystore_passphrase(args, false)?;
+    let mut unlocked = home.unlock(&passphrase)?;
+    let token = home.revoke(&mut unlocked, node, force)?;
+    let encoded = data_encoding::BASE64.encode(&token.to_bytes());
+    if json {
+        println!(
+            "{}",
+            json!({"revoked": node.to_string(), "revocation": encoded})
+        );
+    } else {
+        println!("Revoked {node}.\nRevocation token (base64):\n{encoded}");
+    }
+    Ok(())
+}
+
+fn print_ids(home: &Home, k: &Keystore) {
+    println!("Cell ID:  {}", k.cell);
+    println!("Node ID:  {}  (this device)", k.node);
+    println!("Keystore: {}", home.keystore_path().display());
+}
+
+/// The keystore passphrase: `--passphrase-file`, `CELLMESH_PASSPHRASE`, or a hidden prompt
+/// (asked twice when `confirm`).
+fn keystore_passphrase(args: &SecretArgs, confirm: bool) -> Result<Passphrase> {
+    let text = if let Some(file) = &args.passphrase_file {
+        first_line(file)?
+    } else if let Ok(p) = std::env::var("CELLMESH_PASSPHRASE") {
+        p
+    } else {
+        let p = prompt("Keystore passphrase: ")?;
+        if confirm && prompt("Repeat passphrase: ")? != p {
+            bail!("the two passphrases differ");
+        }
+        p.to_string()
+    };
+    if text.is_empty() {
+        bail!("the keystore passphrase must not be empty");
+    }
+    Ok(Passphrase::new(text))
+}
+
+fn seed_passphrase(args: &SecretArgs) -> Result<String> {
+    match &args.seed_passphrase_file {
+        Some(file) => first_line(file),
+        None => Ok(std::env::var("CELLMESH_SEED_PASSPHRASE").unwrap_or_default()),
+    }
+}
+
+fn read_mnemonic() -> Result<Zeroizing<String>> {
+    if io::stdin().is_terminal() {
+        return prompt("Recovery phrase (12 words): ");
+    }
+    let mut text = Zeroizing::new(String::new());
+    io::stdin()
+        .take(4096)
+        .read_to_string(&mut text)
+        .context("cannot read the recovery phrase from stdin")?;
+    Ok(text)
+}
+
+fn prompt(label: &str) -> Result<Zeroizing<String>> {
+    rpassword::prompt_password(label).map(Zeroizing::new).map_err(|_| {
+        anyhow!(
+            "no passphrase given and no terminal to ask on: set CELLMESH_PASSPHRASE or pass --passphrase-file FILE"
+        )
+    })
+}
+
+fn first_line(path: &Path) -> Result<String> {
+    let text =
+        fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(text.lines().next().unwrap_or_default().to_string())
+}

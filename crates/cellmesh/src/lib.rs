@@ -1,0 +1,35 @@
+//! The cellmesh runtime: what programs link against.
+//!
+//! This crate gives the protocol core ([`cellmesh_core`]) its world: the real clock, the
+//! operating system's random source, and files. It is the library API of cellmesh; the
+//! `cellmesh` command-line tool is a thin layer over it.
+//!
+//! - [`home`]: a device's home directory and its encrypted keystore.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
+
+pub mod home;
+
+pub use cellmesh_core as core;
+/// The operating system's random source, as the core's functions take it.
+pub use rand_core::OsRng;
+
+use cellmesh_core::Timestamp;
+use cellmesh_core::mnemonic::Mnemonic;
+
+/// A new 12-word recovery phrase from the operating system's random source.
+pub fn new_mnemonic() -> Mnemonic {
+    Mnemonic::generate(&mut rand_core::OsRng)
+}
+
+/// The current wall-clock time as the core sees it. A clock before 1970 reads as 1970.
+pub fn now() -> Timestamp {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    Timestamp(secs)
+}
