@@ -22,7 +22,7 @@ use thiserror::Error;
 
 use crate::Timestamp;
 use crate::id::{CellId, NodeId};
-use crate::keys::{AgreementPublicKey, KeyPair};
+use crate::keys::{AgreementPublicKey, KeyPair, PublicKey};
 use crate::mnemonic::CellSecrets;
 use crate::token::{Claims, Token, TokenError, TokenKind, VerifiedToken, attr};
 
@@ -174,10 +174,12 @@ pub fn revocation(
     claims.sign(cell.signing())
 }
 
-/// The revocations a verifier honours.
+/// The revocations a verifier honours: pairs of (issuer, revoked key). A cell revokes its
+/// nodes (attribute `node`); a realm's issuer revokes member cells or nodes (attribute `cell`
+/// or `node`). A revocation only ever speaks for its own issuer.
 #[derive(Clone, Debug, Default)]
 pub struct Revocations {
-    revoked: BTreeSet<(CellId, NodeId)>,
+    revoked: BTreeSet<(PublicKey, PublicKey)>,
 }
 
 impl Revocations {
@@ -186,29 +188,38 @@ impl Revocations {
         Self::default()
     }
 
-    /// Records a verified revocation, returning the device it revokes.
-    pub fn insert(&mut self, revocation: &VerifiedToken) -> Result<(CellId, NodeId), BindError> {
+    /// Records a verified revocation, returning (issuer, revoked key).
+    pub fn insert(
+        &mut self,
+        revocation: &VerifiedToken,
+    ) -> Result<(PublicKey, PublicKey), BindError> {
         let claims = revocation.claims();
         expect_self_issued(claims, TokenKind::Revocation)?;
-        let node = claims
+        let subject = claims
             .key_attribute(attr::NODE)
+            .or_else(|| claims.key_attribute(attr::CELL))
             .ok_or(BindError::NodeMismatch)?;
-        let entry = (CellId::from_key(claims.key), NodeId::from_key(node));
+        let entry = (claims.issuer, subject);
         self.revoked.insert(entry);
         Ok(entry)
     }
 
     /// Whether `cell` has revoked `node`.
     pub fn is_revoked(&self, cell: CellId, node: NodeId) -> bool {
-        self.revoked.contains(&(cell, node))
+        self.is_revoked_by(cell.key(), node.key())
     }
 
-    /// Every revoked (cell, node) pair.
-    pub fn iter(&self) -> impl Iterator<Item = (CellId, NodeId)> + '_ {
+    /// Whether `issuer` has revoked `subject`.
+    pub fn is_revoked_by(&self, issuer: PublicKey, subject: PublicKey) -> bool {
+        self.revoked.contains(&(issuer, subject))
+    }
+
+    /// Every (issuer, revoked key) pair.
+    pub fn iter(&self) -> impl Iterator<Item = (PublicKey, PublicKey)> + '_ {
         self.revoked.iter().copied()
     }
 
-    /// How many devices are revoked.
+    /// How many revocations are recorded.
     pub fn len(&self) -> usize {
         self.revoked.len()
     }
@@ -217,6 +228,20 @@ impl Revocations {
     pub fn is_empty(&self) -> bool {
         self.revoked.is_empty()
     }
+}
+
+/// A revocation by a realm's issuer of a member `cell`. It never expires.
+pub fn realm_revocation(
+    realm_issuer: &crate::keys::SigningSecret,
+    cell: CellId,
+    now: Timestamp,
+    rng: &mut impl CryptoRngCore,
+) -> Result<Token, TokenError> {
+    let key = realm_issuer.public();
+    let mut claims = Claims::new(TokenKind::Revocation, key, key, now, u64::MAX, rng)
+        .with_attribute(attr::CELL, cell.key().as_bytes().to_vec())?;
+    claims.subject = "cellmesh revocation".into();
+    claims.sign(realm_issuer)
 }
 
 #[cfg(test)]

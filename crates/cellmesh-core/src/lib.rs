@@ -23,12 +23,19 @@
 )]
 
 pub mod codec;
+pub mod connection;
 pub mod device;
+pub mod handshake;
 pub mod id;
 pub mod keys;
 pub mod keystore;
 pub mod mnemonic;
+pub mod peers;
+pub mod session;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 mod time;
 pub mod token;
+pub mod wire;
 
-pub use time::Timestamp;
+pub use time::{Instant, Timestamp};

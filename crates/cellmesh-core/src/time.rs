@@ -23,3 +23,25 @@ impl fmt::Display for Timestamp {
         write!(f, "{}", self.0)
     }
 }
+
+/// Milliseconds since the Unix epoch: the time connection state machines run on. Callers
+/// pass it in; tests and simulators pass virtual time.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Instant(pub u64);
+
+impl Instant {
+    /// The instant `ms` milliseconds later, saturating.
+    pub fn plus_millis(self, ms: u64) -> Self {
+        Self(self.0.saturating_add(ms))
+    }
+
+    /// Milliseconds from `earlier` to `self`, zero if `earlier` is later.
+    pub fn millis_since(self, earlier: Instant) -> u64 {
+        self.0.saturating_sub(earlier.0)
+    }
+
+    /// The whole second this instant falls in, as tokens count time.
+    pub fn timestamp(self) -> Timestamp {
+        Timestamp(self.0 / 1000)
+    }
+}

@@ -298,7 +298,8 @@ impl Keystore {
         for d in &mut self.devices {
             d.revoked = revocations.is_revoked(self.cell, d.node);
         }
-        for (_, node) in revocations.iter() {
+        for (_, key) in revocations.iter() {
+            let node = NodeId::from_key(key);
             if !self.devices.iter().any(|d| d.node == node) {
                 // A revoked device this home never saw: keep it visible as revoked.
                 self.devices.push(KnownDevice {

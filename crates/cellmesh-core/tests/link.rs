@@ -1,0 +1,451 @@
+//! Two connections on an in-memory link and a virtual clock: the handshake, join, session and
+//! timers, with frames dropped, replayed, reordered and tampered with.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use cellmesh_core::connection::{Authorization, Check, Connection, Event, Refusal};
+use cellmesh_core::device::{self, Revocations};
+use cellmesh_core::handshake::{HandshakeError, PeerChecks, authenticate_peer};
+use cellmesh_core::keys::SigningSecret;
+use cellmesh_core::peers::PeerTable;
+use cellmesh_core::testing::{Pair, START, Side, TestNode};
+use cellmesh_core::token::{Name, RealmAnchor, Token, TokenKind};
+use cellmesh_core::wire::{CloseCode, NackCode};
+use cellmesh_core::{Instant, Timestamp};
+
+fn t0() -> Timestamp {
+    START.timestamp()
+}
+
+fn nodes() -> (TestNode, TestNode) {
+    (TestNode::new(1, t0()), TestNode::new(2, t0()))
+}
+
+fn joined(events: &[Event]) -> bool {
+    events.iter().any(|e| matches!(e, Event::Joined(_)))
+}
+
+fn closed(events: &[Event]) -> Option<(CloseCode, String)> {
+    events.iter().find_map(|e| match e {
+        Event::Closed { code, reason, .. } => Some((*code, reason.clone())),
+        _ => None,
+    })
+}
+
+#[test]
+fn handshake_and_join_succeed_and_data_flows_both_ways() {
+    let (a, b) = nodes();
+    let mut p = Pair::new(a.config(), b.config(), 1);
+    p.drive();
+    assert!(joined(&p.a_events) && joined(&p.b_events));
+    assert_eq!(p.a.peer().unwrap().cell(), b.cell_id());
+    assert_eq!(p.a.peer().unwrap().node(), b.node_id());
+    assert_eq!(p.b.peer().unwrap().cell(), a.cell_id());
+    p.send(Side::A, b"hello b");
+    p.send(Side::B, b"hello a");
+    p.drive();
+    assert_eq!(p.received(Side::B), vec![b"hello b".to_vec()]);
+    assert_eq!(p.received(Side::A), vec![b"hello a".to_vec()]);
+}
+
+/// Runs a handshake in which frame `index` (0 hello, 1 response, 2 finish) has byte `at`
+/// flipped; returns whether either side joined.
+fn handshake_with_flip(index: usize, at: usize) -> (bool, usize) {
+    let (a, b) = nodes();
+    let mut p = Pair::new(a.config(), b.config(), 7);
+    let mut seen = 0;
+    let mut len = 0;
+    p.drive_with(|_, mut f| {
+        if seen == index {
+            len = f.len();
+            if at < f.len() {
+                f[at] ^= 0x01;
+            }
+        }
+        seen += 1;
+        vec![f]
+    });
+    p.advance(10_000);
+    (joined(&p.a_events) || joined(&p.b_events), len)
+}
+
+#[test]
+fn flipping_any_byte_of_any_handshake_message_makes_it_fail() {
+    for index in 0..3 {
+        let (ok, len) = handshake_with_flip(index, usize::MAX);
+        assert!(ok, "an unaltered handshake must succeed");
+        assert!(len > 0);
+        for at in 0..len {
+            let (ok, _) = handshake_with_flip(index, at);
+            assert!(
+                !ok,
+                "flip of byte {at} of handshake message {index} was accepted"
+            );
+        }
+    }
+}
+
+#[test]
+fn replayed_and_reordered_handshake_messages_fail() {
+    let (a, b) = nodes();
+    // Record a genuine handshake.
+    let mut recorded = Vec::new();
+    let mut p = Pair::new(a.config(), b.config(), 3);
+    p.drive_with(|side, f| {
+        recorded.push((side, f.clone()));
+        vec![f]
+    });
+    assert!(joined(&p.b_events));
+    let hello = recorded[0].1.clone();
+    let response = recorded[1].1.clone();
+    let finish = recorded[2].1.clone();
+
+    // The recorded hello and finish replayed to a fresh responder: it answers, but the
+    // finish belongs to another handshake and fails.
+    let cfg = Arc::new(b.config());
+    let mut rng = rand_chacha_rng();
+    let mut responder = Connection::accept(Arc::clone(&cfg), START);
+    responder.handle_input(&hello, START, &mut rng);
+    assert!(responder.poll_transmit().is_some());
+    responder.handle_input(&finish, START, &mut rng);
+    let events: Vec<_> = std::iter::from_fn(|| responder.poll_event()).collect();
+    assert!(!joined(&events));
+    assert!(responder.is_closed());
+
+    // A recorded response replayed to a new initiator fails.
+    let mut initiator = Connection::connect(Arc::new(a.config()), START, &mut rng);
+    initiator.handle_input(&response, START, &mut rng);
+    let events: Vec<_> = std::iter::from_fn(|| initiator.poll_event()).collect();
+    assert!(!joined(&events) && initiator.is_closed());
+
+    // Reordered: finish before hello.
+    let mut responder = Connection::accept(cfg, START);
+    responder.handle_input(&finish, START, &mut rng);
+    assert!(responder.is_closed());
+}
+
+fn rand_chacha_rng() -> impl rand_core::CryptoRngCore {
+    use rand_core::SeedableRng as _;
+    rand_chacha::ChaCha20Rng::seed_from_u64(99)
+}
+
+fn refused_handshake(
+    a: &TestNode,
+    b_config: cellmesh_core::connection::ConnectionConfig,
+) -> String {
+    let mut p = Pair::new(a.config(), b_config, 5);
+    p.drive();
+    assert!(!joined(&p.a_events) && !joined(&p.b_events));
+    assert!(p.b.is_closed());
+    closed(&p.b_events).expect("the responder closed").1
+}
+
+#[test]
+fn expired_not_yet_valid_and_revoked_tokens_fail() {
+    let b = TestNode::new(2, t0());
+    let expired = TestNode::new(1, Timestamp(t0().0 - 2 * 24 * 3600));
+    assert!(refused_handshake(&expired, b.config()).contains("expired"));
+    let early = TestNode::new(1, Timestamp(t0().0 + 3600));
+    assert!(refused_handshake(&early, b.config()).contains("not valid before"));
+
+    let a = TestNode::new(1, t0());
+    let mut rng = rand_chacha_rng();
+    let revocation = device::revocation(&a.cell, a.node_id(), t0(), &mut rng).unwrap();
+    let mut config = b.config();
+    config
+        .revocations
+        .insert(&revocation.verify(t0(), 0).unwrap())
+        .unwrap();
+    assert!(refused_handshake(&a, config).contains("revoked"));
+
+    // A realm's issuer revoking the whole cell also counts for a node in that realm.
+    let realm_key = SigningSecret::from_seed(&[0x77; 32]);
+    let realm_rev = device::realm_revocation(&realm_key, a.cell_id(), t0(), &mut rng).unwrap();
+    let mut config = b.config();
+    config.realm = Some(RealmAnchor {
+        name: Name::new("acme").unwrap(),
+        issuer: realm_key.public(),
+    });
+    config
+        .revocations
+        .insert(&realm_rev.verify(t0(), 0).unwrap())
+        .unwrap();
+    assert!(refused_handshake(&a, config).contains("revoked"));
+}
+
+#[test]
+fn a_token_naming_another_key_than_the_exchanged_one_fails() {
+    let (a, b) = nodes();
+    let none = Revocations::new();
+    let checks = PeerChecks {
+        now: t0(),
+        skew: 60,
+        revocations: &none,
+        realm_issuer: None,
+    };
+    // A's token presented with B's static key (as a thief of A's token would have to).
+    let stolen = a.node_token.to_bytes();
+    assert_eq!(
+        authenticate_peer(&stolen, *b.node.agreement.public().as_bytes(), &checks),
+        Err(HandshakeError::KeyMismatch)
+    );
+    assert!(authenticate_peer(&stolen, *a.node.agreement.public().as_bytes(), &checks).is_ok());
+    // An identity token is not a node token.
+    let identity = a.identity.to_bytes();
+    assert_eq!(
+        authenticate_peer(&identity, *a.node.agreement.public().as_bytes(), &checks),
+        Err(HandshakeError::NotANodeToken)
+    );
+}
+
+#[test]
+fn an_unauthorized_join_gets_a_nack_and_leaves_nothing() {
+    let (a, b) = nodes();
+    let mut config = b.config();
+    config.policy.authorize = Authorization::AllowCells(BTreeSet::from([b.cell_id()]));
+    let mut p = Pair::new(a.config(), config, 11);
+    p.drive();
+    let refused = p.a_events.iter().find_map(|e| match e {
+        Event::JoinRefused {
+            code,
+            by_peer: true,
+            ..
+        } => Some(*code),
+        _ => None,
+    });
+    assert_eq!(refused, Some(NackCode::Unauthorized));
+    assert!(p.b_events.iter().any(|e| matches!(
+        e,
+        Event::JoinRefused {
+            code: NackCode::Unauthorized,
+            by_peer: false,
+            ..
+        }
+    )));
+    assert!(p.a.is_closed() && p.b.is_closed());
+    assert!(p.b.peer().is_none());
+    // A peer table fed with B's events holds nobody.
+    let mut table = PeerTable::new();
+    for e in &p.b_events {
+        if let Event::Joined(binding) = e {
+            table.joined(0u32, binding.clone());
+        }
+    }
+    assert!(table.is_empty());
+}
+
+#[test]
+fn authenticate_callback_can_refuse_and_allow_list_can_admit() {
+    let (a, b) = nodes();
+    let mut config = b.config();
+    let deny: Check = Arc::new(|_| Err(Refusal::new(NackCode::Unauthenticated, "not today")));
+    config.policy.authenticate = Some(deny);
+    let mut p = Pair::new(a.config(), config, 12);
+    p.drive();
+    assert!(p.a_events.iter().any(|e| matches!(
+        e,
+        Event::JoinRefused { code: NackCode::Unauthenticated, reason, .. } if reason == "not today"
+    )));
+
+    let mut config = b.config();
+    config.policy.authorize = Authorization::AllowCells(BTreeSet::from([a.cell_id()]));
+    let mut p = Pair::new(a.config(), config, 13);
+    p.drive();
+    assert!(joined(&p.b_events));
+}
+
+#[test]
+fn a_realm_node_accepts_only_co_signed_identities() {
+    let (a, b) = nodes();
+    let realm_key = SigningSecret::from_seed(&[0x55; 32]);
+    let anchor = RealmAnchor {
+        name: Name::new("acme").unwrap(),
+        issuer: realm_key.public(),
+    };
+    let mut config = b.config();
+    config.realm = Some(anchor.clone());
+    let mut p = Pair::new(a.config(), config, 21);
+    p.drive();
+    assert!(p.a_events.iter().any(|e| matches!(
+        e,
+        Event::JoinRefused {
+            code: NackCode::NotInRealm,
+            ..
+        }
+    )));
+
+    // The realm's issuer co-signs an identity token of A's cell in the realm.
+    let mut claims = a.identity.claims().clone();
+    claims.realm = Some(anchor.name.clone());
+    let mut member: Token = claims.sign(a.cell.signing()).unwrap();
+    member.co_sign(&realm_key).unwrap();
+    let mut a_config = a.config();
+    a_config.identity = member;
+    let mut config = b.config();
+    config.realm = Some(anchor);
+    let mut p = Pair::new(a_config, config, 22);
+    p.drive();
+    assert!(joined(&p.b_events) && joined(&p.a_events));
+}
+
+fn joined_pair(seed: u64) -> Pair {
+    let (a, b) = nodes();
+    let mut p = Pair::new(a.config(), b.config(), seed);
+    p.drive();
+    assert!(p.a.is_joined() && p.b.is_joined());
+    p
+}
+
+#[test]
+fn replayed_reordered_and_tampered_session_frames_are_never_delivered() {
+    // Replay: every frame is sent twice.
+    let mut p = joined_pair(31);
+    for m in [&b"one"[..], b"two", b"three"] {
+        p.send(Side::A, m);
+    }
+    p.drive_with(|_, f| vec![f.clone(), f]);
+    assert_eq!(
+        p.received(Side::B),
+        vec![b"one".to_vec(), b"two".to_vec(), b"three".to_vec()]
+    );
+
+    // Reorder: the first two frames swapped; the later one is refused, the earlier delivered.
+    let mut p = joined_pair(32);
+    p.send(Side::A, b"first");
+    p.send(Side::A, b"second");
+    let frames = p.transmit(Side::A);
+    p.deliver(Side::B, &frames[1]);
+    p.deliver(Side::B, &frames[0]);
+    assert_eq!(p.received(Side::B), vec![b"first".to_vec()]);
+
+    // Tamper: any flipped byte in the ciphertext or header.
+    let mut p = joined_pair(33);
+    p.send(Side::A, b"secret");
+    let frame = p.transmit(Side::A).remove(0);
+    for at in 5..frame.len() {
+        let mut bad = frame.clone();
+        bad[at] ^= 0x80;
+        let mut q = joined_pair(33);
+        q.send(Side::A, b"secret");
+        let _ = q.transmit(Side::A);
+        q.deliver(Side::B, &bad);
+        assert!(
+            q.received(Side::B).is_empty(),
+            "tampered byte {at} delivered"
+        );
+    }
+
+    // A peer that keeps sending bad frames is dropped.
+    let mut p = joined_pair(34);
+    for _ in 0..4 {
+        p.send(Side::A, b"x");
+    }
+    let frames = p.transmit(Side::A);
+    for f in &frames {
+        let mut bad = f.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        p.deliver(Side::B, &bad);
+    }
+    assert_eq!(closed(&p.b_events).map(|c| c.0), Some(CloseCode::BadFrames));
+}
+
+#[test]
+fn rekeying_keeps_the_session_alive() {
+    let (a, b) = nodes();
+    let (mut ca, mut cb) = (a.config(), b.config());
+    ca.session.rekey_after_frames = 3;
+    cb.session.rekey_after_frames = 3;
+    ca.session.rekey_after_ms = 5_000;
+    let mut p = Pair::new(ca, cb, 41);
+    p.drive();
+    let mut sent = Vec::new();
+    for i in 0..25u32 {
+        let m = i.to_be_bytes().to_vec();
+        p.send(Side::A, &m);
+        p.send(Side::B, &m);
+        sent.push(m);
+        if i % 5 == 0 {
+            p.advance(6_000);
+        }
+        p.drive();
+    }
+    assert_eq!(p.received(Side::B), sent);
+    assert_eq!(p.received(Side::A), sent);
+    assert!(!p.a.is_closed() && !p.b.is_closed());
+}
+
+#[test]
+fn keepalives_hold_a_quiet_session_and_silence_closes_it() {
+    let mut p = joined_pair(51);
+    for _ in 0..10 {
+        p.advance(15_000);
+    }
+    assert!(
+        p.a.is_joined() && p.b.is_joined(),
+        "keepalives keep it up for 150 s"
+    );
+    // Now B goes silent: everything it sends is lost.
+    for _ in 0..5 {
+        p.now = p.now.plus_millis(15_000);
+        p.a.handle_timeout(p.now);
+        p.b.handle_timeout(p.now);
+        let _ = p.transmit(Side::B);
+        let frames = p.transmit(Side::A);
+        for f in frames {
+            p.deliver(Side::B, &f);
+        }
+        p.a_events.extend(std::iter::from_fn(|| p.a.poll_event()));
+    }
+    assert_eq!(closed(&p.a_events).map(|c| c.0), Some(CloseCode::Idle));
+}
+
+#[test]
+fn a_silent_peer_is_dropped_at_the_setup_deadline() {
+    let (a, b) = nodes();
+    let mut p = Pair::new(a.config(), b.config(), 61);
+    let _ = p.transmit(Side::A); // the hello is lost
+    p.now = p.now.plus_millis(9_999);
+    p.a.handle_timeout(p.now);
+    assert!(!p.a.is_closed());
+    assert_eq!(p.a.poll_timeout(), Some(Instant(START.0 + 10_000)));
+    p.now = p.now.plus_millis(1);
+    p.a.handle_timeout(p.now);
+    assert!(p.a.is_closed());
+}
+
+#[test]
+fn existing_peers_get_an_update_about_a_new_node() {
+    // Hub H; B joins, then C joins; H's table says to tell B about C.
+    let hub = TestNode::new(1, t0());
+    let b = TestNode::new(2, t0());
+    let c = TestNode::new(3, t0());
+    let mut hb = Pair::new(b.config(), hub.config(), 71);
+    hb.drive();
+    let mut hc = Pair::new(c.config(), hub.config(), 72);
+    hc.drive();
+    let mut table = PeerTable::new();
+    for (conn, events) in [(Side::A, &hb.b_events), (Side::B, &hc.b_events)] {
+        for e in events {
+            if let Event::Joined(binding) = e {
+                let result = table.joined(conn, binding.clone());
+                if conn == Side::B {
+                    assert_eq!(result.notify, vec![Side::A]);
+                }
+            }
+        }
+    }
+    assert_eq!(table.len(), 2);
+    let about_c = table.get(&c.node_id()).unwrap().binding.clone();
+    hb.b.send_update(&about_c, hb.now).unwrap();
+    hb.drive();
+    let learned = hb.a_events.iter().find_map(|e| match e {
+        Event::Update(binding) => Some(binding.clone()),
+        _ => None,
+    });
+    let learned = learned.expect("B learned of C");
+    assert_eq!(learned.node(), c.node_id());
+    assert_eq!(learned.cell(), c.cell_id());
+    assert_eq!(learned.node_token().claims().kind, TokenKind::Node);
+}
