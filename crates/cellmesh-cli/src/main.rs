@@ -19,6 +19,7 @@ use serde_json::json;
 use zeroize::Zeroizing;
 
 mod demo;
+mod node;
 
 /// End-to-end encrypted messaging between cells.
 #[derive(Parser)]
@@ -75,6 +76,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run a node in the foreground: listen, join others, print one line per event.
+    Node(node::NodeArgs),
     /// Run a self-contained demonstration in a temporary directory and exit.
     Demo,
 }
@@ -82,7 +85,7 @@ enum Command {
 /// Where secrets come from. The keystore passphrase is taken from `--passphrase-file`, else
 /// `CELLMESH_PASSPHRASE`, else a hidden prompt on the terminal.
 #[derive(Args)]
-struct SecretArgs {
+pub(crate) struct SecretArgs {
     /// File whose first line is the keystore passphrase.
     #[arg(long, value_name = "FILE")]
     passphrase_file: Option<PathBuf>,
@@ -94,6 +97,13 @@ struct SecretArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CELLMESH_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -128,6 +138,7 @@ fn run(cli: Cli) -> Result<()> {
             force,
             json,
         } => revoke_device(&home()?, *node_id, secrets, *force, *json),
+        Command::Node(args) => node::run(&home()?, args),
         Command::Demo => demo::run(),
     }
 }
@@ -284,7 +295,7 @@ fn print_ids(home: &Home, k: &Keystore) {
 
 /// The keystore passphrase: `--passphrase-file`, `CELLMESH_PASSPHRASE`, or a hidden prompt
 /// (asked twice when `confirm`).
-fn keystore_passphrase(args: &SecretArgs, confirm: bool) -> Result<Passphrase> {
+pub(crate) fn keystore_passphrase(args: &SecretArgs, confirm: bool) -> Result<Passphrase> {
     let text = if let Some(file) = &args.passphrase_file {
         first_line(file)?
     } else if let Ok(p) = std::env::var("CELLMESH_PASSPHRASE") {

@@ -5,6 +5,8 @@
 //! `cellmesh` command-line tool is a thin layer over it.
 //!
 //! - [`home`]: a device's home directory and its encrypted keystore.
+//! - [`identity`]: the tokens a running node presents.
+//! - [`node`]: a node on tokio: listen, join, peers, send and receive, shutdown.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 #![cfg_attr(
@@ -13,6 +15,8 @@
 )]
 
 pub mod home;
+pub mod identity;
+pub mod node;
 
 pub use cellmesh_core as core;
 /// The operating system's random source, as the core's functions take it.

@@ -1,0 +1,194 @@
+//! `cellmesh node`: a node in the foreground, one line per event on stdout.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use cellmesh::core::connection::{Authorization, JoinPolicy};
+use cellmesh::core::id::CellId;
+use cellmesh::home::Home;
+use cellmesh::node::{JoinError, Node, NodeConfig, NodeEvent};
+use clap::Args;
+use serde_json::{Value, json};
+
+use crate::{SecretArgs, keystore_passphrase};
+
+/// Arguments of `cellmesh node`.
+#[derive(Args)]
+pub struct NodeArgs {
+    /// Address to listen on (`127.0.0.1:0` picks a free port; the bound address is printed).
+    #[arg(long, value_name = "ADDR")]
+    listen: Vec<SocketAddr>,
+    /// A node to join on start (repeatable).
+    #[arg(long, value_name = "ADDR")]
+    join: Vec<SocketAddr>,
+    /// Only these cells may join this node (repeatable; default: any authenticated cell).
+    #[arg(long, value_name = "CELL_ID")]
+    allow: Vec<CellId>,
+    /// Print every line as a JSON object with an `event` field.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    secrets: SecretArgs,
+}
+
+pub fn run(home: &Home, args: &NodeArgs) -> Result<()> {
+    let passphrase = keystore_passphrase(&args.secrets, false)?;
+    let unlocked = home.unlock(&passphrase)?;
+    drop(passphrase);
+    let mut config = NodeConfig {
+        listen: args.listen.clone(),
+        ..NodeConfig::default()
+    };
+    if !args.allow.is_empty() {
+        config.policy = JoinPolicy {
+            authorize: Authorization::AllowCells(
+                args.allow.iter().copied().collect::<BTreeSet<_>>(),
+            ),
+            ..JoinPolicy::default()
+        };
+    }
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let node = Node::start(&unlocked, config).await?;
+        drop(unlocked);
+        let out = Printer { json: args.json };
+        let mut events = node.subscribe();
+        for addr in node.local_addrs() {
+            out.line(
+                json!({"event": "listening", "addr": addr.to_string(),
+                       "cell_id": node.cell().to_string(), "node_id": node.node_id().to_string()}),
+                format!("listening on {addr}  (cell {}, node {})", node.cell(), node.node_id()),
+            );
+        }
+        if node.local_addrs().is_empty() {
+            out.line(
+                json!({"event": "started", "cell_id": node.cell().to_string(), "node_id": node.node_id().to_string()}),
+                format!("started, not listening  (cell {}, node {})", node.cell(), node.node_id()),
+            );
+        }
+        let node = std::sync::Arc::new(node);
+        for addr in args.join.clone() {
+            let node = std::sync::Arc::clone(&node);
+            tokio::spawn(async move {
+                if let Err(e) = join_with_retry(&node, addr).await {
+                    out.line(
+                        json!({"event": "failed", "addr": addr.to_string(), "reason": e.to_string()}),
+                        format!("failed  {addr}: {e}"),
+                    );
+                }
+            });
+        }
+        let stop = shutdown_signal();
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                event = events.recv() => match event {
+                    Ok(e) => out.event(&e),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        out.line(json!({"event": "lagged", "missed": n}), format!("({n} events missed)"));
+                    }
+                    Err(_) => break,
+                },
+                _ = &mut stop => break,
+            }
+        }
+        if let Ok(node) = std::sync::Arc::try_unwrap(node) {
+            node.shutdown(Duration::from_secs(2)).await;
+        }
+        out.line(json!({"event": "stopped"}), "stopped".to_string());
+        Ok(())
+    })
+}
+
+/// Connection failures are retried a few times (the peer may still be starting); refusals and
+/// handshake failures are final, and already printed from their events.
+async fn join_with_retry(node: &Node, addr: SocketAddr) -> Result<(), JoinError> {
+    let mut delay = Duration::from_millis(250);
+    for _ in 0..6 {
+        match node.join(addr).await {
+            Err(JoinError::Connect { .. }) => {
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+            Err(JoinError::Refused { .. } | JoinError::Failed { .. }) => return Ok(()),
+            other => return other.map(|_| ()),
+        }
+    }
+    node.join(addr).await.map(|_| ())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return std::future::pending().await,
+            };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+#[derive(Clone, Copy)]
+struct Printer {
+    json: bool,
+}
+
+impl Printer {
+    fn line(&self, json: Value, text: String) {
+        if self.json {
+            println!("{json}");
+        } else {
+            println!("{text}");
+        }
+    }
+
+    fn event(&self, e: &NodeEvent) {
+        match e {
+            NodeEvent::Joined(p) => self.line(
+                json!({"event": "joined", "node_id": p.node.to_string(), "cell_id": p.cell.to_string(),
+                       "addr": p.addr.to_string(), "inbound": p.inbound}),
+                format!(
+                    "joined  {} (cell {}) at {} {}",
+                    p.node,
+                    p.cell,
+                    p.addr,
+                    if p.inbound { "inbound" } else { "outbound" }
+                ),
+            ),
+            NodeEvent::JoinRefused { addr, node, cell, code, reason, by_peer } => self.line(
+                json!({"event": "refused", "node_id": node.to_string(), "cell_id": cell.to_string(),
+                       "addr": addr.to_string(), "code": code.name(), "code_value": code.code(),
+                       "reason": reason, "by_peer": by_peer}),
+                format!(
+                    "refused {node} (cell {cell}) at {addr}: {} ({reason}){}",
+                    code.name(),
+                    if *by_peer { ", by the peer" } else { "" }
+                ),
+            ),
+            NodeEvent::Learned { node, cell, via } => self.line(
+                json!({"event": "learned", "node_id": node.to_string(), "cell_id": cell.to_string(),
+                       "via": via.to_string()}),
+                format!("learned {node} (cell {cell}) via {via}"),
+            ),
+            NodeEvent::Left { peer, reason } => self.line(
+                json!({"event": "left", "node_id": peer.node.to_string(), "cell_id": peer.cell.to_string(),
+                       "addr": peer.addr.to_string(), "reason": reason}),
+                format!("left    {} at {}: {reason}", peer.node, peer.addr),
+            ),
+            NodeEvent::Failed { addr, reason } => self.line(
+                json!({"event": "failed", "addr": addr.to_string(), "reason": reason}),
+                format!("failed  {addr}: {reason}"),
+            ),
+            _ => {}
+        }
+    }
+}

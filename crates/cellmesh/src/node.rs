@@ -1,0 +1,807 @@
+//! A cellmesh node on tokio: listeners, one driver task per connection, the peer table.
+//!
+//! ```text
+//!  TcpListener ──accept──► limits (connections, unauthenticated) ──► driver task ──┐
+//!  Node::join ───dial────► limits ──────────────────────────────────► driver task ──┤
+//!                                                                                   │
+//!  driver task (one per connection; owns the socket and the core Connection):       │
+//!    socket bytes ─► Connection::handle_input ─► events ─► peer table / NodeEvent / inbox
+//!    Cmd (send, update, close) ─► Connection ─► poll_transmit ─► one batched write
+//!    timer ─► Connection::handle_timeout (setup deadline, keepalive, idle)          │
+//!                                                                                   │
+//!  Shared: PeerTable<ConnId> (core), each connection's command sender ◄─────────────┘
+//! ```
+//!
+//! All protocol decisions are the core's; this module moves bytes, keeps time and applies
+//! limits. Writing is a `select!` branch next to reading, so two peers that both send faster
+//! than the other reads cannot deadlock; commands are taken only while the write backlog is
+//! under a high-water mark, which is the back-pressure an application feels through
+//! [`PeerSender::send`]. Received data goes to a bounded inbox: an application that does not
+//! read stops its peers' connections from being read, and TCP pushes back on them.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use cellmesh_core::connection::{Connection, ConnectionConfig, Event, JoinPolicy};
+use cellmesh_core::device::{DeviceBinding, Revocations};
+use cellmesh_core::id::{CellId, NodeId};
+use cellmesh_core::peers::PeerTable;
+use cellmesh_core::token::RealmAnchor;
+use cellmesh_core::wire::{CloseCode, MAX_PAYLOAD, NackCode};
+use rand_core::OsRng;
+use thiserror::Error;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, broadcast, mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::home::Unlocked;
+use crate::identity::{DeviceIdentity, IdentityError};
+
+/// Write backlog above which a connection stops taking new commands.
+const HIGH_WATER: usize = 1 << 20;
+/// Write backlog at which a peer that does not read is dropped.
+const HARD_LIMIT: usize = 32 << 20;
+/// Commands applied per wake-up before writing.
+const CMD_BATCH: usize = 1024;
+const READ_CHUNK: usize = 256 * 1024;
+
+/// How a node runs.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// Addresses to listen on (none: a node that only dials out).
+    pub listen: Vec<SocketAddr>,
+    /// Who may join.
+    pub policy: JoinPolicy,
+    /// The realm joiners must belong to.
+    pub realm: Option<RealmAnchor>,
+    /// Revocations to honour.
+    pub revocations: Revocations,
+    /// Most simultaneous connections.
+    pub max_connections: usize,
+    /// Most connections that have not completed handshake and join.
+    pub max_unauthenticated: usize,
+    /// Deadline from connect to joined.
+    pub setup_timeout: Duration,
+    /// Keepalive interval.
+    pub keepalive: Duration,
+    /// Close after this long without hearing from a peer.
+    pub idle_timeout: Duration,
+    /// Received messages buffered before the node stops reading from its peers.
+    pub inbox_capacity: usize,
+    /// Commands buffered per connection before senders wait.
+    pub send_capacity: usize,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            listen: Vec::new(),
+            policy: JoinPolicy::default(),
+            realm: None,
+            revocations: Revocations::new(),
+            max_connections: 1024,
+            max_unauthenticated: 64,
+            setup_timeout: Duration::from_secs(10),
+            keepalive: Duration::from_secs(15),
+            idle_timeout: Duration::from_secs(60),
+            inbox_capacity: 8192,
+            send_capacity: 8192,
+        }
+    }
+}
+
+/// A joined peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerInfo {
+    /// Its node.
+    pub node: NodeId,
+    /// Its cell.
+    pub cell: CellId,
+    /// Its address.
+    pub addr: SocketAddr,
+    /// Whether it dialed us.
+    pub inbound: bool,
+}
+
+/// Something that happened at this node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum NodeEvent {
+    /// A peer joined us, or we joined it.
+    Joined(PeerInfo),
+    /// A join was refused, by us (`by_peer` false) or by the peer.
+    JoinRefused {
+        /// The peer's address.
+        addr: SocketAddr,
+        /// Its node.
+        node: NodeId,
+        /// The cell it claimed.
+        cell: CellId,
+        /// The NACK code.
+        code: NackCode,
+        /// Detail.
+        reason: String,
+        /// Whether the peer refused us.
+        by_peer: bool,
+    },
+    /// A peer told us of a node that joined it.
+    Learned {
+        /// The node.
+        node: NodeId,
+        /// Its cell.
+        cell: CellId,
+        /// Who told us.
+        via: NodeId,
+    },
+    /// A joined peer went away.
+    Left {
+        /// The peer.
+        peer: PeerInfo,
+        /// Why.
+        reason: String,
+    },
+    /// A connection ended before joining (handshake failure, timeout, limits).
+    Failed {
+        /// The peer's address.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Application data received from a peer.
+#[derive(Clone, Debug)]
+pub struct Incoming {
+    /// The sending node.
+    pub from: NodeId,
+    /// Its cell.
+    pub cell: CellId,
+    /// The data.
+    pub data: Bytes,
+}
+
+/// Starting a node failed.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// A listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The node's tokens could not be made.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+}
+
+/// A join did not complete.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum JoinError {
+    /// The TCP connection failed.
+    #[error("cannot connect to {addr}: {reason}")]
+    Connect {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        reason: String,
+    },
+    /// The peer refused us.
+    #[error("{addr} refused the join ({}): {reason}", code.name())]
+    Refused {
+        /// The address.
+        addr: SocketAddr,
+        /// The NACK code.
+        code: NackCode,
+        /// Detail.
+        reason: String,
+    },
+    /// The handshake or join failed otherwise.
+    #[error("join with {addr} failed: {reason}")]
+    Failed {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+    /// This node is at its connection limit.
+    #[error("connection limit reached")]
+    Busy,
+    /// This node is shutting down.
+    #[error("node is shutting down")]
+    ShuttingDown,
+}
+
+/// Sending to a peer failed.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum SendError {
+    /// No joined peer with that node id.
+    #[error("no joined peer {0}")]
+    UnknownPeer(NodeId),
+    /// The connection closed.
+    #[error("connection closed")]
+    Closed,
+    /// Over [`MAX_PAYLOAD`].
+    #[error("message of {0} bytes is over the {MAX_PAYLOAD}-byte limit")]
+    TooLarge(usize),
+}
+
+enum Cmd {
+    Send(Bytes),
+    Update(Box<DeviceBinding>),
+    Close(CloseCode, &'static str),
+}
+
+type ConnId = u64;
+type JoinReply = oneshot::Sender<Result<PeerInfo, JoinError>>;
+
+struct ConnEntry {
+    tx: mpsc::Sender<Cmd>,
+    peer: Option<PeerInfo>,
+}
+
+#[derive(Default)]
+struct State {
+    table: PeerTable<ConnId>,
+    conns: HashMap<ConnId, ConnEntry>,
+    shutting_down: bool,
+}
+
+struct Shared {
+    config: Arc<ConnectionConfig>,
+    node_config: NodeConfig,
+    state: Mutex<State>,
+    events: broadcast::Sender<NodeEvent>,
+    inbox: mpsc::Sender<Incoming>,
+    conn_limit: Arc<Semaphore>,
+    unauth_limit: Arc<Semaphore>,
+    next_id: AtomicU64,
+    gone: Notify,
+}
+
+impl Shared {
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the table half-updated in a way that
+        // matters more than losing the node; keep serving.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn emit(&self, event: NodeEvent) {
+        // No subscriber is fine: events are informational.
+        let _ = self.events.send(event);
+    }
+}
+
+/// A running node. Dropping it without [`Node::shutdown`] aborts its listeners; its
+/// connections end when their peers or timers end them.
+pub struct Node {
+    shared: Arc<Shared>,
+    local_addrs: Vec<SocketAddr>,
+    listeners: Vec<JoinHandle<()>>,
+    inbox: mpsc::Receiver<Incoming>,
+    cell: CellId,
+    node: NodeId,
+}
+
+impl Node {
+    /// Binds the listen addresses, mints this run's tokens, and starts accepting.
+    pub async fn start(unlocked: &Unlocked, config: NodeConfig) -> Result<Self, StartError> {
+        let mut listeners = Vec::new();
+        for addr in &config.listen {
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: *addr,
+                    source,
+                })?;
+            listeners.push(l);
+        }
+        let local_addrs: Vec<SocketAddr> = listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect();
+        let identity = DeviceIdentity::mint(unlocked, local_addrs.first().copied())?;
+        let (cell, node) = (identity.cell, identity.node);
+        let mut cc = ConnectionConfig::new(identity.local, identity.identity);
+        cc.revocations = config.revocations.clone();
+        cc.realm = config.realm.clone();
+        cc.policy = config.policy.clone();
+        cc.setup_timeout_ms = millis(config.setup_timeout);
+        cc.keepalive_ms = millis(config.keepalive);
+        cc.idle_timeout_ms = millis(config.idle_timeout);
+        let (events, _) = broadcast::channel(1024);
+        let (inbox_tx, inbox) = mpsc::channel(config.inbox_capacity.max(1));
+        let shared = Arc::new(Shared {
+            config: Arc::new(cc),
+            conn_limit: Arc::new(Semaphore::new(config.max_connections)),
+            unauth_limit: Arc::new(Semaphore::new(config.max_unauthenticated)),
+            node_config: config,
+            state: Mutex::new(State::default()),
+            events,
+            inbox: inbox_tx,
+            next_id: AtomicU64::new(1),
+            gone: Notify::new(),
+        });
+        let listeners = listeners
+            .into_iter()
+            .map(|l| tokio::spawn(accept_loop(Arc::clone(&shared), l)))
+            .collect();
+        tracing::info!(%cell, %node, addrs = ?local_addrs, "node started");
+        Ok(Self {
+            shared,
+            local_addrs,
+            listeners,
+            inbox,
+            cell,
+            node,
+        })
+    }
+
+    /// The addresses actually bound (with real ports when `:0` was asked for).
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.local_addrs
+    }
+
+    /// This node's cell.
+    pub fn cell(&self) -> CellId {
+        self.cell
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> NodeId {
+        self.node
+    }
+
+    /// Events from now on. Slow subscribers lose the oldest events (see
+    /// `broadcast::Receiver`), never block the node.
+    pub fn subscribe(&self) -> broadcast::Receiver<NodeEvent> {
+        self.shared.events.subscribe()
+    }
+
+    /// Dials `addr`, runs the handshake and join, and returns the peer once joined.
+    pub async fn join(&self, addr: SocketAddr) -> Result<PeerInfo, JoinError> {
+        if self.shared.state().shutting_down {
+            return Err(JoinError::ShuttingDown);
+        }
+        let permit = Arc::clone(&self.shared.conn_limit)
+            .try_acquire_owned()
+            .map_err(|_| JoinError::Busy)?;
+        let setup = self.shared.node_config.setup_timeout;
+        let stream = tokio::time::timeout(setup, TcpStream::connect(addr))
+            .await
+            .map_err(|_| JoinError::Connect {
+                addr,
+                reason: "timed out".into(),
+            })?
+            .map_err(|e| JoinError::Connect {
+                addr,
+                reason: e.to_string(),
+            })?;
+        let conn = Connection::connect(Arc::clone(&self.shared.config), now(), &mut OsRng);
+        let (tx, rx) = oneshot::channel();
+        tokio::spawn(drive(
+            Arc::clone(&self.shared),
+            stream,
+            addr,
+            conn,
+            false,
+            (permit, None),
+            Some(tx),
+        ));
+        rx.await.unwrap_or(Err(JoinError::Failed {
+            addr,
+            reason: "connection task ended".into(),
+        }))
+    }
+
+    /// The joined peers.
+    pub fn peers(&self) -> Vec<PeerInfo> {
+        let state = self.shared.state();
+        state
+            .table
+            .iter()
+            .filter_map(|p| state.conns.get(&p.conn).and_then(|c| c.peer.clone()))
+            .collect()
+    }
+
+    /// A handle for sending to the joined peer `node`.
+    pub fn sender(&self, node: NodeId) -> Result<PeerSender, SendError> {
+        let state = self.shared.state();
+        let conn = state
+            .table
+            .get(&node)
+            .ok_or(SendError::UnknownPeer(node))?
+            .conn;
+        let tx = state
+            .conns
+            .get(&conn)
+            .ok_or(SendError::UnknownPeer(node))?
+            .tx
+            .clone();
+        Ok(PeerSender { tx })
+    }
+
+    /// Sends `data` to the joined peer `node`, waiting while its send buffer is full.
+    pub async fn send(&self, node: NodeId, data: Bytes) -> Result<(), SendError> {
+        self.sender(node)?.send(data).await
+    }
+
+    /// The next message from any peer; `None` after shutdown.
+    pub async fn recv(&mut self) -> Option<Incoming> {
+        self.inbox.recv().await
+    }
+
+    /// Up to `limit` messages at once (at least one, waiting for it); 0 after shutdown.
+    pub async fn recv_many(&mut self, buf: &mut Vec<Incoming>, limit: usize) -> usize {
+        self.inbox.recv_many(buf, limit).await
+    }
+
+    /// Stops accepting, closes every connection with a CLOSE, and waits (at most `grace`)
+    /// for them to finish.
+    pub async fn shutdown(mut self, grace: Duration) {
+        for l in self.listeners.drain(..) {
+            l.abort();
+        }
+        let senders: Vec<_> = {
+            let mut state = self.shared.state();
+            state.shutting_down = true;
+            state.conns.values().map(|c| c.tx.clone()).collect()
+        };
+        for tx in senders {
+            let _ = tx.try_send(Cmd::Close(CloseCode::Shutdown, "node shutting down"));
+        }
+        let deadline = tokio::time::Instant::now() + grace;
+        loop {
+            let gone = self.shared.gone.notified();
+            if self.shared.state().conns.is_empty() {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, gone).await.is_err() {
+                break;
+            }
+        }
+        tracing::info!(node = %self.node, "node stopped");
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        for l in &self.listeners {
+            l.abort();
+        }
+    }
+}
+
+/// Sends to one peer. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct PeerSender {
+    tx: mpsc::Sender<Cmd>,
+}
+
+impl PeerSender {
+    /// Queues `data`, waiting while the connection's buffer is full.
+    pub async fn send(&self, data: Bytes) -> Result<(), SendError> {
+        if data.len() > MAX_PAYLOAD {
+            return Err(SendError::TooLarge(data.len()));
+        }
+        self.tx
+            .send(Cmd::Send(data))
+            .await
+            .map_err(|_| SendError::Closed)
+    }
+}
+
+impl std::fmt::Debug for Cmd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Send(d) => write!(f, "Send({} bytes)", d.len()),
+            Self::Update(b) => write!(f, "Update({})", b.node().short()),
+            Self::Close(code, _) => write!(f, "Close({code:?})"),
+        }
+    }
+}
+
+async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
+    loop {
+        let (stream, addr) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let permits = Arc::clone(&shared.conn_limit)
+            .try_acquire_owned()
+            .ok()
+            .zip(Arc::clone(&shared.unauth_limit).try_acquire_owned().ok());
+        let Some((conn_permit, unauth)) = permits else {
+            tracing::debug!(%addr, "connection refused: at a limit");
+            shared.emit(NodeEvent::Failed {
+                addr,
+                reason: "connection limit reached".into(),
+            });
+            continue;
+        };
+        let conn = Connection::accept(Arc::clone(&shared.config), now());
+        tokio::spawn(drive(
+            Arc::clone(&shared),
+            stream,
+            addr,
+            conn,
+            true,
+            (conn_permit, Some(unauth)),
+            None,
+        ));
+    }
+}
+
+/// What the driver learned, for the cleanup when the connection ends.
+struct Outcome {
+    peer: Option<PeerInfo>,
+    refused: bool,
+    reply: Option<JoinReply>,
+    closed: Option<String>,
+}
+
+async fn drive(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    addr: SocketAddr,
+    mut conn: Connection,
+    inbound: bool,
+    permits: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
+    reply: Option<JoinReply>,
+) {
+    let (_conn_permit, mut unauth) = permits;
+    let _ = stream.set_nodelay(true);
+    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    let (tx, mut rx) = mpsc::channel(shared.node_config.send_capacity.max(1));
+    shared
+        .state()
+        .conns
+        .insert(id, ConnEntry { tx, peer: None });
+    let (mut rd, mut wr) = stream.into_split();
+    let mut rbuf = vec![0u8; READ_CHUNK];
+    let mut out: Vec<u8> = Vec::new();
+    let mut written = 0usize;
+    let mut outcome = Outcome {
+        peer: None,
+        refused: false,
+        reply,
+        closed: None,
+    };
+    let mut ended = "connection closed".to_string();
+    loop {
+        if written == out.len() {
+            out.clear();
+            written = 0;
+        }
+        conn.transmit_into(&mut out);
+        while let Some(event) = conn.poll_event() {
+            on_event(&shared, id, addr, inbound, &mut outcome, &mut unauth, event).await;
+        }
+        if conn.is_closed() {
+            // Flush the last frames (a NACK or CLOSE) briefly, then go.
+            let _ =
+                tokio::time::timeout(Duration::from_secs(1), wr.write_all(&out[written..])).await;
+            break;
+        }
+        if out.len() - written > HARD_LIMIT {
+            conn.close(CloseCode::ProtocolViolation, "peer is not reading", now());
+            continue;
+        }
+        let wake = deadline(conn.poll_timeout());
+        let take_cmds = out.len() - written < HIGH_WATER;
+        tokio::select! {
+            biased;
+            r = wr.write(&out[written..]), if written < out.len() => match r {
+                Ok(n) => written += n,
+                Err(e) => { ended = format!("write failed: {e}"); break; }
+            },
+            r = rd.read(&mut rbuf) => match r {
+                Ok(0) => { ended = "peer closed the connection".into(); break; }
+                Ok(n) => conn.handle_input(&rbuf[..n], now(), &mut OsRng),
+                Err(e) => { ended = format!("read failed: {e}"); break; }
+            },
+            cmd = rx.recv(), if take_cmds => {
+                let t = now();
+                match cmd {
+                    Some(cmd) => apply(&mut conn, cmd, t),
+                    None => conn.close(CloseCode::Shutdown, "node shutting down", t),
+                }
+                for _ in 0..CMD_BATCH {
+                    match rx.try_recv() {
+                        Ok(cmd) => apply(&mut conn, cmd, t),
+                        Err(_) => break,
+                    }
+                }
+            },
+            _ = tokio::time::sleep_until(wake) => conn.handle_timeout(now()),
+        }
+    }
+    let _ = wr.shutdown().await;
+    finish(&shared, id, addr, outcome, ended);
+}
+
+fn apply(conn: &mut Connection, cmd: Cmd, t: cellmesh_core::Instant) {
+    let result = match cmd {
+        Cmd::Send(data) => conn.send(data, t),
+        Cmd::Update(binding) => conn.send_update(&binding, t),
+        Cmd::Close(code, reason) => {
+            conn.close(code, reason, t);
+            Ok(())
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "command dropped");
+    }
+}
+
+async fn on_event(
+    shared: &Shared,
+    id: ConnId,
+    addr: SocketAddr,
+    inbound: bool,
+    outcome: &mut Outcome,
+    unauth: &mut Option<OwnedSemaphorePermit>,
+    event: Event,
+) {
+    match event {
+        Event::Data(data) => {
+            if let Some(peer) = &outcome.peer {
+                let msg = Incoming {
+                    from: peer.node,
+                    cell: peer.cell,
+                    data,
+                };
+                // Waiting here is the back-pressure: this connection is not read meanwhile.
+                let _ = shared.inbox.send(msg).await;
+            }
+        }
+        Event::Joined(binding) => {
+            unauth.take();
+            let info = PeerInfo {
+                node: binding.node(),
+                cell: binding.cell(),
+                addr,
+                inbound,
+            };
+            {
+                let mut state = shared.state();
+                let joined = state.table.joined(id, binding.clone());
+                if let Some(entry) = state.conns.get_mut(&id) {
+                    entry.peer = Some(info.clone());
+                }
+                for other in joined.notify {
+                    if let Some(c) = state.conns.get(&other) {
+                        if c.tx
+                            .try_send(Cmd::Update(Box::new(binding.clone())))
+                            .is_err()
+                        {
+                            tracing::debug!(conn = other, "update not queued: send buffer full");
+                        }
+                    }
+                }
+                if let Some(old) = joined.replaced.and_then(|old| state.conns.get(&old)) {
+                    let _ = old.tx.try_send(Cmd::Close(
+                        CloseCode::Normal,
+                        "replaced by a newer connection",
+                    ));
+                }
+            }
+            tracing::info!(peer = %info.node, cell = %info.cell, %addr, inbound, "joined");
+            if let Some(reply) = outcome.reply.take() {
+                let _ = reply.send(Ok(info.clone()));
+            }
+            outcome.peer = Some(info.clone());
+            shared.emit(NodeEvent::Joined(info));
+        }
+        Event::JoinRefused {
+            node,
+            cell,
+            code,
+            reason,
+            by_peer,
+        } => {
+            outcome.refused = true;
+            tracing::info!(%node, %cell, %addr, code = code.name(), %reason, by_peer, "join refused");
+            if let Some(reply) = outcome.reply.take() {
+                let _ = reply.send(Err(JoinError::Refused {
+                    addr,
+                    code,
+                    reason: reason.clone(),
+                }));
+            }
+            shared.emit(NodeEvent::JoinRefused {
+                addr,
+                node,
+                cell,
+                code,
+                reason,
+                by_peer,
+            });
+        }
+        Event::Update(binding) => {
+            if let Some(peer) = &outcome.peer {
+                shared.emit(NodeEvent::Learned {
+                    node: binding.node(),
+                    cell: binding.cell(),
+                    via: peer.node,
+                });
+            }
+        }
+        Event::Closed {
+            code,
+            reason,
+            by_peer,
+        } => {
+            tracing::debug!(%addr, ?code, %reason, by_peer, "connection closed");
+            let who = if by_peer { "peer closed" } else { "closed" };
+            outcome.closed = Some(format!("{who}: {reason}"));
+        }
+        Event::Handshaked { node } => tracing::debug!(%addr, %node, "handshake complete"),
+        _ => {}
+    }
+}
+
+/// Forgets the connection and reports how it ended.
+fn finish(shared: &Shared, id: ConnId, addr: SocketAddr, outcome: Outcome, ended: String) {
+    let ended = outcome.closed.unwrap_or(ended);
+    {
+        let mut state = shared.state();
+        state.conns.remove(&id);
+        state.table.left(&id);
+    }
+    shared.gone.notify_waiters();
+    match outcome.peer {
+        Some(peer) => shared.emit(NodeEvent::Left {
+            peer,
+            reason: ended,
+        }),
+        None if !outcome.refused => {
+            if let Some(reply) = outcome.reply {
+                let _ = reply.send(Err(JoinError::Failed {
+                    addr,
+                    reason: ended.clone(),
+                }));
+            }
+            shared.emit(NodeEvent::Failed {
+                addr,
+                reason: ended,
+            });
+        }
+        None => {}
+    }
+}
+
+/// Wall-clock milliseconds, as the core counts time.
+pub(crate) fn now() -> cellmesh_core::Instant {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    cellmesh_core::Instant(ms)
+}
+
+fn deadline(at: Option<cellmesh_core::Instant>) -> tokio::time::Instant {
+    let now_tokio = tokio::time::Instant::now();
+    match at {
+        Some(at) => now_tokio + Duration::from_millis(at.millis_since(now())),
+        None => now_tokio + Duration::from_secs(3600),
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}

@@ -1,0 +1,210 @@
+//! Nodes over real TCP on loopback.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use cellmesh::core::connection::Authorization;
+use cellmesh::core::keystore::{KdfParams, Passphrase};
+use cellmesh::core::wire::NackCode;
+use cellmesh::home::{Home, Unlocked};
+use cellmesh::node::{JoinError, Node, NodeConfig, NodeEvent};
+use tokio::io::AsyncReadExt as _;
+use tokio::net::TcpStream;
+use tokio::sync::broadcast;
+
+const FAST: KdfParams = KdfParams {
+    memory_kib: 64,
+    iterations: 1,
+    lanes: 1,
+};
+
+fn device(dir: &std::path::Path, name: &str) -> Unlocked {
+    let home = Home::new(dir.join(name));
+    let pass = Passphrase::new("pw".into());
+    home.create(&cellmesh::new_mnemonic(), "", &pass, FAST, false)
+        .unwrap();
+    home.unlock(&pass).unwrap()
+}
+
+fn listening() -> NodeConfig {
+    NodeConfig {
+        listen: vec!["127.0.0.1:0".parse().unwrap()],
+        ..NodeConfig::default()
+    }
+}
+
+async fn next_matching(
+    events: &mut broadcast::Receiver<NodeEvent>,
+    mut want: impl FnMut(&NodeEvent) -> bool,
+) -> NodeEvent {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let e = events.recv().await.unwrap();
+            if want(&e) {
+                return e;
+            }
+        }
+    })
+    .await
+    .expect("event within 10 s")
+}
+
+fn addr(node: &Node) -> SocketAddr {
+    node.local_addrs()[0]
+}
+
+#[tokio::test]
+async fn three_nodes_join_and_the_first_peer_learns_of_the_second() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Node::start(&device(dir.path(), "hub"), listening())
+        .await
+        .unwrap();
+    let mut hub_events = hub.subscribe();
+    let b = Node::start(&device(dir.path(), "b"), listening())
+        .await
+        .unwrap();
+    let mut b_events = b.subscribe();
+    let c = Node::start(&device(dir.path(), "c"), NodeConfig::default())
+        .await
+        .unwrap();
+
+    let joined = b.join(addr(&hub)).await.unwrap();
+    assert_eq!(joined.node, hub.node_id());
+    assert_eq!(joined.cell, hub.cell());
+    next_matching(
+        &mut hub_events,
+        |e| matches!(e, NodeEvent::Joined(p) if p.node == b.node_id()),
+    )
+    .await;
+    c.join(addr(&hub)).await.unwrap();
+
+    let learned = next_matching(&mut b_events, |e| matches!(e, NodeEvent::Learned { .. })).await;
+    assert_eq!(
+        learned,
+        NodeEvent::Learned {
+            node: c.node_id(),
+            cell: c.cell(),
+            via: hub.node_id()
+        }
+    );
+    let peers: BTreeSet<_> = hub.peers().into_iter().map(|p| p.node).collect();
+    assert_eq!(peers, BTreeSet::from([b.node_id(), c.node_id()]));
+}
+
+#[tokio::test]
+async fn an_unauthorized_join_is_refused_with_its_code_and_leaves_no_peer() {
+    let dir = tempfile::tempdir().unwrap();
+    let friend = device(dir.path(), "friend");
+    let friend_cell = friend.keystore.cell;
+    let config = NodeConfig {
+        policy: cellmesh::core::connection::JoinPolicy {
+            authorize: Authorization::AllowCells(BTreeSet::from([friend_cell])),
+            ..Default::default()
+        },
+        ..listening()
+    };
+    let hub = Node::start(&device(dir.path(), "hub"), config)
+        .await
+        .unwrap();
+    let mut hub_events = hub.subscribe();
+    let stranger = Node::start(&device(dir.path(), "stranger"), NodeConfig::default())
+        .await
+        .unwrap();
+    let err = stranger.join(addr(&hub)).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            JoinError::Refused {
+                code: NackCode::Unauthorized,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let refused = next_matching(&mut hub_events, |e| {
+        matches!(e, NodeEvent::JoinRefused { .. })
+    })
+    .await;
+    assert!(matches!(
+        refused,
+        NodeEvent::JoinRefused {
+            by_peer: false,
+            code: NackCode::Unauthorized,
+            ..
+        }
+    ));
+    assert!(hub.peers().is_empty());
+
+    let friend = Node::start(&friend, NodeConfig::default()).await.unwrap();
+    friend.join(addr(&hub)).await.unwrap();
+    assert_eq!(hub.peers().len(), 1);
+}
+
+#[tokio::test]
+async fn data_flows_and_shutdown_tells_the_peer() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut hub = Node::start(&device(dir.path(), "hub"), listening())
+        .await
+        .unwrap();
+    let mut b = Node::start(&device(dir.path(), "b"), NodeConfig::default())
+        .await
+        .unwrap();
+    let mut b_events = b.subscribe();
+    b.join(addr(&hub)).await.unwrap();
+    b.send(hub.node_id(), Bytes::from_static(b"ping"))
+        .await
+        .unwrap();
+    let got = hub.recv().await.unwrap();
+    assert_eq!((got.from, &got.data[..]), (b.node_id(), &b"ping"[..]));
+    hub.send(b.node_id(), Bytes::from_static(b"pong"))
+        .await
+        .unwrap();
+    assert_eq!(&b.recv().await.unwrap().data[..], b"pong");
+    let too_big = Bytes::from(vec![0u8; cellmesh::core::wire::MAX_PAYLOAD + 1]);
+    assert!(b.send(hub.node_id(), too_big).await.is_err());
+
+    hub.shutdown(Duration::from_secs(2)).await;
+    let left = next_matching(&mut b_events, |e| matches!(e, NodeEvent::Left { .. })).await;
+    let NodeEvent::Left { reason, .. } = left else {
+        unreachable!()
+    };
+    assert!(reason.contains("shutting down"), "{reason}");
+}
+
+#[tokio::test]
+async fn a_socket_that_says_nothing_is_closed_and_limits_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = NodeConfig {
+        setup_timeout: Duration::from_millis(300),
+        max_unauthenticated: 1,
+        ..listening()
+    };
+    let hub = Node::start(&device(dir.path(), "hub"), config)
+        .await
+        .unwrap();
+    let mut silent = TcpStream::connect(addr(&hub)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Over the unauthenticated limit: closed at once.
+    let mut second = TcpStream::connect(addr(&hub)).await.unwrap();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_millis(200), second.read(&mut buf)).await;
+    assert!(
+        matches!(n, Ok(Ok(0)) | Ok(Err(_))),
+        "second connection not closed: {n:?}"
+    );
+    // The silent one is closed at the setup deadline.
+    let started = std::time::Instant::now();
+    let n = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut buf)).await;
+    assert!(
+        matches!(n, Ok(Ok(0)) | Ok(Err(_))),
+        "silent connection not closed: {n:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+    // The permit came back: a real node can join now.
+    let b = Node::start(&device(dir.path(), "b"), NodeConfig::default())
+        .await
+        .unwrap();
+    b.join(addr(&hub)).await.unwrap();
+}
