@@ -8,8 +8,9 @@
 //!                                                    └──► poll_timeout: when to call handle_timeout next
 //! ```
 //!
-//! Polling order after any `handle_*` or command: drain [`Connection::poll_transmit`] (write
-//! everything it returns, in order, as one batch), then [`Connection::poll_event`] until it
+//! Polling order after any `handle_*` or command: write out [`Connection::pending_transmit`]
+//! (everything, in order, as one batch; report progress with
+//! [`Connection::advance_transmit`]; or take a copy with [`Connection::poll_transmit`]), then [`Connection::poll_event`] until it
 //! returns `None`, then re-arm a timer for [`Connection::poll_timeout`]. Once
 //! [`Connection::is_closed`] is true and `poll_transmit` is empty, drop the connection and the
 //! socket.
@@ -40,6 +41,9 @@ use crate::id::{CellId, NodeId};
 use crate::session::{Session, SessionConfig};
 use crate::token::{DEFAULT_SKEW, RealmAnchor, Token, TokenKind, VerifyError};
 use crate::wire::{self, CloseCode, FrameType, MAX_PAYLOAD, Message, NackCode};
+
+/// Output buffer capacity kept once everything is written; more is released.
+const OUT_KEEP: usize = 256 * 1024;
 
 /// A check run on a joining peer's binding. Returns a refusal to send back in NACK.
 pub type Check = Arc<dyn Fn(&DeviceBinding) -> Result<(), Refusal> + Send + Sync>;
@@ -172,7 +176,7 @@ pub enum Event {
         node: NodeId,
     },
     /// The join completed; the peer is who its binding says.
-    Joined(DeviceBinding),
+    Joined(Box<DeviceBinding>),
     /// A join was refused: by this node (`by_peer` false) or by the peer.
     JoinRefused {
         /// The peer's node, when the handshake got that far.
@@ -187,7 +191,7 @@ pub enum Event {
         by_peer: bool,
     },
     /// The peer told us of a node that joined it. Its tokens are verified and bound.
-    Update(DeviceBinding),
+    Update(Box<DeviceBinding>),
     /// Application data from the peer.
     Data(Bytes),
     /// The connection is closed; nothing about the peer is kept.
@@ -237,6 +241,7 @@ pub struct Connection {
     state: State,
     inbuf: BytesMut,
     out: Vec<u8>,
+    out_sent: usize,
     events: VecDeque<Event>,
     created: Instant,
     last_sent: Instant,
@@ -288,6 +293,7 @@ impl Connection {
             state,
             inbuf: BytesMut::new(),
             out: Vec::new(),
+            out_sent: 0,
             events: VecDeque::new(),
             created: now,
             last_sent: now,
@@ -316,6 +322,10 @@ impl Connection {
                 self.inbuf.clear();
                 return;
             }
+        }
+        // A quiet connection should not keep a large buffer from a past burst.
+        if self.inbuf.is_empty() && self.inbuf.capacity() > 64 * 1024 {
+            self.inbuf = BytesMut::new();
         }
     }
 
@@ -353,20 +363,31 @@ impl Connection {
         }
     }
 
-    /// Everything to write to the transport, in order, as one batch.
+    /// Everything to write to the transport, in order, as one batch (copies out).
     pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
-        if self.out.is_empty() {
+        let pending = self.pending_transmit();
+        if pending.is_empty() {
             return None;
         }
-        Some(std::mem::take(&mut self.out))
+        let bytes = pending.to_vec();
+        self.advance_transmit(bytes.len());
+        Some(bytes)
     }
 
-    /// Appends everything to write to `buf` (for callers that batch several connections).
-    pub fn transmit_into(&mut self, buf: &mut Vec<u8>) {
-        if buf.is_empty() {
-            std::mem::swap(buf, &mut self.out);
-        } else {
-            buf.append(&mut self.out);
+    /// The bytes not yet written, in order, for writing straight from this buffer.
+    pub fn pending_transmit(&self) -> &[u8] {
+        &self.out[self.out_sent..]
+    }
+
+    /// Records that the first `n` bytes of [`Connection::pending_transmit`] were written.
+    pub fn advance_transmit(&mut self, n: usize) {
+        self.out_sent = (self.out_sent + n).min(self.out.len());
+        if self.out_sent == self.out.len() {
+            self.out.clear();
+            self.out_sent = 0;
+            if self.out.capacity() > OUT_KEEP {
+                self.out = Vec::new();
+            }
         }
     }
 
@@ -375,7 +396,7 @@ impl Connection {
         self.events.pop_front()
     }
 
-    /// Whether the connection is over (after its last bytes are transmitted).
+    /// Whether the connection is over (write out [`Connection::pending_transmit`] first).
     pub fn is_closed(&self) -> bool {
         matches!(self.state, State::Closed)
     }
@@ -547,7 +568,7 @@ impl Connection {
             }
             (Message::Update { node, identity }, true, _) => {
                 if let Some(binding) = self.verify_update(&node, &identity, now) {
-                    self.events.push_back(Event::Update(binding));
+                    self.events.push_back(Event::Update(Box::new(binding)));
                 }
             }
             (Message::Ping(n), true, _) => self.send_message(&Message::Pong(n), now),
@@ -572,7 +593,7 @@ impl Connection {
                 if let State::Live(live) = &mut self.state {
                     live.joined = Some(binding.clone());
                 }
-                self.events.push_back(Event::Joined(binding));
+                self.events.push_back(Event::Joined(Box::new(binding)));
             }
             Err(refusal) => {
                 self.send_message(
@@ -650,7 +671,7 @@ impl Connection {
                 if let State::Live(live) = &mut self.state {
                     live.joined = Some(binding.clone());
                 }
-                self.events.push_back(Event::Joined(binding));
+                self.events.push_back(Event::Joined(Box::new(binding)));
             }
             Err(reason) => self.violation(format!("responder identity refused: {reason}"), now),
         }

@@ -229,7 +229,7 @@ fn an_unauthorized_join_gets_a_nack_and_leaves_nothing() {
     let mut table = PeerTable::new();
     for e in &p.b_events {
         if let Event::Joined(binding) = e {
-            table.joined(0u32, binding.clone());
+            table.joined(0u32, (**binding).clone());
         }
     }
     assert!(table.is_empty());
@@ -429,7 +429,7 @@ fn existing_peers_get_an_update_about_a_new_node() {
     for (conn, events) in [(Side::A, &hb.b_events), (Side::B, &hc.b_events)] {
         for e in events {
             if let Event::Joined(binding) = e {
-                let result = table.joined(conn, binding.clone());
+                let result = table.joined(conn, (**binding).clone());
                 if conn == Side::B {
                     assert_eq!(result.notify, vec![Side::A]);
                 }
@@ -441,7 +441,7 @@ fn existing_peers_get_an_update_about_a_new_node() {
     hb.b.send_update(&about_c, hb.now).unwrap();
     hb.drive();
     let learned = hb.a_events.iter().find_map(|e| match e {
-        Event::Update(binding) => Some(binding.clone()),
+        Event::Update(binding) => Some((**binding).clone()),
         _ => None,
     });
     let learned = learned.expect("B learned of C");

@@ -49,7 +49,9 @@ const HIGH_WATER: usize = 1 << 20;
 const HARD_LIMIT: usize = 32 << 20;
 /// Commands applied per wake-up before writing.
 const CMD_BATCH: usize = 1024;
-const READ_CHUNK: usize = 256 * 1024;
+/// Read buffer sizes: small while a connection is quiet, doubled while reads fill it.
+const READ_MIN: usize = 4 * 1024;
+const READ_MAX: usize = 256 * 1024;
 
 /// How a node runs.
 #[derive(Clone, Debug)]
@@ -573,9 +575,7 @@ async fn drive(
         .conns
         .insert(id, ConnEntry { tx, peer: None });
     let (mut rd, mut wr) = stream.into_split();
-    let mut rbuf = vec![0u8; READ_CHUNK];
-    let mut out: Vec<u8> = Vec::new();
-    let mut written = 0usize;
+    let mut rbuf = vec![0u8; READ_MIN];
     let mut outcome = Outcome {
         peer: None,
         refused: false,
@@ -584,44 +584,50 @@ async fn drive(
     };
     let mut ended = "connection closed".to_string();
     loop {
-        if written == out.len() {
-            out.clear();
-            written = 0;
-        }
-        conn.transmit_into(&mut out);
         while let Some(event) = conn.poll_event() {
             on_event(&shared, id, addr, inbound, &mut outcome, &mut unauth, event).await;
         }
         if conn.is_closed() {
             // Flush the last frames (a NACK or CLOSE) briefly, then go.
-            let _ =
-                tokio::time::timeout(Duration::from_secs(1), wr.write_all(&out[written..])).await;
+            let flush = wr.write_all(conn.pending_transmit());
+            let _ = tokio::time::timeout(Duration::from_secs(1), flush).await;
             break;
         }
-        if out.len() - written > HARD_LIMIT {
+        let backlog = conn.pending_transmit().len();
+        if backlog > HARD_LIMIT {
             conn.close(CloseCode::ProtocolViolation, "peer is not reading", now());
             continue;
         }
         let wake = deadline(conn.poll_timeout());
-        let take_cmds = out.len() - written < HIGH_WATER;
         tokio::select! {
             biased;
-            r = wr.write(&out[written..]), if written < out.len() => match r {
-                Ok(n) => written += n,
+            r = wr.write(conn.pending_transmit()), if backlog > 0 => match r {
+                Ok(n) => conn.advance_transmit(n),
                 Err(e) => { ended = format!("write failed: {e}"); break; }
             },
             r = rd.read(&mut rbuf) => match r {
                 Ok(0) => { ended = "peer closed the connection".into(); break; }
-                Ok(n) => conn.handle_input(&rbuf[..n], now(), &mut OsRng),
+                Ok(n) => {
+                    conn.handle_input(&rbuf[..n], now(), &mut OsRng);
+                    if n == rbuf.len() && n < READ_MAX {
+                        rbuf = vec![0u8; n * 2];
+                    } else if n < READ_MIN && rbuf.len() > READ_MIN {
+                        rbuf = vec![0u8; READ_MIN];
+                    }
+                }
                 Err(e) => { ended = format!("read failed: {e}"); break; }
             },
-            cmd = rx.recv(), if take_cmds => {
+            cmd = rx.recv(), if backlog < HIGH_WATER => {
                 let t = now();
                 match cmd {
                     Some(cmd) => apply(&mut conn, cmd, t),
                     None => conn.close(CloseCode::Shutdown, "node shutting down", t),
                 }
+                // Take what else is queued, up to the high-water mark: one write for many.
                 for _ in 0..CMD_BATCH {
+                    if conn.pending_transmit().len() >= HIGH_WATER {
+                        break;
+                    }
                     match rx.try_recv() {
                         Ok(cmd) => apply(&mut conn, cmd, t),
                         Err(_) => break,
@@ -667,7 +673,9 @@ async fn on_event(
                     data,
                 };
                 // Waiting here is the back-pressure: this connection is not read meanwhile.
-                let _ = shared.inbox.send(msg).await;
+                if let Err(mpsc::error::TrySendError::Full(msg)) = shared.inbox.try_send(msg) {
+                    let _ = shared.inbox.send(msg).await;
+                }
             }
         }
         Event::Joined(binding) => {
@@ -680,16 +688,13 @@ async fn on_event(
             };
             {
                 let mut state = shared.state();
-                let joined = state.table.joined(id, binding.clone());
+                let joined = state.table.joined(id, (*binding).clone());
                 if let Some(entry) = state.conns.get_mut(&id) {
                     entry.peer = Some(info.clone());
                 }
                 for other in joined.notify {
                     if let Some(c) = state.conns.get(&other) {
-                        if c.tx
-                            .try_send(Cmd::Update(Box::new(binding.clone())))
-                            .is_err()
-                        {
+                        if c.tx.try_send(Cmd::Update(binding.clone())).is_err() {
                             tracing::debug!(conn = other, "update not queued: send buffer full");
                         }
                     }
