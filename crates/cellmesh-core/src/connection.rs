@@ -39,7 +39,7 @@ use crate::handshake::{
 };
 use crate::id::{CellId, NodeId};
 use crate::session::{Session, SessionConfig};
-use crate::token::{DEFAULT_SKEW, RealmAnchor, Token, TokenKind, VerifyError};
+use crate::token::{DEFAULT_SKEW, RealmAnchor, Token, TokenKind, VerifiedToken, VerifyError};
 use crate::wire::{self, CloseCode, FrameType, MAX_PAYLOAD, Message, NackCode};
 
 /// Output buffer capacity kept once everything is written; more is released.
@@ -141,7 +141,8 @@ pub struct ConnectionConfig {
     pub keepalive_ms: u64,
     /// Close after this many milliseconds without hearing from the peer.
     pub idle_timeout_ms: u64,
-    /// Frames failing authentication (or out of order) tolerated before closing.
+    /// The connection closes on this many frames that failed authentication or came out of
+    /// order (counted over the connection's life): the default 4 tolerates 3.
     pub max_bad_frames: u32,
     /// Rekeying.
     pub session: SessionConfig,
@@ -615,11 +616,26 @@ impl Connection {
         }
     }
 
-    /// The responder's checks on a JOIN, in order: token, realm, binding and revocation,
-    /// then the policy's authenticate and authorize.
+    /// The responder's checks on a JOIN: every identity check, then the policy's
+    /// authenticate and authorize.
     fn admit(
         &self,
         peer: &AuthenticatedPeer,
+        identity: &Token,
+        now: Instant,
+    ) -> Result<DeviceBinding, Refusal> {
+        let binding = self.check_identity(peer.token(), identity, now)?;
+        self.config.policy.check(&binding)?;
+        Ok(binding)
+    }
+
+    /// The checks every identity this node accepts goes through (JOIN, ACK, UPDATE), in
+    /// order: the identity token's signature and validity, the realm's co-signature when this
+    /// node has a realm, its binding to the (already verified) node token, and revocations:
+    /// the cell's of its device, and the realm's of the cell or the device.
+    fn check_identity(
+        &self,
+        node_token: &VerifiedToken,
         identity: &Token,
         now: Instant,
     ) -> Result<DeviceBinding, Refusal> {
@@ -635,22 +651,20 @@ impl Connection {
             }
             e => Refusal::new(NackCode::Unauthenticated, format!("identity token: {e}")),
         })?;
-        let binding =
-            device::bind(peer.token(), &verified, &c.revocations).map_err(|e| match e {
-                BindError::Revoked(_) => Refusal::new(NackCode::Revoked, e.to_string()),
-                e => Refusal::new(NackCode::Unauthenticated, e.to_string()),
-            })?;
+        let binding = device::bind(node_token, &verified, &c.revocations).map_err(|e| match e {
+            BindError::Revoked(_) => Refusal::new(NackCode::Revoked, e.to_string()),
+            e => Refusal::new(NackCode::Unauthenticated, e.to_string()),
+        })?;
         if let Some(realm) = &c.realm {
-            if c.revocations
+            let revoked = c
+                .revocations
                 .is_revoked_by(realm.issuer, binding.cell().key())
-            {
-                return Err(Refusal::new(
-                    NackCode::Revoked,
-                    "the realm has revoked this cell",
-                ));
+                || c.revocations
+                    .is_revoked_by(realm.issuer, binding.node().key());
+            if revoked {
+                return Err(Refusal::new(NackCode::Revoked, "revoked by the realm"));
             }
         }
-        c.policy.check(&binding)?;
         Ok(binding)
     }
 
@@ -658,33 +672,26 @@ impl Connection {
         let State::Live(live) = &self.state else {
             return;
         };
-        let t = now.timestamp();
-        let c = &self.config;
-        let bound = identity
-            .verify(t, c.skew)
-            .map_err(|e| e.to_string())
-            .and_then(|v| {
-                device::bind(live.peer.token(), &v, &c.revocations).map_err(|e| e.to_string())
-            });
-        match bound {
+        match self.check_identity(live.peer.token(), identity, now) {
             Ok(binding) => {
                 if let State::Live(live) = &mut self.state {
                     live.joined = Some(binding.clone());
                 }
                 self.events.push_back(Event::Joined(Box::new(binding)));
             }
-            Err(reason) => self.violation(format!("responder identity refused: {reason}"), now),
+            Err(refusal) => self.violation(
+                format!("responder identity refused: {}", refusal.reason),
+                now,
+            ),
         }
     }
 
     fn verify_update(&self, node: &Token, identity: &Token, now: Instant) -> Option<DeviceBinding> {
-        let t = now.timestamp();
-        let node = node.verify(t, self.config.skew).ok()?;
+        let node = node.verify(now.timestamp(), self.config.skew).ok()?;
         if node.claims().kind != TokenKind::Node {
             return None;
         }
-        let identity = identity.verify(t, self.config.skew).ok()?;
-        device::bind(&node, &identity, &self.config.revocations).ok()
+        self.check_identity(&node, identity, now).ok()
     }
 
     fn send_message(&mut self, msg: &Message, now: Instant) {

@@ -449,3 +449,69 @@ fn existing_peers_get_an_update_about_a_new_node() {
     assert_eq!(learned.cell(), c.cell_id());
     assert_eq!(learned.node_token().claims().kind, TokenKind::Node);
 }
+
+fn realm_member(node: &TestNode, anchor: &RealmAnchor, issuer: &SigningSecret) -> Token {
+    let mut claims = node.identity.claims().clone();
+    claims.realm = Some(anchor.name.clone());
+    let mut member = claims.sign(node.cell.signing()).unwrap();
+    member.co_sign(issuer).unwrap();
+    member
+}
+
+#[test]
+fn a_realm_node_refuses_outsiders_as_responders_and_in_updates() {
+    let (a, b) = nodes();
+    let outsider = TestNode::new(3, t0());
+    let realm_key = SigningSecret::from_seed(&[0x56; 32]);
+    let anchor = RealmAnchor {
+        name: Name::new("acme").unwrap(),
+        issuer: realm_key.public(),
+    };
+    let in_realm = |n: &TestNode| {
+        let mut c = n.config();
+        c.identity = realm_member(n, &anchor, &realm_key);
+        c.realm = Some(anchor.clone());
+        c
+    };
+
+    // A realm node dialing an outsider does not accept its ACK.
+    let mut p = Pair::new(in_realm(&a), outsider.config(), 81);
+    p.drive();
+    assert!(!joined(&p.a_events));
+    let (code, reason) = closed(&p.a_events).expect("A closed");
+    assert_eq!(code, CloseCode::ProtocolViolation);
+    assert!(reason.contains("not in realm acme"), "{reason}");
+
+    // Two members join; an UPDATE about the outsider is ignored, one about a member is not.
+    let mut p = Pair::new(in_realm(&a), in_realm(&b), 82);
+    p.drive();
+    assert!(joined(&p.a_events) && joined(&p.b_events));
+    let verified = |t: &Token| t.verify(t0(), 60).unwrap();
+    let none = Revocations::new();
+    let about_outsider = device::bind(
+        &verified(&outsider.node_token),
+        &verified(&outsider.identity),
+        &none,
+    )
+    .unwrap();
+    p.b.send_update(&about_outsider, p.now).unwrap();
+    let member = TestNode::new(4, t0());
+    let member_identity = realm_member(&member, &anchor, &realm_key);
+    let about_member = device::bind(
+        &verified(&member.node_token),
+        &verified(&member_identity),
+        &none,
+    )
+    .unwrap();
+    p.b.send_update(&about_member, p.now).unwrap();
+    p.drive();
+    let learned: Vec<_> = p
+        .a_events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Update(b) => Some(b.node()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(learned, vec![member.node_id()]);
+}
