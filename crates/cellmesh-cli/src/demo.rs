@@ -76,8 +76,106 @@ pub fn run() -> Result<()> {
         _ => bail!("a wrong passphrase was not refused"),
     }
 
+    step(
+        "6. a hub and three nodes on loopback: handshake (Noise XX + tokens), join, update, refusal",
+    );
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(mesh(&tmp.path().join("mesh"), &laptop_keys))?;
+
     println!("\nDemo finished; its temporary homes are deleted.");
     Ok(())
+}
+
+/// A hub that admits only two cells, two members that join it, and a stranger it refuses.
+async fn mesh(dir: &std::path::Path, laptop: &Unlocked) -> Result<()> {
+    use std::collections::BTreeSet;
+    use std::time::Duration;
+
+    use cellmesh::core::connection::{Authorization, JoinPolicy};
+    use cellmesh::node::{JoinError, Node, NodeConfig, NodeEvent};
+
+    let device = |name: &str| -> Result<Unlocked> {
+        let home = Home::new(dir.join(name));
+        let pass = Passphrase::new(PASSPHRASE.into());
+        home.create(
+            &cellmesh::new_mnemonic(),
+            "",
+            &pass,
+            KdfParams::DEFAULT,
+            false,
+        )?;
+        Ok(home.unlock(&pass)?)
+    };
+    let office = device("office")?;
+    let stranger = device("stranger")?;
+    let allowed = BTreeSet::from([laptop.keystore.cell, office.keystore.cell]);
+    let hub_config = NodeConfig {
+        listen: vec!["127.0.0.1:0".parse()?],
+        policy: JoinPolicy {
+            authorize: Authorization::AllowCells(allowed),
+            ..JoinPolicy::default()
+        },
+        ..NodeConfig::default()
+    };
+    let mut hub = Node::start(&device("hub")?, hub_config).await?;
+    let addr = hub.local_addrs()[0];
+    println!("   hub listening on {addr}, admitting the demo cell and one other");
+
+    let member = Node::start(laptop, NodeConfig::default()).await?;
+    let mut member_events = member.subscribe();
+    let peer = member.join(addr).await?;
+    println!(
+        "   laptop joined the hub: {} (cell {})",
+        peer.node.short(),
+        peer.cell.short()
+    );
+    let office = Node::start(&office, NodeConfig::default()).await?;
+    office.join(addr).await?;
+    println!("   office joined the hub");
+    let learned = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let Ok(NodeEvent::Learned { node, via, .. }) = member_events.recv().await {
+                return (node, via);
+            }
+        }
+    })
+    .await
+    .context("no update arrived")?;
+    println!(
+        "   laptop learned of {} via {} (UPDATE)",
+        learned.0.short(),
+        learned.1.short()
+    );
+
+    let stranger = Node::start(&stranger, NodeConfig::default()).await?;
+    match stranger.join(addr).await {
+        Err(JoinError::Refused { code, reason, .. }) => {
+            println!("   stranger refused: NACK {} ({reason})", code.name())
+        }
+        other => bail!("the stranger was not refused: {other:?}"),
+    }
+
+    member
+        .send(hub.node_id(), bytes_of("hello over an AES-256-GCM session"))
+        .await?;
+    let got = tokio::time::timeout(Duration::from_secs(5), hub.recv())
+        .await
+        .context("no message arrived")?
+        .context("hub inbox closed")?;
+    println!(
+        "   hub received {:?} from {}",
+        String::from_utf8_lossy(&got.data),
+        got.from.short()
+    );
+    println!("   hub peers: {}", hub.peers().len());
+    for node in [stranger, office, member, hub] {
+        node.shutdown(Duration::from_millis(500)).await;
+    }
+    Ok(())
+}
+
+fn bytes_of(s: &'static str) -> cellmesh::Bytes {
+    cellmesh::Bytes::from_static(s.as_bytes())
 }
 
 fn bind(keys: &Unlocked, revocations: &device::Revocations) -> Result<device::DeviceBinding> {

@@ -18,6 +18,7 @@ pub mod home;
 pub mod identity;
 pub mod node;
 
+pub use bytes::Bytes;
 pub use cellmesh_core as core;
 /// The operating system's random source, as the core's functions take it.
 pub use rand_core::OsRng;
