@@ -8,7 +8,8 @@
 //! receiving loops included, runs on those two workers); B joins A over 127.0.0.1 and streams
 //! messages to A, which counts what it receives. Each trial's figure is the receiver's rate
 //! over the whole trial (first send to last receive); the table gives the median of 5 trials
-//! and their range. Memory per idle session: K more nodes
+//! and their range. Beside it, in the same run, the machine's limit for the same work: plain
+//! loopback TCP between two tokio tasks, 64 KiB writes, no encryption or framing. Memory per idle session: K more nodes
 //! join A, and the growth of this process's resident memory is divided by K (it includes
 //! both ends of each session, since both run here).
 
@@ -113,8 +114,10 @@ async fn run(per_size: Duration, sizes: Vec<usize>) {
     if !all {
         return;
     }
+    let tcp = raw_tcp(per_size).await;
+    println!("\nmachine limit, same run: plain loopback TCP, 64 KiB writes: {:.0} MB/s", tcp / 1e6);
     // Memory per idle session.
-    let k = 200;
+    let k = 1000;
     let mut clients = Vec::new();
     for i in 0..k {
         clients.push(
@@ -175,4 +178,31 @@ fn human(size: usize) -> String {
     } else {
         format!("{size} B")
     }
+}
+
+/// Bytes per second through a plain loopback TCP connection, one way.
+async fn raw_tcp(duration: Duration) -> f64 {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let reader = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.expect("accept");
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut total = 0u64;
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return total,
+                Ok(n) => total += n as u64,
+            }
+        }
+    });
+    let mut w = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let chunk = vec![0x5au8; 64 * 1024];
+    let started = Instant::now();
+    while started.elapsed() < duration {
+        w.write_all(&chunk).await.expect("write");
+    }
+    drop(w);
+    let total = reader.await.expect("reader");
+    total as f64 / started.elapsed().as_secs_f64()
 }
