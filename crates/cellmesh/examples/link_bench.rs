@@ -115,7 +115,10 @@ async fn run(per_size: Duration, sizes: Vec<usize>) {
         return;
     }
     let tcp = raw_tcp(per_size).await;
-    println!("\nmachine limit, same run: plain loopback TCP, 64 KiB writes: {:.0} MB/s", tcp / 1e6);
+    println!(
+        "\nmachine limit, same run: plain loopback TCP, 64 KiB writes: {:.0} MB/s",
+        tcp / 1e6
+    );
     // Memory per idle session.
     let k = 1000;
     let mut clients = Vec::new();
@@ -183,7 +186,9 @@ fn human(size: usize) -> String {
 /// Bytes per second through a plain loopback TCP connection, one way.
 async fn raw_tcp(duration: Duration) -> f64 {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let reader = tokio::spawn(async move {
         let (mut s, _) = listener.accept().await.expect("accept");
