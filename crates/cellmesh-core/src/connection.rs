@@ -314,7 +314,16 @@ impl Connection {
         loop {
             let (kind, body) = match wire::split_frame(&self.inbuf) {
                 Ok(Some(frame)) => frame,
-                Ok(None) => break,
+                Ok(None) => {
+                    // Refuse a frame this state cannot take as soon as its header shows it,
+                    // rather than buffering up to MAX_FRAME bytes of it first.
+                    match wire::peek_frame_type(&self.inbuf) {
+                        Some(kind) if !self.expects(kind) => {
+                            return self.violation(format!("unexpected {kind:?} frame"), now);
+                        }
+                        _ => break,
+                    }
+                }
                 Err(e) => return self.violation(format!("bad frame: {e}"), now),
             };
             let frame = self.inbuf.split_to(body.end);
@@ -447,6 +456,17 @@ impl Connection {
             State::Closed => Err(SendError::Closed),
             _ => Err(SendError::NotJoined),
         }
+    }
+
+    /// Whether a frame of `kind` is what this state waits for.
+    fn expects(&self, kind: FrameType) -> bool {
+        matches!(
+            (&self.state, kind),
+            (State::ResponderIdle, FrameType::Hello)
+                | (State::InitiatorHello(_), FrameType::Response)
+                | (State::ResponderSent(_), FrameType::Finish)
+                | (State::Live(_), FrameType::Session)
+        )
     }
 
     fn checks(&self, now: Instant) -> PeerChecks<'_> {

@@ -87,6 +87,12 @@ pub fn split_frame(buf: &[u8]) -> Result<Option<(FrameType, std::ops::Range<usiz
     Ok(Some((kind, LEN_PREFIX + 1..LEN_PREFIX + len)))
 }
 
+/// The type of the frame at the front of `buf`, once its header has arrived (whatever its
+/// length), so a receiver can refuse a frame it does not expect before buffering it.
+pub fn peek_frame_type(buf: &[u8]) -> Option<FrameType> {
+    buf.get(LEN_PREFIX).copied().and_then(FrameType::from_code)
+}
+
 /// Appends a frame of `kind` whose body is `body`.
 pub fn put_frame(out: &mut Vec<u8>, kind: FrameType, body: &[u8]) {
     put_frame_header(out, kind, body.len());

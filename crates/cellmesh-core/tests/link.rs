@@ -515,3 +515,19 @@ fn a_realm_node_refuses_outsiders_as_responders_and_in_updates() {
         .collect();
     assert_eq!(learned, vec![member.node_id()]);
 }
+
+#[test]
+fn an_unexpected_frame_is_refused_from_its_header_without_buffering_it() {
+    let b = TestNode::new(2, t0());
+    let mut rng = rand_chacha_rng();
+    let mut responder = Connection::accept(Arc::new(b.config()), START);
+    // The header of a 1 MiB session frame, before any handshake: refused at once.
+    let mut header = Vec::new();
+    cellmesh_core::wire::put_frame_header(
+        &mut header,
+        cellmesh_core::wire::FrameType::Session,
+        cellmesh_core::wire::MAX_PAYLOAD,
+    );
+    responder.handle_input(&header, START, &mut rng);
+    assert!(responder.is_closed());
+}
