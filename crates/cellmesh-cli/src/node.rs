@@ -8,7 +8,7 @@ use anyhow::{Context as _, Result};
 use cellmesh::core::connection::{Authorization, JoinPolicy};
 use cellmesh::core::id::CellId;
 use cellmesh::home::Home;
-use cellmesh::node::{JoinError, Node, NodeConfig, NodeEvent};
+use cellmesh::node::{Node, NodeConfig, NodeEvent};
 use clap::Args;
 use serde_json::{Value, json};
 
@@ -20,7 +20,7 @@ pub struct NodeArgs {
     /// Address to listen on (`127.0.0.1:0` picks a free port; the bound address is printed).
     #[arg(long, value_name = "ADDR")]
     listen: Vec<SocketAddr>,
-    /// A node to join on start (repeatable).
+    /// A node to join on start (repeatable; unreachable ones are retried for about 15 s).
     #[arg(long, value_name = "ADDR")]
     join: Vec<SocketAddr>,
     /// Only these cells may join this node (repeatable; default: any authenticated cell).
@@ -39,6 +39,7 @@ pub fn run(home: &Home, args: &NodeArgs) -> Result<()> {
     drop(passphrase);
     let mut config = NodeConfig {
         listen: args.listen.clone(),
+        bootstrap: args.join.clone(),
         ..NodeConfig::default()
     };
     if !args.allow.is_empty() {
@@ -68,18 +69,6 @@ pub fn run(home: &Home, args: &NodeArgs) -> Result<()> {
                 format!("started, not listening  (cell {}, node {})", node.cell(), node.node_id()),
             );
         }
-        let node = std::sync::Arc::new(node);
-        for addr in args.join.clone() {
-            let node = std::sync::Arc::clone(&node);
-            tokio::spawn(async move {
-                if let Err(e) = join_with_retry(&node, addr).await {
-                    out.line(
-                        json!({"event": "failed", "addr": addr.to_string(), "reason": e.to_string()}),
-                        format!("failed  {addr}: {e}"),
-                    );
-                }
-            });
-        }
         let stop = shutdown_signal();
         tokio::pin!(stop);
         loop {
@@ -94,29 +83,10 @@ pub fn run(home: &Home, args: &NodeArgs) -> Result<()> {
                 _ = &mut stop => break,
             }
         }
-        if let Ok(node) = std::sync::Arc::try_unwrap(node) {
-            node.shutdown(Duration::from_secs(2)).await;
-        }
+        node.shutdown(Duration::from_secs(2)).await;
         out.line(json!({"event": "stopped"}), "stopped".to_string());
         Ok(())
     })
-}
-
-/// Connection failures are retried a few times (the peer may still be starting); refusals and
-/// handshake failures are final, and already printed from their events.
-async fn join_with_retry(node: &Node, addr: SocketAddr) -> Result<(), JoinError> {
-    let mut delay = Duration::from_millis(250);
-    for _ in 0..6 {
-        match node.join(addr).await {
-            Err(JoinError::Connect { .. }) => {
-                tokio::time::sleep(delay).await;
-                delay *= 2;
-            }
-            Err(JoinError::Refused { .. } | JoinError::Failed { .. }) => return Ok(()),
-            other => return other.map(|_| ()),
-        }
-    }
-    node.join(addr).await.map(|_| ())
 }
 
 async fn shutdown_signal() {

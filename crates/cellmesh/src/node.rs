@@ -58,6 +58,9 @@ const READ_MAX: usize = 256 * 1024;
 pub struct NodeConfig {
     /// Addresses to listen on (none: a node that only dials out).
     pub listen: Vec<SocketAddr>,
+    /// Nodes to join on start. Connection failures are retried with backoff for about 15 s
+    /// (a peer may still be starting); refusals are final. Outcomes arrive as events.
+    pub bootstrap: Vec<SocketAddr>,
     /// Who may join.
     pub policy: JoinPolicy,
     /// The realm joiners must belong to.
@@ -84,6 +87,7 @@ impl Default for NodeConfig {
     fn default() -> Self {
         Self {
             listen: Vec::new(),
+            bootstrap: Vec::new(),
             policy: JoinPolicy::default(),
             realm: None,
             revocations: Revocations::new(),
@@ -291,6 +295,8 @@ pub struct Node {
     local_addrs: Vec<SocketAddr>,
     listeners: Vec<JoinHandle<()>>,
     inbox: mpsc::Receiver<Incoming>,
+    /// Subscribed before the bootstrap joins started, for the first subscriber.
+    first_events: Mutex<Option<broadcast::Receiver<NodeEvent>>>,
     cell: CellId,
     node: NodeId,
 }
@@ -321,7 +327,7 @@ impl Node {
         cc.setup_timeout_ms = millis(config.setup_timeout);
         cc.keepalive_ms = millis(config.keepalive);
         cc.idle_timeout_ms = millis(config.idle_timeout);
-        let (events, _) = broadcast::channel(1024);
+        let (events, first_events) = broadcast::channel(1024);
         let (inbox_tx, inbox) = mpsc::channel(config.inbox_capacity.max(1));
         let shared = Arc::new(Shared {
             config: Arc::new(cc),
@@ -339,14 +345,20 @@ impl Node {
             .map(|l| tokio::spawn(accept_loop(Arc::clone(&shared), l)))
             .collect();
         tracing::info!(%cell, %node, addrs = ?local_addrs, "node started");
-        Ok(Self {
+        let node = Self {
             shared,
             local_addrs,
             listeners,
             inbox,
+            first_events: Mutex::new(Some(first_events)),
             cell,
             node,
-        })
+        };
+        for addr in node.shared.node_config.bootstrap.clone() {
+            let shared = Arc::clone(&node.shared);
+            tokio::spawn(async move { bootstrap(&shared, addr).await });
+        }
+        Ok(node)
     }
 
     /// The addresses actually bound (with real ports when `:0` was asked for).
@@ -364,46 +376,21 @@ impl Node {
         self.node
     }
 
-    /// Events from now on. Slow subscribers lose the oldest events (see
-    /// `broadcast::Receiver`), never block the node.
+    /// Events. The first subscriber receives every event since the node started (bootstrap
+    /// outcomes included); later ones, events from the moment they subscribe. Slow
+    /// subscribers lose the oldest events (see `broadcast::Receiver`), never block the node.
     pub fn subscribe(&self) -> broadcast::Receiver<NodeEvent> {
-        self.shared.events.subscribe()
+        let first = self
+            .first_events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        first.unwrap_or_else(|| self.shared.events.subscribe())
     }
 
     /// Dials `addr`, runs the handshake and join, and returns the peer once joined.
     pub async fn join(&self, addr: SocketAddr) -> Result<PeerInfo, JoinError> {
-        if self.shared.state().shutting_down {
-            return Err(JoinError::ShuttingDown);
-        }
-        let permit = Arc::clone(&self.shared.conn_limit)
-            .try_acquire_owned()
-            .map_err(|_| JoinError::Busy)?;
-        let setup = self.shared.node_config.setup_timeout;
-        let stream = tokio::time::timeout(setup, TcpStream::connect(addr))
-            .await
-            .map_err(|_| JoinError::Connect {
-                addr,
-                reason: "timed out".into(),
-            })?
-            .map_err(|e| JoinError::Connect {
-                addr,
-                reason: e.to_string(),
-            })?;
-        let conn = Connection::connect(Arc::clone(&self.shared.config), now(), &mut OsRng);
-        let (tx, rx) = oneshot::channel();
-        tokio::spawn(drive(
-            Arc::clone(&self.shared),
-            stream,
-            addr,
-            conn,
-            false,
-            (permit, None),
-            Some(tx),
-        ));
-        rx.await.unwrap_or(Err(JoinError::Failed {
-            addr,
-            reason: "connection task ended".into(),
-        }))
+        join(&self.shared, addr).await
     }
 
     /// The joined peers.
@@ -509,6 +496,68 @@ impl std::fmt::Debug for Cmd {
             Self::Send(d) => write!(f, "Send({} bytes)", d.len()),
             Self::Update(b) => write!(f, "Update({})", b.node().short()),
             Self::Close(code, _) => write!(f, "Close({code:?})"),
+        }
+    }
+}
+
+async fn join(shared: &Arc<Shared>, addr: SocketAddr) -> Result<PeerInfo, JoinError> {
+    if shared.state().shutting_down {
+        return Err(JoinError::ShuttingDown);
+    }
+    let permit = Arc::clone(&shared.conn_limit)
+        .try_acquire_owned()
+        .map_err(|_| JoinError::Busy)?;
+    let setup = shared.node_config.setup_timeout;
+    let stream = tokio::time::timeout(setup, TcpStream::connect(addr))
+        .await
+        .map_err(|_| JoinError::Connect {
+            addr,
+            reason: "timed out".into(),
+        })?
+        .map_err(|e| JoinError::Connect {
+            addr,
+            reason: e.to_string(),
+        })?;
+    let conn = Connection::connect(Arc::clone(&shared.config), now(), &mut OsRng);
+    let (tx, rx) = oneshot::channel();
+    tokio::spawn(drive(
+        Arc::clone(shared),
+        stream,
+        addr,
+        conn,
+        false,
+        (permit, None),
+        Some(tx),
+    ));
+    rx.await.unwrap_or(Err(JoinError::Failed {
+        addr,
+        reason: "connection task ended".into(),
+    }))
+}
+
+/// Joins a bootstrap peer, retrying connection failures with backoff (250 ms doubling, about
+/// 15 s in all). Joins, refusals and handshake failures report themselves as events; only a
+/// peer that could not be reached at all is reported here.
+async fn bootstrap(shared: &Arc<Shared>, addr: SocketAddr) {
+    let mut delay = Duration::from_millis(250);
+    loop {
+        match join(shared, addr).await {
+            Err(JoinError::Connect { reason, .. }) if delay > Duration::from_secs(8) => {
+                shared.emit(NodeEvent::Failed { addr, reason });
+                return;
+            }
+            Err(JoinError::Connect { .. }) => {
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+            Err(e @ (JoinError::Busy | JoinError::ShuttingDown)) => {
+                shared.emit(NodeEvent::Failed {
+                    addr,
+                    reason: e.to_string(),
+                });
+                return;
+            }
+            _ => return,
         }
     }
 }

@@ -208,3 +208,34 @@ async fn a_socket_that_says_nothing_is_closed_and_limits_hold() {
         .unwrap();
     b.join(addr(&hub)).await.unwrap();
 }
+
+#[tokio::test]
+async fn bootstrap_peers_are_joined_on_start_and_unreachable_ones_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Node::start(&device(dir.path(), "hub"), listening())
+        .await
+        .unwrap();
+    // A port nothing listens on: bind, note the port, close.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let config = NodeConfig {
+        bootstrap: vec![addr(&hub), dead],
+        ..NodeConfig::default()
+    };
+    let b = Node::start(&device(dir.path(), "b"), config).await.unwrap();
+    let mut events = b.subscribe();
+    let joined = next_matching(&mut events, |e| matches!(e, NodeEvent::Joined(_))).await;
+    assert!(matches!(joined, NodeEvent::Joined(p) if p.node == hub.node_id()));
+    let failed = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if let Ok(NodeEvent::Failed { addr, .. }) = events.recv().await {
+                return addr;
+            }
+        }
+    })
+    .await
+    .expect("the unreachable peer is reported");
+    assert_eq!(failed, dead);
+}
