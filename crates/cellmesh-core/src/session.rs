@@ -144,6 +144,32 @@ impl Session {
         now: Instant,
         out: &mut Vec<u8>,
     ) -> Result<(), Exhausted> {
+        self.seal_with(msg.encoded_len(), now, out, |out| msg.encode(out))
+    }
+
+    /// Testing only: appends one whole wire frame whose plaintext is `plaintext` verbatim,
+    /// not necessarily a valid [`Message`], so fuzzers can reach the message decoder behind
+    /// the AEAD. Never use it to send anything real.
+    #[cfg(any(test, feature = "testing"))]
+    pub fn seal_raw(
+        &mut self,
+        plaintext: &[u8],
+        now: Instant,
+        out: &mut Vec<u8>,
+    ) -> Result<(), Exhausted> {
+        self.seal_with(plaintext.len(), now, out, |out| {
+            out.extend_from_slice(plaintext)
+        })
+    }
+
+    /// Seals the `len` plaintext bytes `encode` appends to `out` as one whole wire frame.
+    fn seal_with(
+        &mut self,
+        len: usize,
+        now: Instant,
+        out: &mut Vec<u8>,
+        encode: impl FnOnce(&mut Vec<u8>),
+    ) -> Result<(), Exhausted> {
         let s = &mut self.send;
         if s.epoch_frames >= self.config.rekey_after_frames
             || now.millis_since(s.epoch_started) >= self.config.rekey_after_ms
@@ -153,13 +179,12 @@ impl Session {
         let counter = s.counter;
         s.counter = counter.checked_add(1).ok_or(Exhausted)?;
         s.epoch_frames += 1;
-        let len = msg.encoded_len();
         out.reserve(crate::wire::LEN_PREFIX + 1 + SESSION_OVERHEAD + len);
         put_frame_header(out, FrameType::Session, SESSION_OVERHEAD + len);
         let header = header(s.epoch, counter);
         out.extend_from_slice(&header[1..]);
         let start = out.len();
-        msg.encode(out);
+        encode(out);
         let tag = s
             .key
             .seal_in_place_separate_tag(nonce(counter), aead::Aad::from(header), &mut out[start..])
