@@ -10,9 +10,10 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context as _, Result, anyhow, bail};
-use cellmesh::core::id::NodeId;
+use cellmesh::core::id::{CellId, NodeId};
 use cellmesh::core::keystore::{KdfParams, Passphrase};
 use cellmesh::core::mnemonic::Mnemonic;
+use cellmesh::core::token::attr;
 use cellmesh::home::{Created, Home, Keystore};
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
@@ -72,6 +73,15 @@ enum Command {
         /// Allow revoking this very device.
         #[arg(long)]
         force: bool,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Keep a revocation (printed by `revoke-device` on any device of any cell) so that nodes
+    /// started from this home refuse the revoked device.
+    ImportRevocation {
+        /// The revocation token in base64, or `-` to read it from stdin.
+        token: String,
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
@@ -138,6 +148,7 @@ fn run(cli: Cli) -> Result<()> {
             force,
             json,
         } => revoke_device(&home()?, *node_id, secrets, *force, *json),
+        Command::ImportRevocation { token, json } => import_revocation(&home()?, token, *json),
         Command::Node(args) => node::run(&home()?, args),
         Command::Demo => demo::run(),
     }
@@ -283,6 +294,41 @@ fn revoke_device(
         );
     } else {
         println!("Revoked {node}.\nRevocation token (base64):\n{encoded}");
+    }
+    Ok(())
+}
+
+fn import_revocation(home: &Home, token: &str, json: bool) -> Result<()> {
+    let text = if token == "-" {
+        let mut s = String::new();
+        io::stdin()
+            .take(64 * 1024)
+            .read_to_string(&mut s)
+            .context("cannot read the revocation from stdin")?;
+        s
+    } else {
+        token.to_string()
+    };
+    let bytes = data_encoding::BASE64
+        .decode(text.trim().as_bytes())
+        .context("the revocation is not base64")?;
+    let token = cellmesh::core::token::Token::decode(&bytes).context("not a cellmesh token")?;
+    let names_node = token.claims().key_attribute(attr::NODE).is_some();
+    let (issuer, revoked) = home.import_revocation(token)?;
+    // A cell revokes its devices (node ids); a realm's issuer may revoke a whole cell.
+    let revoked = if names_node {
+        NodeId::from_key(revoked).to_string()
+    } else {
+        CellId::from_key(revoked).to_string()
+    };
+    let issuer = CellId::from_key(issuer);
+    if json {
+        println!(
+            "{}",
+            json!({"issuer": issuer.to_string(), "revoked": revoked})
+        );
+    } else {
+        println!("Kept: {issuer} revoked {revoked}. Nodes started from this home refuse it.");
     }
     Ok(())
 }

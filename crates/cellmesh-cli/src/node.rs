@@ -40,6 +40,7 @@ pub fn run(home: &Home, args: &NodeArgs) -> Result<()> {
     let mut config = NodeConfig {
         listen: args.listen.clone(),
         bootstrap: args.join.clone(),
+        revocations: unlocked.keystore.revocations(),
         ..NodeConfig::default()
     };
     if !args.allow.is_empty() {

@@ -90,6 +90,24 @@ fn create_then_restore_on_another_home_gives_same_cell_new_device() {
             .iter()
             .any(|d| d["node_id"] == b_node && d["revoked"] == true)
     );
+
+    // Another cell's home keeps the revocation, from an argument or from stdin.
+    let c = dir.path().join("c");
+    json(&cellmesh(&c, &["create-cell", "--json"], ""));
+    let token = revoked["revocation"].as_str().unwrap();
+    let kept = json(&cellmesh(&c, &["import-revocation", token, "--json"], ""));
+    assert_eq!(kept["revoked"], b_node);
+    assert_eq!(kept["issuer"], created["cell_id"]);
+    json(&cellmesh(&c, &["import-revocation", "-", "--json"], token));
+    let stored = std::fs::read_to_string(c.join("keystore.json")).unwrap();
+    let stored: Value = serde_json::from_str(&stored).unwrap();
+    assert_eq!(stored["revocations"].as_array().unwrap().len(), 1);
+    // A forged one (a flipped byte) is refused.
+    let mut bytes = data_encoding::BASE64.decode(token.as_bytes()).unwrap();
+    bytes[40] ^= 1;
+    let forged = data_encoding::BASE64.encode(&bytes);
+    let out = cellmesh(&c, &["import-revocation", &forged], "");
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
 }
 
 #[test]

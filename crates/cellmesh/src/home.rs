@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use cellmesh_core::Timestamp;
 use cellmesh_core::device::{self, Revocations};
 use cellmesh_core::id::{CellId, NodeId};
-use cellmesh_core::keys::KeyPair;
+use cellmesh_core::keys::{KeyPair, PublicKey};
 use cellmesh_core::keystore::{self, DeviceSecrets, KdfParams, KeystoreError, Passphrase, Sealed};
 use cellmesh_core::mnemonic::Mnemonic;
 use cellmesh_core::token::{DEFAULT_SKEW, Token, TokenError, TokenKind, attr};
@@ -265,6 +265,29 @@ impl Home {
         Ok(token)
     }
 
+    /// Verifies a revocation (of any cell, or by a realm's issuer) and keeps it, so nodes
+    /// started from this home honour it. Returns (issuer, revoked key); importing one twice
+    /// changes nothing.
+    pub fn import_revocation(&self, token: Token) -> Result<(PublicKey, PublicKey), HomeError> {
+        let verified = token
+            .verify(crate::now(), DEFAULT_SKEW)
+            .map_err(|e| HomeError::Misuse(format!("revocation refused: {e}")))?;
+        let entry = Revocations::new()
+            .insert(&verified)
+            .map_err(|e| HomeError::Misuse(format!("not a revocation: {e}")))?;
+        let mut keystore = self.load()?;
+        if keystore
+            .revocation_tokens
+            .iter()
+            .all(|t| t.fingerprint() != token.fingerprint())
+        {
+            keystore.revocation_tokens.push(token);
+            keystore.mark_revoked();
+            self.save(&keystore)?;
+        }
+        Ok(entry)
+    }
+
     fn save(&self, keystore: &Keystore) -> Result<(), HomeError> {
         let json = serde_json::to_vec_pretty(&KeystoreFile::from(keystore))
             .map_err(|e| corrupt(&self.keystore_path(), e))?;
@@ -273,21 +296,20 @@ impl Home {
 }
 
 impl Keystore {
-    /// This cell's revocations this home knows of, as signed tokens.
+    /// The revocations this home holds, as signed tokens.
     pub fn revocation_tokens(&self) -> &[Token] {
         &self.revocation_tokens
     }
 
-    /// This cell's revocations, verified, for handing to a verifier.
+    /// Every revocation this home holds, verified, for handing to a verifier. Each speaks only
+    /// for its own issuer (a cell for its devices, a realm's issuer for its members), so holding
+    /// another cell's revocations is safe.
     pub fn revocations(&self) -> Revocations {
         let mut set = Revocations::new();
         let now = crate::now();
         for token in &self.revocation_tokens {
             if let Ok(verified) = token.verify(now, DEFAULT_SKEW) {
-                // Only ever insert this cell's own revocations.
-                if verified.claims().issuer == self.cell.key() {
-                    let _ = set.insert(&verified);
-                }
+                let _ = set.insert(&verified);
             }
         }
         set
@@ -298,7 +320,10 @@ impl Keystore {
         for d in &mut self.devices {
             d.revoked = revocations.is_revoked(self.cell, d.node);
         }
-        for (_, key) in revocations.iter() {
+        for (issuer, key) in revocations.iter() {
+            if issuer != self.cell.key() {
+                continue;
+            }
             let node = NodeId::from_key(key);
             if !self.devices.iter().any(|d| d.node == node) {
                 // A revoked device this home never saw: keep it visible as revoked.

@@ -239,3 +239,48 @@ async fn bootstrap_peers_are_joined_on_start_and_unreachable_ones_reported() {
     .expect("the unreachable peer is reported");
     assert_eq!(failed, dead);
 }
+
+#[tokio::test]
+async fn a_node_refuses_a_device_its_home_holds_a_revocation_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let pass = Passphrase::new("pw".into());
+    // One cell on two devices; the first revokes the second.
+    let words = cellmesh::new_mnemonic();
+    let (laptop, phone) = (
+        Home::new(dir.path().join("laptop")),
+        Home::new(dir.path().join("phone")),
+    );
+    laptop.create(&words, "", &pass, FAST, false).unwrap();
+    let restored = cellmesh::core::mnemonic::Mnemonic::parse(&words.phrase()).unwrap();
+    phone.create(&restored, "", &pass, FAST, false).unwrap();
+    let phone_keys = phone.unlock(&pass).unwrap();
+    let mut laptop_keys = laptop.unlock(&pass).unwrap();
+    let revocation = laptop
+        .revoke(&mut laptop_keys, phone_keys.keystore.node, false)
+        .unwrap();
+
+    // The hub belongs to another cell and imports the revocation.
+    let hub_home = Home::new(dir.path().join("hub"));
+    hub_home
+        .create(&cellmesh::new_mnemonic(), "", &pass, FAST, false)
+        .unwrap();
+    hub_home.import_revocation(revocation).unwrap();
+    let hub_keys = hub_home.unlock(&pass).unwrap();
+    let config = NodeConfig {
+        revocations: hub_keys.keystore.revocations(),
+        ..listening()
+    };
+    let hub = Node::start(&hub_keys, config).await.unwrap();
+
+    let phone_node = Node::start(&phone_keys, NodeConfig::default())
+        .await
+        .unwrap();
+    let err = phone_node.join(addr(&hub)).await.unwrap_err();
+    assert!(matches!(err, JoinError::Failed { .. }), "{err}");
+    assert!(hub.peers().is_empty());
+    // The laptop, not revoked, still joins.
+    let laptop_node = Node::start(&laptop_keys, NodeConfig::default())
+        .await
+        .unwrap();
+    laptop_node.join(addr(&hub)).await.unwrap();
+}
