@@ -53,7 +53,7 @@ pub fn run(home: &Home, args: &NodeArgs) -> Result<()> {
     }
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {
-        let node = Node::start(&unlocked, config).await?;
+        let mut node = Node::start(&unlocked, config).await?;
         drop(unlocked);
         let out = Printer { json: args.json };
         let mut events = node.subscribe();
@@ -80,6 +80,14 @@ pub fn run(home: &Home, args: &NodeArgs) -> Result<()> {
                         out.line(json!({"event": "lagged", "missed": n}), format!("({n} events missed)"));
                     }
                     Err(_) => break,
+                },
+                msg = node.recv() => match msg {
+                    Some(m) => out.line(
+                        json!({"event": "message", "node_id": m.from.to_string(),
+                               "cell_id": m.cell.to_string(), "bytes": m.data.len()}),
+                        format!("message from {} (cell {}): {} bytes", m.from, m.cell, m.data.len()),
+                    ),
+                    None => break,
                 },
                 _ = &mut stop => break,
             }
@@ -135,16 +143,19 @@ impl Printer {
                     if p.inbound { "inbound" } else { "outbound" }
                 ),
             ),
-            NodeEvent::JoinRefused { addr, node, cell, code, reason, by_peer } => self.line(
+            NodeEvent::JoinRefused { addr, node, cell, code, reason, by_peer } => {
+                let reason = printable(reason);
+                self.line(
                 json!({"event": "refused", "node_id": node.to_string(), "cell_id": cell.to_string(),
                        "addr": addr.to_string(), "code": code.name(), "code_value": code.code(),
                        "reason": reason, "by_peer": by_peer}),
                 format!(
-                    "refused {node} (cell {cell}) at {addr}: {} ({reason}){}",
+                    "refused {node} (claims cell {cell}) at {addr}: {} ({reason}){}",
                     code.name(),
                     if *by_peer { ", by the peer" } else { "" }
                 ),
-            ),
+            )
+            }
             NodeEvent::Learned { node, cell, via } => self.line(
                 json!({"event": "learned", "node_id": node.to_string(), "cell_id": cell.to_string(),
                        "via": via.to_string()}),
@@ -153,13 +164,27 @@ impl Printer {
             NodeEvent::Left { peer, reason } => self.line(
                 json!({"event": "left", "node_id": peer.node.to_string(), "cell_id": peer.cell.to_string(),
                        "addr": peer.addr.to_string(), "reason": reason}),
-                format!("left    {} at {}: {reason}", peer.node, peer.addr),
+                format!("left    {} at {}: {}", peer.node, peer.addr, printable(reason)),
             ),
             NodeEvent::Failed { addr, reason } => self.line(
                 json!({"event": "failed", "addr": addr.to_string(), "reason": reason}),
-                format!("failed  {addr}: {reason}"),
+                format!("failed  {addr}: {}", printable(reason)),
             ),
             _ => {}
         }
     }
+}
+
+/// Text from a peer (NACK and CLOSE reasons) with control characters escaped, so it cannot
+/// forge output lines or send terminal escapes. JSON output is escaped by the encoder.
+fn printable(text: &str) -> String {
+    text.chars()
+        .flat_map(|c| {
+            if c.is_control() {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
 }

@@ -37,7 +37,7 @@ use crate::handshake::{
     AuthenticatedPeer, Established, HandshakeError, Initiator, LocalNode, PeerChecks, Responder,
     ResponderSent,
 };
-use crate::id::{CellId, NodeId};
+use crate::id::{CellId, Fingerprint, NodeId};
 use crate::session::{Session, SessionConfig};
 use crate::token::{DEFAULT_SKEW, RealmAnchor, Token, TokenKind, VerifiedToken, VerifyError};
 use crate::wire::{self, CloseCode, FrameType, MAX_PAYLOAD, Message, NackCode};
@@ -249,6 +249,48 @@ pub struct Connection {
     last_heard: Instant,
     bad_frames: u32,
     ping: u64,
+    seen_updates: VecDeque<(Fingerprint, Fingerprint)>,
+    update_budget: Budget,
+}
+
+/// UPDATEs remembered per connection, so replays are ignored.
+const SEEN_UPDATES: usize = 256;
+
+/// A token bucket: `burst` at once, then one per `every_ms`. Bounds the token verification
+/// work (two or three Ed25519 verifies per UPDATE) one peer can ask of this node.
+#[derive(Debug)]
+struct Budget {
+    tokens: u32,
+    burst: u32,
+    every_ms: u64,
+    last: Instant,
+}
+
+impl Budget {
+    fn new(burst: u32, every_ms: u64, now: Instant) -> Self {
+        Self {
+            tokens: burst,
+            burst,
+            every_ms,
+            last: now,
+        }
+    }
+
+    fn take(&mut self, now: Instant) -> bool {
+        let refill = now.millis_since(self.last) / self.every_ms.max(1);
+        if refill > 0 {
+            self.tokens = self.burst.min(
+                self.tokens
+                    .saturating_add(u32::try_from(refill).unwrap_or(u32::MAX)),
+            );
+            self.last = now;
+        }
+        if self.tokens == 0 {
+            return false;
+        }
+        self.tokens -= 1;
+        true
+    }
 }
 
 impl std::fmt::Debug for Connection {
@@ -301,6 +343,9 @@ impl Connection {
             last_heard: now,
             bad_frames: 0,
             ping: 0,
+            seen_updates: VecDeque::new(),
+            // 256 at once (a hub's peer list), then 20 a second.
+            update_budget: Budget::new(256, 50, now),
         }
     }
 
@@ -588,6 +633,17 @@ impl Connection {
                 self.finish(CloseCode::Normal, format!("join refused: {reason}"), true);
             }
             (Message::Update { node, identity }, true, _) => {
+                if !self.update_budget.take(now) {
+                    return self.violation("UPDATE flood".into(), now);
+                }
+                let key = (node.fingerprint(), identity.fingerprint());
+                if self.seen_updates.contains(&key) {
+                    return; // a replay: told once is enough
+                }
+                if self.seen_updates.len() == SEEN_UPDATES {
+                    self.seen_updates.pop_front();
+                }
+                self.seen_updates.push_back(key);
                 if let Some(binding) = self.verify_update(&node, &identity, now) {
                     self.events.push_back(Event::Update(Box::new(binding)));
                 }
@@ -636,8 +692,8 @@ impl Connection {
         }
     }
 
-    /// The responder's checks on a JOIN: every identity check, then the policy's
-    /// authenticate and authorize.
+    /// The checks on a JOIN (responder) or an ACK (initiator): every identity check, then
+    /// the policy's authenticate and authorize.
     fn admit(
         &self,
         peer: &AuthenticatedPeer,
@@ -688,21 +744,34 @@ impl Connection {
         Ok(binding)
     }
 
+    /// The initiator's checks on an ACK: the same identity checks and policy as a JOIN, so a
+    /// node with an allow-list only ever peers with cells on it, whoever dialed.
     fn handle_ack(&mut self, identity: &Token, now: Instant) {
         let State::Live(live) = &self.state else {
             return;
         };
-        match self.check_identity(live.peer.token(), identity, now) {
+        let peer = live.peer.clone();
+        match self.admit(&peer, identity, now) {
             Ok(binding) => {
                 if let State::Live(live) = &mut self.state {
                     live.joined = Some(binding.clone());
                 }
                 self.events.push_back(Event::Joined(Box::new(binding)));
             }
-            Err(refusal) => self.violation(
-                format!("responder identity refused: {}", refusal.reason),
-                now,
-            ),
+            Err(refusal) => {
+                self.events.push_back(Event::JoinRefused {
+                    node: peer.node(),
+                    cell: peer.claimed_cell(),
+                    code: refusal.code,
+                    reason: refusal.reason.clone(),
+                    by_peer: false,
+                });
+                self.close_with(
+                    CloseCode::Normal,
+                    &format!("responder refused: {}", refusal.reason),
+                    now,
+                );
+            }
         }
     }
 

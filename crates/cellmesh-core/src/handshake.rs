@@ -284,8 +284,8 @@ fn builder<'a>(
     let params = NOISE_PARAMS
         .parse()
         .map_err(|_| HandshakeError::Local("noise parameters"))?;
-    let mut seed = [0u8; 32];
-    rng.fill_bytes(&mut seed);
+    let mut seed = Zeroizing::new([0u8; 32]);
+    rng.fill_bytes(seed.as_mut());
     snow::Builder::with_resolver(params, Box::new(Resolver { seed }))
         .prologue(PROLOGUE)
         .and_then(|b| b.local_private_key(local.static_secret.as_ref()))
@@ -353,13 +353,13 @@ fn established(
 /// Gives snow ring's AES-GCM and SHA-256, curve25519-dalek's X25519, and a ChaCha20 RNG
 /// seeded from the caller's RNG, so the core never reads OS randomness.
 struct Resolver {
-    seed: [u8; 32],
+    seed: Zeroizing<[u8; 32]>,
 }
 
 impl snow::resolvers::CryptoResolver for Resolver {
     fn resolve_rng(&self) -> Option<Box<dyn snow::types::Random>> {
         Some(Box::new(SeededRandom(rand_chacha::ChaCha20Rng::from_seed(
-            self.seed,
+            *self.seed,
         ))))
     }
 

@@ -188,6 +188,14 @@ impl KeyPair {
             agreement: AgreementSecret::generate(rng),
         }
     }
+
+    /// A second copy of the secrets (for a running node that must re-sign its tokens).
+    pub fn dangerous_clone(&self) -> Self {
+        Self {
+            signing: SigningSecret::from_seed(&self.signing.dangerous_seed()),
+            agreement: AgreementSecret::from_bytes(&self.agreement.dangerous_bytes()),
+        }
+    }
 }
 
 fn hex_prefix(bytes: &[u8]) -> String {

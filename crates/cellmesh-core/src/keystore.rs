@@ -106,6 +106,19 @@ pub struct DeviceSecrets {
     pub node: KeyPair,
 }
 
+impl DeviceSecrets {
+    /// A second copy of the secrets (for a running node that must re-sign its tokens).
+    pub fn dangerous_clone(&self) -> Self {
+        Self {
+            cell: CellSecrets::from_keys(KeyPair {
+                signing: SigningSecret::from_seed(&self.cell.signing().dangerous_seed()),
+                agreement: AgreementSecret::from_bytes(&self.cell.agreement().dangerous_bytes()),
+            }),
+            node: self.node.dangerous_clone(),
+        }
+    }
+}
+
 /// Sealed secrets, ready to store.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Sealed {

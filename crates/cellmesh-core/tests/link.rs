@@ -478,9 +478,12 @@ fn a_realm_node_refuses_outsiders_as_responders_and_in_updates() {
     let mut p = Pair::new(in_realm(&a), outsider.config(), 81);
     p.drive();
     assert!(!joined(&p.a_events));
-    let (code, reason) = closed(&p.a_events).expect("A closed");
-    assert_eq!(code, CloseCode::ProtocolViolation);
-    assert!(reason.contains("not in realm acme"), "{reason}");
+    assert!(p.a_events.iter().any(|e| matches!(
+        e,
+        Event::JoinRefused { code: NackCode::NotInRealm, by_peer: false, reason, .. }
+            if reason.contains("not in realm acme")
+    )));
+    assert!(p.a.is_closed());
 
     // Two members join; an UPDATE about the outsider is ignored, one about a member is not.
     let mut p = Pair::new(in_realm(&a), in_realm(&b), 82);
@@ -530,4 +533,59 @@ fn an_unexpected_frame_is_refused_from_its_header_without_buffering_it() {
     );
     responder.handle_input(&header, START, &mut rng);
     assert!(responder.is_closed());
+}
+
+#[test]
+fn an_allow_list_also_applies_to_the_nodes_we_dial() {
+    let (a, b) = nodes();
+    let mut config = a.config();
+    config.policy.authorize = Authorization::AllowCells(BTreeSet::from([a.cell_id()]));
+    let mut p = Pair::new(config, b.config(), 91);
+    p.drive();
+    assert!(!joined(&p.a_events));
+    assert!(p.a_events.iter().any(|e| matches!(
+        e,
+        Event::JoinRefused {
+            code: NackCode::Unauthorized,
+            by_peer: false,
+            ..
+        }
+    )));
+    assert!(p.a.is_closed());
+}
+
+#[test]
+fn a_replayed_update_is_reported_once_and_a_flood_closes_the_link() {
+    let hub = TestNode::new(1, t0());
+    let b = TestNode::new(2, t0());
+    let c = TestNode::new(3, t0());
+    let mut p = Pair::new(b.config(), hub.config(), 92);
+    p.drive();
+    let verified = |t: &Token| t.verify(t0(), 60).unwrap();
+    let about_c = device::bind(
+        &verified(&c.node_token),
+        &verified(&c.identity),
+        &Revocations::new(),
+    )
+    .unwrap();
+    for _ in 0..3 {
+        p.b.send_update(&about_c, p.now).unwrap();
+    }
+    p.drive();
+    let updates = p
+        .a_events
+        .iter()
+        .filter(|e| matches!(e, Event::Update(_)))
+        .count();
+    assert_eq!(updates, 1);
+    // 300 UPDATEs at once exceed the budget of 256.
+    for _ in 0..300 {
+        p.b.send_update(&about_c, p.now).unwrap();
+    }
+    p.drive();
+    let (code, reason) = closed(&p.a_events).expect("flood closes the link");
+    assert_eq!(
+        (code, reason.as_str()),
+        (CloseCode::ProtocolViolation, "UPDATE flood")
+    );
 }

@@ -9,7 +9,7 @@ use cellmesh_core::token::{Token, TokenError, attr};
 use rand_core::OsRng;
 use thiserror::Error;
 
-use crate::home::Unlocked;
+use cellmesh_core::keystore::DeviceSecrets;
 
 /// A node's identity could not be prepared.
 #[derive(Debug, Error)]
@@ -38,10 +38,9 @@ pub struct DeviceIdentity {
 }
 
 impl DeviceIdentity {
-    /// Mints the tokens from unlocked secrets. `advertise` is put in the node token's
+    /// Mints the tokens from a device's secrets. `advertise` is put in the node token's
     /// `hostname` and `port` extensions.
-    pub fn mint(unlocked: &Unlocked, advertise: Option<SocketAddr>) -> Result<Self, IdentityError> {
-        let s = &unlocked.secrets;
+    pub fn mint(s: &DeviceSecrets, advertise: Option<SocketAddr>) -> Result<Self, IdentityError> {
         let now = crate::now();
         let mut claims = device::node_token(&s.node, s.cell.cell_id(), now, &mut OsRng)?;
         if let Some(addr) = advertise {

@@ -28,10 +28,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use cellmesh_core::connection::{Connection, ConnectionConfig, Event, JoinPolicy};
-use cellmesh_core::device::{DeviceBinding, Revocations};
+use cellmesh_core::device::{BindError, DeviceBinding, Revocations};
 use cellmesh_core::id::{CellId, NodeId};
+use cellmesh_core::keystore::DeviceSecrets;
 use cellmesh_core::peers::PeerTable;
-use cellmesh_core::token::RealmAnchor;
+use cellmesh_core::token::{RealmAnchor, Token, VerifiedToken};
 use cellmesh_core::wire::{CloseCode, MAX_PAYLOAD, NackCode};
 use rand_core::OsRng;
 use thiserror::Error;
@@ -45,8 +46,11 @@ use crate::identity::{DeviceIdentity, IdentityError};
 
 /// Write backlog above which a connection stops taking new commands.
 const HIGH_WATER: usize = 1 << 20;
-/// Write backlog at which a peer that does not read is dropped.
-const HARD_LIMIT: usize = 32 << 20;
+/// Write backlog above which a connection also stops reading. Commands alone never get it
+/// there (they stop at HIGH_WATER, overshooting by at most one message), so two peers both
+/// sending cannot deadlock on it; only replies the peer provokes (PONGs) while it does not
+/// read can, and reading stops before they take more memory.
+const READ_STOP: usize = HIGH_WATER + (2 << 20);
 /// Commands applied per wake-up before writing.
 const CMD_BATCH: usize = 1024;
 /// Read buffer sizes: small while a connection is quiet, doubled while reads fill it.
@@ -81,6 +85,8 @@ pub struct NodeConfig {
     pub inbox_capacity: usize,
     /// Commands buffered per connection before senders wait.
     pub send_capacity: usize,
+    /// How often the node re-mints its node token (valid for a day) and identity token.
+    pub token_renewal: Duration,
 }
 
 impl Default for NodeConfig {
@@ -98,6 +104,7 @@ impl Default for NodeConfig {
             idle_timeout: Duration::from_secs(60),
             inbox_capacity: 8192,
             send_capacity: 8192,
+            token_renewal: Duration::from_secs(12 * 3600),
         }
     }
 }
@@ -264,8 +271,13 @@ struct State {
 }
 
 struct Shared {
-    config: Arc<ConnectionConfig>,
+    /// The configuration new connections start with; replaced when tokens are renewed or
+    /// revocations added. Connections keep the one they started with.
+    config: Mutex<Arc<ConnectionConfig>>,
     node_config: NodeConfig,
+    secrets: DeviceSecrets,
+    advertise: Option<SocketAddr>,
+    revocations: Mutex<Revocations>,
     state: Mutex<State>,
     events: broadcast::Sender<NodeEvent>,
     inbox: mpsc::Sender<Incoming>,
@@ -280,6 +292,27 @@ impl Shared {
         // A panic while holding the lock cannot leave the table half-updated in a way that
         // matters more than losing the node; keep serving.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn connection_config(&self) -> Arc<ConnectionConfig> {
+        Arc::clone(&self.config.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Mints fresh tokens and a configuration with the current revocations.
+    fn refresh(&self) -> Result<(), IdentityError> {
+        let revocations = self
+            .revocations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let config = build_config(
+            &self.secrets,
+            self.advertise,
+            &self.node_config,
+            revocations,
+        )?;
+        *self.config.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
+        Ok(())
     }
 
     fn emit(&self, event: NodeEvent) {
@@ -318,19 +351,20 @@ impl Node {
             .iter()
             .filter_map(|l| l.local_addr().ok())
             .collect();
-        let identity = DeviceIdentity::mint(unlocked, local_addrs.first().copied())?;
-        let (cell, node) = (identity.cell, identity.node);
-        let mut cc = ConnectionConfig::new(identity.local, identity.identity);
-        cc.revocations = config.revocations.clone();
-        cc.realm = config.realm.clone();
-        cc.policy = config.policy.clone();
-        cc.setup_timeout_ms = millis(config.setup_timeout);
-        cc.keepalive_ms = millis(config.keepalive);
-        cc.idle_timeout_ms = millis(config.idle_timeout);
+        let secrets = unlocked.secrets.dangerous_clone();
+        let advertise = local_addrs.first().copied();
+        let cc = build_config(&secrets, advertise, &config, config.revocations.clone())?;
+        let (cell, node) = (
+            secrets.cell.cell_id(),
+            NodeId::from_key(secrets.node.signing.public()),
+        );
         let (events, first_events) = broadcast::channel(1024);
         let (inbox_tx, inbox) = mpsc::channel(config.inbox_capacity.max(1));
         let shared = Arc::new(Shared {
-            config: Arc::new(cc),
+            config: Mutex::new(Arc::new(cc)),
+            secrets,
+            advertise,
+            revocations: Mutex::new(config.revocations.clone()),
             conn_limit: Arc::new(Semaphore::new(config.max_connections)),
             unauth_limit: Arc::new(Semaphore::new(config.max_unauthenticated)),
             node_config: config,
@@ -340,10 +374,11 @@ impl Node {
             next_id: AtomicU64::new(1),
             gone: Notify::new(),
         });
-        let listeners = listeners
+        let mut listeners: Vec<JoinHandle<()>> = listeners
             .into_iter()
             .map(|l| tokio::spawn(accept_loop(Arc::clone(&shared), l)))
             .collect();
+        listeners.push(tokio::spawn(renew_tokens(Arc::clone(&shared))));
         tracing::info!(%cell, %node, addrs = ?local_addrs, "node started");
         let node = Self {
             shared,
@@ -374,6 +409,40 @@ impl Node {
     /// This node's id.
     pub fn node_id(&self) -> NodeId {
         self.node
+    }
+
+    /// The node token new connections present (renewed every `token_renewal`).
+    pub fn node_token(&self) -> Token {
+        self.shared.connection_config().local.token().clone()
+    }
+
+    /// Honours a revocation from now on: new handshakes and joins refuse what it revokes, and
+    /// a joined peer it revokes is disconnected.
+    pub fn add_revocation(&self, revocation: &VerifiedToken) -> Result<(), BindError> {
+        let (issuer, subject) = self
+            .shared
+            .revocations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(revocation)?;
+        if let Err(e) = self.shared.refresh() {
+            tracing::warn!(error = %e, "could not rebuild the node's configuration");
+        }
+        let realm = self.shared.node_config.realm.as_ref().map(|r| r.issuer);
+        let state = self.shared.state();
+        for peer in state.table.iter() {
+            let b = &peer.binding;
+            // A revocation speaks only for its issuer: the peer's own cell, or our realm.
+            let hit = (issuer == b.cell().key() && subject == b.node().key())
+                || (Some(issuer) == realm
+                    && (subject == b.cell().key() || subject == b.node().key()));
+            if hit {
+                if let Some(c) = state.conns.get(&peer.conn) {
+                    let _ = c.tx.try_send(Cmd::Close(CloseCode::Normal, "revoked"));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Events. The first subscriber receives every event since the node started (bootstrap
@@ -446,10 +515,11 @@ impl Node {
             state.shutting_down = true;
             state.conns.values().map(|c| c.tx.clone()).collect()
         };
-        for tx in senders {
-            let _ = tx.try_send(Cmd::Close(CloseCode::Shutdown, "node shutting down"));
-        }
         let deadline = tokio::time::Instant::now() + grace;
+        for tx in senders {
+            let close = tx.send(Cmd::Close(CloseCode::Shutdown, "node shutting down"));
+            let _ = tokio::time::timeout_at(deadline, close).await;
+        }
         loop {
             let gone = self.shared.gone.notified();
             if self.shared.state().conns.is_empty() {
@@ -518,7 +588,7 @@ async fn join(shared: &Arc<Shared>, addr: SocketAddr) -> Result<PeerInfo, JoinEr
             addr,
             reason: e.to_string(),
         })?;
-    let conn = Connection::connect(Arc::clone(&shared.config), now(), &mut OsRng);
+    let conn = Connection::connect(shared.connection_config(), now(), &mut OsRng);
     let (tx, rx) = oneshot::channel();
     tokio::spawn(drive(
         Arc::clone(shared),
@@ -562,6 +632,41 @@ async fn bootstrap(shared: &Arc<Shared>, addr: SocketAddr) {
     }
 }
 
+/// The connection configuration for a node: fresh tokens from `secrets`, the node's limits,
+/// policy, realm and `revocations`.
+fn build_config(
+    secrets: &DeviceSecrets,
+    advertise: Option<SocketAddr>,
+    config: &NodeConfig,
+    revocations: Revocations,
+) -> Result<ConnectionConfig, IdentityError> {
+    let identity = DeviceIdentity::mint(secrets, advertise)?;
+    let mut cc = ConnectionConfig::new(identity.local, identity.identity);
+    cc.revocations = revocations;
+    cc.realm = config.realm.clone();
+    cc.policy = config.policy.clone();
+    cc.setup_timeout_ms = millis(config.setup_timeout);
+    cc.keepalive_ms = millis(config.keepalive);
+    cc.idle_timeout_ms = millis(config.idle_timeout);
+    Ok(cc)
+}
+
+/// Node tokens live a day: re-mint them well before they expire, so a long-running node stays
+/// reachable. Sessions already established are not affected.
+async fn renew_tokens(shared: Arc<Shared>) {
+    let every = shared
+        .node_config
+        .token_renewal
+        .max(Duration::from_millis(10));
+    loop {
+        tokio::time::sleep(every).await;
+        match shared.refresh() {
+            Ok(()) => tracing::debug!("node and identity tokens renewed"),
+            Err(e) => tracing::warn!(error = %e, "token renewal failed"),
+        }
+    }
+}
+
 async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
     loop {
         let (stream, addr) = match listener.accept().await {
@@ -585,7 +690,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
             });
             continue;
         };
-        let conn = Connection::accept(Arc::clone(&shared.config), now());
+        let conn = Connection::accept(shared.connection_config(), now());
         tokio::spawn(drive(
             Arc::clone(&shared),
             stream,
@@ -631,30 +736,37 @@ async fn drive(
         reply,
         closed: None,
     };
+    // A received message the inbox had no room for. While it waits, this connection reads
+    // nothing more (that is the back-pressure) but keeps writing, running its timers and
+    // taking commands.
+    let mut undelivered: Option<Incoming> = None;
     let mut ended = "connection closed".to_string();
     loop {
-        while let Some(event) = conn.poll_event() {
-            on_event(&shared, id, addr, inbound, &mut outcome, &mut unauth, event).await;
+        while undelivered.is_none() {
+            let Some(event) = conn.poll_event() else {
+                break;
+            };
+            undelivered = on_event(&shared, id, addr, inbound, &mut outcome, &mut unauth, event);
         }
-        if conn.is_closed() {
+        if conn.is_closed() && undelivered.is_none() {
             // Flush the last frames (a NACK or CLOSE) briefly, then go.
             let flush = wr.write_all(conn.pending_transmit());
             let _ = tokio::time::timeout(Duration::from_secs(1), flush).await;
             break;
         }
         let backlog = conn.pending_transmit().len();
-        if backlog > HARD_LIMIT {
-            conn.close(CloseCode::ProtocolViolation, "peer is not reading", now());
-            continue;
-        }
         let wake = deadline(conn.poll_timeout());
+        let reading = undelivered.is_none() && backlog < READ_STOP && !conn.is_closed();
         tokio::select! {
-            biased;
             r = wr.write(conn.pending_transmit()), if backlog > 0 => match r {
                 Ok(n) => conn.advance_transmit(n),
                 Err(e) => { ended = format!("write failed: {e}"); break; }
             },
-            r = rd.read(&mut rbuf) => match r {
+            permit = shared.inbox.reserve(), if undelivered.is_some() => match (permit, undelivered.take()) {
+                (Ok(permit), Some(msg)) => permit.send(msg),
+                _ => { ended = "node stopped".into(); break; }
+            },
+            r = rd.read(&mut rbuf), if reading => match r {
                 Ok(0) => { ended = "peer closed the connection".into(); break; }
                 Ok(n) => {
                     conn.handle_input(&rbuf[..n], now(), &mut OsRng);
@@ -666,7 +778,7 @@ async fn drive(
                 }
                 Err(e) => { ended = format!("read failed: {e}"); break; }
             },
-            cmd = rx.recv(), if backlog < HIGH_WATER => {
+            cmd = rx.recv(), if backlog < HIGH_WATER && !conn.is_closed() => {
                 let t = now();
                 match cmd {
                     Some(cmd) => apply(&mut conn, cmd, t),
@@ -704,7 +816,8 @@ fn apply(conn: &mut Connection, cmd: Cmd, t: cellmesh_core::Instant) {
     }
 }
 
-async fn on_event(
+/// Applies one event; returns a received message the inbox had no room for.
+fn on_event(
     shared: &Shared,
     id: ConnId,
     addr: SocketAddr,
@@ -712,19 +825,18 @@ async fn on_event(
     outcome: &mut Outcome,
     unauth: &mut Option<OwnedSemaphorePermit>,
     event: Event,
-) {
+) -> Option<Incoming> {
     match event {
         Event::Data(data) => {
-            if let Some(peer) = &outcome.peer {
-                let msg = Incoming {
-                    from: peer.node,
-                    cell: peer.cell,
-                    data,
-                };
-                // Waiting here is the back-pressure: this connection is not read meanwhile.
-                if let Err(mpsc::error::TrySendError::Full(msg)) = shared.inbox.try_send(msg) {
-                    let _ = shared.inbox.send(msg).await;
-                }
+            let peer = outcome.peer.as_ref()?;
+            let msg = Incoming {
+                from: peer.node,
+                cell: peer.cell,
+                data,
+            };
+            match shared.inbox.try_send(msg) {
+                Err(mpsc::error::TrySendError::Full(msg)) => return Some(msg),
+                Err(mpsc::error::TrySendError::Closed(_)) | Ok(()) => {}
             }
         }
         Event::Joined(binding) => {
@@ -808,22 +920,25 @@ async fn on_event(
         Event::Handshaked { node } => tracing::debug!(%addr, %node, "handshake complete"),
         _ => {}
     }
+    None
 }
 
 /// Forgets the connection and reports how it ended.
 fn finish(shared: &Shared, id: ConnId, addr: SocketAddr, outcome: Outcome, ended: String) {
     let ended = outcome.closed.unwrap_or(ended);
-    {
+    let still_in_table = {
         let mut state = shared.state();
         state.conns.remove(&id);
-        state.table.left(&id);
-    }
+        state.table.left(&id).is_some()
+    };
     shared.gone.notify_waiters();
     match outcome.peer {
-        Some(peer) => shared.emit(NodeEvent::Left {
+        // A peer whose newer connection replaced this one has not left.
+        Some(peer) if still_in_table => shared.emit(NodeEvent::Left {
             peer,
             reason: ended,
         }),
+        Some(_) => {}
         None if !outcome.refused => {
             if let Some(reply) = outcome.reply {
                 let _ = reply.send(Err(JoinError::Failed {
@@ -840,12 +955,18 @@ fn finish(shared: &Shared, id: ConnId, addr: SocketAddr, outcome: Outcome, ended
     }
 }
 
-/// Wall-clock milliseconds, as the core counts time.
+/// Milliseconds since the Unix epoch as the core counts time: the wall clock read once, then
+/// advanced by the monotonic clock, so a clock step (NTP) neither closes every session as
+/// idle nor stalls keepalives.
 pub(crate) fn now() -> cellmesh_core::Instant {
-    let ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    cellmesh_core::Instant(ms)
+    static ANCHOR: std::sync::OnceLock<(std::time::Instant, u64)> = std::sync::OnceLock::new();
+    let (mono, wall) = ANCHOR.get_or_init(|| {
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        (std::time::Instant::now(), wall)
+    });
+    cellmesh_core::Instant(wall.saturating_add(millis(mono.elapsed())))
 }
 
 fn deadline(at: Option<cellmesh_core::Instant>) -> tokio::time::Instant {

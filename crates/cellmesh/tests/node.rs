@@ -284,3 +284,55 @@ async fn a_node_refuses_a_device_its_home_holds_a_revocation_for() {
         .unwrap();
     laptop_node.join(addr(&hub)).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_full_inbox_pauses_reading_but_not_the_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    // The hub never reads its one-slot inbox.
+    let config = NodeConfig {
+        inbox_capacity: 1,
+        ..listening()
+    };
+    let hub = Node::start(&device(dir.path(), "hub"), config)
+        .await
+        .unwrap();
+    let b = Node::start(&device(dir.path(), "b"), NodeConfig::default())
+        .await
+        .unwrap();
+    let mut b_events = b.subscribe();
+    b.join(addr(&hub)).await.unwrap();
+    for _ in 0..100 {
+        b.send(hub.node_id(), Bytes::from_static(b"x"))
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The hub's driver for B still takes commands: shutdown's CLOSE reaches B.
+    hub.shutdown(Duration::from_secs(2)).await;
+    let left = next_matching(&mut b_events, |e| matches!(e, NodeEvent::Left { .. })).await;
+    let NodeEvent::Left { reason, .. } = left else {
+        unreachable!()
+    };
+    assert!(reason.contains("shutting down"), "{reason}");
+}
+
+#[tokio::test]
+async fn tokens_are_renewed_and_joins_keep_working() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = NodeConfig {
+        token_renewal: Duration::from_millis(100),
+        ..listening()
+    };
+    let hub = Node::start(&device(dir.path(), "hub"), config)
+        .await
+        .unwrap();
+    let first = hub.node_token().fingerprint();
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let later = hub.node_token();
+    assert_ne!(later.fingerprint(), first);
+    assert_eq!(later.claims().key, hub.node_id().key());
+    let b = Node::start(&device(dir.path(), "b"), NodeConfig::default())
+        .await
+        .unwrap();
+    b.join(addr(&hub)).await.unwrap();
+}
