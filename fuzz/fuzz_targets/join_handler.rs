@@ -21,7 +21,7 @@ use std::sync::{Arc, OnceLock};
 
 use cellmesh_core::connection::{Connection, ConnectionConfig, Event};
 use cellmesh_core::handshake::{Initiator, PeerChecks};
-use cellmesh_core::id::NodeId;
+use cellmesh_core::id::{CellId, NodeId};
 use cellmesh_core::session::{Session, SessionConfig};
 use cellmesh_core::testing::{START, TestNode};
 use cellmesh_core::token::{DEFAULT_SKEW, Token, TokenKind, attr};
@@ -34,6 +34,7 @@ struct Fixture {
     initiator: Arc<ConnectionConfig>,
     responder: Arc<ConnectionConfig>,
     node: NodeId,
+    cell: CellId,
     bases: [Vec<u8>; 3],
 }
 
@@ -54,6 +55,7 @@ fn fixture() -> &'static Fixture {
             initiator: Arc::new(n1.config()),
             responder: Arc::new(n2.config()),
             node: n1.node_id(),
+            cell: n1.cell_id(),
             bases: [join(&n1.identity), join(&n2.identity), join(&n1.node_token)],
         }
     })
@@ -104,6 +106,7 @@ fn check_joined_on(fx: &Fixture, plaintext: &[u8]) {
         Some(fx.node.key()),
         "joined on an identity naming another node"
     );
+    assert_eq!(claims.issuer, fx.cell.key(), "joined on another cell's identity");
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -151,6 +154,7 @@ fuzz_target!(|data: &[u8]| {
         if let Event::Joined(binding) = event {
             check_joined_on(fx, &plaintext);
             assert_eq!(binding.node(), fx.node, "joined as another node");
+            assert_eq!(binding.cell(), fx.cell, "joined as another cell");
             joined = true;
         }
     }

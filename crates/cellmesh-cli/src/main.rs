@@ -69,7 +69,7 @@ enum Command {
         /// The device's node ID (`node1...`).
         node_id: NodeId,
         #[command(flatten)]
-        secrets: SecretArgs,
+        secrets: PassphraseArgs,
         /// Allow revoking this very device.
         #[arg(long)]
         force: bool,
@@ -92,13 +92,20 @@ enum Command {
     Demo,
 }
 
-/// Where secrets come from. The keystore passphrase is taken from `--passphrase-file`, else
-/// `CELLMESH_PASSPHRASE`, else a hidden prompt on the terminal.
+/// Where the keystore passphrase comes from: `--passphrase-file`, else `CELLMESH_PASSPHRASE`,
+/// else a hidden prompt on the terminal.
 #[derive(Args)]
-pub(crate) struct SecretArgs {
+pub(crate) struct PassphraseArgs {
     /// File whose first line is the keystore passphrase.
     #[arg(long, value_name = "FILE")]
     passphrase_file: Option<PathBuf>,
+}
+
+/// The keystore passphrase and the optional BIP39 passphrase, for commands that derive a cell.
+#[derive(Args)]
+pub(crate) struct SecretArgs {
+    #[command(flatten)]
+    keystore: PassphraseArgs,
     /// File whose first line is the optional BIP39 passphrase (the "25th word"); also
     /// `CELLMESH_SEED_PASSPHRASE`. The same words with another seed passphrase are another cell.
     #[arg(long, value_name = "FILE")]
@@ -155,17 +162,15 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn create_cell(home: &Home, args: &SecretArgs, force: bool, json: bool) -> Result<()> {
-    if !force {
-        if let Ok(existing) = home.load() {
-            bail!(
-                "{} already holds cell {}; pass --force to replace it (only its 12 words can bring it back)",
-                home.keystore_path().display(),
-                existing.cell
-            );
-        }
+    if !force && let Ok(existing) = home.load() {
+        bail!(
+            "{} already holds cell {}; pass --force to replace it (only its 12 words can bring it back)",
+            home.keystore_path().display(),
+            existing.cell
+        );
     }
     let seed_passphrase = seed_passphrase(args)?;
-    let passphrase = keystore_passphrase(args, true)?;
+    let passphrase = keystore_passphrase(&args.keystore, true)?;
     let mnemonic = cellmesh::new_mnemonic();
     let keystore = match home.create(
         &mnemonic,
@@ -208,7 +213,7 @@ fn connect_cell(home: &Home, args: &SecretArgs, force: bool, json: bool) -> Resu
     let existing = home.load().ok();
     let passphrase = match &existing {
         Some(k) if k.cell == cell && !force => None,
-        _ => Some(keystore_passphrase(args, true)?),
+        _ => Some(keystore_passphrase(&args.keystore, true)?),
     };
     let (keystore, fresh) = match passphrase {
         None => (existing.context("keystore vanished")?, false),
@@ -279,7 +284,7 @@ fn whoami(home: &Home, json: bool) -> Result<()> {
 fn revoke_device(
     home: &Home,
     node: NodeId,
-    args: &SecretArgs,
+    args: &PassphraseArgs,
     force: bool,
     json: bool,
 ) -> Result<()> {
@@ -341,28 +346,30 @@ fn print_ids(home: &Home, k: &Keystore) {
 
 /// The keystore passphrase: `--passphrase-file`, `CELLMESH_PASSPHRASE`, or a hidden prompt
 /// (asked twice when `confirm`).
-pub(crate) fn keystore_passphrase(args: &SecretArgs, confirm: bool) -> Result<Passphrase> {
+pub(crate) fn keystore_passphrase(args: &PassphraseArgs, confirm: bool) -> Result<Passphrase> {
     let text = if let Some(file) = &args.passphrase_file {
         first_line(file)?
     } else if let Ok(p) = std::env::var("CELLMESH_PASSPHRASE") {
-        p
+        Zeroizing::new(p)
     } else {
         let p = prompt("Keystore passphrase: ")?;
         if confirm && prompt("Repeat passphrase: ")? != p {
             bail!("the two passphrases differ");
         }
-        p.to_string()
+        p
     };
     if text.is_empty() {
         bail!("the keystore passphrase must not be empty");
     }
-    Ok(Passphrase::new(text))
+    Ok(Passphrase::new(text.to_string()))
 }
 
-fn seed_passphrase(args: &SecretArgs) -> Result<String> {
+fn seed_passphrase(args: &SecretArgs) -> Result<Zeroizing<String>> {
     match &args.seed_passphrase_file {
         Some(file) => first_line(file),
-        None => Ok(std::env::var("CELLMESH_SEED_PASSPHRASE").unwrap_or_default()),
+        None => Ok(Zeroizing::new(
+            std::env::var("CELLMESH_SEED_PASSPHRASE").unwrap_or_default(),
+        )),
     }
 }
 
@@ -379,15 +386,20 @@ fn read_mnemonic() -> Result<Zeroizing<String>> {
 }
 
 fn prompt(label: &str) -> Result<Zeroizing<String>> {
-    rpassword::prompt_password(label).map(Zeroizing::new).map_err(|_| {
-        anyhow!(
-            "no passphrase given and no terminal to ask on: set CELLMESH_PASSPHRASE or pass --passphrase-file FILE"
-        )
-    })
+    rpassword::prompt_password(label)
+        .map(Zeroizing::new)
+        .map_err(|e| {
+            anyhow!(
+                "cannot ask on the terminal ({e}): for the passphrase set CELLMESH_PASSPHRASE or pass --passphrase-file FILE; pipe the words on stdin"
+            )
+        })
 }
 
-fn first_line(path: &Path) -> Result<String> {
-    let text =
-        fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    Ok(text.lines().next().unwrap_or_default().to_string())
+fn first_line(path: &Path) -> Result<Zeroizing<String>> {
+    let text = Zeroizing::new(
+        fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?,
+    );
+    Ok(Zeroizing::new(
+        text.lines().next().unwrap_or_default().to_string(),
+    ))
 }

@@ -12,7 +12,7 @@ use cellmesh::node::{Node, NodeConfig, NodeEvent};
 use clap::Args;
 use serde_json::{Value, json};
 
-use crate::{SecretArgs, keystore_passphrase};
+use crate::{PassphraseArgs, keystore_passphrase};
 
 /// Arguments of `cellmesh node`.
 #[derive(Args)]
@@ -30,7 +30,7 @@ pub struct NodeArgs {
     #[arg(long)]
     json: bool,
     #[command(flatten)]
-    secrets: SecretArgs,
+    secrets: PassphraseArgs,
 }
 
 pub fn run(home: &Home, args: &NodeArgs) -> Result<()> {

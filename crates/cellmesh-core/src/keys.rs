@@ -119,8 +119,10 @@ impl fmt::Debug for SigningSecret {
 pub struct AgreementPublicKey([u8; KEY_LEN]);
 
 impl AgreementPublicKey {
-    /// Wraps 32 bytes. Every 32-byte string is a valid X25519 public key; low-order points
-    /// are caught where they matter, when a shared secret comes out all-zero.
+    /// Wraps 32 bytes. Every 32-byte string is a valid X25519 public key. Low-order points are
+    /// not rejected here or by the handshake: a peer that uses one as its own static or
+    /// ephemeral key only makes its own contribution predictable; each session key also mixes
+    /// in DH with our fresh ephemeral and is authenticated by the tokens.
     pub fn from_bytes(bytes: [u8; KEY_LEN]) -> Self {
         Self(bytes)
     }

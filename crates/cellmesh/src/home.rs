@@ -15,7 +15,7 @@
 
 use std::fs;
 use std::io::{self, Write as _};
-use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
 use cellmesh_core::Timestamp;
@@ -32,6 +32,7 @@ use thiserror::Error;
 
 /// Name of the keystore file inside a home directory.
 pub const KEYSTORE_FILE: &str = "keystore.json";
+const LOCK_FILE: &str = "keystore.lock";
 const FORMAT: &str = "cellmesh-keystore";
 const VERSION: u32 = 1;
 
@@ -190,6 +191,7 @@ impl Home {
         replace: bool,
     ) -> Result<Created, HomeError> {
         let cell = mnemonic.derive(seed_passphrase);
+        let _lock = self.lock()?;
         match self.load() {
             Ok(existing) if existing.cell == cell.cell_id() && !replace => {
                 return Ok(Created::AlreadyPresent(existing));
@@ -258,10 +260,13 @@ impl Home {
             )));
         }
         let token = device::revocation(&unlocked.secrets.cell, node, crate::now(), &mut OsRng)?;
-        let keystore = &mut unlocked.keystore;
+        let _lock = self.lock()?;
+        // Re-read under the lock: another command may have changed the file since unlock.
+        let mut keystore = self.load()?;
         keystore.revocation_tokens.push(token.clone());
         keystore.mark_revoked();
-        self.save(keystore)?;
+        self.save(&keystore)?;
+        unlocked.keystore = keystore;
         Ok(token)
     }
 
@@ -275,6 +280,7 @@ impl Home {
         let entry = Revocations::new()
             .insert(&verified)
             .map_err(|e| HomeError::Misuse(format!("not a revocation: {e}")))?;
+        let _lock = self.lock()?;
         let mut keystore = self.load()?;
         if keystore
             .revocation_tokens
@@ -286,6 +292,26 @@ impl Home {
             self.save(&keystore)?;
         }
         Ok(entry)
+    }
+
+    /// An exclusive lock on this home for a read-modify-write of the keystore, held until
+    /// the returned file is dropped, so two commands cannot lose each other's changes.
+    fn lock(&self) -> Result<fs::File, HomeError> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.dir)
+            .map_err(|e| io_error("create directory", &self.dir, e))?;
+        let path = self.dir.join(LOCK_FILE);
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| io_error("open", &path, e))?;
+        file.lock().map_err(|e| io_error("lock", &path, e))?;
+        Ok(file)
     }
 
     fn save(&self, keystore: &Keystore) -> Result<(), HomeError> {
@@ -575,6 +601,38 @@ mod tests {
         assert!(reloaded.revocations().is_revoked(ka.cell, kb.node));
         // Still unlockable after the rewrite.
         a.unlock(&pass("pw")).unwrap();
+    }
+
+    #[test]
+    fn concurrent_writers_lose_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = Home::new(dir.path());
+        home.create(
+            &Mnemonic::generate(&mut OsRng),
+            "",
+            &pass("pw"),
+            FAST,
+            false,
+        )
+        .unwrap();
+        let tokens: Vec<Token> = (0..16)
+            .map(|_| {
+                let cell = Mnemonic::generate(&mut OsRng).derive("");
+                let node = NodeId::from_key(KeyPair::generate(&mut OsRng).signing.public());
+                device::revocation(&cell, node, crate::now(), &mut OsRng).unwrap()
+            })
+            .collect();
+        std::thread::scope(|scope| {
+            for chunk in tokens.chunks(4) {
+                let home = home.clone();
+                scope.spawn(move || {
+                    for t in chunk {
+                        home.import_revocation(t.clone()).unwrap();
+                    }
+                });
+            }
+        });
+        assert_eq!(home.load().unwrap().revocation_tokens().len(), 16);
     }
 
     #[test]

@@ -436,10 +436,8 @@ impl Node {
             let hit = (issuer == b.cell().key() && subject == b.node().key())
                 || (Some(issuer) == realm
                     && (subject == b.cell().key() || subject == b.node().key()));
-            if hit {
-                if let Some(c) = state.conns.get(&peer.conn) {
-                    let _ = c.tx.try_send(Cmd::Close(CloseCode::Normal, "revoked"));
-                }
+            if hit && let Some(c) = state.conns.get(&peer.conn) {
+                let _ = c.tx.try_send(Cmd::Close(CloseCode::Normal, "revoked"));
             }
         }
         Ok(())
@@ -854,10 +852,10 @@ fn on_event(
                     entry.peer = Some(info.clone());
                 }
                 for other in joined.notify {
-                    if let Some(c) = state.conns.get(&other) {
-                        if c.tx.try_send(Cmd::Update(binding.clone())).is_err() {
-                            tracing::debug!(conn = other, "update not queued: send buffer full");
-                        }
+                    if let Some(c) = state.conns.get(&other)
+                        && c.tx.try_send(Cmd::Update(binding.clone())).is_err()
+                    {
+                        tracing::debug!(conn = other, "update not queued: send buffer full");
                     }
                 }
                 if let Some(old) = joined.replaced.and_then(|old| state.conns.get(&old)) {
