@@ -1,7 +1,7 @@
 //! A cellmesh node on tokio: listeners, one driver task per connection, the peer table.
 //!
 //! ```text
-//!  TcpListener ──accept──► limits (connections, unauthenticated) ──► driver task ──┐
+//!  TcpListener ──accept──► limits (connections, unauthenticated, per IP) ──► driver task ┐
 //!  Node::join ───dial────► limits ──────────────────────────────────► driver task ──┤
 //!                                                                                   │
 //!  driver task (one per connection; owns the socket and the core Connection):       │
@@ -21,7 +21,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -75,6 +75,8 @@ pub struct NodeConfig {
     pub max_connections: usize,
     /// Most connections that have not completed handshake and join.
     pub max_unauthenticated: usize,
+    /// Most such connections from one IP address, so one host cannot hold every slot.
+    pub max_unauthenticated_per_ip: usize,
     /// Deadline from connect to joined.
     pub setup_timeout: Duration,
     /// Keepalive interval.
@@ -99,6 +101,7 @@ impl Default for NodeConfig {
             revocations: Revocations::new(),
             max_connections: 1024,
             max_unauthenticated: 64,
+            max_unauthenticated_per_ip: 8,
             setup_timeout: Duration::from_secs(10),
             keepalive: Duration::from_secs(15),
             idle_timeout: Duration::from_secs(60),
@@ -267,7 +270,46 @@ struct ConnEntry {
 struct State {
     table: PeerTable<ConnId>,
     conns: HashMap<ConnId, ConnEntry>,
+    unauthenticated_by_ip: HashMap<IpAddr, usize>,
     shutting_down: bool,
+}
+
+/// A connection's place among those not yet joined: a slot of the node-wide limit and one of
+/// its address's. Dropping it (on join, or when the connection ends) frees both.
+struct UnauthSlot {
+    _permit: OwnedSemaphorePermit,
+    shared: Arc<Shared>,
+    ip: IpAddr,
+}
+
+impl UnauthSlot {
+    fn take(shared: &Arc<Shared>, ip: IpAddr) -> Option<Self> {
+        let permit = Arc::clone(&shared.unauth_limit).try_acquire_owned().ok()?;
+        let mut state = shared.state();
+        let count = state.unauthenticated_by_ip.entry(ip).or_insert(0);
+        if *count >= shared.node_config.max_unauthenticated_per_ip {
+            return None;
+        }
+        *count += 1;
+        drop(state);
+        Some(Self {
+            _permit: permit,
+            shared: Arc::clone(shared),
+            ip,
+        })
+    }
+}
+
+impl Drop for UnauthSlot {
+    fn drop(&mut self) {
+        let mut state = self.shared.state();
+        if let Some(count) = state.unauthenticated_by_ip.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                state.unauthenticated_by_ip.remove(&self.ip);
+            }
+        }
+    }
 }
 
 struct Shared {
@@ -679,7 +721,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
         let permits = Arc::clone(&shared.conn_limit)
             .try_acquire_owned()
             .ok()
-            .zip(Arc::clone(&shared.unauth_limit).try_acquire_owned().ok());
+            .zip(UnauthSlot::take(&shared, addr.ip()));
         let Some((conn_permit, unauth)) = permits else {
             tracing::debug!(%addr, "connection refused: at a limit");
             shared.emit(NodeEvent::Failed {
@@ -715,7 +757,7 @@ async fn drive(
     addr: SocketAddr,
     mut conn: Connection,
     inbound: bool,
-    permits: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
+    permits: (OwnedSemaphorePermit, Option<UnauthSlot>),
     reply: Option<JoinReply>,
 ) {
     let (_conn_permit, mut unauth) = permits;
@@ -821,7 +863,7 @@ fn on_event(
     addr: SocketAddr,
     inbound: bool,
     outcome: &mut Outcome,
-    unauth: &mut Option<OwnedSemaphorePermit>,
+    unauth: &mut Option<UnauthSlot>,
     event: Event,
 ) -> Option<Incoming> {
     match event {

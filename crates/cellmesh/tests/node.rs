@@ -178,7 +178,8 @@ async fn a_socket_that_says_nothing_is_closed_and_limits_hold() {
     let dir = tempfile::tempdir().unwrap();
     let config = NodeConfig {
         setup_timeout: Duration::from_millis(300),
-        max_unauthenticated: 1,
+        max_unauthenticated: 8,
+        max_unauthenticated_per_ip: 1,
         ..listening()
     };
     let hub = Node::start(&device(dir.path(), "hub"), config)
@@ -186,7 +187,7 @@ async fn a_socket_that_says_nothing_is_closed_and_limits_hold() {
         .unwrap();
     let mut silent = TcpStream::connect(addr(&hub)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
-    // Over the unauthenticated limit: closed at once.
+    // Over the unauthenticated limit for 127.0.0.1: closed at once.
     let mut second = TcpStream::connect(addr(&hub)).await.unwrap();
     let mut buf = [0u8; 16];
     let n = tokio::time::timeout(Duration::from_millis(200), second.read(&mut buf)).await;
