@@ -22,7 +22,6 @@ use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_mai
 use ed25519_dalek::Signer as _;
 use rand_chacha::ChaCha20Rng;
 use rand_core::SeedableRng as _;
-use zeroize::Zeroizing;
 
 const SIZES: [usize; 4] = [64, 1024, 16 * 1024, 64 * 1024];
 /// Frames opened per measured batch (each batch needs a fresh receiver at counter 0).
@@ -127,15 +126,10 @@ fn reference(c: &mut Criterion) {
 
 fn keys() -> (SessionKeys, SessionKeys) {
     let (k1, k2) = ([1u8; 32], [2u8; 32]);
-    let a = SessionKeys {
-        send: Zeroizing::new(k1),
-        recv: Zeroizing::new(k2),
-    };
-    let b = SessionKeys {
-        send: Zeroizing::new(k2),
-        recv: Zeroizing::new(k1),
-    };
-    (a, b)
+    (
+        SessionKeys::dangerous_from_bytes(k1, k2),
+        SessionKeys::dangerous_from_bytes(k2, k1),
+    )
 }
 
 fn session(c: &mut Criterion) {

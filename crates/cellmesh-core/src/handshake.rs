@@ -144,12 +144,27 @@ impl AuthenticatedPeer {
     }
 }
 
-/// Per-direction session keys from the handshake.
+/// Per-direction session keys from the handshake. Zeroized on drop; the bytes are reachable
+/// only through `dangerous_*` methods.
 pub struct SessionKeys {
-    /// Key for frames this side sends.
-    pub send: Zeroizing<[u8; KEY_LEN]>,
-    /// Key for frames this side receives.
-    pub recv: Zeroizing<[u8; KEY_LEN]>,
+    send: Zeroizing<[u8; KEY_LEN]>,
+    recv: Zeroizing<[u8; KEY_LEN]>,
+}
+
+impl SessionKeys {
+    /// Keys from raw bytes: for tests, benchmarks and known-answer vectors only. Real keys
+    /// come out of a handshake.
+    pub fn dangerous_from_bytes(send: [u8; KEY_LEN], recv: [u8; KEY_LEN]) -> Self {
+        Self {
+            send: Zeroizing::new(send),
+            recv: Zeroizing::new(recv),
+        }
+    }
+
+    /// Splits into (send, recv) key bytes, for the session layer.
+    pub(crate) fn into_parts(self) -> (Zeroizing<[u8; KEY_LEN]>, Zeroizing<[u8; KEY_LEN]>) {
+        (self.send, self.recv)
+    }
 }
 
 impl std::fmt::Debug for SessionKeys {

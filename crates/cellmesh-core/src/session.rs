@@ -130,9 +130,10 @@ impl std::fmt::Debug for Session {
 impl Session {
     /// A session on the handshake's keys.
     pub fn new(keys: SessionKeys, now: Instant, config: SessionConfig) -> Self {
+        let (send, recv) = keys.into_parts();
         Self {
-            send: Direction::new(keys.send, now),
-            recv: Direction::new(keys.recv, now),
+            send: Direction::new(send, now),
+            recv: Direction::new(recv, now),
             config,
         }
     }
@@ -282,14 +283,8 @@ mod tests {
 
     fn pair(config: SessionConfig) -> (Session, Session) {
         let (k1, k2) = ([1u8; 32], [2u8; 32]);
-        let a = SessionKeys {
-            send: Zeroizing::new(k1),
-            recv: Zeroizing::new(k2),
-        };
-        let b = SessionKeys {
-            send: Zeroizing::new(k2),
-            recv: Zeroizing::new(k1),
-        };
+        let a = SessionKeys::dangerous_from_bytes(k1, k2);
+        let b = SessionKeys::dangerous_from_bytes(k2, k1);
         (
             Session::new(a, Instant(0), config),
             Session::new(b, Instant(0), config),
