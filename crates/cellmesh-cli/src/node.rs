@@ -17,13 +17,15 @@ use crate::{PassphraseArgs, keystore_passphrase};
 /// Arguments of `cellmesh node`.
 #[derive(Args)]
 pub struct NodeArgs {
-    /// Address to listen on (`127.0.0.1:0` picks a free port; the bound address is printed).
+    /// Address to listen on (repeatable; `127.0.0.1:0` picks a free port; the bound address is
+    /// printed first).
     #[arg(long, value_name = "ADDR")]
     listen: Vec<SocketAddr>,
     /// A node to join on start (repeatable; unreachable ones are retried for about 15 s).
     #[arg(long, value_name = "ADDR")]
     join: Vec<SocketAddr>,
-    /// Only these cells may join this node (repeatable; default: any authenticated cell).
+    /// Only these cells may be peers, whichever side dials (repeatable; default: any cell whose
+    /// tokens verify).
     #[arg(long, value_name = "CELL_ID")]
     allow: Vec<CellId>,
     /// Print every line as a JSON object with an `event` field.
