@@ -93,14 +93,13 @@ fuzz_target!(|data: &[u8]| {
         if from_a.is_empty() && from_b.is_empty() {
             break;
         }
-        if tampered.is_none() {
-            if let Some((kind, body)) = from_a.first_mut() {
-                if *kind == target {
-                    let delivered = mutate(body, mode, fuzz);
-                    tampered = Some(delivered != *body);
-                    *body = delivered;
-                }
-            }
+        if tampered.is_none()
+            && let Some((kind, body)) = from_a.first_mut()
+            && *kind == target
+        {
+            let delivered = mutate(body, mode, fuzz);
+            tampered = Some(delivered != *body);
+            *body = delivered;
         }
         send(&mut b, &from_a, &mut rng);
         b_events.extend(std::iter::from_fn(|| b.poll_event()));
