@@ -305,14 +305,9 @@ fn revoke_device(
 
 fn import_revocation(home: &Home, token: &str, json: bool) -> Result<()> {
     let text = if token == "-" {
-        let mut s = String::new();
-        io::stdin()
-            .take(64 * 1024)
-            .read_to_string(&mut s)
-            .context("cannot read the revocation from stdin")?;
-        s
+        read_stdin(64 * 1024, "the revocation")?
     } else {
-        token.to_string()
+        Zeroizing::new(token.to_string())
     };
     let bytes = data_encoding::BASE64
         .decode(text.trim().as_bytes())
@@ -377,11 +372,16 @@ fn read_mnemonic() -> Result<Zeroizing<String>> {
     if io::stdin().is_terminal() {
         return prompt("Recovery phrase (12 words): ");
     }
+    read_stdin(4096, "the recovery phrase")
+}
+
+/// At most `limit` bytes of stdin, as text.
+fn read_stdin(limit: u64, what: &str) -> Result<Zeroizing<String>> {
     let mut text = Zeroizing::new(String::new());
     io::stdin()
-        .take(4096)
+        .take(limit)
         .read_to_string(&mut text)
-        .context("cannot read the recovery phrase from stdin")?;
+        .with_context(|| format!("cannot read {what} from stdin"))?;
     Ok(text)
 }
 

@@ -619,8 +619,8 @@ impl Connection {
         };
         let (joined, initiator) = (live.joined.is_some(), live.initiator);
         match (msg, joined, initiator) {
-            (Message::Join { identity }, false, false) => self.handle_join(&identity, now),
-            (Message::Ack { identity }, false, true) => self.handle_ack(&identity, now),
+            (Message::Join { identity }, false, false)
+            | (Message::Ack { identity }, false, true) => self.handle_identity(&identity, now),
             (Message::Nack { code, reason }, false, true) => {
                 let (node, cell) = (live.peer.node(), live.peer.claimed_cell());
                 self.events.push_back(Event::JoinRefused {
@@ -656,30 +656,28 @@ impl Connection {
         }
     }
 
-    fn handle_join(&mut self, identity: &Token, now: Instant) {
+    /// A JOIN (as responder) or an ACK (as initiator): the same checks either way. The
+    /// responder answers ACK or NACK (then closes without CLOSE, as the NACK says it all); the
+    /// initiator refusing its responder closes with CLOSE.
+    fn handle_identity(&mut self, identity: &Token, now: Instant) {
         let State::Live(live) = &self.state else {
             return;
         };
-        let peer = live.peer.clone();
+        let (peer, responder) = (live.peer.clone(), !live.initiator);
         match self.admit(&peer, identity, now) {
             Ok(binding) => {
-                let ack = Message::Ack {
-                    identity: self.config.identity.clone(),
-                };
-                self.send_message(&ack, now);
+                if responder {
+                    let ack = Message::Ack {
+                        identity: self.config.identity.clone(),
+                    };
+                    self.send_message(&ack, now);
+                }
                 if let State::Live(live) = &mut self.state {
                     live.joined = Some(binding.clone());
                 }
                 self.events.push_back(Event::Joined(Box::new(binding)));
             }
             Err(refusal) => {
-                self.send_message(
-                    &Message::Nack {
-                        code: refusal.code,
-                        reason: refusal.reason.clone(),
-                    },
-                    now,
-                );
                 self.events.push_back(Event::JoinRefused {
                     node: peer.node(),
                     cell: peer.claimed_cell(),
@@ -687,7 +685,17 @@ impl Connection {
                     reason: refusal.reason.clone(),
                     by_peer: false,
                 });
-                self.finish(CloseCode::Normal, refusal.reason, false);
+                if responder {
+                    let nack = Message::Nack {
+                        code: refusal.code,
+                        reason: refusal.reason.clone(),
+                    };
+                    self.send_message(&nack, now);
+                    self.finish(CloseCode::Normal, refusal.reason, false);
+                } else {
+                    let reason = format!("responder refused: {}", refusal.reason);
+                    self.close_with(CloseCode::Normal, &reason, now);
+                }
             }
         }
     }
@@ -742,37 +750,6 @@ impl Connection {
             }
         }
         Ok(binding)
-    }
-
-    /// The initiator's checks on an ACK: the same identity checks and policy as a JOIN, so a
-    /// node with an allow-list only ever peers with cells on it, whoever dialed.
-    fn handle_ack(&mut self, identity: &Token, now: Instant) {
-        let State::Live(live) = &self.state else {
-            return;
-        };
-        let peer = live.peer.clone();
-        match self.admit(&peer, identity, now) {
-            Ok(binding) => {
-                if let State::Live(live) = &mut self.state {
-                    live.joined = Some(binding.clone());
-                }
-                self.events.push_back(Event::Joined(Box::new(binding)));
-            }
-            Err(refusal) => {
-                self.events.push_back(Event::JoinRefused {
-                    node: peer.node(),
-                    cell: peer.claimed_cell(),
-                    code: refusal.code,
-                    reason: refusal.reason.clone(),
-                    by_peer: false,
-                });
-                self.close_with(
-                    CloseCode::Normal,
-                    &format!("responder refused: {}", refusal.reason),
-                    now,
-                );
-            }
-        }
     }
 
     fn verify_update(&self, node: &Token, identity: &Token, now: Instant) -> Option<DeviceBinding> {
