@@ -314,8 +314,19 @@ impl Connection {
         now: Instant,
         rng: &mut impl CryptoRngCore,
     ) -> Self {
+        Self::connect_to(config, None, now, rng)
+    }
+
+    /// Like [`Connection::connect`], but only node `expected` (when given) may answer; any
+    /// other responder is refused before this node's token is sent.
+    pub fn connect_to(
+        config: Arc<ConnectionConfig>,
+        expected: Option<NodeId>,
+        now: Instant,
+        rng: &mut impl CryptoRngCore,
+    ) -> Self {
         let mut conn = Self::new(config, now, State::Closed);
-        match Initiator::start(&conn.config.local, rng) {
+        match Initiator::start_expecting(&conn.config.local, expected, rng) {
             Ok((initiator, hello)) => {
                 wire::put_frame(&mut conn.out, FrameType::Hello, &hello);
                 conn.state = State::InitiatorHello(initiator);

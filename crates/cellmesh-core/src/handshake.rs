@@ -61,6 +61,15 @@ pub enum HandshakeError {
     /// The peer's device or cell has been revoked.
     #[error("peer {0} has been revoked")]
     Revoked(NodeId),
+    /// The responder is not the node the initiator meant to reach. The initiator stops
+    /// before its finish, so that node never learns who was dialing.
+    #[error("expected node {expected}, but {found} answered")]
+    UnexpectedPeer {
+        /// The node the initiator dialed for.
+        expected: NodeId,
+        /// The node that answered.
+        found: NodeId,
+    },
     /// Our own configuration is unusable (local misuse).
     #[error("local handshake setup failed: {0}")]
     Local(&'static str),
@@ -187,19 +196,31 @@ pub struct Established {
 /// The initiator after sending hello, waiting for the response.
 pub struct Initiator {
     noise: snow::HandshakeState,
+    expected: Option<NodeId>,
 }
 
 impl Initiator {
-    /// Starts a handshake; returns the state and the hello message to send.
+    /// Starts a handshake with whoever answers; returns the state and the hello to send.
     pub fn start(
         local: &LocalNode,
+        rng: &mut impl CryptoRngCore,
+    ) -> Result<(Self, Vec<u8>), HandshakeError> {
+        Self::start_expecting(local, None, rng)
+    }
+
+    /// Starts a handshake that only completes with node `expected` (when given): any other
+    /// responder, however valid its token, is refused before this node's token is sent, so
+    /// the initiator's identity stays hidden from active attackers too.
+    pub fn start_expecting(
+        local: &LocalNode,
+        expected: Option<NodeId>,
         rng: &mut impl CryptoRngCore,
     ) -> Result<(Self, Vec<u8>), HandshakeError> {
         let mut noise = builder(local, rng)?
             .build_initiator()
             .map_err(|_| HandshakeError::Local("noise initiator"))?;
         let hello = write(&mut noise, &[])?;
-        Ok((Self { noise }, hello))
+        Ok((Self { noise, expected }, hello))
     }
 
     /// Reads the response, authenticates the responder, and returns the established
@@ -212,6 +233,14 @@ impl Initiator {
     ) -> Result<(Established, Vec<u8>), HandshakeError> {
         let payload = read(&mut self.noise, response)?;
         let peer = authenticate_peer(&payload, remote_static(&self.noise)?, checks)?;
+        if let Some(expected) = self.expected
+            && expected != peer.node()
+        {
+            return Err(HandshakeError::UnexpectedPeer {
+                expected,
+                found: peer.node(),
+            });
+        }
         let finish = write(&mut self.noise, &local.token.to_bytes())?;
         Ok((established(self.noise, peer, true)?, finish))
     }

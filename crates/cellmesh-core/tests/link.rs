@@ -589,3 +589,41 @@ fn a_replayed_update_is_reported_once_and_a_flood_closes_the_link() {
         (CloseCode::ProtocolViolation, "UPDATE flood")
     );
 }
+
+#[test]
+fn a_pinned_initiator_refuses_another_responder_before_revealing_itself() {
+    let (a, b) = nodes();
+    let meant = TestNode::new(9, t0());
+    let mut p = Pair::new(a.config(), b.config(), 95);
+    // Replace the initiator with one that dials for `meant`, not for B.
+    p.a = Connection::connect_to(
+        Arc::new(a.config()),
+        Some(meant.node_id()),
+        START,
+        &mut p.rng,
+    );
+    let mut finish_sent = false;
+    p.drive_with(|side, f| {
+        if side == Side::A && f.get(4) == Some(&3) {
+            finish_sent = true;
+        }
+        vec![f]
+    });
+    assert!(
+        !finish_sent,
+        "the initiator's token (in finish) must not be sent"
+    );
+    let (_, reason) = closed(&p.a_events).expect("A gave up");
+    assert!(reason.contains("expected node"), "{reason}");
+    assert!(
+        !p.b_events
+            .iter()
+            .any(|e| matches!(e, Event::Handshaked { .. }))
+    );
+
+    // Pinned to the right node, it joins.
+    let mut p = Pair::new(a.config(), b.config(), 96);
+    p.a = Connection::connect_to(Arc::new(a.config()), Some(b.node_id()), START, &mut p.rng);
+    p.drive();
+    assert!(joined(&p.a_events) && joined(&p.b_events));
+}

@@ -499,7 +499,17 @@ impl Node {
 
     /// Dials `addr`, runs the handshake and join, and returns the peer once joined.
     pub async fn join(&self, addr: SocketAddr) -> Result<PeerInfo, JoinError> {
-        join(&self.shared, addr).await
+        join(&self.shared, addr, None).await
+    }
+
+    /// Dials `addr` for node `expected` only: any other node answering there, however valid
+    /// its tokens, is refused before this node's token is sent, so it never learns who dialed.
+    pub async fn join_node(
+        &self,
+        addr: SocketAddr,
+        expected: NodeId,
+    ) -> Result<PeerInfo, JoinError> {
+        join(&self.shared, addr, Some(expected)).await
     }
 
     /// The joined peers.
@@ -610,7 +620,11 @@ impl std::fmt::Debug for Cmd {
     }
 }
 
-async fn join(shared: &Arc<Shared>, addr: SocketAddr) -> Result<PeerInfo, JoinError> {
+async fn join(
+    shared: &Arc<Shared>,
+    addr: SocketAddr,
+    expected: Option<NodeId>,
+) -> Result<PeerInfo, JoinError> {
     if shared.state().shutting_down {
         return Err(JoinError::ShuttingDown);
     }
@@ -628,7 +642,7 @@ async fn join(shared: &Arc<Shared>, addr: SocketAddr) -> Result<PeerInfo, JoinEr
             addr,
             reason: e.to_string(),
         })?;
-    let conn = Connection::connect(shared.connection_config(), now(), &mut OsRng);
+    let conn = Connection::connect_to(shared.connection_config(), expected, now(), &mut OsRng);
     let (tx, rx) = oneshot::channel();
     tokio::spawn(drive(
         Arc::clone(shared),
@@ -651,7 +665,7 @@ async fn join(shared: &Arc<Shared>, addr: SocketAddr) -> Result<PeerInfo, JoinEr
 async fn bootstrap(shared: &Arc<Shared>, addr: SocketAddr) {
     let mut delay = Duration::from_millis(250);
     loop {
-        match join(shared, addr).await {
+        match join(shared, addr, None).await {
             Err(JoinError::Connect { reason, .. }) if delay > Duration::from_secs(8) => {
                 shared.emit(NodeEvent::Failed { addr, reason });
                 return;

@@ -337,3 +337,22 @@ async fn tokens_are_renewed_and_joins_keep_working() {
         .unwrap();
     b.join(addr(&hub)).await.unwrap();
 }
+
+#[tokio::test]
+async fn join_node_refuses_whoever_else_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Node::start(&device(dir.path(), "hub"), listening())
+        .await
+        .unwrap();
+    let b = Node::start(&device(dir.path(), "b"), NodeConfig::default())
+        .await
+        .unwrap();
+    let other = Node::start(&device(dir.path(), "other"), NodeConfig::default())
+        .await
+        .unwrap();
+    let err = b.join_node(addr(&hub), other.node_id()).await.unwrap_err();
+    assert!(err.to_string().contains("expected node"), "{err}");
+    assert!(hub.peers().is_empty());
+    let peer = b.join_node(addr(&hub), hub.node_id()).await.unwrap();
+    assert_eq!(peer.node, hub.node_id());
+}
