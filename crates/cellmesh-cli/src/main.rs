@@ -16,7 +16,7 @@ use cellmesh::core::mnemonic::Mnemonic;
 use cellmesh::core::token::attr;
 use cellmesh::home::{Created, Home, Keystore};
 use clap::{Args, Parser, Subcommand};
-use serde_json::json;
+use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
 mod demo;
@@ -292,14 +292,10 @@ fn revoke_device(
     let mut unlocked = home.unlock(&passphrase)?;
     let token = home.revoke(&mut unlocked, node, force)?;
     let encoded = data_encoding::BASE64.encode(&token.to_bytes());
-    if json {
-        println!(
-            "{}",
-            json!({"revoked": node.to_string(), "revocation": encoded})
-        );
-    } else {
-        println!("Revoked {node}.\nRevocation token (base64):\n{encoded}");
-    }
+    Printer { json }.line(
+        json!({"revoked": node.to_string(), "revocation": encoded}),
+        format!("Revoked {node}.\nRevocation token (base64):\n{encoded}"),
+    );
     Ok(())
 }
 
@@ -322,15 +318,27 @@ fn import_revocation(home: &Home, token: &str, json: bool) -> Result<()> {
         CellId::from_key(revoked).to_string()
     };
     let issuer = CellId::from_key(issuer);
-    if json {
-        println!(
-            "{}",
-            json!({"issuer": issuer.to_string(), "revoked": revoked})
-        );
-    } else {
-        println!("Kept: {issuer} revoked {revoked}. Nodes started from this home refuse it.");
-    }
+    Printer { json }.line(
+        json!({"issuer": issuer.to_string(), "revoked": revoked}),
+        format!("Kept: {issuer} revoked {revoked}. Nodes started from this home refuse it."),
+    );
     Ok(())
+}
+
+/// Prints one result: a JSON object (`--json`) or a line of text.
+#[derive(Clone, Copy)]
+pub(crate) struct Printer {
+    pub(crate) json: bool,
+}
+
+impl Printer {
+    pub(crate) fn line(&self, json: Value, text: String) {
+        if self.json {
+            println!("{json}");
+        } else {
+            println!("{text}");
+        }
+    }
 }
 
 fn print_ids(home: &Home, k: &Keystore) {

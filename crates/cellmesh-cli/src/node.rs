@@ -10,9 +10,9 @@ use cellmesh::core::id::CellId;
 use cellmesh::home::Home;
 use cellmesh::node::{Node, NodeConfig, NodeEvent};
 use clap::Args;
-use serde_json::{Value, json};
+use serde_json::json;
 
-use crate::{PassphraseArgs, keystore_passphrase};
+use crate::{PassphraseArgs, Printer, keystore_passphrase};
 
 /// Arguments of `cellmesh node`.
 #[derive(Args)]
@@ -118,20 +118,7 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
-#[derive(Clone, Copy)]
-struct Printer {
-    json: bool,
-}
-
 impl Printer {
-    fn line(&self, json: Value, text: String) {
-        if self.json {
-            println!("{json}");
-        } else {
-            println!("{text}");
-        }
-    }
-
     fn event(&self, e: &NodeEvent) {
         match e {
             NodeEvent::Joined(p) => self.line(

@@ -15,7 +15,7 @@ use crate::handshake::LocalNode;
 use crate::id::{CellId, NodeId};
 use crate::keys::KeyPair;
 use crate::mnemonic::{CellSecrets, Mnemonic};
-use crate::token::Token;
+use crate::token::{Claims, Name, Token, TokenKind, attr};
 use crate::wire;
 use crate::{Instant, Timestamp};
 
@@ -134,19 +134,10 @@ impl Pair {
 
     /// The frames `side` has queued for its peer, one whole frame each.
     pub fn transmit(&mut self, side: Side) -> Vec<Vec<u8>> {
-        let conn = match side {
-            Side::A => &mut self.a,
-            Side::B => &mut self.b,
-        };
-        let bytes = conn.poll_transmit().unwrap_or_default();
-        let mut frames = Vec::new();
-        let mut rest = &bytes[..];
-        while let Ok(Some((_, body))) = wire::split_frame(rest) {
-            frames.push(rest[..body.end].to_vec());
-            rest = &rest[body.end..];
+        match side {
+            Side::A => frames(&mut self.a),
+            Side::B => frames(&mut self.b),
         }
-        assert!(rest.is_empty(), "a connection queued a partial frame");
-        frames
     }
 
     /// Delivers bytes to `to` and collects its events.
@@ -219,4 +210,143 @@ impl Pair {
             })
             .collect()
     }
+}
+
+/// Everything `conn` has queued to send, split into whole frames.
+pub fn frames(conn: &mut Connection) -> Vec<Vec<u8>> {
+    let bytes = conn.poll_transmit().unwrap_or_default();
+    let mut frames = Vec::new();
+    let mut rest = &bytes[..];
+    while let Ok(Some((_, body))) = wire::split_frame(rest) {
+        frames.push(rest[..body.end].to_vec());
+        rest = &rest[body.end..];
+    }
+    assert!(rest.is_empty(), "a connection queued a partial frame");
+    frames
+}
+
+/// The identity token docs/PROTOCOL.md publishes as the token vector: the cell of
+/// `abandon ×11 about` certifying the node whose Ed25519 seed is 32 bytes of `0x42`, in realm
+/// `example.org`, with fixed uuid and times.
+pub fn vector_identity_token() -> Token {
+    let cell = Mnemonic::from_entropy(&[0; 16]).derive("");
+    let node = crate::keys::SigningSecret::from_seed(&[0x42; 32]);
+    let key = cell.signing().public();
+    Claims {
+        kind: TokenKind::Identity,
+        realm: Some(Name::new("example.org").expect("valid name")),
+        subject: "cellmesh cell".into(),
+        issuer: key,
+        audience: None,
+        uuid: [0x11; 16],
+        issued_at: Timestamp(1_800_000_000),
+        not_before: Timestamp(1_800_000_000),
+        expires_at: Timestamp(1_831_536_000),
+        key,
+        agreement_key: Some(cell.agreement().public()),
+        attributes: Default::default(),
+    }
+    .with_attribute(attr::NODE, node.public().as_bytes().to_vec())
+    .and_then(|c| c.sign(cell.signing()))
+    .expect("the vector's claims are within limits")
+}
+
+/// The RNG seed of the handshake vectors.
+pub const VECTOR_SEED: u64 = 2026;
+
+/// The deterministic link docs/PROTOCOL.md publishes as the handshake vectors:
+/// `TestNode::new(1, ..)` dials `TestNode::new(2, ..)` at [`START`] on
+/// `ChaCha20Rng::seed_from_u64(VECTOR_SEED)`.
+pub struct VectorLink {
+    /// Whole frames, in the order they crossed the link.
+    pub hello: Vec<u8>,
+    /// The response frame.
+    pub response: Vec<u8>,
+    /// The finish frame.
+    pub finish: Vec<u8>,
+    /// The first session frame from the initiator.
+    pub join: Vec<u8>,
+    /// The first session frame from the responder.
+    pub ack: Vec<u8>,
+    /// The handshake hash both sides derived.
+    pub handshake_hash: [u8; 32],
+    /// The initiator, joined.
+    pub initiator: Connection,
+    /// The responder, joined.
+    pub responder: Connection,
+}
+
+/// Runs the vector link. The connections keep the handshake hash to themselves, so the same
+/// handshake is run again through the typed API on the same random draws; that it produces the
+/// same three messages is asserted here, which ties the hash to these frames.
+pub fn vector_link() -> VectorLink {
+    let (a, b) = (
+        TestNode::new(1, START.timestamp()),
+        TestNode::new(2, START.timestamp()),
+    );
+    let mut rng = ChaCha20Rng::seed_from_u64(VECTOR_SEED);
+    let mut initiator = Connection::connect(Arc::new(a.config()), START, &mut rng);
+    let mut responder = Connection::accept(Arc::new(b.config()), START);
+    let one = |frames: Vec<Vec<u8>>| -> Vec<u8> {
+        assert_eq!(frames.len(), 1, "one frame");
+        frames.concat()
+    };
+    let hello = one(frames(&mut initiator));
+    responder.handle_input(&hello, START, &mut rng);
+    let response = one(frames(&mut responder));
+    initiator.handle_input(&response, START, &mut rng);
+    let mut finish_and_join = frames(&mut initiator);
+    assert_eq!(finish_and_join.len(), 2, "finish and JOIN in one write");
+    let join = finish_and_join.pop().expect("two frames");
+    let finish = finish_and_join.pop().expect("two frames");
+    responder.handle_input(&[&finish[..], &join[..]].concat(), START, &mut rng);
+    let ack = one(frames(&mut responder));
+    initiator.handle_input(&ack, START, &mut rng);
+    assert!(
+        initiator.is_joined() && responder.is_joined(),
+        "the link joins"
+    );
+    let handshake_hash = typed_handshake_hash(&a, &b, [&hello, &response, &finish]);
+    VectorLink {
+        hello,
+        response,
+        finish,
+        join,
+        ack,
+        handshake_hash,
+        initiator,
+        responder,
+    }
+}
+
+fn typed_handshake_hash(a: &TestNode, b: &TestNode, wire: [&[u8]; 3]) -> [u8; 32] {
+    use crate::handshake::{Initiator, PeerChecks, Responder};
+    let local = |n: &TestNode| {
+        LocalNode::new(n.node_token.clone(), &n.node.agreement).expect("matching keys")
+    };
+    let (la, lb) = (local(a), local(b));
+    let none = crate::device::Revocations::new();
+    let checks = PeerChecks {
+        now: START.timestamp(),
+        skew: 60,
+        revocations: &none,
+        realm_issuer: None,
+    };
+    let body = |frame: &[u8]| frame[wire::LEN_PREFIX + 1..].to_vec();
+    let mut rng = ChaCha20Rng::seed_from_u64(VECTOR_SEED);
+    let (initiator, hello) = Initiator::start(&la, &mut rng).expect("start");
+    assert_eq!(
+        hello,
+        body(wire[0]),
+        "typed hello differs from the connection's"
+    );
+    let (responder, response) = Responder::read_hello(&hello, &lb, &mut rng).expect("hello");
+    assert_eq!(response, body(wire[1]), "typed response differs");
+    let (ia, finish) = initiator
+        .read_response(&response, &la, &checks)
+        .expect("response");
+    assert_eq!(finish, body(wire[2]), "typed finish differs");
+    let rb = responder.read_finish(&finish, &checks).expect("finish");
+    assert_eq!(ia.handshake_hash, rb.handshake_hash);
+    ia.handshake_hash
 }

@@ -5,7 +5,8 @@ use cellmesh_core::Timestamp;
 use cellmesh_core::id::{CellId, NodeId};
 use cellmesh_core::keys::SigningSecret;
 use cellmesh_core::mnemonic::Mnemonic;
-use cellmesh_core::token::{Claims, Name, Token, TokenKind, attr};
+use cellmesh_core::testing::vector_identity_token;
+use cellmesh_core::token::{Token, attr};
 
 struct CellVector {
     mnemonic: &'static str,
@@ -82,27 +83,15 @@ fn mnemonic_to_keys_to_cell_id() {
 
 #[test]
 fn claims_to_token_bytes_to_fingerprint() {
-    let cell = Mnemonic::parse(CELLS[0].mnemonic).unwrap().derive("");
     let node = SigningSecret::from_seed(&[0x42; 32]);
     assert_eq!(NodeId::from_key(node.public()).to_string(), NODE_ID);
-    let key = cell.signing().public();
-    let claims = Claims {
-        kind: TokenKind::Identity,
-        realm: Some(Name::new("example.org").unwrap()),
-        subject: "cellmesh cell".into(),
-        issuer: key,
-        audience: None,
-        uuid: [0x11; 16],
-        issued_at: Timestamp(1_800_000_000),
-        not_before: Timestamp(1_800_000_000),
-        expires_at: Timestamp(1_831_536_000),
-        key,
-        agreement_key: Some(cell.agreement().public()),
-        attributes: Default::default(),
-    }
-    .with_attribute(attr::NODE, node.public().as_bytes().to_vec())
-    .unwrap();
-    let token = claims.sign(cell.signing()).unwrap();
+    let token = vector_identity_token();
+    let cell = Mnemonic::parse(CELLS[0].mnemonic).unwrap().derive("");
+    assert_eq!(token.claims().issuer, cell.signing().public());
+    assert_eq!(
+        token.claims().key_attribute(attr::NODE),
+        Some(node.public())
+    );
     assert_eq!(hex(&token.to_bytes()), TOKEN_HEX);
     assert_eq!(token.fingerprint().to_string(), TOKEN_FINGERPRINT);
     let decoded = Token::decode(&hex::decode(TOKEN_HEX).unwrap()).unwrap();
