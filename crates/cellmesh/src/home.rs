@@ -553,6 +553,22 @@ mod tests {
         Passphrase::new(s.into())
     }
 
+    /// A new cell in `home`, passphrase "pw".
+    fn fresh(home: &Home) -> Keystore {
+        match home
+            .create(
+                &Mnemonic::generate(&mut OsRng),
+                "",
+                &pass("pw"),
+                FAST,
+                false,
+            )
+            .unwrap()
+        {
+            Created::New(k) | Created::AlreadyPresent(k) => k,
+        }
+    }
+
     #[test]
     fn create_restore_unlock_revoke() {
         let dir = tempfile::tempdir().unwrap();
@@ -607,14 +623,7 @@ mod tests {
     fn concurrent_writers_lose_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let home = Home::new(dir.path());
-        home.create(
-            &Mnemonic::generate(&mut OsRng),
-            "",
-            &pass("pw"),
-            FAST,
-            false,
-        )
-        .unwrap();
+        fresh(&home);
         let tokens: Vec<Token> = (0..16)
             .map(|_| {
                 let cell = Mnemonic::generate(&mut OsRng).derive("");
@@ -642,26 +651,8 @@ mod tests {
             Home::new(dir.path().join("a")),
             Home::new(dir.path().join("b")),
         );
-        a.create(
-            &Mnemonic::generate(&mut OsRng),
-            "",
-            &pass("pw"),
-            FAST,
-            false,
-        )
-        .unwrap();
-        let kb = match b
-            .create(
-                &Mnemonic::generate(&mut OsRng),
-                "",
-                &pass("pw"),
-                FAST,
-                false,
-            )
-            .unwrap()
-        {
-            Created::New(k) | Created::AlreadyPresent(k) => k,
-        };
+        fresh(&a);
+        let kb = fresh(&b);
         let text = fs::read_to_string(a.keystore_path()).unwrap();
         let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
         json["node_id"] = kb.node.to_string().into();

@@ -51,6 +51,14 @@ async fn next_matching(
     .expect("event within 10 s")
 }
 
+/// The reason of the next `Left` event.
+async fn left_reason(events: &mut broadcast::Receiver<NodeEvent>) -> String {
+    match next_matching(events, |e| matches!(e, NodeEvent::Left { .. })).await {
+        NodeEvent::Left { reason, .. } => reason,
+        _ => unreachable!("matched Left"),
+    }
+}
+
 fn addr(node: &Node) -> SocketAddr {
     node.local_addrs()[0]
 }
@@ -166,10 +174,7 @@ async fn data_flows_and_shutdown_tells_the_peer() {
     assert!(b.send(hub.node_id(), too_big).await.is_err());
 
     hub.shutdown(Duration::from_secs(2)).await;
-    let left = next_matching(&mut b_events, |e| matches!(e, NodeEvent::Left { .. })).await;
-    let NodeEvent::Left { reason, .. } = left else {
-        unreachable!()
-    };
+    let reason = left_reason(&mut b_events).await;
     assert!(reason.contains("shutting down"), "{reason}");
 }
 
@@ -310,10 +315,7 @@ async fn a_full_inbox_pauses_reading_but_not_the_connection() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     // The hub's driver for B still takes commands: shutdown's CLOSE reaches B.
     hub.shutdown(Duration::from_secs(2)).await;
-    let left = next_matching(&mut b_events, |e| matches!(e, NodeEvent::Left { .. })).await;
-    let NodeEvent::Left { reason, .. } = left else {
-        unreachable!()
-    };
+    let reason = left_reason(&mut b_events).await;
     assert!(reason.contains("shutting down"), "{reason}");
 }
 
