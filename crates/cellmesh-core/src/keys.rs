@@ -160,6 +160,17 @@ impl AgreementSecret {
         AgreementPublicKey(x25519_dalek::PublicKey::from(&self.0).to_bytes())
     }
 
+    /// X25519 with `theirs`; `None` when their key is of small order (the result would be
+    /// all zeros, contributing nothing secret).
+    pub fn diffie_hellman(&self, theirs: &AgreementPublicKey) -> Option<Zeroizing<[u8; KEY_LEN]>> {
+        let shared = self
+            .0
+            .diffie_hellman(&x25519_dalek::PublicKey::from(theirs.0));
+        shared
+            .was_contributory()
+            .then(|| Zeroizing::new(shared.to_bytes()))
+    }
+
     /// The 32 secret bytes. Only for sealing into the keystore and for handing to a
     /// handshake implementation.
     pub fn dangerous_bytes(&self) -> Zeroizing<[u8; KEY_LEN]> {

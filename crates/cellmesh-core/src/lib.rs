@@ -25,12 +25,14 @@
 pub mod codec;
 pub mod connection;
 pub mod device;
+pub mod e2e;
 pub mod handshake;
 pub mod id;
 pub mod keys;
 pub mod keystore;
 pub mod mnemonic;
 pub mod peers;
+pub mod relay;
 pub mod session;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
