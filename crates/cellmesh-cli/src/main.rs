@@ -20,6 +20,7 @@ use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
 mod demo;
+mod mail;
 mod node;
 
 /// End-to-end encrypted messaging between cells.
@@ -54,6 +55,10 @@ enum Command {
         /// Replace a different cell that already exists in this home.
         #[arg(long)]
         force: bool,
+        /// Register this device with the relay at ADDR and remember it for `send` and `listen`
+        /// (also CELLMESH_RELAY).
+        #[arg(long, value_name = "ADDR", env = "CELLMESH_RELAY")]
+        relay: Option<std::net::SocketAddr>,
         /// Print one JSON object (with `cell_id`, `node_id`).
         #[arg(long)]
         json: bool,
@@ -88,6 +93,14 @@ enum Command {
     },
     /// Run a node in the foreground: listen, join others, print one line per event.
     Node(node::NodeArgs),
+    /// Run a relay: devices behind NAT join it; it forwards sealed messages between cells and
+    /// stores them for devices that are offline.
+    Relay(mail::RelayArgs),
+    /// Receive messages from other cells through the relay; one line per message.
+    Listen(mail::ListenArgs),
+    /// Send a message to a cell through the relay: waits until a device of it acknowledges it
+    /// (`delivered`) or the relay stored it for later (`queued`).
+    Send(mail::SendArgs),
     /// Run a self-contained demonstration in a temporary directory and exit.
     Demo,
 }
@@ -146,8 +159,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::ConnectCell {
             secrets,
             force,
+            relay,
             json,
-        } => connect_cell(&home()?, secrets, *force, *json),
+        } => connect_cell(&home()?, secrets, *force, *relay, *json),
         Command::Whoami { json } => whoami(&home()?, *json),
         Command::RevokeDevice {
             node_id,
@@ -157,6 +171,9 @@ fn run(cli: Cli) -> Result<()> {
         } => revoke_device(&home()?, *node_id, secrets, *force, *json),
         Command::ImportRevocation { token, json } => import_revocation(&home()?, token, *json),
         Command::Node(args) => node::run(&home()?, args),
+        Command::Relay(args) => mail::relay(&home()?, args),
+        Command::Listen(args) => mail::listen(&home()?, args),
+        Command::Send(args) => mail::send(&home()?, args),
         Command::Demo => demo::run(),
     }
 }
@@ -205,23 +222,39 @@ fn create_cell(home: &Home, args: &SecretArgs, force: bool, json: bool) -> Resul
     Ok(())
 }
 
-fn connect_cell(home: &Home, args: &SecretArgs, force: bool, json: bool) -> Result<()> {
+fn connect_cell(
+    home: &Home,
+    args: &SecretArgs,
+    force: bool,
+    relay: Option<std::net::SocketAddr>,
+    json: bool,
+) -> Result<()> {
     let phrase = read_mnemonic()?;
     let mnemonic = Mnemonic::parse(&phrase).context("recovery phrase refused")?;
     let seed_passphrase = seed_passphrase(args)?;
     let cell = mnemonic.derive(&seed_passphrase).cell_id();
     let existing = home.load().ok();
-    let passphrase = match &existing {
-        Some(k) if k.cell == cell && !force => None,
-        _ => Some(keystore_passphrase(&args.keystore, true)?),
+    let reuse = matches!(&existing, Some(k) if k.cell == cell && !force);
+    let passphrase = match (reuse, relay) {
+        (true, None) => None,
+        (true, Some(_)) => Some(keystore_passphrase(&args.keystore, false)?),
+        (false, _) => Some(keystore_passphrase(&args.keystore, true)?),
     };
-    let (keystore, fresh) = match passphrase {
-        None => (existing.context("keystore vanished")?, false),
-        Some(p) => match home.create(&mnemonic, &seed_passphrase, &p, KdfParams::DEFAULT, force) {
+    let (keystore, fresh) = match &passphrase {
+        _ if reuse => (existing.context("keystore vanished")?, false),
+        None => bail!("a passphrase is needed"),
+        Some(p) => match home.create(&mnemonic, &seed_passphrase, p, KdfParams::DEFAULT, force) {
             Ok(Created::New(k)) => (k, true),
             Ok(Created::AlreadyPresent(k)) => (k, false),
             Err(e) => return Err(e).context("cannot connect this device"),
         },
+    };
+    let relay_node = match (relay, &passphrase) {
+        (Some(addr), Some(p)) => {
+            let unlocked = home.unlock(p)?;
+            Some((addr, mail::register(home, &unlocked, addr)?))
+        }
+        _ => None,
     };
     if json {
         let out = json!({
@@ -229,6 +262,8 @@ fn connect_cell(home: &Home, args: &SecretArgs, force: bool, json: bool) -> Resu
             "node_id": keystore.node.to_string(),
             "home": home.dir(),
             "new_device": fresh,
+            "relay": relay_node.map(|(a, _)| a.to_string()),
+            "relay_node": relay_node.map(|(_, n)| n.to_string()),
         });
         println!("{out}");
         return Ok(());
@@ -239,6 +274,9 @@ fn connect_cell(home: &Home, args: &SecretArgs, force: bool, json: bool) -> Resu
         println!("This device already holds cell {}.", keystore.cell.short());
     }
     print_ids(home, &keystore);
+    if let Some((addr, node)) = relay_node {
+        println!("Registered at relay {addr} ({node}).");
+    }
     Ok(())
 }
 

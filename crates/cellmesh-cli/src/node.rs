@@ -100,7 +100,7 @@ pub fn run(home: &Home, args: &NodeArgs) -> Result<()> {
     })
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
@@ -166,7 +166,7 @@ impl Printer {
 
 /// Text from a peer (NACK and CLOSE reasons) with control characters escaped, so it cannot
 /// forge output lines or send terminal escapes. JSON output is escaped by the encoder.
-fn printable(text: &str) -> String {
+pub(crate) fn printable(text: &str) -> String {
     text.chars()
         .flat_map(|c| {
             if c.is_control() {

@@ -17,8 +17,8 @@
 //!   0x22 DELIVERED  count:u16 id:[16]*count                     1 ≤ count ≤ MAX_IDS
 //!   relay → device
 //!   0x30 DIRECTORY  request:u32 cell:[32] count:u8 { node_token:bytes16 identity:bytes16 }*
-//!   0x31 ACCEPTED   id:[16] status:u8                           1 pushed, 2 queued
-//!   0x32 REFUSED    id:[16] code:u8                             see RefuseCode
+//!   0x31 ACCEPTED   to_node:[32] id:[16] status:u8              1 pushed, 2 queued
+//!   0x32 REFUSED    to_node:[32] id:[16] code:u8                see RefuseCode
 //!   0x33 DELIVER    from_node:[32] id:[16] envelope:rest
 //! ```
 //!
@@ -194,15 +194,19 @@ pub enum Record {
         /// Its devices, as the relay claims them.
         devices: Vec<DirectoryEntry>,
     },
-    /// Relay → device: the FORWARD with this id was accepted.
+    /// Relay → device: the FORWARD with this id to this device was accepted.
     Accepted {
+        /// Recipient device of the FORWARD.
+        to: NodeId,
         /// Message id.
         id: MsgId,
         /// Pushed or queued.
         status: Accepted,
     },
-    /// Relay → device: the FORWARD with this id was refused.
+    /// Relay → device: the FORWARD with this id to this device was refused.
     Refused {
+        /// Recipient device of the FORWARD.
+        to: NodeId,
         /// Message id.
         id: MsgId,
         /// Why.
@@ -242,7 +246,7 @@ impl Record {
                         .map(|d| 4 + d.node_token.encoded_len() + d.identity.encoded_len())
                         .sum::<usize>()
             }
-            Self::Accepted { .. } | Self::Refused { .. } => 16 + 1,
+            Self::Accepted { .. } | Self::Refused { .. } => 32 + 16 + 1,
             Self::Deliver { envelope, .. } => 32 + 16 + envelope.len(),
         }
     }
@@ -282,16 +286,18 @@ impl Record {
                     put_bytes16(out, &d.identity.to_bytes());
                 }
             }
-            Self::Accepted { id, status } => {
+            Self::Accepted { to, id, status } => {
                 out.push(ACCEPTED);
+                out.extend_from_slice(to.key().as_bytes());
                 out.extend_from_slice(&id.0);
                 out.push(match status {
                     Accepted::Pushed => 1,
                     Accepted::Queued => 2,
                 });
             }
-            Self::Refused { id, code } => {
+            Self::Refused { to, id, code } => {
                 out.push(REFUSED);
+                out.extend_from_slice(to.key().as_bytes());
                 out.extend_from_slice(&id.0);
                 out.push(code.code());
             }
@@ -369,6 +375,7 @@ impl Record {
                 }
             }
             ACCEPTED => {
+                let to = NodeId::from_key(key(&mut r)?);
                 let id = MsgId(r.array()?);
                 let status = match r.u8()? {
                     1 => Accepted::Pushed,
@@ -376,13 +383,14 @@ impl Record {
                     _ => return Err(DecodeError::Invalid("accepted status")),
                 };
                 r.finish()?;
-                Self::Accepted { id, status }
+                Self::Accepted { to, id, status }
             }
             REFUSED => {
+                let to = NodeId::from_key(key(&mut r)?);
                 let id = MsgId(r.array()?);
                 let code = RefuseCode::from_code(r.u8()?);
                 r.finish()?;
-                Self::Refused { id, code }
+                Self::Refused { to, id, code }
             }
             _ => return Err(DecodeError::Invalid("relay record type")),
         };
@@ -458,10 +466,12 @@ mod tests {
                 }],
             },
             Record::Accepted {
+                to: a.node_id(),
                 id,
                 status: Accepted::Queued,
             },
             Record::Refused {
+                to: a.node_id(),
                 id,
                 code: RefuseCode::QueueFull,
             },

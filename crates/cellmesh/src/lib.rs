@@ -7,6 +7,7 @@
 //! - [`home`]: a device's home directory and its encrypted keystore.
 //! - [`identity`]: the tokens a running node presents.
 //! - [`node`]: a node on tokio: listen, join, peers, send and receive, shutdown.
+//! - [`store`]: a relay's durable store: registered devices and queues for offline ones.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 #![cfg_attr(
@@ -16,7 +17,10 @@
 
 pub mod home;
 pub mod identity;
+pub mod mailbox;
 pub mod node;
+pub mod relay;
+pub mod store;
 
 pub use bytes::Bytes;
 pub use cellmesh_core as core;

@@ -522,6 +522,16 @@ impl Node {
             .collect()
     }
 
+    /// The proof by which the joined peer `node` acts for its cell: its node token and its
+    /// cell's identity token, both verified at join.
+    pub fn binding(&self, node: NodeId) -> Option<DeviceBinding> {
+        self.shared
+            .state()
+            .table
+            .get(&node)
+            .map(|p| p.binding.clone())
+    }
+
     /// A handle for sending to the joined peer `node`.
     pub fn sender(&self, node: NodeId) -> Result<PeerSender, SendError> {
         let state = self.shared.state();
