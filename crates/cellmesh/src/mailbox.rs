@@ -300,6 +300,9 @@ struct PendingSend {
     devices: HashMap<NodeId, (RemoteDevice, Bytes, DevState)>,
     done: Option<oneshot::Sender<Result<Sent, MailboxError>>>,
     deadline: Instant,
+    /// Kept until every device acknowledged, or until then: a device that was offline may
+    /// come back having lost its session, and ask (RESET) for the message again.
+    keep_until: Instant,
 }
 
 struct Driver {
@@ -328,6 +331,10 @@ enum Waiting {
 }
 
 const DIRECTORY_TTL: Duration = Duration::from_secs(30);
+/// How long a sent message is kept for devices that have not acknowledged it.
+const RETAIN: Duration = Duration::from_secs(24 * 3600);
+/// Most messages kept for devices that have not acknowledged them.
+const MAX_RETAINED: usize = 65_536;
 const RETRY_AFTER: Duration = Duration::from_millis(100);
 
 impl Driver {
@@ -438,13 +445,31 @@ impl Driver {
                 }
             }
         }
+        if self.sends.len() >= MAX_RETAINED {
+            let resolved: Vec<MsgId> = self
+                .sends
+                .iter()
+                .filter(|(_, s)| s.done.is_none())
+                .map(|(id, _)| *id)
+                .take(MAX_RETAINED / 16)
+                .collect();
+            tracing::warn!(
+                dropped = resolved.len(),
+                "too many messages not acknowledged by every device; forgetting some"
+            );
+            for id in resolved {
+                self.sends.remove(&id);
+            }
+        }
+        let now = Instant::now();
         self.sends.insert(
             id,
             PendingSend {
                 body,
                 devices,
                 done: Some(done),
-                deadline: Instant::now() + self.config.ack_timeout,
+                deadline: now + self.config.ack_timeout,
+                keep_until: now + RETAIN,
             },
         );
     }
@@ -644,7 +669,10 @@ impl Driver {
                 devices: n,
             }));
         }
-        if !waiting {
+        let settled = states
+            .iter()
+            .all(|s| matches!(s, DevState::Acked | DevState::Refused(_)));
+        if settled {
             self.sends.remove(&id);
         }
     }
@@ -665,14 +693,17 @@ impl Driver {
                     });
                 }
             }
-            if send.deadline <= now {
+            if (send.deadline <= now && send.done.is_some()) || send.keep_until <= now {
                 expired.push(*id);
             }
         }
         for id in expired {
-            let Some(mut send) = self.sends.remove(&id) else {
+            let Some(send) = self.sends.get_mut(&id) else {
                 continue;
             };
+            if send.keep_until <= now {
+                tracing::debug!(%id, "forgetting a message some device never acknowledged");
+            }
             let queued = send
                 .devices
                 .values()
@@ -694,6 +725,14 @@ impl Driver {
                     Err(MailboxError::Timeout)
                 };
                 let _ = done.send(outcome);
+            }
+            if send.keep_until <= now
+                || !send
+                    .devices
+                    .values()
+                    .any(|(_, _, s)| *s == DevState::Queued)
+            {
+                self.sends.remove(&id);
             }
         }
     }

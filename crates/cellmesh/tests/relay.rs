@@ -89,7 +89,10 @@ async fn messages_flow_both_ways_and_reach_every_device_of_the_cell() {
         .unwrap();
     assert_eq!(back.status, Status::Delivered);
     let m = recv(&mut a).await;
-    assert_eq!((m.body.as_ref(), m.from_cell), (&b"hi alice"[..], b2.cell()));
+    assert_eq!(
+        (m.body.as_ref(), m.from_cell),
+        (&b"hi alice"[..], b2.cell())
+    );
 
     // Many in flight at once, all delivered, none twice.
     let mut tickets = Vec::new();
@@ -252,4 +255,32 @@ async fn plaintext_never_crosses_the_relay_nor_rests_in_its_store() {
         !stored.windows(needle.len()).any(|w| w == needle),
         "plaintext in the relay's store"
     );
+}
+
+#[tokio::test]
+async fn a_device_that_restarted_gets_what_was_queued_in_its_lost_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = relay_at(
+        &device(dir.path(), "relay"),
+        "127.0.0.1:0".parse().unwrap(),
+        &dir.path().join("data"),
+    )
+    .await;
+    let addr = relay.local_addrs()[0];
+    let (alice, bob) = (device(dir.path(), "alice"), device(dir.path(), "bob"));
+    let a = mailbox(&alice, addr).await;
+    let mut b = mailbox(&bob, addr).await;
+    // The first exchange moves the session past its first flight (compact, epoch 1).
+    a.send(b.cell(), Bytes::from_static(b"one")).await.unwrap();
+    recv(&mut b).await;
+    let bob_cell = b.cell();
+    b.close().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let sent = a.send(bob_cell, Bytes::from_static(b"two")).await.unwrap();
+    assert_eq!(sent.status, Status::Queued);
+    // Bob's process restarted: it no longer has the session the queued envelope is in.
+    let mut b = mailbox(&bob, addr).await;
+    let m = recv(&mut b).await;
+    assert_eq!((m.id, m.body.as_ref()), (sent.id, &b"two"[..]));
+    relay.shutdown().await;
 }
