@@ -35,8 +35,9 @@
 //! ```text
 //! envelope = version:u8(=1) kind:u8 session:[16] rest
 //!   kind 1 INIT  enc:[32] node_token:bytes16 identity:bytes16 sealed      (epoch 0, self-contained)
-//!   kind 2 MSG   sealed
+//!   kind 2 MSG   sealed                                                   (initiator → responder)
 //!   kind 3 RESET                                                          (unauthenticated)
+//!   kind 4 REPLY sealed                                                   (responder → initiator)
 //! sealed   = epoch:u32 counter:u64 time:u64 AES-256-GCM(key, nonce = epoch ‖ counter, aad, plain)
 //! aad      = "cellmesh e2e v1" ‖ envelope bytes before the ciphertext ‖ sender cell ‖ sender node
 //!            ‖ recipient cell ‖ recipient node ‖ message id
@@ -94,6 +95,7 @@ const EPOCH1_INFO: &[u8] = b"cellmesh e2e v1 epoch 1";
 const INIT: u8 = 1;
 const MSG: u8 = 2;
 const RESET: u8 = 3;
+const REPLY: u8 = 4;
 const PLAIN_MESSAGE: u8 = 1;
 const PLAIN_ACK: u8 = 2;
 const TAG_LEN: usize = 16;
@@ -473,11 +475,14 @@ impl Endpoint {
         match kind {
             INIT => {
                 let enc: [u8; KEY_LEN] = r.array()?;
-                let node_token = Token::decode(r.bytes16("node token", MAX_TOKEN_LEN)?)?;
-                let identity = Token::decode(r.bytes16("identity token", MAX_TOKEN_LEN)?)?;
+                let node_token = r.bytes16("node token", MAX_TOKEN_LEN)?;
+                let identity = r.bytes16("identity token", MAX_TOKEN_LEN)?;
                 let header_len = envelope.len() - r.remaining();
                 let key = (from, session);
+                // The tokens are parsed and checked once per session, not per message.
                 if !self.inbound.contains_key(&key) {
+                    let (node_token, identity) =
+                        (Token::decode(node_token)?, Token::decode(identity)?);
                     let peer = RemoteDevice::verify(&node_token, &identity, now, revocations)?;
                     if peer.node() != from {
                         return Err(OpenError::WrongSender);
@@ -493,15 +498,21 @@ impl Endpoint {
                 if self.inbound.contains_key(&key) {
                     return self.open_inbound(key, id, envelope, header_len);
                 }
+                Ok(Opened::Unknown {
+                    reply: Reply {
+                        to: from,
+                        id: MsgId::random(rng),
+                        envelope: reset_envelope(session),
+                    },
+                })
+            }
+            REPLY => {
+                let header_len = envelope.len() - r.remaining();
                 match self.outbound.get_mut(&from) {
                     Some(out) if out.id == session => out.open_reply(id, envelope, header_len),
-                    _ => Ok(Opened::Unknown {
-                        reply: Reply {
-                            to: from,
-                            id: MsgId::random(rng),
-                            envelope: reset_envelope(session),
-                        },
-                    }),
+                    // An acknowledgement for a session this device no longer has (it
+                    // restarted): nothing to do, and nothing to ask for.
+                    _ => Err(OpenError::Unauthentic),
                 }
             }
             RESET => {
@@ -548,7 +559,10 @@ impl Endpoint {
         rng: &mut impl CryptoRngCore,
     ) -> Result<&mut Outbound, SealError> {
         let node = to.node();
-        let reuse = matches!(self.outbound.get(&node), Some(s) if s.peer == *to);
+        let reuse = matches!(
+            self.outbound.get(&node),
+            Some(s) if s.peer.agreement == to.agreement && s.peer.cell() == to.cell()
+        );
         if !reuse {
             if self.outbound.len() >= MAX_SESSIONS
                 && let Some(victim) = self.outbound.keys().next().copied()
@@ -933,7 +947,7 @@ impl Inbound {
             plain.extend_from_slice(&i.0);
         }
         let binding = reversed(&self.binding);
-        seal_envelope(MSG, session, &[], keys, Timestamp(0), &binding, id, plain)
+        seal_envelope(REPLY, session, &[], keys, Timestamp(0), &binding, id, plain)
     }
 }
 

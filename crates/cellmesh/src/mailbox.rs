@@ -16,7 +16,7 @@
 //! A received message is handed to the application before the relay is told DELIVERED, and
 //! message ids are remembered, so a redelivery after a crash is dropped, not shown twice.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -28,9 +28,12 @@ use cellmesh_core::e2e::{
 use cellmesh_core::id::{CellId, NodeId};
 use cellmesh_core::relay::{Accepted, MsgId, Record, RefuseCode, put_record, records};
 use cellmesh_core::wire::MAX_PAYLOAD;
-use rand_core::OsRng;
+use rand_chacha::ChaCha20Rng;
+use rand_core::{OsRng, SeedableRng as _};
+use std::sync::Arc;
 use thiserror::Error;
-use tokio::sync::{broadcast, mpsc, oneshot};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::home::Unlocked;
@@ -50,6 +53,8 @@ pub struct MailboxConfig {
     pub ack_timeout: Duration,
     /// Messages received but not yet taken by [`Mailbox::recv`] before the relay link pauses.
     pub inbox_capacity: usize,
+    /// Sends whose outcome is not known yet; [`Mailbox::submit`] waits while this many are.
+    pub max_in_flight: usize,
     /// The node underneath (it does not listen).
     pub node: NodeConfig,
 }
@@ -63,6 +68,7 @@ impl MailboxConfig {
             padding: Padding::None,
             ack_timeout: Duration::from_secs(10),
             inbox_capacity: 8192,
+            max_in_flight: 16_384,
             node: NodeConfig::default(),
         }
     }
@@ -140,6 +146,7 @@ pub enum MailboxError {
 #[derive(Debug)]
 pub struct Mailbox {
     cmds: mpsc::Sender<Cmd>,
+    in_flight: Arc<Semaphore>,
     messages: mpsc::Receiver<Message>,
     relay_node: NodeId,
     cell: CellId,
@@ -164,11 +171,23 @@ impl std::future::Future for Ticket {
     }
 }
 
+/// Where a send's outcome goes; holds its place among the sends in flight until then.
+struct Done {
+    tx: oneshot::Sender<Result<Sent, MailboxError>>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Done {
+    fn send(self, outcome: Result<Sent, MailboxError>) {
+        let _ = self.tx.send(outcome);
+    }
+}
+
 enum Cmd {
     Send {
         to: CellId,
         body: Bytes,
-        done: oneshot::Sender<Result<Sent, MailboxError>>,
+        done: Done,
     },
     Lookup {
         cell: CellId,
@@ -202,6 +221,7 @@ impl Mailbox {
                 }
             })?;
         let (cmds, cmd_rx) = mpsc::channel(1024);
+        let in_flight = Arc::new(Semaphore::new(config.max_in_flight.max(1)));
         let (msg_tx, messages) = mpsc::channel(config.inbox_capacity.max(1));
         let (cell, me) = (node.cell(), node.node_id());
         let revocations = unlocked.keystore.revocations();
@@ -215,13 +235,18 @@ impl Mailbox {
             revocations,
             messages: msg_tx,
             sends: HashMap::new(),
+            deadlines: VecDeque::new(),
+            expiries: VecDeque::new(),
+            retries: Vec::new(),
             directories: HashMap::new(),
+            rng: ChaCha20Rng::from_rng(OsRng).map_err(|_| MailboxError::Closed)?,
             lookups: HashMap::new(),
             next_request: 1,
             out: Vec::new(),
         };
         Ok(Self {
             cmds,
+            in_flight,
             messages,
             relay_node: relay.node,
             cell,
@@ -237,7 +262,15 @@ impl Mailbox {
 
     /// Starts a send; await the ticket for its outcome. Many sends can be in flight at once.
     pub async fn submit(&self, to: CellId, body: Bytes) -> Result<Ticket, MailboxError> {
-        let (done, rx) = oneshot::channel();
+        let permit = Arc::clone(&self.in_flight)
+            .acquire_owned()
+            .await
+            .map_err(|_| MailboxError::Closed)?;
+        let (tx, rx) = oneshot::channel();
+        let done = Done {
+            tx,
+            _permit: permit,
+        };
         self.cmds
             .send(Cmd::Send { to, body, done })
             .await
@@ -295,14 +328,23 @@ enum DevState {
     Acked,
 }
 
+/// A checked directory (its devices shared by every send to the cell), and when it came.
+type CachedDirectory = (Arc<[Arc<RemoteDevice>]>, Directory, Instant);
+
+/// One device of the recipient cell, for one message.
+struct DeviceSend {
+    device: Arc<RemoteDevice>,
+    envelope: Bytes,
+    state: DevState,
+}
+
 struct PendingSend {
     body: Bytes,
-    devices: HashMap<NodeId, (RemoteDevice, Bytes, DevState)>,
-    done: Option<oneshot::Sender<Result<Sent, MailboxError>>>,
-    deadline: Instant,
-    /// Kept until every device acknowledged, or until then: a device that was offline may
-    /// come back having lost its session, and ask (RESET) for the message again.
-    keep_until: Instant,
+    devices: Vec<DeviceSend>,
+    /// Until the outcome is known. The send itself is kept until every device acknowledged
+    /// (or for [`RETAIN`]): a device that was offline may come back having lost its session,
+    /// and ask (RESET) for the message again.
+    done: Option<Done>,
 }
 
 struct Driver {
@@ -315,7 +357,14 @@ struct Driver {
     revocations: cellmesh_core::device::Revocations,
     messages: mpsc::Sender<Message>,
     sends: HashMap<MsgId, PendingSend>,
-    directories: HashMap<CellId, (Directory, Instant)>,
+    /// Sends by when their outcome is due, and by when they are forgotten (both in the order
+    /// they were made, since every send gets the same delays).
+    deadlines: VecDeque<(Instant, MsgId)>,
+    expiries: VecDeque<(Instant, MsgId)>,
+    /// Devices refused for a reason that may pass, to forward to again.
+    retries: Vec<(Instant, MsgId, NodeId)>,
+    directories: HashMap<CellId, CachedDirectory>,
+    rng: ChaCha20Rng,
     lookups: HashMap<u32, (CellId, Vec<Waiting>)>,
     next_request: u32,
     /// Records for the relay, flushed at the end of each turn.
@@ -323,10 +372,7 @@ struct Driver {
 }
 
 enum Waiting {
-    Send {
-        body: Bytes,
-        done: oneshot::Sender<Result<Sent, MailboxError>>,
-    },
+    Send { body: Bytes, done: Done },
     Lookup(oneshot::Sender<Result<Directory, MailboxError>>),
 }
 
@@ -389,21 +435,21 @@ impl Driver {
         }
         for (_, mut s) in self.sends.drain() {
             if let Some(done) = s.done.take() {
-                let _ = done.send(Err(MailboxError::Closed));
+                done.send(Err(MailboxError::Closed));
             }
         }
         self.node.shutdown(Duration::from_secs(1)).await;
     }
 
-    fn send(&mut self, to: CellId, body: Bytes, done: oneshot::Sender<Result<Sent, MailboxError>>) {
+    fn send(&mut self, to: CellId, body: Bytes, done: Done) {
         if body.len() > cellmesh_core::e2e::MAX_BODY {
-            let _ = done.send(Err(SealError::TooLarge(body.len()).into()));
+            done.send(Err(SealError::TooLarge(body.len()).into()));
             return;
         }
         match self.directories.get(&to) {
-            Some((dir, at)) if at.elapsed() < DIRECTORY_TTL => {
-                let dir = dir.clone();
-                self.seal_and_forward(&dir, body, done);
+            Some((devices, _, at)) if at.elapsed() < DIRECTORY_TTL => {
+                let devices = Arc::clone(devices);
+                self.seal_and_forward(&devices, body, done);
             }
             _ => self.lookup(to, Waiting::Send { body, done }),
         }
@@ -420,58 +466,64 @@ impl Driver {
         self.out.push(Record::Lookup { request, cell });
     }
 
-    fn seal_and_forward(
-        &mut self,
-        dir: &Directory,
-        body: Bytes,
-        done: oneshot::Sender<Result<Sent, MailboxError>>,
-    ) {
-        let id = MsgId::random(&mut OsRng);
+    fn seal_and_forward(&mut self, devices: &[Arc<RemoteDevice>], body: Bytes, done: Done) {
+        let id = MsgId::random(&mut self.rng);
         let now = crate::now();
-        let mut devices = HashMap::new();
-        for device in &dir.devices {
-            match self.endpoint.seal(device, id, now, &body, &mut OsRng) {
+        let mut sends = Vec::with_capacity(devices.len());
+        for device in devices {
+            match self.endpoint.seal(device, id, now, &body, &mut self.rng) {
                 Ok(envelope) => {
                     self.out.push(Record::Forward {
                         to: device.node(),
                         id,
                         envelope: envelope.clone(),
                     });
-                    devices.insert(device.node(), (device.clone(), envelope, DevState::Sent));
+                    sends.push(DeviceSend {
+                        device: Arc::clone(device),
+                        envelope,
+                        state: DevState::Sent,
+                    });
                 }
                 Err(e) => {
-                    let _ = done.send(Err(e.into()));
+                    done.send(Err(e.into()));
                     return;
                 }
             }
         }
         if self.sends.len() >= MAX_RETAINED {
-            let resolved: Vec<MsgId> = self
-                .sends
-                .iter()
-                .filter(|(_, s)| s.done.is_none())
-                .map(|(id, _)| *id)
-                .take(MAX_RETAINED / 16)
-                .collect();
-            tracing::warn!(
-                dropped = resolved.len(),
-                "too many messages not acknowledged by every device; forgetting some"
-            );
-            for id in resolved {
-                self.sends.remove(&id);
-            }
+            self.forget_resolved();
         }
-        let now = Instant::now();
+        let at = Instant::now();
+        let deadline = at + self.config.ack_timeout;
+        self.deadlines.push_back((deadline, id));
+        self.expiries.push_back((at + RETAIN, id));
         self.sends.insert(
             id,
             PendingSend {
                 body,
-                devices,
+                devices: sends,
                 done: Some(done),
-                deadline: now + self.config.ack_timeout,
-                keep_until: now + RETAIN,
             },
         );
+    }
+
+    /// Makes room: forgets sends whose outcome is known but that some device has not
+    /// acknowledged yet.
+    fn forget_resolved(&mut self) {
+        let resolved: Vec<MsgId> = self
+            .sends
+            .iter()
+            .filter(|(_, s)| s.done.is_none())
+            .map(|(id, _)| *id)
+            .take(MAX_RETAINED / 16)
+            .collect();
+        tracing::warn!(
+            dropped = resolved.len(),
+            "too many messages not acknowledged by every device; forgetting some"
+        );
+        for id in resolved {
+            self.sends.remove(&id);
+        }
     }
 
     async fn incoming(&mut self, batch: &mut Vec<crate::node::Incoming>) {
@@ -503,7 +555,7 @@ impl Driver {
                 }
             }
         }
-        for reply in self.endpoint.poll_acks(&mut OsRng) {
+        for reply in self.endpoint.poll_acks(&mut self.rng) {
             self.out.push(Record::Forward {
                 to: reply.to,
                 id: reply.id,
@@ -536,24 +588,27 @@ impl Driver {
                 Err(error) => Err(MailboxError::Directory { cell, error }),
             }
         };
-        if let Ok(dir) = &result {
-            self.directories.insert(cell, (dir.clone(), Instant::now()));
+        let devices: Option<Arc<[Arc<RemoteDevice>]>> = result
+            .as_ref()
+            .ok()
+            .map(|dir| dir.devices.iter().cloned().map(Arc::new).collect());
+        if let (Ok(dir), Some(devices)) = (&result, &devices) {
+            self.directories
+                .insert(cell, (Arc::clone(devices), dir.clone(), Instant::now()));
         }
         for w in waiters {
-            match (w, &result) {
-                (Waiting::Lookup(done), Ok(dir)) => {
+            match (w, &result, &devices) {
+                (Waiting::Lookup(done), Ok(dir), _) => {
                     let _ = done.send(Ok(dir.clone()));
                 }
-                (Waiting::Send { body, done }, Ok(dir)) => {
-                    let dir = dir.clone();
-                    self.seal_and_forward(&dir, body, done);
+                (Waiting::Send { body, done }, Ok(_), Some(devices)) => {
+                    self.seal_and_forward(devices, body, done);
                 }
-                (Waiting::Lookup(done), Err(e)) => {
+                (Waiting::Lookup(done), Err(e), _) => {
                     let _ = done.send(Err(copy_error(e)));
                 }
-                (Waiting::Send { done, .. }, Err(e)) => {
-                    let _ = done.send(Err(copy_error(e)));
-                }
+                (Waiting::Send { done, .. }, Err(e), _) => done.send(Err(copy_error(e))),
+                (Waiting::Send { done, .. }, Ok(_), None) => done.send(Err(MailboxError::Closed)),
             }
         }
     }
@@ -562,16 +617,20 @@ impl Driver {
         let Some(send) = self.sends.get_mut(&id) else {
             return;
         };
-        let Some((_, _, state)) = send.devices.get_mut(&to) else {
+        let Some(dev) = send.devices.iter_mut().find(|d| d.device.node() == to) else {
             return;
         };
-        if *state != DevState::Sent {
+        if dev.state != DevState::Sent {
             return;
         }
-        *state = match answer {
+        dev.state = match answer {
             Ok(Accepted::Pushed) => DevState::Pushed,
             Ok(Accepted::Queued) => DevState::Queued,
-            Err(code) if code.is_transient() => DevState::Retry(Instant::now() + RETRY_AFTER),
+            Err(code) if code.is_transient() => {
+                let at = Instant::now() + RETRY_AFTER;
+                self.retries.push((at, id, to));
+                DevState::Retry(at)
+            }
             Err(code) => DevState::Refused(code),
         };
         self.settle(id);
@@ -584,7 +643,7 @@ impl Driver {
             envelope,
             crate::now(),
             &self.revocations,
-            &mut OsRng,
+            &mut self.rng,
         );
         match opened {
             Ok(Opened::Message(m)) => {
@@ -596,9 +655,9 @@ impl Driver {
             Ok(Opened::Acked { from, ids }) => {
                 for id in ids {
                     if let Some(send) = self.sends.get_mut(&id)
-                        && let Some(dev) = send.devices.get_mut(&from)
+                        && let Some(dev) = send.devices.iter_mut().find(|d| d.device.node() == from)
                     {
-                        dev.2 = DevState::Acked;
+                        dev.state = DevState::Acked;
                         self.settle(id);
                     }
                 }
@@ -618,12 +677,21 @@ impl Driver {
     fn resend_to(&mut self, device: NodeId) {
         let now = crate::now();
         for (id, send) in &mut self.sends {
-            if let Some((remote, envelope, state)) = send.devices.get_mut(&device)
-                && matches!(state, DevState::Sent | DevState::Pushed | DevState::Queued)
-                && let Ok(fresh) = self.endpoint.seal(remote, *id, now, &send.body, &mut OsRng)
+            let Some(dev) = send.devices.iter_mut().find(|d| d.device.node() == device) else {
+                continue;
+            };
+            if !matches!(
+                dev.state,
+                DevState::Sent | DevState::Pushed | DevState::Queued
+            ) {
+                continue;
+            }
+            if let Ok(fresh) = self
+                .endpoint
+                .seal(&dev.device, *id, now, &send.body, &mut self.rng)
             {
-                *envelope = fresh.clone();
-                *state = DevState::Sent;
+                dev.envelope = fresh.clone();
+                dev.state = DevState::Sent;
                 self.out.push(Record::Forward {
                     to: device,
                     id: *id,
@@ -638,40 +706,46 @@ impl Driver {
         let Some(send) = self.sends.get_mut(&id) else {
             return;
         };
-        let states: Vec<&DevState> = send.devices.values().map(|(_, _, s)| s).collect();
-        let n = states.len();
-        let acked = states.iter().any(|s| **s == DevState::Acked);
-        let queued = states.iter().any(|s| **s == DevState::Queued);
-        let waiting = states
-            .iter()
-            .any(|s| matches!(s, DevState::Sent | DevState::Retry(_) | DevState::Pushed));
+        let mut acked = false;
+        let mut queued = false;
+        let mut waiting = false;
+        let mut settled = true;
+        let mut refused = None;
+        for d in &send.devices {
+            match d.state {
+                DevState::Acked => acked = true,
+                DevState::Queued => {
+                    queued = true;
+                    settled = false;
+                }
+                DevState::Sent | DevState::Retry(_) | DevState::Pushed => {
+                    waiting = true;
+                    settled = false;
+                }
+                DevState::Refused(c) => refused = refused.or(Some(c)),
+            }
+        }
         let outcome = if acked {
             Some(Ok(Status::Delivered))
-        } else if !waiting && queued {
-            Some(Ok(Status::Queued))
-        } else if !waiting {
-            let code = states.iter().find_map(|s| match s {
-                DevState::Refused(c) => Some(*c),
-                _ => None,
-            });
-            Some(Err(MailboxError::Refused(
-                code.unwrap_or(RefuseCode::Other(0)),
-            )))
-        } else {
+        } else if waiting {
             None
+        } else if queued {
+            Some(Ok(Status::Queued))
+        } else {
+            Some(Err(MailboxError::Refused(
+                refused.unwrap_or(RefuseCode::Other(0)),
+            )))
         };
         if let Some(outcome) = outcome
             && let Some(done) = send.done.take()
         {
-            let _ = done.send(outcome.map(|status| Sent {
+            let devices = send.devices.len();
+            done.send(outcome.map(|status| Sent {
                 id,
                 status,
-                devices: n,
+                devices,
             }));
         }
-        let settled = states
-            .iter()
-            .all(|s| matches!(s, DevState::Acked | DevState::Refused(_)));
         if settled {
             self.sends.remove(&id);
         }
@@ -679,60 +753,59 @@ impl Driver {
 
     fn timers(&mut self) {
         let now = Instant::now();
-        let mut expired = Vec::new();
-        for (id, send) in &mut self.sends {
-            for (node, (_, envelope, state)) in &mut send.devices {
-                if let DevState::Retry(at) = state
-                    && *at <= now
-                {
-                    *state = DevState::Sent;
-                    self.out.push(Record::Forward {
-                        to: *node,
-                        id: *id,
-                        envelope: envelope.clone(),
-                    });
-                }
-            }
-            if (send.deadline <= now && send.done.is_some()) || send.keep_until <= now {
-                expired.push(*id);
+        let due: Vec<(Instant, MsgId, NodeId)> = {
+            let (due, later) = self.retries.drain(..).partition(|(at, ..)| *at <= now);
+            self.retries = later;
+            due
+        };
+        for (_, id, node) in due {
+            if let Some(send) = self.sends.get_mut(&id)
+                && let Some(dev) = send.devices.iter_mut().find(|d| d.device.node() == node)
+                && matches!(dev.state, DevState::Retry(_))
+            {
+                dev.state = DevState::Sent;
+                self.out.push(Record::Forward {
+                    to: node,
+                    id,
+                    envelope: dev.envelope.clone(),
+                });
             }
         }
-        for id in expired {
+        while let Some(&(at, id)) = self.deadlines.front() {
+            if at > now {
+                break;
+            }
+            self.deadlines.pop_front();
             let Some(send) = self.sends.get_mut(&id) else {
                 continue;
             };
-            if send.keep_until <= now {
-                tracing::debug!(%id, "forgetting a message some device never acknowledged");
-            }
-            let queued = send
-                .devices
-                .values()
-                .any(|(_, _, s)| *s == DevState::Queued);
-            let pushed = send
-                .devices
-                .values()
-                .any(|(_, _, s)| *s == DevState::Pushed);
-            if let Some(done) = send.done.take() {
-                let outcome = if queued {
-                    Ok(Sent {
-                        id,
-                        status: Status::Queued,
-                        devices: send.devices.len(),
-                    })
-                } else if pushed {
-                    Err(MailboxError::NotAcknowledged)
-                } else {
-                    Err(MailboxError::Timeout)
-                };
-                let _ = done.send(outcome);
-            }
-            if send.keep_until <= now
-                || !send
-                    .devices
-                    .values()
-                    .any(|(_, _, s)| *s == DevState::Queued)
-            {
+            let Some(done) = send.done.take() else {
+                continue;
+            };
+            let queued = send.devices.iter().any(|d| d.state == DevState::Queued);
+            let pushed = send.devices.iter().any(|d| d.state == DevState::Pushed);
+            done.send(if queued {
+                Ok(Sent {
+                    id,
+                    status: Status::Queued,
+                    devices: send.devices.len(),
+                })
+            } else if pushed {
+                Err(MailboxError::NotAcknowledged)
+            } else {
+                Err(MailboxError::Timeout)
+            });
+            if !queued {
                 self.sends.remove(&id);
+            }
+        }
+        while let Some(&(at, id)) = self.expiries.front() {
+            if at > now {
+                break;
+            }
+            self.expiries.pop_front();
+            if self.sends.remove(&id).is_some() {
+                tracing::debug!(%id, "forgetting a message some device never acknowledged");
             }
         }
     }
@@ -751,13 +824,13 @@ impl Driver {
                     _ => true,
                 });
                 for (id, send) in &mut self.sends {
-                    for (node, (_, envelope, state)) in &mut send.devices {
-                        if matches!(state, DevState::Sent | DevState::Pushed) {
-                            *state = DevState::Sent;
+                    for dev in &mut send.devices {
+                        if matches!(dev.state, DevState::Sent | DevState::Pushed) {
+                            dev.state = DevState::Sent;
                             self.out.push(Record::Forward {
-                                to: *node,
+                                to: dev.device.node(),
                                 id: *id,
-                                envelope: envelope.clone(),
+                                envelope: dev.envelope.clone(),
                             });
                         }
                     }

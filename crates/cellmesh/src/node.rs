@@ -123,6 +123,8 @@ pub struct PeerInfo {
     pub addr: SocketAddr,
     /// Whether it dialed us.
     pub inbound: bool,
+    /// Its node token and its cell's identity token, as verified at join.
+    pub binding: Arc<DeviceBinding>,
 }
 
 /// Something that happened at this node.
@@ -910,6 +912,7 @@ fn on_event(
                 cell: binding.cell(),
                 addr,
                 inbound,
+                binding: Arc::new((*binding).clone()),
             };
             {
                 let mut state = shared.state();

@@ -41,7 +41,7 @@ use tokio::sync::{Notify, broadcast, mpsc};
 use tokio::task::JoinHandle;
 
 use crate::home::Unlocked;
-use crate::node::{Incoming, Node, NodeConfig, NodeEvent, PeerSender, StartError};
+use crate::node::{Incoming, Node, NodeConfig, NodeEvent, PeerInfo, PeerSender, StartError};
 use crate::store::{Enqueued, NewMessage, Store, StoreError, StoreLimits};
 
 /// How a relay runs.
@@ -292,7 +292,7 @@ impl Loop {
             tokio::select! {
                 _ = stop.notified() => break,
                 ev = node_events.recv() => match ev {
-                    Ok(NodeEvent::Joined(peer)) => self.joined(peer.node, peer.cell, peer.addr).await,
+                    Ok(NodeEvent::Joined(peer)) => self.joined(&peer).await,
                     Ok(NodeEvent::Left { peer, .. }) => self.left(peer.node).await,
                     Ok(_) => {}
                     Err(broadcast::error::RecvError::Lagged(n)) => {
@@ -325,14 +325,14 @@ impl Loop {
         self.node.shutdown(Duration::from_secs(2)).await;
     }
 
-    async fn joined(&mut self, node: NodeId, cell: CellId, addr: SocketAddr) {
-        let Some(binding) = self.node.binding(node) else {
-            return;
-        };
+    async fn joined(&mut self, peer: &PeerInfo) {
+        let (node, cell, addr) = (peer.node, peer.cell, peer.addr);
+        // Recorded from the event, which carries the tokens: the device may have left
+        // already, and must still be known.
         let store = Arc::clone(&self.store);
         let (nt, id) = (
-            binding.node_token().token().to_bytes(),
-            binding.identity().token().to_bytes(),
+            peer.binding.node_token().token().to_bytes(),
+            peer.binding.identity().token().to_bytes(),
         );
         let put = tokio::task::spawn_blocking(move || store.put_device(cell, node, &nt, &id)).await;
         if !matches!(put, Ok(Ok(()))) {
@@ -427,7 +427,7 @@ impl Loop {
         }
         for p in self.node.peers() {
             if !self.online.contains_key(&p.node) {
-                self.joined(p.node, p.cell, p.addr).await;
+                self.joined(&p).await;
             }
         }
     }
