@@ -1,0 +1,128 @@
+//! Real `cellmesh relay`, `listen` and `send` processes on loopback, as a user runs them.
+
+mod common;
+
+use common::{Proc, create_cell, run};
+use serde_json::Value;
+
+fn send(home: &std::path::Path, to: &str, body: &str, relay: Option<&str>) -> Value {
+    let mut args = vec!["send", to, body, "--json"];
+    if let Some(r) = relay {
+        args.extend(["--relay", r]);
+    }
+    let out = run(home, &args, None);
+    assert!(
+        out.status.success(),
+        "send failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn failure(out: &std::process::Output) -> String {
+    assert_eq!(out.status.code(), Some(1), "expected exit 1");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn two_cells_talk_through_a_relay_that_restarts_without_losing_what_it_queued() {
+    let dir = tempfile::tempdir().unwrap();
+    let (relay_home, alice, bob, bob2) = (
+        dir.path().join("relay"),
+        dir.path().join("alice"),
+        dir.path().join("bob"),
+        dir.path().join("bob2"),
+    );
+    create_cell(&relay_home);
+    let (alice_cell, _) = create_cell(&alice);
+    let out = run(&bob, &["create-cell", "--json"], None);
+    let created: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let bob_cell = created["cell_id"].as_str().unwrap().to_string();
+    let data = dir.path().join("relay-data");
+    let data_arg = data.to_str().unwrap();
+
+    let mut relay = Proc::start(
+        &relay_home,
+        "relay",
+        &["--listen", "127.0.0.1:0", "--data", data_arg],
+    );
+    let addr = relay.expect("listening", |v| v["event"] == "listening")["addr"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // Bob's second device: restored from the words and registered with the relay, which
+    // it then remembers (no --relay afterwards).
+    let words = created["mnemonic"].as_str().unwrap().as_bytes();
+    let out = run(
+        &bob2,
+        &["connect-cell", "--relay", &addr, "--json"],
+        Some(words),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let connected: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(connected["cell_id"], bob_cell.as_str());
+    assert_eq!(connected["relay"], addr.as_str());
+
+    // Alice -> Bob: both of Bob's devices get it.
+    let mut bob_listen = Proc::start(&bob, "listen", &["--relay", &addr, "--count", "1"]);
+    bob_listen.expect("listening", |v| v["event"] == "listening");
+    let mut bob2_listen = Proc::start(&bob2, "listen", &["--count", "1"]);
+    bob2_listen.expect("listening", |v| v["event"] == "listening");
+    let sent = send(&alice, &bob_cell, "hello bob", Some(&addr));
+    assert_eq!(sent["status"], "delivered");
+    assert_eq!(sent["devices"], 2);
+    for l in [&mut bob_listen, &mut bob2_listen] {
+        let m = l.expect("message", |v| v["body"] == "hello bob");
+        assert_eq!(m["from"], alice_cell.as_str());
+        assert_eq!(m["id"], sent["id"]);
+    }
+    bob_listen.finish();
+    bob2_listen.finish();
+
+    // Bob -> Alice.
+    let mut alice_listen = Proc::start(&alice, "listen", &["--relay", &addr, "--count", "1"]);
+    alice_listen.expect("listening", |v| v["event"] == "listening");
+    let back = send(&bob2, &alice_cell, "hi alice", None);
+    assert_eq!(back["status"], "delivered");
+    alice_listen.expect("message", |v| {
+        v["body"] == "hi alice" && v["from"] == bob_cell.as_str()
+    });
+    alice_listen.finish();
+
+    // Bob offline: queued. The relay restarts; Bob's devices still get it, once.
+    let queued = send(&alice, &bob_cell, "while you were away", Some(&addr));
+    assert_eq!(queued["status"], "queued");
+    relay.stop();
+    let mut relay = Proc::start(
+        &relay_home,
+        "relay",
+        &["--listen", &addr, "--data", data_arg],
+    );
+    relay.expect("listening", |v| v["event"] == "listening");
+    let mut bob_listen = Proc::start(&bob, "listen", &["--relay", &addr, "--count", "1"]);
+    let m = bob_listen.expect("queued message", |v| v["body"].is_string());
+    assert_eq!(m["body"], "while you were away");
+    assert_eq!(m["id"], queued["id"]);
+    bob_listen.finish();
+    relay.expect("drained", |v| v["event"] == "drained");
+
+    // Clear errors: an unknown cell, a message too large, an unreachable relay.
+    let (stranger, _) = create_cell(&dir.path().join("stranger"));
+    let out = run(&alice, &["send", &stranger, "?", "--relay", &addr], None);
+    assert!(failure(&out).contains("unknown cell"));
+    let big = vec![b'x'; 2 << 20];
+    let out = run(
+        &alice,
+        &["send", &bob_cell, "-", "--relay", &addr],
+        Some(&big),
+    );
+    assert!(failure(&out).contains("too large"));
+    relay.stop();
+    let out = run(&alice, &["send", &bob_cell, "hi", "--relay", &addr], None);
+    assert!(failure(&out).contains("unreachable"));
+}
