@@ -80,10 +80,13 @@ pub const E2E_VERSION: u8 = 1;
 pub const REPLAY_WINDOW: u64 = 1024;
 /// How many delivered message ids an endpoint remembers to drop duplicates.
 pub const DEDUPE: usize = 1 << 16;
-/// Most sessions an endpoint keeps per direction; the least recently used goes first.
+/// Most sessions an endpoint keeps per direction; beyond it the oldest inbound session (and
+/// some outbound one) is dropped.
 pub const MAX_SESSIONS: usize = 4096;
 /// Largest message body.
 pub const MAX_BODY: usize = crate::relay::MAX_ENVELOPE - 2048;
+/// Largest plaintext: ratchet key, kind, length and the largest body.
+const MAX_PLAIN: usize = 1 + KEY_LEN + 1 + 4 + MAX_BODY;
 /// Most ids one ACK carries.
 pub const MAX_ACK_IDS: usize = 1024;
 
@@ -166,7 +169,8 @@ pub struct Directory {
 impl Directory {
     /// Checks what a relay claims are `cell`'s devices. Any entry that is not a device of
     /// exactly `cell` fails the whole answer: a relay that lies about one device is not
-    /// trusted about the others. Revoked devices are left out.
+    /// trusted about the others. Revoked devices, and devices whose identity token is not
+    /// valid now (lapsed, or ahead of our clock), are left out.
     pub fn verify(
         cell: CellId,
         entries: &[DirectoryEntry],
@@ -178,7 +182,12 @@ impl Directory {
             match RemoteDevice::verify(&e.node_token, &e.identity, now, revocations) {
                 Ok(d) if d.cell() == cell => devices.push(d),
                 Ok(d) => return Err(DirectoryError::WrongCell(d.cell())),
-                Err(DirectoryError::Bind(BindError::Revoked(_))) => {}
+                // A revoked device, or one whose certificate lapsed (offline for a year) or
+                // is not valid yet by our clock, is left out; the others still count.
+                Err(DirectoryError::Bind(BindError::Revoked(_)))
+                | Err(DirectoryError::Token(
+                    VerifyError::Expired { .. } | VerifyError::NotYetValid { .. },
+                )) => {}
                 Err(e) => return Err(e),
             }
         }
@@ -379,8 +388,10 @@ pub struct Endpoint {
     outbound: HashMap<NodeId, Outbound>,
     inbound: HashMap<(NodeId, SessionId), Inbound>,
     inbound_order: VecDeque<(NodeId, SessionId)>,
-    delivered: HashSet<MsgId>,
-    delivered_order: VecDeque<MsgId>,
+    /// Delivered messages by (sending cell, id): a sender picks its ids, so another cell
+    /// reusing one must not hide the first sender's message.
+    delivered: HashSet<(CellId, MsgId)>,
+    delivered_order: VecDeque<(CellId, MsgId)>,
     pending_acks: Vec<((NodeId, SessionId), MsgId)>,
 }
 
@@ -430,7 +441,10 @@ impl Endpoint {
         plain.extend_from_slice(&(body.len() as u32).to_be_bytes());
         plain.extend_from_slice(body);
         if padding == Padding::PowerOfTwo {
-            plain.resize(plain.len().next_power_of_two().max(256), 0);
+            // Never past what an envelope can carry: the largest bodies are padded to the
+            // largest plaintext instead.
+            let target = plain.len().next_power_of_two().max(256);
+            plain.resize(target.min(MAX_PLAIN).max(plain.len()), 0);
         }
         let extra = if session.send.epoch == 0 {
             &session.init[..]
@@ -610,10 +624,10 @@ impl Endpoint {
         let body = Bytes::copy_from_slice(body);
         let from_cell = inbound.peer.cell();
         self.pending_acks.push((key, id));
-        if replayed || !self.delivered.insert(id) {
+        if replayed || !self.delivered.insert((from_cell, id)) {
             return Ok(Opened::Duplicate(id));
         }
-        self.delivered_order.push_back(id);
+        self.delivered_order.push_back((from_cell, id));
         if self.delivered_order.len() > DEDUPE
             && let Some(old) = self.delivered_order.pop_front()
         {
@@ -1435,6 +1449,59 @@ mod tests {
             Opened::Message(m) => assert_eq!(m.body.len(), 300),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn another_cell_reusing_an_id_does_not_hide_a_message() {
+        let mut w = world();
+        let (id, env) = w.send(b"from alice");
+        // Mallory's cell sends Bob a message with the same id first.
+        let mallory = TestNode::new(8, Timestamp(1_800_000_000));
+        let mut m = endpoint(&mallory);
+        let early = m.seal(&w.bob_device, id, T, b"decoy", &mut w.rng).unwrap();
+        let got = w
+            .bob
+            .open(
+                mallory.node_id(),
+                id,
+                &early,
+                T,
+                &Revocations::new(),
+                &mut w.rng,
+            )
+            .unwrap();
+        assert!(matches!(got, Opened::Message(_)));
+        assert!(matches!(w.bob_opens(id, &env).unwrap(), Opened::Message(_)));
+    }
+
+    #[test]
+    fn padding_never_grows_an_envelope_past_the_limit() {
+        let mut w = world();
+        w.alice.padding = Padding::PowerOfTwo;
+        let (id, env) = w.send(&vec![1; 600_000]);
+        assert!(env.len() <= crate::relay::MAX_ENVELOPE, "{}", env.len());
+        assert!(matches!(w.bob_opens(id, &env).unwrap(), Opened::Message(_)));
+        let (_, env) = w.send(&vec![1; MAX_BODY]);
+        assert!(env.len() <= crate::relay::MAX_ENVELOPE, "{}", env.len());
+    }
+
+    #[test]
+    fn a_lapsed_device_is_left_out_of_a_directory_not_fatal_to_it() {
+        let bob = TestNode::new(2, Timestamp(1_800_000_000));
+        let old = bob.sibling(9, Timestamp(1_800_000_000 - 400 * 24 * 3600));
+        let entry = |n: &TestNode| DirectoryEntry {
+            node_token: n.node_token.clone(),
+            identity: n.identity.clone(),
+        };
+        let dir = Directory::verify(
+            bob.cell_id(),
+            &[entry(&old), entry(&bob)],
+            T,
+            &Revocations::new(),
+        )
+        .unwrap();
+        assert_eq!(dir.devices.len(), 1);
+        assert_eq!(dir.devices[0].node(), bob.node_id());
     }
 
     #[test]

@@ -350,3 +350,72 @@ fn typed_handshake_hash(a: &TestNode, b: &TestNode, wire: [&[u8]; 3]) -> [u8; 32
     assert_eq!(ia.handshake_hash, rb.handshake_hash);
     ia.handshake_hash
 }
+
+/// The end-to-end vectors `docs/PROTOCOL.md` publishes (section 14.9).
+pub struct E2eVector {
+    /// Sender and recipient.
+    pub alice: TestNode,
+    /// The recipient.
+    pub bob: TestNode,
+    /// The first message ("hello", id 0x11…): an INIT envelope.
+    pub envelope: Bytes,
+    /// Bob's acknowledgement of it.
+    pub ack: crate::e2e::Reply,
+    /// The second message ("again", id 0x22…), in epoch 1.
+    pub second: Bytes,
+}
+
+/// One message from `TestNode::new(1, ..)`'s device to `TestNode::new(2, ..)`'s, the
+/// acknowledgement it gets back, and a second message, which the acknowledgement moved to
+/// epoch 1; every random draw from `ChaCha20Rng::from_seed([7; 32])`, at time 1_800_000_100.
+pub fn vector_e2e() -> E2eVector {
+    use crate::e2e::{Endpoint, LocalDevice, Opened, Padding, RemoteDevice};
+    use crate::keys::AgreementSecret;
+    use crate::relay::MsgId;
+
+    let issued = Timestamp(1_800_000_000);
+    let now = Timestamp(1_800_000_100);
+    let none = device::Revocations::new();
+    let (a, b) = (TestNode::new(1, issued), TestNode::new(2, issued));
+    let endpoint = |n: &TestNode| {
+        let local = LocalDevice::new(
+            n.node_token.clone(),
+            n.identity.clone(),
+            AgreementSecret::from_bytes(&n.node.agreement.dangerous_bytes()),
+        )
+        .expect("the node token names the node's X25519 key");
+        Endpoint::new(local, Padding::None)
+    };
+    let (mut alice, mut bob) = (endpoint(&a), endpoint(&b));
+    let bob_device =
+        RemoteDevice::verify(&b.node_token, &b.identity, now, &none).expect("Bob's tokens verify");
+    let mut rng = ChaCha20Rng::from_seed([7; 32]);
+    let id = MsgId([0x11; 16]);
+    let envelope = alice
+        .seal(&bob_device, id, now, b"hello", &mut rng)
+        .expect("sealed");
+    match bob.open(a.node_id(), id, &envelope, now, &none, &mut rng) {
+        Ok(Opened::Message(m)) => assert_eq!(&m.body[..], b"hello"),
+        other => panic!("the recipient did not get the message: {other:?}"),
+    }
+    let ack = bob.poll_acks(&mut rng).remove(0);
+    match alice.open(b.node_id(), ack.id, &ack.envelope, now, &none, &mut rng) {
+        Ok(Opened::Acked { ids, .. }) => assert_eq!(ids, vec![id]),
+        other => panic!("the sender did not get the acknowledgement: {other:?}"),
+    }
+    let id2 = MsgId([0x22; 16]);
+    let second = alice
+        .seal(&bob_device, id2, now, b"again", &mut rng)
+        .expect("sealed");
+    match bob.open(a.node_id(), id2, &second, now, &none, &mut rng) {
+        Ok(Opened::Message(m)) => assert_eq!(&m.body[..], b"again"),
+        other => panic!("the recipient did not get the second message: {other:?}"),
+    }
+    E2eVector {
+        alice: a,
+        bob: b,
+        envelope,
+        ack,
+        second,
+    }
+}

@@ -14,7 +14,12 @@
 //! with the relay's refusal. Until then its envelopes are kept: they are sent again when the
 //! relay link comes back, and sealed anew when a recipient device lost its session (RESET).
 //! A received message is handed to the application before the relay is told DELIVERED, and
-//! message ids are remembered, so a redelivery after a crash is dropped, not shown twice.
+//! the ids of the last 65,536 messages are remembered, so a retry or a redelivery is dropped,
+//! not shown twice, while this process runs. (After a crash between the two, the message may
+//! be shown again: the memory of ids is not on disk yet.)
+//!
+//! Ephemeral and session keys come from the operating system's generator; message ids from a
+//! generator seeded from it (ids are public).
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -471,7 +476,7 @@ impl Driver {
         let now = crate::now();
         let mut sends = Vec::with_capacity(devices.len());
         for device in devices {
-            match self.endpoint.seal(device, id, now, &body, &mut self.rng) {
+            match self.endpoint.seal(device, id, now, &body, &mut OsRng) {
                 Ok(envelope) => {
                     self.out.push(Record::Forward {
                         to: device.node(),
@@ -643,7 +648,7 @@ impl Driver {
             envelope,
             crate::now(),
             &self.revocations,
-            &mut self.rng,
+            &mut OsRng,
         );
         match opened {
             Ok(Opened::Message(m)) => {
@@ -688,7 +693,7 @@ impl Driver {
             }
             if let Ok(fresh) = self
                 .endpoint
-                .seal(&dev.device, *id, now, &send.body, &mut self.rng)
+                .seal(&dev.device, *id, now, &send.body, &mut OsRng)
             {
                 dev.envelope = fresh.clone();
                 dev.state = DevState::Sent;

@@ -487,6 +487,22 @@ impl Node {
         Ok(())
     }
 
+    /// Closes the session with the joined peer `node` because it broke the application's
+    /// protocol (a CLOSE with code `protocol_violation`). False if it is not joined.
+    pub fn disconnect(&self, node: NodeId, reason: &'static str) -> bool {
+        let state = self.shared.state();
+        let Some(c) = state
+            .table
+            .get(&node)
+            .and_then(|p| state.conns.get(&p.conn))
+        else {
+            return false;
+        };
+        let _ =
+            c.tx.try_send(Cmd::Close(CloseCode::ProtocolViolation, reason));
+        true
+    }
+
     /// Events. The first subscriber receives every event since the node started (bootstrap
     /// outcomes included); later ones, events from the moment they subscribe. Slow
     /// subscribers lose the oldest events (see `broadcast::Receiver`), never block the node.

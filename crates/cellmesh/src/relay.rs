@@ -290,6 +290,9 @@ impl Loop {
         let mut expiry = tokio::time::interval(Duration::from_secs(60));
         loop {
             tokio::select! {
+                // Joins before records: a device's join is announced before its ACK is sent,
+                // so whatever anyone sends after seeing it joined finds it registered.
+                biased;
                 _ = stop.notified() => break,
                 ev = node_events.recv() => match ev {
                     Ok(NodeEvent::Joined(peer)) => self.joined(&peer).await,
@@ -439,7 +442,10 @@ impl Loop {
             let from = incoming.from;
             for record in records(incoming.data) {
                 let Ok(record) = record else {
-                    tracing::debug!(%from, "malformed relay record; ignoring the rest of the payload");
+                    // Every FORWARD before it was answered; after it, nothing can be trusted
+                    // to be framed right: the device is disconnected and will send again.
+                    tracing::info!(%from, "malformed relay record; disconnecting the device");
+                    self.node.disconnect(from, "malformed relay record");
                     break;
                 };
                 self.record(from, incoming.cell, record, &mut answers, &mut to_store)
@@ -550,8 +556,9 @@ impl Loop {
                     }
                 }
             }
-            other => {
-                tracing::debug!(%from, record = ?std::mem::discriminant(&other), "device sent a relay-only record");
+            _ => {
+                tracing::info!(%from, "device sent a relay's record; disconnecting it");
+                self.node.disconnect(from, "relay-only record");
             }
         }
     }

@@ -284,3 +284,195 @@ async fn a_device_that_restarted_gets_what_was_queued_in_its_lost_session() {
     assert_eq!((m.id, m.body.as_ref()), (sent.id, &b"two"[..]));
     relay.shutdown().await;
 }
+
+/// A relay that lies: a node speaking the relay protocol, run by the test.
+struct LyingRelay {
+    node: cellmesh::node::Node,
+}
+
+impl LyingRelay {
+    async fn start(keys: &Unlocked) -> Self {
+        let node = cellmesh::node::Node::start(
+            keys,
+            cellmesh::node::NodeConfig {
+                listen: vec!["127.0.0.1:0".parse().unwrap()],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        Self { node }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.node.local_addrs()[0]
+    }
+
+    /// The next record a device sent, and which device.
+    async fn next(&mut self) -> (cellmesh::core::id::NodeId, cellmesh::core::relay::Record) {
+        loop {
+            let incoming = tokio::time::timeout(Duration::from_secs(10), self.node.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            if let Some(Ok(r)) = cellmesh::core::relay::records(incoming.data).next() {
+                return (incoming.from, r);
+            }
+        }
+    }
+
+    async fn answer(&self, to: cellmesh::core::id::NodeId, r: cellmesh::core::relay::Record) {
+        let mut out = Vec::new();
+        cellmesh::core::relay::put_record(&mut out, &r);
+        self.node.send(to, Bytes::from(out)).await.unwrap();
+    }
+}
+
+fn tokens(keys: &Unlocked) -> cellmesh::core::relay::DirectoryEntry {
+    let minted = cellmesh::identity::DeviceIdentity::mint(&keys.secrets, None).unwrap();
+    cellmesh::core::relay::DirectoryEntry {
+        node_token: minted.local.token().clone(),
+        identity: minted.identity,
+    }
+}
+
+#[tokio::test]
+async fn a_relay_that_swaps_keys_or_forges_messages_is_caught() {
+    use cellmesh::core::e2e::{DirectoryError, Endpoint, LocalDevice, Padding, RemoteDevice};
+    use cellmesh::core::relay::{DirectoryEntry, MsgId, Record};
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut relay = LyingRelay::start(&device(dir.path(), "relay")).await;
+    let (alice, bob, mallory) = (
+        device(dir.path(), "alice"),
+        device(dir.path(), "bob"),
+        device(dir.path(), "mallory"),
+    );
+    let bob_cell = bob.keystore.cell;
+    let mut a = mailbox(&alice, relay.addr()).await;
+
+    // 1. Asked for Bob's devices, the relay answers with Mallory's; then with Bob's identity
+    // token over Mallory's node token (her X25519 key).
+    let spliced = DirectoryEntry {
+        node_token: tokens(&mallory).node_token,
+        identity: tokens(&bob).identity,
+    };
+    for lie in [tokens(&mallory), spliced] {
+        let lying = async {
+            let (from, record) = relay.next().await;
+            let Record::Lookup { request, cell } = record else {
+                panic!("expected a lookup, got {record:?}")
+            };
+            assert_eq!(cell, bob_cell);
+            let devices = vec![lie];
+            relay
+                .answer(
+                    from,
+                    Record::Directory {
+                        request,
+                        cell,
+                        devices,
+                    },
+                )
+                .await;
+        };
+        let (answer, ()) = tokio::join!(a.lookup(bob_cell), lying);
+        assert!(
+            matches!(answer, Err(MailboxError::Directory { .. })),
+            "{answer:?}"
+        );
+    }
+    let _ = DirectoryError::NoAgreementKey;
+
+    // 2. The relay (with Mallory's keys) forges a message from Bob, and alters a real one.
+    let alice_device = RemoteDevice::verify(
+        &tokens(&alice).node_token,
+        &tokens(&alice).identity,
+        cellmesh::now(),
+        &Default::default(),
+    )
+    .unwrap();
+    let endpoint_of = |keys: &Unlocked, entry: DirectoryEntry| {
+        let agreement = cellmesh::core::keys::AgreementSecret::from_bytes(
+            &keys.secrets.node.agreement.dangerous_bytes(),
+        );
+        Endpoint::new(
+            LocalDevice::new(entry.node_token, entry.identity, agreement).unwrap(),
+            Padding::None,
+        )
+    };
+    // Bob's identity token (public, the relay has it) with Mallory's own node token and key:
+    // the best a relay can do without Bob's secrets.
+    let mut forger = endpoint_of(
+        &mallory,
+        DirectoryEntry {
+            node_token: tokens(&mallory).node_token,
+            identity: tokens(&bob).identity,
+        },
+    );
+    let id = MsgId([1; 16]);
+    let forged = forger
+        .seal(
+            &alice_device,
+            id,
+            cellmesh::now(),
+            b"from bob, honest",
+            &mut rand_core::OsRng,
+        )
+        .unwrap();
+    let a_node = a.node();
+    let bob_node = cellmesh::core::id::NodeId::from_key(bob.secrets.node.signing.public());
+    relay
+        .answer(
+            a_node,
+            Record::Deliver {
+                from: bob_node,
+                id,
+                envelope: forged,
+            },
+        )
+        .await;
+    let mut real = endpoint_of(&mallory, tokens(&mallory));
+    let id2 = MsgId([2; 16]);
+    let sealed = real
+        .seal(
+            &alice_device,
+            id2,
+            cellmesh::now(),
+            b"genuine",
+            &mut rand_core::OsRng,
+        )
+        .unwrap();
+    let mut altered = sealed.to_vec();
+    let last = altered.len() - 20;
+    altered[last] ^= 1;
+    let mallory_node = cellmesh::core::id::NodeId::from_key(mallory.secrets.node.signing.public());
+    relay
+        .answer(
+            a_node,
+            Record::Deliver {
+                from: mallory_node,
+                id: id2,
+                envelope: Bytes::from(altered),
+            },
+        )
+        .await;
+    // Neither reaches Alice; the genuine one, unaltered, does.
+    relay
+        .answer(
+            a_node,
+            Record::Deliver {
+                from: mallory_node,
+                id: id2,
+                envelope: sealed,
+            },
+        )
+        .await;
+    let m = recv(&mut a).await;
+    assert_eq!((m.id, m.body.as_ref()), (id2, &b"genuine"[..]));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), a.recv())
+            .await
+            .is_err()
+    );
+}
