@@ -53,6 +53,8 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
+use foldhash::fast::RandomState;
+
 use bytes::Bytes;
 use hkdf::Hkdf;
 use hpke::{Deserializable, Serializable};
@@ -385,12 +387,13 @@ pub enum SealError {
 pub struct Endpoint {
     local: LocalDevice,
     padding: Padding,
-    outbound: HashMap<NodeId, Outbound>,
-    inbound: HashMap<(NodeId, SessionId), Inbound>,
+    outbound: HashMap<NodeId, Outbound, RandomState>,
+    inbound: HashMap<(NodeId, SessionId), Inbound, RandomState>,
     inbound_order: VecDeque<(NodeId, SessionId)>,
     /// Delivered messages by (sending cell, id): a sender picks its ids, so another cell
     /// reusing one must not hide the first sender's message.
-    delivered: HashSet<(CellId, MsgId)>,
+    /// (A keyed hash, seeded per process: the ids are chosen by senders.)
+    delivered: HashSet<(CellId, MsgId), RandomState>,
     delivered_order: VecDeque<(CellId, MsgId)>,
     pending_acks: Vec<((NodeId, SessionId), MsgId)>,
 }
@@ -401,10 +404,10 @@ impl Endpoint {
         Self {
             local,
             padding,
-            outbound: HashMap::new(),
-            inbound: HashMap::new(),
+            outbound: HashMap::default(),
+            inbound: HashMap::default(),
             inbound_order: VecDeque::new(),
-            delivered: HashSet::new(),
+            delivered: HashSet::default(),
             delivered_order: VecDeque::new(),
             pending_acks: Vec::new(),
         }
@@ -435,32 +438,42 @@ impl Endpoint {
         }
         let padding = self.padding;
         let session = self.outbound_for(to, rng)?;
-        let mut plain = Vec::with_capacity(body.len() + 48);
-        session.put_ratchet(&mut plain);
-        plain.push(PLAIN_MESSAGE);
-        plain.extend_from_slice(&(body.len() as u32).to_be_bytes());
-        plain.extend_from_slice(body);
-        if padding == Padding::PowerOfTwo {
-            // Never past what an envelope can carry: the largest bodies are padded to the
-            // largest plaintext instead.
-            let target = plain.len().next_power_of_two().max(256);
-            plain.resize(target.min(MAX_PLAIN).max(plain.len()), 0);
-        }
-        let extra = if session.send.epoch == 0 {
-            &session.init[..]
+        let ratchet = session.ratchet.as_ref().map(|r| r.public);
+        let (kind, extra) = if session.send.epoch == 0 {
+            (INIT, &session.init[..])
         } else {
-            &[][..]
+            (MSG, &[][..])
         };
-        let kind = if extra.is_empty() { MSG } else { INIT };
         Ok(seal_envelope(
-            kind,
-            session.id,
-            extra,
+            Header {
+                kind,
+                session: session.id,
+                extra,
+                time,
+            },
             &mut session.send,
-            time,
             &session.binding,
             id,
-            plain,
+            |plain| {
+                let start = plain.len();
+                match &ratchet {
+                    Some(eph) => {
+                        plain.push(1);
+                        plain.extend_from_slice(eph.as_bytes());
+                    }
+                    None => plain.push(0),
+                }
+                plain.push(PLAIN_MESSAGE);
+                plain.extend_from_slice(&(body.len() as u32).to_be_bytes());
+                plain.extend_from_slice(body);
+                if padding == Padding::PowerOfTwo {
+                    // Never past what an envelope can carry: the largest bodies are padded
+                    // to the largest plaintext instead.
+                    let len = plain.len() - start;
+                    let target = len.next_power_of_two().max(256).min(MAX_PLAIN).max(len);
+                    plain.resize(start + target, 0);
+                }
+            },
         ))
     }
 
@@ -685,7 +698,20 @@ struct Inbound {
 
 struct Ratchet {
     secret: AgreementSecret,
+    /// Its public key, computed once (it is sent with every epoch-0 message).
+    public: AgreementPublicKey,
     salt: Zeroizing<[u8; 32]>,
+}
+
+impl Ratchet {
+    fn new(salt: Zeroizing<[u8; 32]>, rng: &mut impl CryptoRngCore) -> Self {
+        let secret = AgreementSecret::generate(rng);
+        Self {
+            public: secret.public(),
+            secret,
+            salt,
+        }
+    }
 }
 
 /// One direction's key in one epoch, with its next counter.
@@ -803,22 +829,9 @@ impl Outbound {
             send: Keys::new(&i2r, 0),
             recv0: Keys::new(&r2i, 0),
             recv1: None,
-            ratchet: Some(Ratchet {
-                secret: AgreementSecret::generate(rng),
-                salt,
-            }),
+            ratchet: Some(Ratchet::new(salt, rng)),
             window: Default::default(),
         })
-    }
-
-    fn put_ratchet(&self, plain: &mut Vec<u8>) {
-        match &self.ratchet {
-            Some(r) => {
-                plain.push(1);
-                plain.extend_from_slice(r.secret.public().as_bytes());
-            }
-            None => plain.push(0),
-        }
     }
 
     fn open_reply(
@@ -896,10 +909,7 @@ impl Inbound {
             send0: Keys::new(&r2i, 0),
             recv1: None,
             send1: None,
-            ratchet: Some(Ratchet {
-                secret: AgreementSecret::generate(rng),
-                salt,
-            }),
+            ratchet: Some(Ratchet::new(salt, rng)),
             announce: None,
             window: Default::default(),
         })
@@ -933,70 +943,76 @@ impl Inbound {
             let (i2r, r2i) = epoch1(&ratchet, theirs).ok_or(OpenError::Unauthentic)?;
             self.recv1 = Some(Keys::new(&i2r, 1));
             self.send1 = Some(Keys::new(&r2i, 1));
-            self.announce = Some(*ratchet.secret.public().as_bytes());
+            self.announce = Some(*ratchet.public.as_bytes());
         }
         Ok(())
     }
 
     fn seal_ack(&mut self, session: SessionId, id: MsgId, ids: &[MsgId]) -> Bytes {
-        let mut plain = Vec::with_capacity(2 + KEY_LEN + 3 + 16 * ids.len());
-        let keys = match (&self.announce, &mut self.send1) {
-            (Some(eph), _) => {
-                plain.push(1);
-                plain.extend_from_slice(eph);
-                &mut self.send0
-            }
-            (None, Some(k)) => {
-                plain.push(0);
-                k
-            }
-            (None, None) => {
-                plain.push(0);
-                &mut self.send0
-            }
+        let announce = self.announce;
+        let keys = match (&announce, &mut self.send1) {
+            (None, Some(k)) => k,
+            _ => &mut self.send0,
         };
-        plain.push(PLAIN_ACK);
-        plain.extend_from_slice(&(ids.len() as u16).to_be_bytes());
-        for i in ids {
-            plain.extend_from_slice(&i.0);
-        }
         let binding = reversed(&self.binding);
-        seal_envelope(REPLY, session, &[], keys, Timestamp(0), &binding, id, plain)
+        let header = Header {
+            kind: REPLY,
+            session,
+            extra: &[],
+            time: Timestamp(0),
+        };
+        seal_envelope(header, keys, &binding, id, |plain| {
+            match &announce {
+                Some(eph) => {
+                    plain.push(1);
+                    plain.extend_from_slice(eph);
+                }
+                None => plain.push(0),
+            }
+            plain.push(PLAIN_ACK);
+            plain.extend_from_slice(&(ids.len() as u16).to_be_bytes());
+            for i in ids {
+                plain.extend_from_slice(&i.0);
+            }
+        })
     }
 }
 
-/// Builds an envelope: header, then the sealed part.
-#[allow(clippy::too_many_arguments)]
-fn seal_envelope(
+/// The clear part of an envelope before its sealed part.
+struct Header<'a> {
     kind: u8,
     session: SessionId,
-    extra: &[u8],
-    keys: &mut Keys,
+    /// INIT fields, or nothing.
+    extra: &'a [u8],
     time: Timestamp,
+}
+
+/// Builds an envelope: the header, then the plaintext `write` appends, sealed in place (so
+/// the plaintext is never in a second buffer).
+fn seal_envelope(
+    header: Header<'_>,
+    keys: &mut Keys,
     binding: &[u8; 128],
     id: MsgId,
-    plain: Vec<u8>,
+    write: impl FnOnce(&mut Vec<u8>),
 ) -> Bytes {
-    let mut plain = Zeroizing::new(plain);
     let counter = keys.next;
     keys.next += 1;
-    let mut out = Vec::with_capacity(18 + extra.len() + SEALED_HEADER + plain.len() + TAG_LEN);
-    out.extend_from_slice(&[E2E_VERSION, kind]);
-    out.extend_from_slice(&session.0);
-    out.extend_from_slice(extra);
+    let mut out = Vec::with_capacity(18 + header.extra.len() + SEALED_HEADER + 64 + TAG_LEN);
+    out.extend_from_slice(&[E2E_VERSION, header.kind]);
+    out.extend_from_slice(&header.session.0);
+    out.extend_from_slice(header.extra);
     out.extend_from_slice(&keys.epoch.to_be_bytes());
     out.extend_from_slice(&counter.to_be_bytes());
-    out.extend_from_slice(&time.0.to_be_bytes());
-    let aad = aad(&out, binding, id);
-    let tag = keys
-        .key
-        .seal_in_place_separate_tag(
-            nonce(keys.epoch, counter),
-            aead::Aad::from(&aad),
-            &mut plain,
-        )
-        .unwrap_or_else(|_| unreachable!("AES-GCM seals any length under 64 GiB"));
-    out.extend_from_slice(&plain);
+    out.extend_from_slice(&header.time.0.to_be_bytes());
+    let sealed_at = out.len();
+    write(&mut out);
+    let (clear, plain) = out.split_at_mut(sealed_at);
+    let tag = with_aad(clear, binding, id, |aad| {
+        keys.key
+            .seal_in_place_separate_tag(nonce(keys.epoch, counter), aead::Aad::from(aad), plain)
+    })
+    .unwrap_or_else(|_| unreachable!("AES-GCM seals any length under 64 GiB"));
     out.extend_from_slice(tag.as_ref());
     Bytes::from(out)
 }
@@ -1018,13 +1034,13 @@ fn open_envelope(
     let epoch = r.u32()?;
     let counter = r.u64()?;
     let time = Timestamp(r.u64()?);
-    let aad = aad(&envelope[..sealed_at], binding, id);
     let mut buf = Zeroizing::new(envelope[sealed_at..].to_vec());
-    let len = keys
-        .key
-        .open_in_place(nonce(epoch, counter), aead::Aad::from(&aad), &mut buf)
-        .map_err(|_| OpenError::Unauthentic)?
-        .len();
+    let len = with_aad(&envelope[..sealed_at], binding, id, |aad| {
+        keys.key
+            .open_in_place(nonce(epoch, counter), aead::Aad::from(aad), &mut buf)
+            .map(|p| p.len())
+    })
+    .map_err(|_| OpenError::Unauthentic)?;
     buf.truncate(len);
     Ok((counter, time, buf))
 }
@@ -1034,13 +1050,29 @@ fn sealed_epoch(envelope: &[u8], header_len: usize) -> Result<u32, OpenError> {
     Ok(r.u32()?)
 }
 
-fn aad(header: &[u8], binding: &[u8; 128], id: MsgId) -> Vec<u8> {
-    let mut aad = Vec::with_capacity(CONTEXT.len() + header.len() + 128 + 16);
-    aad.extend_from_slice(CONTEXT);
-    aad.extend_from_slice(header);
-    aad.extend_from_slice(binding);
-    aad.extend_from_slice(&id.0);
-    aad
+/// Calls `f` with the associated data: context, clear header, binding, message id. On the
+/// stack when it fits (every MSG and REPLY), on the heap for INIT's long header.
+fn with_aad<R>(header: &[u8], binding: &[u8; 128], id: MsgId, f: impl FnOnce(&[u8]) -> R) -> R {
+    const STACK: usize = 256;
+    let len = CONTEXT.len() + header.len() + 128 + 16;
+    let fill = |buf: &mut [u8]| {
+        let (a, rest) = buf.split_at_mut(CONTEXT.len());
+        a.copy_from_slice(CONTEXT);
+        let (b, rest) = rest.split_at_mut(header.len());
+        b.copy_from_slice(header);
+        let (c, d) = rest.split_at_mut(128);
+        c.copy_from_slice(binding);
+        d.copy_from_slice(&id.0);
+    };
+    if len <= STACK {
+        let mut buf = [0u8; STACK];
+        fill(&mut buf[..len]);
+        f(&buf[..len])
+    } else {
+        let mut buf = vec![0u8; len];
+        fill(&mut buf);
+        f(&buf)
+    }
 }
 
 fn nonce(epoch: u32, counter: u64) -> aead::Nonce {

@@ -26,6 +26,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use cellmesh_core::Timestamp;
 use cellmesh_core::e2e::{
     Directory, DirectoryError, Endpoint, LocalDevice, Message, Opened, Padding, RemoteDevice,
     SealError,
@@ -152,7 +153,9 @@ pub enum MailboxError {
 pub struct Mailbox {
     cmds: mpsc::Sender<Cmd>,
     in_flight: Arc<Semaphore>,
-    messages: mpsc::Receiver<Message>,
+    /// Messages arrive in batches (one per batch of envelopes from the relay).
+    messages: mpsc::Receiver<Vec<Message>>,
+    ready: VecDeque<Message>,
     relay_node: NodeId,
     cell: CellId,
     node: NodeId,
@@ -227,7 +230,8 @@ impl Mailbox {
             })?;
         let (cmds, cmd_rx) = mpsc::channel(1024);
         let in_flight = Arc::new(Semaphore::new(config.max_in_flight.max(1)));
-        let (msg_tx, messages) = mpsc::channel(config.inbox_capacity.max(1));
+        // Batches of up to 256 messages: the bound in messages stays about inbox_capacity.
+        let (msg_tx, messages) = mpsc::channel((config.inbox_capacity / 256).max(2));
         let (cell, me) = (node.cell(), node.node_id());
         let revocations = unlocked.keystore.revocations();
         let driver = Driver {
@@ -239,7 +243,9 @@ impl Mailbox {
             node,
             revocations,
             messages: msg_tx,
-            sends: HashMap::new(),
+            opened: Vec::new(),
+            clock: (crate::now(), Instant::now()),
+            sends: HashMap::default(),
             deadlines: VecDeque::new(),
             expiries: VecDeque::new(),
             retries: Vec::new(),
@@ -253,6 +259,7 @@ impl Mailbox {
             cmds,
             in_flight,
             messages,
+            ready: VecDeque::new(),
             relay_node: relay.node,
             cell,
             node: me,
@@ -295,7 +302,12 @@ impl Mailbox {
 
     /// The next message from another cell; `None` once closed.
     pub async fn recv(&mut self) -> Option<Message> {
-        self.messages.recv().await
+        loop {
+            if let Some(m) = self.ready.pop_front() {
+                return Some(m);
+            }
+            self.ready.extend(self.messages.recv().await?);
+        }
     }
 
     /// The relay's node id (pin it with [`MailboxConfig::relay_node`] next time).
@@ -360,8 +372,12 @@ struct Driver {
     config: MailboxConfig,
     node: Node,
     revocations: cellmesh_core::device::Revocations,
-    messages: mpsc::Sender<Message>,
-    sends: HashMap<MsgId, PendingSend>,
+    messages: mpsc::Sender<Vec<Message>>,
+    /// The clocks read once per batch of commands (wall, monotonic).
+    clock: (Timestamp, Instant),
+    /// Opened in this turn, handed over at its end.
+    opened: Vec<Message>,
+    sends: HashMap<MsgId, PendingSend, foldhash::fast::RandomState>,
     /// Sends by when their outcome is due, and by when they are forgotten (both in the order
     /// they were made, since every send gets the same delays).
     deadlines: VecDeque<(Instant, MsgId)>,
@@ -404,6 +420,7 @@ impl Driver {
                         break;
                     }
                     let mut close = false;
+                    self.clock = (crate::now(), Instant::now());
                     for cmd in cmd_buf.drain(..) {
                         match cmd {
                             Cmd::Send { to, body, done } => self.send(to, body, done),
@@ -473,7 +490,7 @@ impl Driver {
 
     fn seal_and_forward(&mut self, devices: &[Arc<RemoteDevice>], body: Bytes, done: Done) {
         let id = MsgId::random(&mut self.rng);
-        let now = crate::now();
+        let (now, at) = self.clock;
         let mut sends = Vec::with_capacity(devices.len());
         for device in devices {
             match self.endpoint.seal(device, id, now, &body, &mut OsRng) {
@@ -498,7 +515,6 @@ impl Driver {
         if self.sends.len() >= MAX_RETAINED {
             self.forget_resolved();
         }
-        let at = Instant::now();
         let deadline = at + self.config.ack_timeout;
         self.deadlines.push_back((deadline, id));
         self.expiries.push_back((at + RETAIN, id));
@@ -533,6 +549,7 @@ impl Driver {
 
     async fn incoming(&mut self, batch: &mut Vec<crate::node::Incoming>) {
         let mut delivered = Vec::new();
+        let now = crate::now();
         for incoming in batch.drain(..) {
             if incoming.from != self.relay {
                 continue;
@@ -553,11 +570,19 @@ impl Driver {
                     Record::Accepted { to, id, status } => self.relay_answer(to, id, Ok(status)),
                     Record::Refused { to, id, code } => self.relay_answer(to, id, Err(code)),
                     Record::Deliver { from, id, envelope } => {
-                        self.deliver(from, id, &envelope).await;
+                        self.deliver(from, id, &envelope, now);
                         delivered.push(id);
                     }
                     _ => tracing::debug!("relay sent a device-only record"),
                 }
+            }
+        }
+        // Handed to the application before the relay hears DELIVERED (and before the
+        // acknowledgements go out): waits while the application is behind.
+        if !self.opened.is_empty() {
+            let opened = std::mem::take(&mut self.opened);
+            if self.messages.send(opened).await.is_err() {
+                tracing::debug!("nobody receives messages any more");
             }
         }
         for reply in self.endpoint.poll_acks(&mut self.rng) {
@@ -641,21 +666,12 @@ impl Driver {
         self.settle(id);
     }
 
-    async fn deliver(&mut self, from: NodeId, id: MsgId, envelope: &[u8]) {
-        let opened = self.endpoint.open(
-            from,
-            id,
-            envelope,
-            crate::now(),
-            &self.revocations,
-            &mut OsRng,
-        );
+    fn deliver(&mut self, from: NodeId, id: MsgId, envelope: &[u8], now: Timestamp) {
+        let opened = self
+            .endpoint
+            .open(from, id, envelope, now, &self.revocations, &mut OsRng);
         match opened {
-            Ok(Opened::Message(m)) => {
-                if self.messages.send(m).await.is_err() {
-                    tracing::debug!("nobody receives messages any more");
-                }
-            }
+            Ok(Opened::Message(m)) => self.opened.push(m),
             Ok(Opened::Duplicate(id)) => tracing::debug!(%id, "dropped a duplicate"),
             Ok(Opened::Acked { from, ids }) => {
                 for id in ids {

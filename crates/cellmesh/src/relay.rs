@@ -212,6 +212,8 @@ impl Relay {
             buckets: HashMap::new(),
             events,
             stats,
+            tally: RelayStats::default(),
+            now: Instant::now(),
             config,
         };
         Ok(Self {
@@ -273,6 +275,10 @@ struct Loop {
     buckets: HashMap<CellId, Bucket>,
     events: broadcast::Sender<RelayEvent>,
     stats: Arc<Mutex<RelayStats>>,
+    /// Counted during one batch, added to `stats` at its end.
+    tally: RelayStats,
+    /// The monotonic clock, read once per batch.
+    now: Instant,
     config: RelayConfig,
 }
 
@@ -436,6 +442,7 @@ impl Loop {
     }
 
     async fn handle(&mut self, batch: &mut Vec<Incoming>) {
+        self.now = Instant::now();
         let mut answers: HashMap<NodeId, Vec<Record>> = HashMap::new();
         let mut to_store = Vec::new();
         for incoming in batch.drain(..) {
@@ -458,6 +465,12 @@ impl Loop {
         for (to, records) in answers {
             self.answer(to, records).await;
         }
+        let t = std::mem::take(&mut self.tally);
+        let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        s.pushed += t.pushed;
+        s.queued += t.queued;
+        s.refused += t.refused;
+        s.bytes += t.bytes;
     }
 
     async fn record(
@@ -613,7 +626,7 @@ impl Loop {
     }
 
     fn accepted(
-        &self,
+        &mut self,
         from: NodeId,
         to: NodeId,
         id: MsgId,
@@ -621,14 +634,11 @@ impl Loop {
         status: Accepted,
         answers: &mut HashMap<NodeId, Vec<Record>>,
     ) {
-        {
-            let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
-            match status {
-                Accepted::Pushed => s.pushed += 1,
-                Accepted::Queued => s.queued += 1,
-            }
-            s.bytes += bytes as u64;
+        match status {
+            Accepted::Pushed => self.tally.pushed += 1,
+            Accepted::Queued => self.tally.queued += 1,
         }
+        self.tally.bytes += bytes as u64;
         if self.events.receiver_count() > 0 {
             let _ = self.events.send(RelayEvent::Forwarded {
                 from,
@@ -645,14 +655,14 @@ impl Loop {
     }
 
     fn refused(
-        &self,
+        &mut self,
         from: NodeId,
         to: NodeId,
         id: MsgId,
         code: RefuseCode,
         answers: &mut HashMap<NodeId, Vec<Record>>,
     ) {
-        self.stats.lock().unwrap_or_else(|p| p.into_inner()).refused += 1;
+        self.tally.refused += 1;
         let _ = self.events.send(RelayEvent::Refused { from, id, code });
         answers
             .entry(from)
@@ -685,7 +695,7 @@ impl Loop {
             f64::from(self.config.rate_per_cell),
             f64::from(self.config.burst_per_cell),
         );
-        let now = Instant::now();
+        let now = self.now;
         let b = self.buckets.entry(cell).or_insert(Bucket {
             tokens: burst,
             at: now,
