@@ -470,7 +470,7 @@ impl Endpoint {
                     // Never past what an envelope can carry: the largest bodies are padded
                     // to the largest plaintext instead.
                     let len = plain.len() - start;
-                    let target = len.next_power_of_two().max(256).min(MAX_PLAIN).max(len);
+                    let target = len.next_power_of_two().clamp(256, MAX_PLAIN).max(len);
                     plain.resize(start + target, 0);
                 }
             },
