@@ -516,6 +516,14 @@ impl Endpoint {
                     }
                     let inbound = Inbound::accept(&self.local, peer, session, &enc, rng)?;
                     self.remember_inbound(key, inbound);
+                    // A session is kept only once an envelope authenticates in it: a copy
+                    // with a forged or damaged `enc` must not take the session's place.
+                    let opened = self.open_inbound(key, id, envelope, header_len);
+                    if opened.is_err() {
+                        self.inbound.remove(&key);
+                        self.inbound_order.pop_back();
+                    }
+                    return opened;
                 }
                 self.open_inbound(key, id, envelope, header_len)
             }

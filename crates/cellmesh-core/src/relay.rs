@@ -407,12 +407,16 @@ pub fn put_record(out: &mut Vec<u8>, record: &Record) {
     record.encode(out);
 }
 
-/// The records of a batch payload, in order. Stops at the first malformed record; the caller
-/// should treat that as a protocol violation by the peer.
+/// The records of a batch payload, in order. Stops at the first malformed record (an empty
+/// payload is one); the caller should treat that as a protocol violation by the peer.
 pub fn records(payload: Bytes) -> impl Iterator<Item = Result<Record, DecodeError>> {
+    let mut failed = payload.is_empty();
+    let mut empty = failed;
     let mut rest = payload;
-    let mut failed = false;
     std::iter::from_fn(move || {
+        if std::mem::take(&mut empty) {
+            return Some(Err(DecodeError::Invalid("empty relay payload")));
+        }
         if failed || rest.is_empty() {
             return None;
         }
