@@ -62,7 +62,7 @@ use rand_core::CryptoRngCore;
 use ring::aead;
 use sha2::Sha256;
 use thiserror::Error;
-use zeroize::Zeroizing;
+use zeroize::{Zeroize as _, Zeroizing};
 
 use crate::Timestamp;
 use crate::codec::{DecodeError, Reader, put_bytes16};
@@ -635,14 +635,16 @@ impl Endpoint {
             return Err(DecodeError::Invalid("inbound plaintext kind").into());
         }
         let len = r.u32()? as usize;
-        let body = r.bytes(len)?;
+        let start = plain.len() - r.remaining();
+        r.bytes(len)?;
         if !r.bytes(r.remaining())?.iter().all(|&b| b == 0) {
             return Err(DecodeError::Invalid("padding").into());
         }
         if let Some(theirs) = theirs {
             inbound.advance(&theirs)?;
         }
-        let body = Bytes::copy_from_slice(body);
+        // The body is a view into the decrypted buffer, not a copy.
+        let body = Bytes::from(plain).slice(start..start + len);
         let from_cell = inbound.peer.cell();
         self.pending_acks.push((key, id));
         if replayed || !self.delivered.insert((from_cell, id)) {
@@ -929,7 +931,7 @@ impl Inbound {
         id: MsgId,
         envelope: &[u8],
         header_len: usize,
-    ) -> Result<(Timestamp, Zeroizing<Vec<u8>>, bool), OpenError> {
+    ) -> Result<(Timestamp, Vec<u8>, bool), OpenError> {
         let epoch = sealed_epoch(envelope, header_len)?;
         let keys = match (epoch, &self.recv1) {
             (0, _) => &self.recv0,
@@ -1033,7 +1035,7 @@ fn open_envelope(
     header_len: usize,
     binding: &[u8; 128],
     id: MsgId,
-) -> Result<(u64, Timestamp, Zeroizing<Vec<u8>>), OpenError> {
+) -> Result<(u64, Timestamp, Vec<u8>), OpenError> {
     let sealed_at = header_len + SEALED_HEADER;
     if envelope.len() < sealed_at + TAG_LEN {
         return Err(DecodeError::Truncated.into());
@@ -1042,15 +1044,24 @@ fn open_envelope(
     let epoch = r.u32()?;
     let counter = r.u64()?;
     let time = Timestamp(r.u64()?);
-    let mut buf = Zeroizing::new(envelope[sealed_at..].to_vec());
-    let len = with_aad(&envelope[..sealed_at], binding, id, |aad| {
+    // The plaintext is the application's message, handed over as it is (not zeroized);
+    // whatever a failed open leaves in the buffer is wiped.
+    let mut buf = envelope[sealed_at..].to_vec();
+    let opened = with_aad(&envelope[..sealed_at], binding, id, |aad| {
         keys.key
             .open_in_place(nonce(epoch, counter), aead::Aad::from(aad), &mut buf)
             .map(|p| p.len())
-    })
-    .map_err(|_| OpenError::Unauthentic)?;
-    buf.truncate(len);
-    Ok((counter, time, buf))
+    });
+    match opened {
+        Ok(len) => {
+            buf.truncate(len);
+            Ok((counter, time, buf))
+        }
+        Err(_) => {
+            buf.zeroize();
+            Err(OpenError::Unauthentic)
+        }
+    }
 }
 
 fn sealed_epoch(envelope: &[u8], header_len: usize) -> Result<u32, OpenError> {
