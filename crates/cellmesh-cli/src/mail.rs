@@ -1,16 +1,20 @@
 //! `cellmesh relay`, `listen` and `send`: messages between cells through a relay.
 
 use std::collections::BTreeSet;
+use std::fmt;
 use std::io::Read as _;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use cellmesh::core::id::{CellId, NodeId};
 use cellmesh::home::{Home, Unlocked};
 use cellmesh::mailbox::{Mailbox, MailboxConfig, MailboxError};
+use cellmesh::node::{JoinError, Transport};
 use cellmesh::relay::{Relay, RelayConfig, RelayEvent};
+use cellmesh::tls::{ServerName, TlsFailure};
 use clap::Args;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -29,6 +33,13 @@ pub struct RelayArgs {
     /// Only these cells may register and send (repeatable; default: any cell).
     #[arg(long, value_name = "CELL_ID")]
     allow: Vec<CellId>,
+    /// Serve TLS with this PEM certificate chain (leaf first), for standard ports such as 443;
+    /// devices then use `tls://HOST:PORT`. Needs --tls-key.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Print every line as a JSON object with an `event` field.
     #[arg(long)]
     json: bool,
@@ -39,9 +50,119 @@ pub struct RelayArgs {
 /// Where the relay is: `--relay`, else `CELLMESH_RELAY`, else the home's config file.
 #[derive(Args, Clone)]
 pub struct RelayAddr {
-    /// The relay's address [env: CELLMESH_RELAY; default: the one `connect-cell --relay` saved].
+    /// The relay's address, `HOST:PORT` or `tls://HOST:PORT` [env: CELLMESH_RELAY; default:
+    /// the one `connect-cell --relay` saved].
     #[arg(long, value_name = "ADDR", env = "CELLMESH_RELAY")]
-    relay: Option<SocketAddr>,
+    relay: Option<RelayTarget>,
+    /// A PEM file of CA certificates (or the relay's self-signed certificate) to trust for a
+    /// `tls://` relay, besides the web's usual roots [default: the one saved with the relay].
+    #[arg(long, value_name = "FILE", env = "CELLMESH_RELAY_CA")]
+    relay_ca: Option<PathBuf>,
+}
+
+/// A relay's address as a user writes it: `HOST:PORT`, or `tls://HOST:PORT` for a relay that
+/// serves TLS. HOST is a DNS name or an IP address (an IPv6 one in brackets); under TLS the
+/// relay's certificate must be valid for it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct RelayTarget {
+    tls: bool,
+    /// Without brackets.
+    host: String,
+    port: u16,
+}
+
+impl FromStr for RelayTarget {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (tls, rest) = match text.split_once("://") {
+            None => (false, text),
+            Some(("tls", rest)) => (true, rest),
+            Some((scheme, _)) => {
+                return Err(format!(
+                    "unknown scheme {scheme}:// in {text:?}: use HOST:PORT or tls://HOST:PORT"
+                ));
+            }
+        };
+        if let Ok(addr) = rest.parse::<SocketAddr>() {
+            return Ok(Self {
+                tls,
+                host: addr.ip().to_string(),
+                port: addr.port(),
+            });
+        }
+        let Some((host, port)) = rest.rsplit_once(':') else {
+            return Err(format!(
+                "{text:?} has no port: use HOST:PORT or tls://HOST:PORT"
+            ));
+        };
+        let port = port
+            .parse::<u16>()
+            .map_err(|_| format!("bad port {port:?} in {text:?}"))?;
+        // A DNS name (an IP address parsed above); IPv6 needs its brackets.
+        if host.contains(':') || ServerName::try_from(host).is_err() {
+            return Err(format!("bad host {host:?} in {text:?}"));
+        }
+        Ok(Self {
+            tls,
+            host: host.to_string(),
+            port,
+        })
+    }
+}
+
+impl TryFrom<String> for RelayTarget {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        text.parse()
+    }
+}
+
+impl From<RelayTarget> for String {
+    fn from(target: RelayTarget) -> Self {
+        target.to_string()
+    }
+}
+
+impl fmt::Display for RelayTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = if self.tls { "tls://" } else { "" };
+        if self.host.contains(':') {
+            write!(f, "{scheme}[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{scheme}{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl RelayTarget {
+    /// How to reach it: TCP, or TLS to HOST trusting the web's roots and `ca`.
+    fn transport(&self, ca: Option<&Path>) -> Result<Transport> {
+        if !self.tls {
+            return Ok(Transport::Tcp);
+        }
+        let server_name =
+            ServerName::try_from(self.host.clone()).map_err(|e| anyhow!("relay {self}: {e}"))?;
+        let config = cellmesh::tls::client_config(ca).map_err(|e| anyhow!("--relay-ca: {e}"))?;
+        Ok(Transport::Tls {
+            server_name,
+            config,
+        })
+    }
+
+    /// Its addresses (a name may have several, IPv6 and IPv4).
+    async fn resolve(&self) -> Result<Vec<SocketAddr>> {
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((self.host.as_str(), self.port))
+            .await
+            .with_context(|| format!("relay {self}: cannot resolve {}", self.host))?
+            .collect();
+        if addrs.is_empty() {
+            bail!("relay {self}: {} has no address", self.host);
+        }
+        Ok(addrs)
+    }
 }
 
 /// Arguments of `cellmesh listen`.
@@ -78,9 +199,14 @@ pub struct SendArgs {
 /// What `connect-cell --relay` remembers in the home directory.
 #[derive(Serialize, Deserialize)]
 pub struct Config {
-    relay: SocketAddr,
+    /// As the user wrote it (`HOST:PORT` or `tls://HOST:PORT`); older files hold a socket
+    /// address, which reads the same.
+    relay: RelayTarget,
     /// The relay's node id, seen at the first connection: later connections refuse any other.
     relay_node: Option<String>,
+    /// The CA file trusted for a `tls://` relay (`CELLMESH_RELAY_CA` at registration).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    relay_ca: Option<PathBuf>,
 }
 
 fn config_path(home: &Home) -> PathBuf {
@@ -98,45 +224,94 @@ fn save_config(home: &Home, config: &Config) -> Result<()> {
     std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))
 }
 
-/// The relay to use, and the node id to pin when it is the saved one.
-fn relay_of(home: &Home, arg: &RelayAddr) -> Result<(SocketAddr, Option<NodeId>)> {
+/// The relay to use, the CA file to trust for it, and the node id to pin when it is the
+/// saved one.
+struct RelayChoice {
+    relay: RelayTarget,
+    ca: Option<PathBuf>,
+    pin: Option<NodeId>,
+}
+
+fn relay_of(home: &Home, arg: &RelayAddr) -> Result<RelayChoice> {
     let saved = load_config(home);
-    let addr = match (arg.relay, &saved) {
-        (Some(a), _) => a,
-        (None, Some(c)) => c.relay,
+    let relay = match (&arg.relay, &saved) {
+        (Some(a), _) => a.clone(),
+        (None, Some(c)) => c.relay.clone(),
         (None, None) => bail!(
             "no relay: pass --relay ADDR, set CELLMESH_RELAY, or register once with `cellmesh connect-cell --relay ADDR`"
         ),
     };
-    let pinned = saved
-        .filter(|c| c.relay == addr)
+    let saved = saved.filter(|c| c.relay == relay);
+    let ca = arg
+        .relay_ca
+        .clone()
+        .or_else(|| saved.as_ref().and_then(|c| c.relay_ca.clone()));
+    let pin = saved
         .and_then(|c| c.relay_node)
         .and_then(|n| n.parse().ok());
-    Ok((addr, pinned))
+    Ok(RelayChoice { relay, ca, pin })
 }
 
-async fn open_mailbox(
-    unlocked: &Unlocked,
-    relay: SocketAddr,
-    pin: Option<NodeId>,
-) -> Result<Mailbox> {
-    let mut config = MailboxConfig::new(relay);
-    config.relay_node = pin;
-    config.node.revocations = unlocked.keystore.revocations();
-    Mailbox::connect(unlocked, config)
-        .await
-        .map_err(|e| match e {
-            MailboxError::Relay(e) => anyhow!("relay {relay} unreachable: {e}"),
-            other => anyhow!(other),
-        })
+/// Connects to the relay: each of its addresses in turn until one answers.
+async fn open_mailbox(unlocked: &Unlocked, choice: &RelayChoice) -> Result<Mailbox> {
+    let relay = &choice.relay;
+    let transport = relay.transport(choice.ca.as_deref())?;
+    let mut unreachable = None;
+    for addr in relay.resolve().await? {
+        let mut config = MailboxConfig::new(addr);
+        config.relay_node = choice.pin;
+        config.transport = transport.clone();
+        config.node.revocations = unlocked.keystore.revocations();
+        match Mailbox::connect(unlocked, config).await {
+            Ok(mailbox) => return Ok(mailbox),
+            Err(MailboxError::Relay(e @ JoinError::Connect { .. })) => unreachable = Some(e),
+            Err(e) => return Err(explain(relay, e)),
+        }
+    }
+    Err(match unreachable {
+        Some(e) => explain(relay, MailboxError::Relay(e)),
+        None => anyhow!("relay {relay} unreachable"),
+    })
+}
+
+/// One line a user can act on.
+fn explain(relay: &RelayTarget, e: MailboxError) -> anyhow::Error {
+    match e {
+        MailboxError::Relay(JoinError::Tls {
+            failure: TlsFailure::Certificate,
+            reason,
+            ..
+        }) => anyhow!(
+            "relay {relay}: TLS certificate not trusted: {reason} (for a private CA, pass --relay-ca FILE)"
+        ),
+        MailboxError::Relay(JoinError::Tls { reason, .. }) => anyhow!(
+            "relay {relay}: TLS handshake failed: {reason} (does the relay serve TLS, with --tls-cert?)"
+        ),
+        MailboxError::Relay(e) => anyhow!("relay {relay} unreachable: {e}"),
+        other => anyhow!(other),
+    }
 }
 
 /// Registers this device with the relay and remembers the relay (and its node id) in the
-/// home. Used by `connect-cell --relay` and `create-cell --relay`.
-pub fn register(home: &Home, unlocked: &Unlocked, relay: SocketAddr) -> Result<NodeId> {
+/// home. Used by `connect-cell --relay`; a `tls://` relay's private CA comes from
+/// `CELLMESH_RELAY_CA` and is remembered too.
+pub fn register(home: &Home, unlocked: &Unlocked, relay: &RelayTarget) -> Result<NodeId> {
+    let ca = match std::env::var_os("CELLMESH_RELAY_CA") {
+        // Absolute, so that later commands find it from any directory.
+        Some(path) => Some(
+            std::fs::canonicalize(&path)
+                .with_context(|| format!("CELLMESH_RELAY_CA: cannot read {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let choice = RelayChoice {
+        relay: relay.clone(),
+        ca,
+        pin: None,
+    };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     let relay_node = runtime.block_on(async {
-        let mailbox = open_mailbox(unlocked, relay, None).await?;
+        let mailbox = open_mailbox(unlocked, &choice).await?;
         let node = mailbox.relay_node();
         mailbox.close().await;
         Ok::<_, anyhow::Error>(node)
@@ -144,8 +319,9 @@ pub fn register(home: &Home, unlocked: &Unlocked, relay: SocketAddr) -> Result<N
     save_config(
         home,
         &Config {
-            relay,
+            relay: choice.relay,
             relay_node: Some(relay_node.to_string()),
+            relay_ca: choice.ca,
         },
     )?;
     Ok(relay_node)
@@ -161,6 +337,13 @@ pub fn relay(home: &Home, args: &RelayArgs) -> Result<()> {
         .unwrap_or_else(|| home.dir().join("relay"));
     let mut config = RelayConfig::new(args.listen.clone(), data.clone());
     config.node.revocations = unlocked.keystore.revocations();
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        config.tls = Some(
+            cellmesh::tls::server_config(cert, key)
+                .map_err(|e| anyhow!("--tls-cert/--tls-key: {e}"))?,
+        );
+    }
+    let tls = config.tls.is_some();
     if !args.allow.is_empty() {
         config.allow = Some(args.allow.iter().copied().collect::<BTreeSet<_>>());
     }
@@ -172,8 +355,8 @@ pub fn relay(home: &Home, args: &RelayArgs) -> Result<()> {
         let mut events = relay.subscribe();
         for addr in relay.local_addrs() {
             out.line(
-                json!({"event": "listening", "addr": addr.to_string(), "relay_node": relay.node_id().to_string(), "data": data}),
-                format!("listening on {addr}"),
+                json!({"event": "listening", "addr": addr.to_string(), "tls": tls, "relay_node": relay.node_id().to_string(), "data": data}),
+                format!("listening on {addr}{}", if tls { " (TLS)" } else { "" }),
             );
         }
         out.line(
@@ -238,14 +421,15 @@ fn print_relay_event(out: Printer, ev: &RelayEvent) {
 }
 
 pub fn listen(home: &Home, args: &ListenArgs) -> Result<()> {
-    let (relay, pin) = relay_of(home, &args.relay)?;
+    let choice = relay_of(home, &args.relay)?;
+    let relay = choice.relay.clone();
     let passphrase = keystore_passphrase(&args.secrets, false)?;
     let unlocked = home.unlock(&passphrase)?;
     drop(passphrase);
     let out = Printer { json: args.json };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {
-        let mut mailbox = open_mailbox(&unlocked, relay, pin).await?;
+        let mut mailbox = open_mailbox(&unlocked, &choice).await?;
         drop(unlocked);
         out.line(
             json!({"event": "listening", "relay": relay.to_string(), "cell_id": mailbox.cell().to_string(), "node_id": mailbox.node().to_string()}),
@@ -264,33 +448,42 @@ pub fn listen(home: &Home, args: &ListenArgs) -> Result<()> {
                 },
             };
             seen += 1;
-            let (body, encoding) = match std::str::from_utf8(&msg.body) {
-                Ok(text) => (text.to_string(), None),
-                Err(_) => (data_encoding::BASE64.encode(&msg.body), Some("base64")),
-            };
-            let mut obj = json!({
-                "from": msg.from_cell.to_string(),
-                "device": msg.from_node.to_string(),
-                "id": msg.id.to_hex(),
-                "time": msg.time.0,
-                "body": body,
-            });
-            if let Some(enc) = encoding {
-                obj["encoding"] = json!(enc);
-            }
-            let shown = match encoding {
-                None => crate::node::printable(&body),
-                Some(_) => format!("(base64) {body}"),
-            };
-            out.line(obj, format!("{} at {}: {shown}", msg.from_cell, msg.time.0));
+            print_message(out, &msg);
         }
-        mailbox.close().await;
+        // Received (so acknowledged) but not taken yet: shown too, never dropped. With
+        // --count, that can be a few more than asked for.
+        for msg in mailbox.close().await {
+            print_message(out, &msg);
+        }
         Ok(())
     })
 }
 
+fn print_message(out: Printer, msg: &cellmesh::core::e2e::Message) {
+    let (body, encoding) = match std::str::from_utf8(&msg.body) {
+        Ok(text) => (text.to_string(), None),
+        Err(_) => (data_encoding::BASE64.encode(&msg.body), Some("base64")),
+    };
+    let mut obj = json!({
+        "from": msg.from_cell.to_string(),
+        "device": msg.from_node.to_string(),
+        "id": msg.id.to_hex(),
+        "time": msg.time.0,
+        "body": body,
+    });
+    if let Some(enc) = encoding {
+        obj["encoding"] = json!(enc);
+    }
+    let shown = match encoding {
+        None => crate::node::printable(&body),
+        Some(_) => format!("(base64) {body}"),
+    };
+    out.line(obj, format!("{} at {}: {shown}", msg.from_cell, msg.time.0));
+}
+
 pub fn send(home: &Home, args: &SendArgs) -> Result<()> {
-    let (relay, pin) = relay_of(home, &args.relay)?;
+    let choice = relay_of(home, &args.relay)?;
+    let relay = choice.relay.clone();
     let body = match args.message.as_deref() {
         Some(m) if m != "-" => m.as_bytes().to_vec(),
         _ => {
@@ -314,7 +507,7 @@ pub fn send(home: &Home, args: &SendArgs) -> Result<()> {
     let out = Printer { json: args.json };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {
-        let mailbox = open_mailbox(&unlocked, relay, pin).await?;
+        let mailbox = open_mailbox(&unlocked, &choice).await?;
         drop(unlocked);
         let sent = tokio::time::timeout(
             Duration::from_secs(30),
@@ -333,4 +526,53 @@ pub fn send(home: &Home, args: &SendArgs) -> Result<()> {
         );
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relay_addresses_parse_and_print_as_written() {
+        for text in [
+            "127.0.0.1:7100",
+            "[::1]:7100",
+            "relay.example.org:7100",
+            "tls://relay.example.org:443",
+            "tls://127.0.0.1:443",
+            "tls://[2001:db8::1]:443",
+        ] {
+            let target: RelayTarget = text.parse().unwrap();
+            assert_eq!(target.to_string(), text);
+        }
+        let t: RelayTarget = "tls://localhost:8443".parse().unwrap();
+        assert!(t.tls);
+        assert_eq!((t.host.as_str(), t.port), ("localhost", 8443));
+        for bad in [
+            "relay.example.org",
+            "https://relay.example.org:443",
+            "tls://:443",
+            "tls://relay.example.org:99999",
+            "::1:7100",
+            "bad host:1",
+        ] {
+            assert!(bad.parse::<RelayTarget>().is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn config_files_keep_the_string_form_and_old_ones_still_read() {
+        let old: Config =
+            serde_json::from_str(r#"{"relay":"127.0.0.1:7100","relay_node":null}"#).unwrap();
+        assert_eq!(old.relay, "127.0.0.1:7100".parse().unwrap());
+        assert_eq!(old.relay_ca, None);
+        let new = Config {
+            relay: "tls://relay.example.org:443".parse().unwrap(),
+            relay_node: None,
+            relay_ca: Some("/etc/cellmesh/ca.pem".into()),
+        };
+        let json: serde_json::Value = serde_json::to_value(&new).unwrap();
+        assert_eq!(json["relay"], "tls://relay.example.org:443");
+        assert_eq!(json["relay_ca"], "/etc/cellmesh/ca.pem");
+    }
 }

@@ -55,10 +55,11 @@ enum Command {
         /// Replace a different cell that already exists in this home.
         #[arg(long)]
         force: bool,
-        /// Register this device with the relay at ADDR and remember it for `send` and `listen`
-        /// (also CELLMESH_RELAY).
+        /// Register this device with the relay at ADDR (`HOST:PORT`, or `tls://HOST:PORT` with
+        /// a private CA from CELLMESH_RELAY_CA) and remember it for `send` and `listen` (also
+        /// CELLMESH_RELAY).
         #[arg(long, value_name = "ADDR", env = "CELLMESH_RELAY")]
-        relay: Option<std::net::SocketAddr>,
+        relay: Option<mail::RelayTarget>,
         /// Print one JSON object (with `cell_id`, `node_id`).
         #[arg(long)]
         json: bool,
@@ -161,7 +162,7 @@ fn run(cli: Cli) -> Result<()> {
             force,
             relay,
             json,
-        } => connect_cell(&home()?, secrets, *force, *relay, *json),
+        } => connect_cell(&home()?, secrets, *force, relay.clone(), *json),
         Command::Whoami { json } => whoami(&home()?, *json),
         Command::RevokeDevice {
             node_id,
@@ -226,7 +227,7 @@ fn connect_cell(
     home: &Home,
     args: &SecretArgs,
     force: bool,
-    relay: Option<std::net::SocketAddr>,
+    relay: Option<mail::RelayTarget>,
     json: bool,
 ) -> Result<()> {
     let phrase = read_mnemonic()?;
@@ -235,7 +236,7 @@ fn connect_cell(
     let cell = mnemonic.derive(&seed_passphrase).cell_id();
     let existing = home.load().ok();
     let reuse = matches!(&existing, Some(k) if k.cell == cell && !force);
-    let passphrase = match (reuse, relay) {
+    let passphrase = match (reuse, &relay) {
         (true, None) => None,
         (true, Some(_)) => Some(keystore_passphrase(&args.keystore, false)?),
         (false, _) => Some(keystore_passphrase(&args.keystore, true)?),
@@ -252,7 +253,8 @@ fn connect_cell(
     let relay_node = match (relay, &passphrase) {
         (Some(addr), Some(p)) => {
             let unlocked = home.unlock(p)?;
-            Some((addr, mail::register(home, &unlocked, addr)?))
+            let node = mail::register(home, &unlocked, &addr)?;
+            Some((addr, node))
         }
         _ => None,
     };
@@ -262,8 +264,8 @@ fn connect_cell(
             "node_id": keystore.node.to_string(),
             "home": home.dir(),
             "new_device": fresh,
-            "relay": relay_node.map(|(a, _)| a.to_string()),
-            "relay_node": relay_node.map(|(_, n)| n.to_string()),
+            "relay": relay_node.as_ref().map(|(a, _)| a.to_string()),
+            "relay_node": relay_node.as_ref().map(|(_, n)| n.to_string()),
         });
         println!("{out}");
         return Ok(());

@@ -128,6 +128,9 @@ impl RemoteDevice {
         now: Timestamp,
         revocations: &Revocations,
     ) -> Result<Self, DirectoryError> {
+        // Signatures first: a forged or altered token must fail as such (and fail a whole
+        // directory), not pass for a lapsed one (which a directory merely leaves out).
+        identity.verify_signatures()?;
         let identity = identity.verify(now, DEFAULT_SKEW)?;
         let node_token = node_token.verify_signatures()?;
         if identity.claims().kind != TokenKind::Identity {

@@ -37,6 +37,13 @@ fn device(dir: &std::path::Path, name: &str) -> Unlocked {
 }
 
 fn main() {
+    // Diagnostics on stderr with CELLMESH_LOG (e.g. `info`), as the CLI does.
+    if let Ok(filter) = std::env::var("CELLMESH_LOG") {
+        tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .init();
+    }
     let secs: f64 = std::env::args()
         .nth(1)
         .and_then(|s| s.parse().ok())

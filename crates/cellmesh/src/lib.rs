@@ -8,6 +8,7 @@
 //! - [`identity`]: the tokens a running node presents.
 //! - [`node`]: a node on tokio: listen, join, peers, send and receive, shutdown.
 //! - [`store`]: a relay's durable store: registered devices and queues for offline ones.
+//! - [`tls`]: TLS around a relay's links (rustls on *ring*), for standard ports.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 #![cfg_attr(
@@ -21,6 +22,7 @@ pub mod mailbox;
 pub mod node;
 pub mod relay;
 pub mod store;
+pub mod tls;
 
 pub use bytes::Bytes;
 pub use cellmesh_core as core;

@@ -33,7 +33,6 @@ use cellmesh_core::e2e::{
 };
 use cellmesh_core::id::{CellId, NodeId};
 use cellmesh_core::relay::{Accepted, MsgId, Record, RefuseCode, put_record, records};
-use cellmesh_core::wire::MAX_PAYLOAD;
 use rand_chacha::ChaCha20Rng;
 use rand_core::{OsRng, SeedableRng as _};
 use std::sync::Arc;
@@ -44,7 +43,12 @@ use tokio::task::JoinHandle;
 
 use crate::home::Unlocked;
 use crate::identity::DeviceIdentity;
-use crate::node::{JoinError, Node, NodeConfig, NodeEvent, StartError};
+use crate::node::{JoinError, Node, NodeConfig, NodeEvent, PeerSender, StartError, Transport};
+
+/// Records are batched into link payloads of about this size (a record larger than it goes
+/// alone): big enough to amortise framing and encryption, small enough that the buffers are
+/// reused from the heap rather than mapped and zeroed by the kernel each time.
+const MAX_BATCH: usize = 64 * 1024;
 
 /// How a mailbox connects.
 #[derive(Clone, Debug)]
@@ -53,6 +57,8 @@ pub struct MailboxConfig {
     pub relay: SocketAddr,
     /// The relay's node id, if known: the link refuses any other node there.
     pub relay_node: Option<NodeId>,
+    /// How to reach the relay: plain TCP, or TLS for a relay on a standard port.
+    pub transport: Transport,
     /// Pad bodies to hide their size.
     pub padding: Padding,
     /// How long a send waits for an end-to-end acknowledgement after the relay pushed it.
@@ -71,6 +77,7 @@ impl MailboxConfig {
         Self {
             relay,
             relay_node: None,
+            transport: Transport::Tcp,
             padding: Padding::None,
             ack_timeout: Duration::from_secs(10),
             inbox_capacity: 8192,
@@ -213,10 +220,9 @@ impl Mailbox {
         node_config.bootstrap.clear();
         let node = Node::start(unlocked, node_config).await?;
         let events = node.subscribe();
-        let relay = match config.relay_node {
-            Some(expected) => node.join_node(config.relay, expected).await?,
-            None => node.join(config.relay).await?,
-        };
+        let relay = node
+            .join_with(config.relay, &config.transport, config.relay_node)
+            .await?;
         let identity = DeviceIdentity::mint(&unlocked.secrets, None).map_err(StartError::from)?;
         let agreement = cellmesh_core::keys::AgreementSecret::from_bytes(
             &unlocked.secrets.node.agreement.dangerous_bytes(),
@@ -234,6 +240,11 @@ impl Mailbox {
         let (msg_tx, messages) = mpsc::channel((config.inbox_capacity / 256).max(2));
         let (cell, me) = (node.cell(), node.node_id());
         let revocations = unlocked.keystore.revocations();
+        let (writer_tx, writer_rx) = mpsc::unbounded_channel();
+        if let Ok(link) = node.sender(relay.node) {
+            let _ = writer_tx.send(Write::Link(link));
+        }
+        let writer_task = tokio::spawn(writer(writer_rx));
         let driver = Driver {
             endpoint: Endpoint::new(local, config.padding),
             relay: relay.node,
@@ -254,6 +265,8 @@ impl Mailbox {
             lookups: HashMap::new(),
             next_request: 1,
             out: Vec::new(),
+            writer: writer_tx,
+            writer_task: Some(writer_task),
         };
         Ok(Self {
             cmds,
@@ -325,10 +338,17 @@ impl Mailbox {
         self.node
     }
 
-    /// Stops: pending sends fail with [`MailboxError::Closed`].
-    pub async fn close(self) {
+    /// Stops: pending sends fail with [`MailboxError::Closed`]. Returns the messages that
+    /// were received (and so acknowledged to their senders and the relay) but not yet taken
+    /// with [`Mailbox::recv`]: the application must not drop them.
+    pub async fn close(mut self) -> Vec<Message> {
         let _ = self.cmds.send(Cmd::Close).await;
         let _ = self.task.await;
+        let mut unread: Vec<Message> = self.ready.drain(..).collect();
+        while let Ok(batch) = self.messages.try_recv() {
+            unread.extend(batch);
+        }
+        unread
     }
 }
 
@@ -390,6 +410,9 @@ struct Driver {
     next_request: u32,
     /// Records for the relay, flushed at the end of each turn.
     out: Vec<Record>,
+    /// The writer task's queue, and the task.
+    writer: mpsc::UnboundedSender<Write>,
+    writer_task: Option<JoinHandle<()>>,
 }
 
 enum Waiting {
@@ -453,12 +476,20 @@ impl Driver {
                     self.timers();
                 }
             }
-            self.flush().await;
+            self.flush();
         }
         for (_, mut s) in self.sends.drain() {
             if let Some(done) = s.done.take() {
                 done.send(Err(MailboxError::Closed));
             }
+        }
+        // What this turn produced (DELIVERED above all: without it the relay would hand the
+        // same messages to this device's next run) is written before the link closes.
+        self.flush();
+        let (closed, _) = mpsc::unbounded_channel();
+        drop(std::mem::replace(&mut self.writer, closed));
+        if let Some(task) = self.writer_task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
         }
         self.node.shutdown(Duration::from_secs(1)).await;
     }
@@ -650,7 +681,10 @@ impl Driver {
         let Some(dev) = send.devices.iter_mut().find(|d| d.device.node() == to) else {
             return;
         };
-        if dev.state != DevState::Sent {
+        // One answer per FORWARD, except that a pushed envelope whose device left before
+        // taking it is reported again, as queued.
+        let later_queued = dev.state == DevState::Pushed && answer == Ok(Accepted::Queued);
+        if dev.state != DevState::Sent && !later_queued {
             return;
         }
         dev.state = match answer {
@@ -834,9 +868,18 @@ impl Driver {
     /// Joins the relay again (pinned to the same node) and sends again every envelope it has
     /// not answered, and every lookup.
     async fn reconnect(&mut self) {
-        match self.node.join_node(self.relay_addr, self.relay).await {
+        let transport = &self.config.transport;
+        match self
+            .node
+            .join_with(self.relay_addr, transport, Some(self.relay))
+            .await
+        {
             Ok(_) => {
                 tracing::info!(relay = %self.relay, "reconnected to the relay");
+                let Ok(link) = self.node.sender(self.relay) else {
+                    return;
+                };
+                let _ = self.writer.send(Write::Link(link));
                 self.connected = true;
                 let sends = &self.sends;
                 self.out.retain(|r| match r {
@@ -867,23 +910,52 @@ impl Driver {
         }
     }
 
-    async fn flush(&mut self) {
+    /// Hands this turn's records to the writer. Never waits: the driver must keep reading
+    /// the relay's answers while the link is slow, or relay and device would wait on each
+    /// other.
+    fn flush(&mut self) {
         if self.out.is_empty() || !self.connected {
             return;
         }
-        let Ok(sender) = self.node.sender(self.relay) else {
-            self.connected = false;
-            return;
-        };
         let mut buf = Vec::new();
         for r in self.out.drain(..) {
-            if !buf.is_empty() && buf.len() + 4 + r.encoded_len() > MAX_PAYLOAD {
-                let _ = sender.send(Bytes::from(std::mem::take(&mut buf))).await;
+            if !buf.is_empty() && buf.len() + 4 + r.encoded_len() > MAX_BATCH {
+                let _ = self
+                    .writer
+                    .send(Write::Payload(Bytes::from(std::mem::take(&mut buf))));
             }
             put_record(&mut buf, &r);
         }
         if !buf.is_empty() {
-            let _ = sender.send(Bytes::from(buf)).await;
+            let _ = self.writer.send(Write::Payload(Bytes::from(buf)));
+        }
+    }
+}
+
+/// What the writer task does.
+enum Write {
+    /// From now on, write to this link (the relay's, after a (re)connection).
+    Link(PeerSender),
+    /// Write this payload.
+    Payload(Bytes),
+}
+
+/// Writes payloads to the relay's link, waiting while it is full, so that the driver never
+/// does. Its queue is bounded in practice by the sends in flight (`max_in_flight`) and the
+/// acknowledgements of what the driver received. Payloads for a link that closed are dropped:
+/// the driver sends what matters again after reconnecting.
+async fn writer(mut rx: mpsc::UnboundedReceiver<Write>) {
+    let mut link: Option<PeerSender> = None;
+    while let Some(w) = rx.recv().await {
+        match w {
+            Write::Link(sender) => link = Some(sender),
+            Write::Payload(p) => {
+                if let Some(l) = &link
+                    && l.send(p).await.is_err()
+                {
+                    link = None;
+                }
+            }
         }
     }
 }

@@ -1,8 +1,9 @@
 //! A cellmesh node on tokio: listeners, one driver task per connection, the peer table.
 //!
 //! ```text
-//!  TcpListener ──accept──► limits (connections, unauthenticated, per IP) ──► driver task ┐
-//!  Node::join ───dial────► limits ──────────────────────────────────► driver task ──┤
+//!  TcpListener ──accept──► limits ─[TLS]─► driver task ─────────────────────────────┐
+//!  Node::join ───dial────► limits ─[TLS]─► driver task ─────────────────────────────┤
+//!    limits: connections, unauthenticated, per IP; TLS when configured              │
 //!                                                                                   │
 //!  driver task (one per connection; owns the socket and the core Connection):       │
 //!    socket bytes ─► Connection::handle_input ─► events ─► peer table / NodeEvent / inbox
@@ -18,6 +19,12 @@
 //! under a high-water mark, which is the back-pressure an application feels through
 //! [`PeerSender::send`]. Received data goes to a bounded inbox: an application that does not
 //! read stops its peers' connections from being read, and TCP pushes back on them.
+//!
+//! TLS ([`NodeConfig::tls`], [`Transport::Tls`]) is an optional outer layer for standard
+//! ports; the link inside is the same. Its handshake runs before the driver starts, holding
+//! the connection's limit slots and within its setup deadline. The driver is generic over the
+//! two halves of the stream: plain TCP keeps `into_split` (no lock), TLS uses
+//! `tokio::io::split`, and is flushed whenever the backlog empties (rustls buffers records).
 
 use std::collections::HashMap;
 use std::io;
@@ -36,13 +43,14 @@ use cellmesh_core::token::{RealmAnchor, Token, VerifiedToken};
 use cellmesh_core::wire::{CloseCode, MAX_PAYLOAD, NackCode};
 use rand_core::OsRng;
 use thiserror::Error;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::home::Unlocked;
 use crate::identity::{DeviceIdentity, IdentityError};
+use crate::tls::{ClientConfig, ServerConfig, ServerName, TlsFailure};
 
 /// Write backlog above which a connection stops taking new commands.
 const HIGH_WATER: usize = 1 << 20;
@@ -89,6 +97,9 @@ pub struct NodeConfig {
     pub send_capacity: usize,
     /// How often the node re-mints its node token (valid for a day) and identity token.
     pub token_renewal: Duration,
+    /// TLS on every listener (see [`crate::tls::server_config`]): connections run a TLS
+    /// handshake, within `setup_timeout` and the unauthenticated limits, before the link's.
+    pub tls: Option<Arc<ServerConfig>>,
 }
 
 impl Default for NodeConfig {
@@ -108,8 +119,25 @@ impl Default for NodeConfig {
             inbox_capacity: 8192,
             send_capacity: 8192,
             token_renewal: Duration::from_secs(12 * 3600),
+            tls: None,
         }
     }
+}
+
+/// How [`Node::join_with`] reaches a peer.
+#[derive(Clone, Debug, Default)]
+#[non_exhaustive]
+pub enum Transport {
+    /// Plain TCP.
+    #[default]
+    Tcp,
+    /// TLS over TCP, to a listener with [`NodeConfig::tls`] set.
+    Tls {
+        /// The name the peer's certificate must be valid for (a DNS name or an IP address).
+        server_name: ServerName<'static>,
+        /// Roots and protocol versions (see [`crate::tls::client_config`]).
+        config: Arc<ClientConfig>,
+    },
 }
 
 /// A joined peer.
@@ -211,6 +239,16 @@ pub enum JoinError {
         /// The address.
         addr: SocketAddr,
         /// The OS error.
+        reason: String,
+    },
+    /// The TLS handshake under the link failed.
+    #[error("TLS with {addr} failed: {reason}")]
+    Tls {
+        /// The address.
+        addr: SocketAddr,
+        /// Whether the peer's certificate was refused, or the handshake failed otherwise.
+        failure: TlsFailure,
+        /// rustls's reason.
         reason: String,
     },
     /// The peer refused us.
@@ -517,7 +555,7 @@ impl Node {
 
     /// Dials `addr`, runs the handshake and join, and returns the peer once joined.
     pub async fn join(&self, addr: SocketAddr) -> Result<PeerInfo, JoinError> {
-        join(&self.shared, addr, None).await
+        join(&self.shared, addr, &Transport::Tcp, None).await
     }
 
     /// Dials `addr` for node `expected` only: any other node answering there, however valid
@@ -527,7 +565,18 @@ impl Node {
         addr: SocketAddr,
         expected: NodeId,
     ) -> Result<PeerInfo, JoinError> {
-        join(&self.shared, addr, Some(expected)).await
+        join(&self.shared, addr, &Transport::Tcp, Some(expected)).await
+    }
+
+    /// Dials `addr` over `transport` (TLS for a listener on a standard port), for node
+    /// `expected` only when given (as [`Node::join_node`]), and returns the peer once joined.
+    pub async fn join_with(
+        &self,
+        addr: SocketAddr,
+        transport: &Transport,
+        expected: Option<NodeId>,
+    ) -> Result<PeerInfo, JoinError> {
+        join(&self.shared, addr, transport, expected).await
     }
 
     /// The joined peers.
@@ -651,6 +700,7 @@ impl std::fmt::Debug for Cmd {
 async fn join(
     shared: &Arc<Shared>,
     addr: SocketAddr,
+    transport: &Transport,
     expected: Option<NodeId>,
 ) -> Result<PeerInfo, JoinError> {
     if shared.state().shutting_down {
@@ -670,17 +720,44 @@ async fn join(
             addr,
             reason: e.to_string(),
         })?;
+    let _ = stream.set_nodelay(true);
+    // Made before the TLS handshake, so that it counts against the setup deadline.
     let conn = Connection::connect_to(shared.connection_config(), expected, now(), &mut OsRng);
     let (tx, rx) = oneshot::channel();
-    tokio::spawn(drive(
-        Arc::clone(shared),
-        stream,
-        addr,
-        conn,
-        false,
-        (permit, None),
-        Some(tx),
-    ));
+    let shared = Arc::clone(shared);
+    let job = (conn, (permit, None), Some(tx));
+    match transport {
+        Transport::Tcp => {
+            let (rd, wr) = stream.into_split();
+            tokio::spawn(drive(shared, (rd, wr, false), addr, false, job));
+        }
+        Transport::Tls {
+            server_name,
+            config,
+        } => {
+            let connector = tokio_rustls::TlsConnector::from(Arc::clone(config));
+            let handshake = connector.connect(server_name.clone(), stream);
+            let stream = match tokio::time::timeout(setup, handshake).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => {
+                    return Err(JoinError::Tls {
+                        addr,
+                        failure: crate::tls::classify(&e),
+                        reason: e.to_string(),
+                    });
+                }
+                Err(_) => {
+                    return Err(JoinError::Tls {
+                        addr,
+                        failure: TlsFailure::Handshake,
+                        reason: "TLS handshake timed out".into(),
+                    });
+                }
+            };
+            let (rd, wr) = tokio::io::split(tokio_rustls::TlsStream::from(stream));
+            tokio::spawn(drive(shared, (rd, wr, true), addr, false, job));
+        }
+    }
     rx.await.unwrap_or(Err(JoinError::Failed {
         addr,
         reason: "connection task ended".into(),
@@ -693,7 +770,7 @@ async fn join(
 async fn bootstrap(shared: &Arc<Shared>, addr: SocketAddr) {
     let mut delay = Duration::from_millis(250);
     loop {
-        match join(shared, addr, None).await {
+        match join(shared, addr, &Transport::Tcp, None).await {
             Err(JoinError::Connect { reason, .. }) if delay > Duration::from_secs(8) => {
                 shared.emit(NodeEvent::Failed { addr, reason });
                 return;
@@ -750,6 +827,11 @@ async fn renew_tokens(shared: Arc<Shared>) {
 }
 
 async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
+    let tls = shared
+        .node_config
+        .tls
+        .as_ref()
+        .map(|config| tokio_rustls::TlsAcceptor::from(Arc::clone(config)));
     loop {
         let (stream, addr) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -772,18 +854,51 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
             });
             continue;
         };
+        let _ = stream.set_nodelay(true);
+        // Made before any TLS handshake, so that it counts against the setup deadline.
         let conn = Connection::accept(shared.connection_config(), now());
-        tokio::spawn(drive(
-            Arc::clone(&shared),
-            stream,
-            addr,
-            conn,
-            true,
-            (conn_permit, Some(unauth)),
-            None,
-        ));
+        let job = (conn, (conn_permit, Some(unauth)), None);
+        match &tls {
+            None => {
+                let (rd, wr) = stream.into_split();
+                tokio::spawn(drive(Arc::clone(&shared), (rd, wr, false), addr, true, job));
+            }
+            Some(acceptor) => {
+                let handshake = acceptor.accept(stream);
+                tokio::spawn(accept_tls(Arc::clone(&shared), handshake, addr, job));
+            }
+        }
     }
 }
+
+/// Runs a listener's TLS handshake (holding the connection's limit slots, within its setup
+/// deadline), then drives the link inside it.
+async fn accept_tls(
+    shared: Arc<Shared>,
+    handshake: tokio_rustls::Accept<TcpStream>,
+    addr: SocketAddr,
+    job: Job,
+) {
+    let reason = match tokio::time::timeout(shared.node_config.setup_timeout, handshake).await {
+        Ok(Ok(_)) if shared.state().shutting_down => "node is shutting down".to_string(),
+        Ok(Ok(stream)) => {
+            let (rd, wr) = tokio::io::split(tokio_rustls::TlsStream::from(stream));
+            return drive(shared, (rd, wr, true), addr, true, job).await;
+        }
+        Ok(Err(e)) => format!("TLS handshake failed: {e}"),
+        Err(_) => "TLS handshake timed out".to_string(),
+    };
+    tracing::debug!(%addr, %reason, "connection failed before the link");
+    shared.emit(NodeEvent::Failed { addr, reason });
+}
+
+/// What a driver starts with: the core connection, its limit slots (the node-wide one, and for
+/// an inbound connection its unauthenticated one), and where a dialer waits for the outcome.
+type Job = (
+    Connection,
+    (OwnedSemaphorePermit, Option<UnauthSlot>),
+    Option<JoinReply>,
+);
 
 /// What the driver learned, for the cleanup when the connection ends.
 struct Outcome {
@@ -793,24 +908,26 @@ struct Outcome {
     closed: Option<String>,
 }
 
-async fn drive(
+/// Runs one connection to its end. `rd` and `wr` are the two halves of its stream: TCP's
+/// owned halves, or TLS's through `tokio::io::split`, whose writer `buffers` (rustls keeps
+/// what the socket did not take) and must be flushed.
+async fn drive<R, W>(
     shared: Arc<Shared>,
-    stream: TcpStream,
+    (mut rd, mut wr, buffers): (R, W, bool),
     addr: SocketAddr,
-    mut conn: Connection,
     inbound: bool,
-    permits: (OwnedSemaphorePermit, Option<UnauthSlot>),
-    reply: Option<JoinReply>,
-) {
-    let (_conn_permit, mut unauth) = permits;
-    let _ = stream.set_nodelay(true);
+    job: Job,
+) where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut conn, (_conn_permit, mut unauth), reply) = job;
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
     let (tx, mut rx) = mpsc::channel(shared.node_config.send_capacity.max(1));
     shared
         .state()
         .conns
         .insert(id, ConnEntry { tx, peer: None });
-    let (mut rd, mut wr) = stream.into_split();
     let mut rbuf = vec![0u8; READ_MIN];
     let mut outcome = Outcome {
         peer: None,
@@ -823,6 +940,8 @@ async fn drive(
     // taking commands.
     let mut undelivered: Option<Incoming> = None;
     let mut ended = "connection closed".to_string();
+    // Written since the last flush (only ever set when the writer buffers).
+    let mut unflushed = false;
     loop {
         while undelivered.is_none() {
             let Some(event) = conn.poll_event() else {
@@ -840,8 +959,11 @@ async fn drive(
         let wake = deadline(conn.poll_timeout());
         let reading = undelivered.is_none() && backlog < READ_STOP && !conn.is_closed();
         tokio::select! {
-            r = wr.write(conn.pending_transmit()), if backlog > 0 => match r {
-                Ok(n) => conn.advance_transmit(n),
+            r = write_or_flush(&mut wr, conn.pending_transmit()), if backlog > 0 || unflushed => match r {
+                Ok(n) => {
+                    conn.advance_transmit(n);
+                    unflushed = buffers && backlog > 0;
+                }
                 Err(e) => { ended = format!("write failed: {e}"); break; }
             },
             permit = shared.inbox.reserve(), if undelivered.is_some() => match (permit, undelivered.take()) {
@@ -857,6 +979,11 @@ async fn drive(
                     } else if n < READ_MIN && rbuf.len() > READ_MIN {
                         rbuf = vec![0u8; READ_MIN];
                     }
+                }
+                // TLS's word for a peer gone without saying so (no close_notify).
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    ended = "peer closed the connection".into();
+                    break;
                 }
                 Err(e) => { ended = format!("read failed: {e}"); break; }
             },
@@ -880,8 +1007,20 @@ async fn drive(
             _ = tokio::time::sleep_until(wake) => conn.handle_timeout(now()),
         }
     }
-    let _ = wr.shutdown().await;
+    // Under TLS this also sends close_notify and flushes, which a peer that does not read
+    // could hold up.
+    let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
     finish(&shared, id, addr, outcome, ended);
+}
+
+/// Writes some of `buf`, or when it is empty flushes what the writer buffered; returns how
+/// much of `buf` was written.
+async fn write_or_flush<W: AsyncWrite + Unpin>(wr: &mut W, buf: &[u8]) -> io::Result<usize> {
+    if buf.is_empty() {
+        wr.flush().await.map(|()| 0)
+    } else {
+        wr.write(buf).await
+    }
 }
 
 fn apply(conn: &mut Connection, cmd: Cmd, t: cellmesh_core::Instant) {

@@ -19,8 +19,9 @@
 //! - **Answers.** Every FORWARD gets exactly one ACCEPTED or REFUSED. Nothing accepted is
 //!   dropped silently: a store at its bound refuses with QUEUE_FULL, a sender over its rate
 //!   with RATE_LIMITED.
-//! - **Back-pressure.** The loop never waits on one device: outlets are bounded and spill to
-//!   the store; a device that does not read even its answers is disconnected.
+//! - **Back-pressure.** Deliveries never wait: an outlet that is full spills to the store.
+//!   Answers to a device's own FORWARDs wait for room in its outlet (that slows the device
+//!   down); a device that takes none for two seconds is disconnected.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -35,7 +36,6 @@ use cellmesh_core::relay::{
     Accepted, DirectoryEntry, MAX_ENVELOPE, MsgId, Record, RefuseCode, put_record, records,
 };
 use cellmesh_core::token::Token;
-use cellmesh_core::wire::MAX_PAYLOAD;
 use thiserror::Error;
 use tokio::sync::{Notify, broadcast, mpsc};
 use tokio::task::JoinHandle;
@@ -43,6 +43,14 @@ use tokio::task::JoinHandle;
 use crate::home::Unlocked;
 use crate::node::{Incoming, Node, NodeConfig, NodeEvent, PeerInfo, PeerSender, StartError};
 use crate::store::{Enqueued, NewMessage, Store, StoreError, StoreLimits};
+
+/// How long the relay waits for room among a device's answers before it disconnects it.
+const ANSWER_PATIENCE: Duration = Duration::from_secs(2);
+
+/// Records are batched into link payloads of about this size (a record larger than it goes
+/// alone): big enough to amortise framing and encryption, small enough that the buffers are
+/// reused from the heap rather than mapped and zeroed by the kernel each time.
+const MAX_BATCH: usize = 64 * 1024;
 
 /// How a relay runs.
 #[derive(Clone, Debug)]
@@ -61,7 +69,9 @@ pub struct RelayConfig {
     pub burst_per_cell: u32,
     /// Records an online device's outlet holds before new ones spill to the store.
     pub outlet_capacity: usize,
-    /// The node underneath (its `listen` and `policy` are set from the fields above).
+    /// TLS on every listener (see [`crate::tls::server_config`]), for standard ports.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// The node underneath (its `listen`, `policy` and `tls` are set from the fields above).
     pub node: NodeConfig,
 }
 
@@ -76,6 +86,7 @@ impl RelayConfig {
             rate_per_cell: 200_000,
             burst_per_cell: 400_000,
             outlet_capacity: 16_384,
+            tls: None,
             node: NodeConfig::default(),
         }
     }
@@ -180,6 +191,7 @@ impl Relay {
             .map_err(|e| RelayError::Task(e.to_string()))??;
         let store = Arc::new(store);
         config.node.listen = config.listen.clone();
+        config.node.tls = config.tls.clone();
         if let Some(allow) = &config.allow {
             config.node.policy = JoinPolicy {
                 authenticate: None,
@@ -412,14 +424,28 @@ impl Loop {
                     envelope: env,
                 })
                 .collect();
-            store.enqueue(crate::now(), &batch)
+            let results = store.enqueue(crate::now(), &batch);
+            drop(batch);
+            (items, results)
         })
         .await;
-        match done {
-            Ok(results) if results.iter().all(Result::is_ok) => {
-                tracing::debug!(%node, count = n, "kept unacknowledged envelopes for later");
+        let Ok((items, results)) = done else {
+            tracing::warn!(%node, count = n, "could not keep unacknowledged envelopes");
+            return;
+        };
+        tracing::debug!(%node, count = n, "kept unacknowledged envelopes for later");
+        // Their senders were told `pushed`; now they are queued. Best effort: a sender whose
+        // answers are full learns it from its own timeout instead.
+        for ((id, (from, _)), result) in items.into_iter().zip(results) {
+            if result.is_ok()
+                && let Some(sender) = self.online.get(&from)
+            {
+                let _ = sender.outlet.try_send(Record::Accepted {
+                    to: node,
+                    id,
+                    status: Accepted::Queued,
+                });
             }
-            _ => tracing::warn!(%node, count = n, "could not keep every unacknowledged envelope"),
         }
     }
 
@@ -674,19 +700,33 @@ impl Loop {
     /// whose outlet is full of answers is not reading: it is disconnected (it will retry).
     async fn answer(&mut self, to: NodeId, records: Vec<Record>) {
         if let Some(online) = self.online.get(&to) {
+            let outlet = online.outlet.clone();
             for r in records {
-                if online.outlet.try_send(r).is_err() {
+                // Answers follow the device's own FORWARDs, so waiting for room is
+                // back-pressure on that device; one that takes none for ANSWER_PATIENCE is
+                // disconnected (it reconnects, and nothing it was told is lost).
+                if !matches!(
+                    tokio::time::timeout(ANSWER_PATIENCE, outlet.send(r)).await,
+                    Ok(Ok(()))
+                ) {
                     tracing::warn!(%to, "device does not read its answers; disconnecting");
+                    self.node.disconnect(to, "does not read its answers");
                     self.left(to).await;
                     return;
                 }
             }
             return;
         }
+        // Not (or no longer) online here: never wait on its link in this loop.
         if let Ok(sender) = self.node.sender(to) {
-            for payload in batch_payloads(records) {
-                let _ = sender.send(payload).await;
-            }
+            let payloads = batch_payloads(records);
+            tokio::spawn(async move {
+                for p in payloads {
+                    if sender.send(p).await.is_err() {
+                        break;
+                    }
+                }
+            });
         }
     }
 
@@ -716,7 +756,7 @@ fn batch_payloads(records: impl IntoIterator<Item = Record>) -> Vec<Bytes> {
     let mut out = Vec::new();
     let mut buf = Vec::new();
     for r in records {
-        if !buf.is_empty() && buf.len() + 4 + r.encoded_len() > MAX_PAYLOAD {
+        if !buf.is_empty() && buf.len() + 4 + r.encoded_len() > MAX_BATCH {
             out.push(Bytes::from(std::mem::take(&mut buf)));
         }
         put_record(&mut buf, &r);

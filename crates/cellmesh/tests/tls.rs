@@ -1,0 +1,416 @@
+//! TLS on a relay's listener over real TCP on loopback: mailboxes talk through it, a client
+//! that does not trust the certificate is refused quickly, and what crosses the socket is TLS
+//! records only. The link inside (Noise, tokens, end-to-end envelopes) is the one of
+//! tests/relay.rs.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use cellmesh::core::keystore::{KdfParams, Passphrase};
+use cellmesh::home::{Home, Unlocked};
+use cellmesh::mailbox::{Mailbox, MailboxConfig, MailboxError, Status};
+use cellmesh::node::{JoinError, Node, NodeConfig, NodeEvent, Transport};
+use cellmesh::relay::{Relay, RelayConfig};
+use cellmesh::tls::{ServerName, TlsFailure};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::broadcast;
+
+const FAST: KdfParams = KdfParams {
+    memory_kib: 64,
+    iterations: 1,
+    lanes: 1,
+};
+
+fn device(dir: &Path, name: &str) -> Unlocked {
+    let home = Home::new(dir.join(name));
+    let pass = Passphrase::new("pw".into());
+    home.create(&cellmesh::new_mnemonic(), "", &pass, FAST, false)
+        .unwrap();
+    home.unlock(&pass).unwrap()
+}
+
+/// A self-signed certificate for `localhost` and 127.0.0.1, written as PEM: (cert, key).
+fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
+    let names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+    let ck = rcgen::generate_simple_self_signed(names).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    (cert, key)
+}
+
+/// TLS to `name`, trusting the web roots and `ca` when given.
+fn tls_to(name: &str, ca: Option<&Path>) -> Transport {
+    Transport::Tls {
+        server_name: ServerName::try_from(name.to_string()).unwrap(),
+        config: cellmesh::tls::client_config(ca).unwrap(),
+    }
+}
+
+async fn tls_relay(unlocked: &Unlocked, dir: &Path, cert: &Path, key: &Path) -> Relay {
+    let mut config = RelayConfig::new(vec!["127.0.0.1:0".parse().unwrap()], dir.join("data"));
+    config.tls = Some(cellmesh::tls::server_config(cert, key).unwrap());
+    Relay::start(unlocked, config).await.unwrap()
+}
+
+async fn connect(
+    unlocked: &Unlocked,
+    relay: SocketAddr,
+    transport: Transport,
+) -> Result<Mailbox, MailboxError> {
+    let mut config = MailboxConfig::new(relay);
+    config.transport = transport;
+    config.ack_timeout = Duration::from_secs(5);
+    Mailbox::connect(unlocked, config).await
+}
+
+async fn recv(m: &mut Mailbox) -> cellmesh::core::e2e::Message {
+    tokio::time::timeout(Duration::from_secs(10), m.recv())
+        .await
+        .expect("a message within 10 s")
+        .expect("mailbox open")
+}
+
+#[tokio::test]
+async fn two_mailboxes_talk_both_ways_through_a_relay_behind_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = self_signed(dir.path());
+    let relay = tls_relay(&device(dir.path(), "relay"), dir.path(), &cert, &key).await;
+    let addr = relay.local_addrs()[0];
+    let (alice, bob) = (device(dir.path(), "alice"), device(dir.path(), "bob"));
+    // One by name, one by IP address: the certificate is valid for both.
+    let mut a = connect(&alice, addr, tls_to("localhost", Some(&cert)))
+        .await
+        .unwrap();
+    let mut b = connect(&bob, addr, tls_to("127.0.0.1", Some(&cert)))
+        .await
+        .unwrap();
+    assert_eq!(a.relay_node(), relay.node_id());
+
+    let sent = a
+        .send(b.cell(), Bytes::from_static(b"hello over tls"))
+        .await
+        .unwrap();
+    assert_eq!(sent.status, Status::Delivered);
+    let m = recv(&mut b).await;
+    assert_eq!(
+        (m.body.as_ref(), m.from_cell),
+        (&b"hello over tls"[..], a.cell())
+    );
+    let back = b
+        .send(a.cell(), Bytes::from_static(b"and back"))
+        .await
+        .unwrap();
+    assert_eq!(back.status, Status::Delivered);
+    assert_eq!(recv(&mut a).await.body, &b"and back"[..]);
+
+    // Many in flight, and messages larger than a TLS record (16 KiB), all arrive intact.
+    // (Bob reads as they come: a device acknowledges only what its application took.)
+    let mut tickets = Vec::new();
+    for i in 0..100u32 {
+        let body = Bytes::from(vec![i as u8; 100 + 1000 * i as usize]);
+        tickets.push(a.submit(b.cell(), body).await.unwrap());
+    }
+    let mut sizes = Vec::new();
+    for _ in 0..100 {
+        let m = recv(&mut b).await;
+        assert!(m.body.iter().all(|&x| x == m.body[0]), "body intact");
+        sizes.push(m.body.len());
+    }
+    sizes.sort_unstable();
+    assert_eq!(sizes, (0..100).map(|i| 100 + 1000 * i).collect::<Vec<_>>());
+    for t in tickets {
+        assert_eq!(t.await.unwrap().status, Status::Delivered);
+    }
+    a.close().await;
+    b.close().await;
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn clients_that_do_not_trust_the_certificate_or_do_not_speak_tls_fail_fast() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = self_signed(dir.path());
+    let relay = tls_relay(&device(dir.path(), "relay"), dir.path(), &cert, &key).await;
+    let addr = relay.local_addrs()[0];
+    let alice = device(dir.path(), "alice");
+    let started = Instant::now();
+
+    // The web roots alone do not vouch for a self-signed certificate.
+    let err = connect(&alice, addr, tls_to("localhost", None))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            MailboxError::Relay(JoinError::Tls {
+                failure: TlsFailure::Certificate,
+                ..
+            })
+        ),
+        "{err}"
+    );
+    // Trusted, but not for this name.
+    let err = connect(&alice, addr, tls_to("relay.example.org", Some(&cert)))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            MailboxError::Relay(JoinError::Tls {
+                failure: TlsFailure::Certificate,
+                ..
+            })
+        ),
+        "{err}"
+    );
+    // Plain TCP to a TLS listener: the relay answers the link's first message with a TLS
+    // alert, which the link refuses.
+    let err = connect(&alice, addr, Transport::Tcp).await.unwrap_err();
+    assert!(
+        matches!(&err, MailboxError::Relay(JoinError::Failed { .. })),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "failures are prompt, not timeouts: {:?}",
+        started.elapsed()
+    );
+    // The relay is still fine for a client that trusts it.
+    let ok = connect(&alice, addr, tls_to("localhost", Some(&cert))).await;
+    assert!(ok.is_ok(), "{:?}", ok.err());
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_tls_handshake_holds_an_unauthenticated_slot_and_times_out_with_the_setup_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = self_signed(dir.path());
+    let config = NodeConfig {
+        listen: vec!["127.0.0.1:0".parse().unwrap()],
+        tls: Some(cellmesh::tls::server_config(&cert, &key).unwrap()),
+        max_unauthenticated_per_ip: 1,
+        setup_timeout: Duration::from_millis(700),
+        ..NodeConfig::default()
+    };
+    let hub = Node::start(&device(dir.path(), "hub"), config)
+        .await
+        .unwrap();
+    let mut events = hub.subscribe();
+    let addr = hub.local_addrs()[0];
+    let client = Node::start(&device(dir.path(), "client"), NodeConfig::default())
+        .await
+        .unwrap();
+
+    // A connection that never starts its TLS handshake takes 127.0.0.1's one slot ...
+    let mut silent = TcpStream::connect(addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let err = client
+        .join_with(addr, &tls_to("localhost", Some(&cert)), None)
+        .await
+        .unwrap_err();
+    assert!(!matches!(err, JoinError::Connect { .. }), "{err}");
+    let refused = failure(&mut events).await;
+    assert!(refused.contains("limit"), "{refused}");
+    // ... until the setup deadline ends it, which frees the slot.
+    let timed_out = failure(&mut events).await;
+    assert!(timed_out.contains("TLS handshake timed out"), "{timed_out}");
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(2), silent.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the silent connection was closed");
+    let peer = client
+        .join_with(addr, &tls_to("localhost", Some(&cert)), None)
+        .await
+        .unwrap();
+    assert_eq!(peer.node, hub.node_id());
+
+    // A client that is not TLS at all is a failed connection, reported as such.
+    let mut garbage = TcpStream::connect(addr).await.unwrap();
+    garbage.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    let reason = failure(&mut events).await;
+    assert!(reason.contains("TLS handshake failed"), "{reason}");
+}
+
+#[tokio::test]
+async fn two_nodes_both_sending_bulk_over_tls_lose_nothing_and_do_not_stall() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = self_signed(dir.path());
+    let config = NodeConfig {
+        listen: vec!["127.0.0.1:0".parse().unwrap()],
+        tls: Some(cellmesh::tls::server_config(&cert, &key).unwrap()),
+        inbox_capacity: 2,
+        ..NodeConfig::default()
+    };
+    let mut hub = Node::start(&device(dir.path(), "hub"), config)
+        .await
+        .unwrap();
+    let small_inbox = NodeConfig {
+        inbox_capacity: 2,
+        ..NodeConfig::default()
+    };
+    let mut client = Node::start(&device(dir.path(), "client"), small_inbox)
+        .await
+        .unwrap();
+    let addr = hub.local_addrs()[0];
+    let peer = client
+        .join_with(addr, &tls_to("localhost", Some(&cert)), None)
+        .await
+        .unwrap();
+    // Both write far more than the socket buffers hold while the other does not read (its
+    // inbox is full), in messages from a byte to many TLS records: rustls keeps what the
+    // socket did not take, and the driver must flush it once it has nothing more to write.
+    const N: usize = 300;
+    let body = |i: usize| Bytes::from(vec![(i % 251) as u8; 1 + (i * 7919) % 200_000]);
+    let to_hub = client.sender(peer.node).unwrap();
+    let to_client = hub.sender(client.node_id()).unwrap();
+    let senders = [
+        tokio::spawn(async move {
+            for i in 0..N {
+                to_hub.send(body(i)).await.unwrap();
+            }
+        }),
+        tokio::spawn(async move {
+            for i in 0..N {
+                to_client.send(body(i)).await.unwrap();
+            }
+        }),
+    ];
+    for node in [&mut hub, &mut client] {
+        for i in 0..N {
+            let got = tokio::time::timeout(Duration::from_secs(10), node.recv())
+                .await
+                .expect("no stall")
+                .unwrap();
+            assert_eq!(got.data, body(i), "message {i} intact and in order");
+        }
+    }
+    for s in senders {
+        s.await.unwrap();
+    }
+}
+
+/// The reason of the next `Failed` event.
+async fn failure(events: &mut broadcast::Receiver<NodeEvent>) -> String {
+    tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let NodeEvent::Failed { reason, .. } = events.recv().await.unwrap() {
+                return reason;
+            }
+        }
+    })
+    .await
+    .expect("a Failed event within 5 s")
+}
+
+#[tokio::test]
+async fn only_tls_records_cross_the_socket_and_never_the_plaintext() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = self_signed(dir.path());
+    let relay = tls_relay(&device(dir.path(), "relay"), dir.path(), &cert, &key).await;
+    let up = Arc::new(Mutex::new(Vec::new()));
+    let down = Arc::new(Mutex::new(Vec::new()));
+    let tapped = tap(relay.local_addrs()[0], Arc::clone(&up), Arc::clone(&down)).await;
+    let (alice, bob) = (device(dir.path(), "alice"), device(dir.path(), "bob"));
+    let a = connect(&alice, tapped, tls_to("localhost", Some(&cert)))
+        .await
+        .unwrap();
+    let mut b = connect(
+        &bob,
+        relay.local_addrs()[0],
+        tls_to("localhost", Some(&cert)),
+    )
+    .await
+    .unwrap();
+
+    let secret = b"the eagle lands at dawn, bring 3 umbrellas";
+    let sent = a.send(b.cell(), Bytes::from_static(secret)).await.unwrap();
+    assert_eq!(sent.status, Status::Delivered);
+    assert_eq!(recv(&mut b).await.body, &secret[..]);
+    a.close().await;
+    b.close().await;
+    relay.shutdown().await;
+
+    for (what, seen) in [("client to relay", &up), ("relay to client", &down)] {
+        let wire = seen.lock().unwrap().clone();
+        assert!(wire.len() > 500, "{what}: the tap saw the traffic");
+        assert_eq!(
+            &wire[..2],
+            [0x16, 0x03],
+            "{what}: starts with a TLS handshake record"
+        );
+        let kinds = tls_records(&wire).unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert!(
+            kinds.contains(&0x17),
+            "{what}: application data records ({kinds:?})"
+        );
+        let needle = &secret[..16];
+        assert!(
+            !wire.windows(needle.len()).any(|w| w == needle),
+            "{what}: plaintext crossed the socket"
+        );
+    }
+}
+
+/// The content types of the TLS records `wire` is made of, or why it is not a sequence of
+/// whole TLS records.
+fn tls_records(mut wire: &[u8]) -> Result<Vec<u8>, String> {
+    let mut kinds = Vec::new();
+    while !wire.is_empty() {
+        let [kind, major, _minor, hi, lo, ..] = *wire else {
+            return Err(format!("{} bytes left: not a record header", wire.len()));
+        };
+        if !(0x14..=0x17).contains(&kind) || major != 0x03 {
+            return Err(format!("not a TLS record: {:02x?}", &wire[..5]));
+        }
+        let len = usize::from(u16::from_be_bytes([hi, lo]));
+        if len > (1 << 14) + 256 || wire.len() < 5 + len {
+            return Err(format!("bad record length {len}"));
+        }
+        kinds.push(kind);
+        wire = &wire[5 + len..];
+    }
+    Ok(kinds)
+}
+
+/// A TCP proxy to `upstream` that records what it carries each way.
+async fn tap(
+    upstream: SocketAddr,
+    up: Arc<Mutex<Vec<u8>>>,
+    down: Arc<Mutex<Vec<u8>>>,
+) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((client, _)) = listener.accept().await else {
+                return;
+            };
+            let server = TcpStream::connect(upstream).await.unwrap();
+            let (cr, cw) = client.into_split();
+            let (sr, sw) = server.into_split();
+            tokio::spawn(copy(cr, sw, Arc::clone(&up)));
+            tokio::spawn(copy(sr, cw, Arc::clone(&down)));
+        }
+    });
+    addr
+}
+
+async fn copy(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    seen: Arc<Mutex<Vec<u8>>>,
+) {
+    let mut buf = vec![0; 65536];
+    while let Ok(n) = from.read(&mut buf).await {
+        // Recorded before it is passed on, so that nothing is missing once the peer has it.
+        seen.lock().unwrap().extend_from_slice(&buf[..n]);
+        if n == 0 || to.write_all(&buf[..n]).await.is_err() {
+            let _ = to.shutdown().await;
+            return;
+        }
+    }
+}
