@@ -1211,17 +1211,11 @@ mod tests {
     const T: Timestamp = Timestamp(1_800_000_100);
 
     fn endpoint(n: &TestNode) -> Endpoint {
-        let local = LocalDevice::new(
-            n.node_token.clone(),
-            n.identity.clone(),
-            AgreementSecret::from_bytes(&n.node.agreement.dangerous_bytes()),
-        )
-        .unwrap();
-        Endpoint::new(local, Padding::None)
+        n.endpoint()
     }
 
     fn remote(n: &TestNode) -> RemoteDevice {
-        RemoteDevice::verify(&n.node_token, &n.identity, T, &Revocations::new()).unwrap()
+        n.remote(T)
     }
 
     struct World {

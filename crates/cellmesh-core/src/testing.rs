@@ -84,6 +84,28 @@ impl TestNode {
         NodeId::from_key(self.node.signing.public())
     }
 
+    /// An end-to-end endpoint for this device, without padding.
+    pub fn endpoint(&self) -> crate::e2e::Endpoint {
+        let local = crate::e2e::LocalDevice::new(
+            self.node_token.clone(),
+            self.identity.clone(),
+            crate::keys::AgreementSecret::from_bytes(&self.node.agreement.dangerous_bytes()),
+        )
+        .expect("the node token names the node's X25519 key");
+        crate::e2e::Endpoint::new(local, crate::e2e::Padding::None)
+    }
+
+    /// This device as another device sees it once its tokens are checked at `now`.
+    pub fn remote(&self, now: Timestamp) -> crate::e2e::RemoteDevice {
+        crate::e2e::RemoteDevice::verify(
+            &self.node_token,
+            &self.identity,
+            now,
+            &device::Revocations::new(),
+        )
+        .expect("a test device's tokens verify")
+    }
+
     /// A connection configuration with default limits.
     pub fn config(&self) -> ConnectionConfig {
         let local =
@@ -369,26 +391,15 @@ pub struct E2eVector {
 /// acknowledgement it gets back, and a second message, which the acknowledgement moved to
 /// epoch 1; every random draw from `ChaCha20Rng::from_seed([7; 32])`, at time 1_800_000_100.
 pub fn vector_e2e() -> E2eVector {
-    use crate::e2e::{Endpoint, LocalDevice, Opened, Padding, RemoteDevice};
-    use crate::keys::AgreementSecret;
+    use crate::e2e::Opened;
     use crate::relay::MsgId;
 
     let issued = Timestamp(1_800_000_000);
     let now = Timestamp(1_800_000_100);
     let none = device::Revocations::new();
     let (a, b) = (TestNode::new(1, issued), TestNode::new(2, issued));
-    let endpoint = |n: &TestNode| {
-        let local = LocalDevice::new(
-            n.node_token.clone(),
-            n.identity.clone(),
-            AgreementSecret::from_bytes(&n.node.agreement.dangerous_bytes()),
-        )
-        .expect("the node token names the node's X25519 key");
-        Endpoint::new(local, Padding::None)
-    };
-    let (mut alice, mut bob) = (endpoint(&a), endpoint(&b));
-    let bob_device =
-        RemoteDevice::verify(&b.node_token, &b.identity, now, &none).expect("Bob's tokens verify");
+    let (mut alice, mut bob) = (a.endpoint(), b.endpoint());
+    let bob_device = b.remote(now);
     let mut rng = ChaCha20Rng::from_seed([7; 32]);
     let id = MsgId([0x11; 16]);
     let envelope = alice

@@ -13,11 +13,9 @@ use bytes::Bytes;
 use cellmesh_core::Timestamp;
 use cellmesh_core::codec::DecodeError;
 use cellmesh_core::device::{self, Revocations};
-use cellmesh_core::e2e::{
-    Directory, DirectoryError, Endpoint, LocalDevice, OpenError, Opened, Padding, RemoteDevice,
-};
+use cellmesh_core::e2e::{Directory, DirectoryError, Endpoint, OpenError, Opened, RemoteDevice};
 use cellmesh_core::id::{CellId, NodeId};
-use cellmesh_core::keys::{AgreementSecret, SigningSecret};
+use cellmesh_core::keys::SigningSecret;
 use cellmesh_core::relay::{
     Accepted, DirectoryEntry, MsgId, Record, RefuseCode, put_record, records,
 };
@@ -302,17 +300,11 @@ proptest! {
 // ---------------------------------------------------------------------------------------------
 
 fn endpoint(n: &TestNode) -> Endpoint {
-    let local = LocalDevice::new(
-        n.node_token.clone(),
-        n.identity.clone(),
-        AgreementSecret::from_bytes(&n.node.agreement.dangerous_bytes()),
-    )
-    .unwrap();
-    Endpoint::new(local, Padding::None)
+    n.endpoint()
 }
 
 fn remote(n: &TestNode) -> RemoteDevice {
-    RemoteDevice::verify(&n.node_token, &n.identity, T, &Revocations::new()).unwrap()
+    n.remote(T)
 }
 
 /// Where a conversation from Alice to Bob is when the envelope under test arrives.

@@ -44,6 +44,10 @@ use crate::home::Unlocked;
 use crate::node::{Incoming, Node, NodeConfig, NodeEvent, PeerInfo, PeerSender, StartError};
 use crate::store::{Enqueued, NewMessage, Store, StoreError, StoreLimits};
 
+/// How long after a device left its departure is handled, so that what it sent just before
+/// (already in the inbox) is handled first.
+const LEAVE_GRACE: Duration = Duration::from_millis(200);
+
 /// How long the relay waits for room among a device's answers before it disconnects it.
 const ANSWER_PATIENCE: Duration = Duration::from_secs(2);
 
@@ -226,6 +230,7 @@ impl Relay {
             stats,
             tally: RelayStats::default(),
             now: Instant::now(),
+            leaving: Vec::new(),
             config,
         };
         Ok(Self {
@@ -291,6 +296,8 @@ struct Loop {
     tally: RelayStats,
     /// The monotonic clock, read once per batch.
     now: Instant,
+    /// Devices that left, handled after LEAVE_GRACE (in order of leaving).
+    leaving: Vec<(tokio::time::Instant, NodeId)>,
     config: RelayConfig,
 }
 
@@ -314,7 +321,11 @@ impl Loop {
                 _ = stop.notified() => break,
                 ev = node_events.recv() => match ev {
                     Ok(NodeEvent::Joined(peer)) => self.joined(&peer).await,
-                    Ok(NodeEvent::Left { peer, .. }) => self.left(peer.node).await,
+                    // Records the device sent before it left may still be in the inbox (its
+                    // last DELIVERED above all): they are handled first.
+                    Ok(NodeEvent::Left { peer, .. }) => {
+                        self.leaving.push((tokio::time::Instant::now() + LEAVE_GRACE, peer.node));
+                    }
                     Ok(_) => {}
                     Err(broadcast::error::RecvError::Lagged(n)) => {
                         tracing::warn!(missed = n, "relay lagged behind node events; resyncing");
@@ -327,6 +338,14 @@ impl Loop {
                         break;
                     }
                     self.handle(&mut batch).await;
+                }
+                _ = tokio::time::sleep_until(self.leaving.first().map_or_else(tokio::time::Instant::now, |l| l.0)), if !self.leaving.is_empty() => {
+                    let now = tokio::time::Instant::now();
+                    let due: Vec<NodeId> = self.leaving.iter().filter(|l| l.0 <= now).map(|l| l.1).collect();
+                    self.leaving.retain(|l| l.0 > now);
+                    for node in due {
+                        self.left(node).await;
+                    }
                 }
                 _ = expiry.tick() => {
                     let store = Arc::clone(&self.store);
@@ -348,6 +367,8 @@ impl Loop {
 
     async fn joined(&mut self, peer: &PeerInfo) {
         let (node, cell, addr) = (peer.node, peer.cell, peer.addr);
+        // Back before its departure was handled: the new connection replaces the old below.
+        self.leaving.retain(|l| l.1 != node);
         // Recorded from the event, which carries the tokens: the device may have left
         // already, and must still be known.
         let store = Arc::clone(&self.store);

@@ -7,30 +7,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use cellmesh::core::keystore::{KdfParams, Passphrase};
-use cellmesh::core::mnemonic::Mnemonic;
-use cellmesh::home::{Home, Unlocked};
+use cellmesh::home::Unlocked;
 use cellmesh::mailbox::{Mailbox, MailboxConfig, MailboxError, Status};
 use cellmesh::relay::{Relay, RelayConfig};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::{TcpListener, TcpStream};
+use common::{device, device_of, recv, tap};
 
-const FAST: KdfParams = KdfParams {
-    memory_kib: 64,
-    iterations: 1,
-    lanes: 1,
-};
-
-fn device_of(dir: &Path, name: &str, words: &Mnemonic) -> Unlocked {
-    let home = Home::new(dir.join(name));
-    let pass = Passphrase::new("pw".into());
-    home.create(words, "", &pass, FAST, false).unwrap();
-    home.unlock(&pass).unwrap()
-}
-
-fn device(dir: &Path, name: &str) -> Unlocked {
-    device_of(dir, name, &cellmesh::new_mnemonic())
-}
+mod common;
 
 async fn relay_at(unlocked: &Unlocked, listen: SocketAddr, data: &Path) -> Relay {
     Relay::start(unlocked, RelayConfig::new(vec![listen], data.to_path_buf()))
@@ -42,13 +24,6 @@ async fn mailbox(unlocked: &Unlocked, relay: SocketAddr) -> Mailbox {
     let mut config = MailboxConfig::new(relay);
     config.ack_timeout = Duration::from_secs(5);
     Mailbox::connect(unlocked, config).await.unwrap()
-}
-
-async fn recv(m: &mut Mailbox) -> cellmesh::core::e2e::Message {
-    tokio::time::timeout(Duration::from_secs(10), m.recv())
-        .await
-        .expect("a message within 10 s")
-        .expect("mailbox open")
 }
 
 #[tokio::test]
@@ -175,39 +150,6 @@ async fn queued_messages_survive_a_relay_restart_and_reach_the_device_when_it_re
     relay.shutdown().await;
 }
 
-/// Forwards TCP between a client and `upstream`, keeping a copy of every byte.
-async fn tap(upstream: SocketAddr, seen: Arc<Mutex<Vec<u8>>>) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((client, _)) = listener.accept().await else {
-                return;
-            };
-            let server = TcpStream::connect(upstream).await.unwrap();
-            let (cr, cw) = client.into_split();
-            let (sr, sw) = server.into_split();
-            tokio::spawn(copy(cr, sw, Arc::clone(&seen)));
-            tokio::spawn(copy(sr, cw, Arc::clone(&seen)));
-        }
-    });
-    addr
-}
-
-async fn copy(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    seen: Arc<Mutex<Vec<u8>>>,
-) {
-    let mut buf = vec![0; 65536];
-    while let Ok(n) = from.read(&mut buf).await {
-        if n == 0 || to.write_all(&buf[..n]).await.is_err() {
-            return;
-        }
-        seen.lock().unwrap().extend_from_slice(&buf[..n]);
-    }
-}
-
 #[tokio::test]
 async fn plaintext_never_crosses_the_relay_nor_rests_in_its_store() {
     let dir = tempfile::tempdir().unwrap();
@@ -219,7 +161,7 @@ async fn plaintext_never_crosses_the_relay_nor_rests_in_its_store() {
     )
     .await;
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let tapped = tap(relay.local_addrs()[0], Arc::clone(&seen)).await;
+    let tapped = tap(relay.local_addrs()[0], Arc::clone(&seen), Arc::clone(&seen)).await;
     let alice = device(dir.path(), "alice");
     let (bob, carol) = (device(dir.path(), "bob"), device(dir.path(), "carol"));
     let a = mailbox(&alice, tapped).await;

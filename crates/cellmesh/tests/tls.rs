@@ -9,29 +9,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use cellmesh::core::keystore::{KdfParams, Passphrase};
-use cellmesh::home::{Home, Unlocked};
+use cellmesh::home::Unlocked;
 use cellmesh::mailbox::{Mailbox, MailboxConfig, MailboxError, Status};
 use cellmesh::node::{JoinError, Node, NodeConfig, NodeEvent, Transport};
 use cellmesh::relay::{Relay, RelayConfig};
 use cellmesh::tls::{ServerName, TlsFailure};
+use common::{device, recv, tap};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::broadcast;
 
-const FAST: KdfParams = KdfParams {
-    memory_kib: 64,
-    iterations: 1,
-    lanes: 1,
-};
-
-fn device(dir: &Path, name: &str) -> Unlocked {
-    let home = Home::new(dir.join(name));
-    let pass = Passphrase::new("pw".into());
-    home.create(&cellmesh::new_mnemonic(), "", &pass, FAST, false)
-        .unwrap();
-    home.unlock(&pass).unwrap()
-}
+mod common;
 
 /// A self-signed certificate for `localhost` and 127.0.0.1, written as PEM: (cert, key).
 fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
@@ -66,13 +54,6 @@ async fn connect(
     config.transport = transport;
     config.ack_timeout = Duration::from_secs(5);
     Mailbox::connect(unlocked, config).await
-}
-
-async fn recv(m: &mut Mailbox) -> cellmesh::core::e2e::Message {
-    tokio::time::timeout(Duration::from_secs(10), m.recv())
-        .await
-        .expect("a message within 10 s")
-        .expect("mailbox open")
 }
 
 #[tokio::test]
@@ -374,43 +355,4 @@ fn tls_records(mut wire: &[u8]) -> Result<Vec<u8>, String> {
         wire = &wire[5 + len..];
     }
     Ok(kinds)
-}
-
-/// A TCP proxy to `upstream` that records what it carries each way.
-async fn tap(
-    upstream: SocketAddr,
-    up: Arc<Mutex<Vec<u8>>>,
-    down: Arc<Mutex<Vec<u8>>>,
-) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((client, _)) = listener.accept().await else {
-                return;
-            };
-            let server = TcpStream::connect(upstream).await.unwrap();
-            let (cr, cw) = client.into_split();
-            let (sr, sw) = server.into_split();
-            tokio::spawn(copy(cr, sw, Arc::clone(&up)));
-            tokio::spawn(copy(sr, cw, Arc::clone(&down)));
-        }
-    });
-    addr
-}
-
-async fn copy(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    seen: Arc<Mutex<Vec<u8>>>,
-) {
-    let mut buf = vec![0; 65536];
-    while let Ok(n) = from.read(&mut buf).await {
-        // Recorded before it is passed on, so that nothing is missing once the peer has it.
-        seen.lock().unwrap().extend_from_slice(&buf[..n]);
-        if n == 0 || to.write_all(&buf[..n]).await.is_err() {
-            let _ = to.shutdown().await;
-            return;
-        }
-    }
 }
