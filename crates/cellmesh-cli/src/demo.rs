@@ -252,7 +252,8 @@ async fn relayed(dir: &std::path::Path) -> Result<()> {
     );
 
     bp.close().await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The relay handles a departure 200 ms after it, once the device's last records are in.
+    tokio::time::sleep(Duration::from_millis(400)).await;
     let later = a
         .send(bd.cell(), bytes_of("running 10 minutes late"))
         .await?;

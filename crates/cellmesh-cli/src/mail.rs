@@ -19,7 +19,7 @@ use clap::Args;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::{PassphraseArgs, Printer, keystore_passphrase};
+use crate::{PassphraseArgs, Printer};
 
 /// Arguments of `cellmesh relay`.
 #[derive(Args)]
@@ -328,9 +328,7 @@ pub fn register(home: &Home, unlocked: &Unlocked, relay: &RelayTarget) -> Result
 }
 
 pub fn relay(home: &Home, args: &RelayArgs) -> Result<()> {
-    let passphrase = keystore_passphrase(&args.secrets, false)?;
-    let unlocked = home.unlock(&passphrase)?;
-    drop(passphrase);
+    let unlocked = crate::unlock(home, &args.secrets)?;
     let data = args
         .data
         .clone()
@@ -423,9 +421,7 @@ fn print_relay_event(out: Printer, ev: &RelayEvent) {
 pub fn listen(home: &Home, args: &ListenArgs) -> Result<()> {
     let choice = relay_of(home, &args.relay)?;
     let relay = choice.relay.clone();
-    let passphrase = keystore_passphrase(&args.secrets, false)?;
-    let unlocked = home.unlock(&passphrase)?;
-    drop(passphrase);
+    let unlocked = crate::unlock(home, &args.secrets)?;
     let out = Printer { json: args.json };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {
@@ -501,9 +497,7 @@ pub fn send(home: &Home, args: &SendArgs) -> Result<()> {
             cellmesh::core::e2e::MAX_BODY
         );
     }
-    let passphrase = keystore_passphrase(&args.secrets, false)?;
-    let unlocked = home.unlock(&passphrase)?;
-    drop(passphrase);
+    let unlocked = crate::unlock(home, &args.secrets)?;
     let out = Printer { json: args.json };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {

@@ -387,6 +387,12 @@ fn print_ids(home: &Home, k: &Keystore) {
     println!("Keystore: {}", home.keystore_path().display());
 }
 
+/// Unlocks this home's keystore with the passphrase from `args`, which is then dropped.
+pub(crate) fn unlock(home: &Home, args: &PassphraseArgs) -> Result<cellmesh::home::Unlocked> {
+    let passphrase = keystore_passphrase(args, false)?;
+    Ok(home.unlock(&passphrase)?)
+}
+
 /// The keystore passphrase: `--passphrase-file`, `CELLMESH_PASSPHRASE`, or a hidden prompt
 /// (asked twice when `confirm`).
 pub(crate) fn keystore_passphrase(args: &PassphraseArgs, confirm: bool) -> Result<Passphrase> {

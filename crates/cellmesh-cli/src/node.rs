@@ -12,7 +12,7 @@ use cellmesh::node::{Node, NodeConfig, NodeEvent};
 use clap::Args;
 use serde_json::json;
 
-use crate::{PassphraseArgs, Printer, keystore_passphrase};
+use crate::{PassphraseArgs, Printer};
 
 /// Arguments of `cellmesh node`.
 #[derive(Args)]
@@ -36,9 +36,7 @@ pub struct NodeArgs {
 }
 
 pub fn run(home: &Home, args: &NodeArgs) -> Result<()> {
-    let passphrase = keystore_passphrase(&args.secrets, false)?;
-    let unlocked = home.unlock(&passphrase)?;
-    drop(passphrase);
+    let unlocked = crate::unlock(home, &args.secrets)?;
     let mut config = NodeConfig {
         listen: args.listen.clone(),
         bootstrap: args.join.clone(),
