@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{Proc, create_cell, run};
+use common::{Proc, create_cell, run, success};
 use serde_json::Value;
 
 fn send(home: &std::path::Path, to: &str, body: &str, relay: Option<&str>) -> Value {
@@ -10,13 +10,7 @@ fn send(home: &std::path::Path, to: &str, body: &str, relay: Option<&str>) -> Va
     if let Some(r) = relay {
         args.extend(["--relay", r]);
     }
-    let out = run(home, &args, None);
-    assert!(
-        out.status.success(),
-        "send failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    success(&run(home, &args, None))
 }
 
 fn failure(out: &std::process::Output) -> String {

@@ -3,40 +3,8 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Command, Output, Stdio};
-
-use common::{PASS, Proc, create_cell};
+use common::{Proc, create_cell, run_with, success};
 use serde_json::Value;
-
-/// Runs a short command to its end, with `envs` set.
-fn run_with(home: &Path, args: &[&str], envs: &[(&str, &Path)], stdin: &[u8]) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cellmesh"))
-        .args(args)
-        .env("CELLMESH_HOME", home)
-        .env("CELLMESH_PASSPHRASE", PASS)
-        .env_remove("CELLMESH_RELAY")
-        .env_remove("CELLMESH_RELAY_CA")
-        .envs(envs.iter().copied())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut input = child.stdin.take().unwrap();
-    std::io::Write::write_all(&mut input, stdin).unwrap();
-    drop(input);
-    child.wait_with_output().unwrap()
-}
-
-fn success(out: &Output) -> Value {
-    assert!(
-        out.status.success(),
-        "failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
 
 #[test]
 fn cells_talk_through_a_relay_serving_tls_and_an_untrusted_certificate_is_a_clear_error() {
@@ -55,7 +23,7 @@ fn cells_talk_through_a_relay_serving_tls_and_an_untrusted_certificate_is_a_clea
     let (cert_arg, key_arg) = (cert.to_str().unwrap(), key.to_str().unwrap());
     create_cell(&relay_home);
     let (alice_cell, _) = create_cell(&alice);
-    let created = success(&run_with(&bob, &["create-cell", "--json"], &[], b""));
+    let created = success(&run_with(&bob, &["create-cell", "--json"], &[], None));
     let bob_cell = created["cell_id"].as_str().unwrap().to_string();
 
     // Only one of the pair is a usage error.
@@ -63,7 +31,7 @@ fn cells_talk_through_a_relay_serving_tls_and_an_untrusted_certificate_is_a_clea
         &relay_home,
         &["relay", "--listen", "127.0.0.1:0", "--tls-cert", cert_arg],
         &[],
-        b"",
+        None,
     );
     assert_eq!(out.status.code(), Some(2), "--tls-cert needs --tls-key");
 
@@ -101,7 +69,7 @@ fn cells_talk_through_a_relay_serving_tls_and_an_untrusted_certificate_is_a_clea
         &bob2,
         &["connect-cell", "--relay", &url, "--json"],
         &[("CELLMESH_RELAY_CA", &cert)],
-        words,
+        Some(words),
     ));
     assert_eq!(connected["relay"], url.as_str());
     let saved: Value =
@@ -127,7 +95,7 @@ fn cells_talk_through_a_relay_serving_tls_and_an_untrusted_certificate_is_a_clea
             "--json",
         ],
         &[("CELLMESH_RELAY_CA", &cert)],
-        b"",
+        None,
     ));
     assert_eq!(sent["status"], "delivered");
     assert_eq!(sent["devices"], 2);
@@ -143,7 +111,7 @@ fn cells_talk_through_a_relay_serving_tls_and_an_untrusted_certificate_is_a_clea
         &alice,
         &["send", &bob_cell, "hi", "--relay", &url],
         &[],
-        b"",
+        None,
     );
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -162,7 +130,7 @@ fn cells_talk_through_a_relay_serving_tls_and_an_untrusted_certificate_is_a_clea
             &format!("127.0.0.1:{port}"),
         ],
         &[],
-        b"",
+        None,
     );
     assert_eq!(out.status.code(), Some(1));
     relay.stop();

@@ -105,11 +105,23 @@ impl Drop for Proc {
 
 /// Runs a short command to its end.
 pub fn run(home: &Path, args: &[&str], stdin: Option<&[u8]>) -> Output {
+    run_with(home, args, &[], stdin)
+}
+
+/// Runs a short command to its end, with `envs` set (and no relay settings from outside).
+pub fn run_with(
+    home: &Path,
+    args: &[&str],
+    envs: &[(&str, &Path)],
+    stdin: Option<&[u8]>,
+) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_cellmesh"))
         .args(args)
         .env("CELLMESH_HOME", home)
         .env("CELLMESH_PASSPHRASE", PASS)
         .env_remove("CELLMESH_RELAY")
+        .env_remove("CELLMESH_RELAY_CA")
+        .envs(envs.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -122,6 +134,16 @@ pub fn run(home: &Path, args: &[&str], stdin: Option<&[u8]>) -> Output {
     }
     drop(input);
     child.wait_with_output().unwrap()
+}
+
+/// The JSON a command that succeeded printed.
+pub fn success(out: &Output) -> Value {
+    assert!(
+        out.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 /// `create-cell --json` in `home`: (cell id, node id).
