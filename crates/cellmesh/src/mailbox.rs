@@ -854,6 +854,17 @@ impl Driver {
                 self.sends.remove(&id);
             }
         }
+        // Entries of sends already settled go as soon as they reach the front.
+        while let Some(&(_, id)) = self.deadlines.front()
+            && !self.sends.contains_key(&id)
+        {
+            self.deadlines.pop_front();
+        }
+        while let Some(&(_, id)) = self.expiries.front()
+            && !self.sends.contains_key(&id)
+        {
+            self.expiries.pop_front();
+        }
         while let Some(&(at, id)) = self.expiries.front() {
             if at > now {
                 break;

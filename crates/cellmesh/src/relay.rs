@@ -48,6 +48,9 @@ use crate::store::{Enqueued, NewMessage, Store, StoreError, StoreLimits};
 /// (already in the inbox) is handled first.
 const LEAVE_GRACE: Duration = Duration::from_millis(200);
 
+/// Most envelopes pushed to one online device and not yet DELIVERED; beyond it they queue.
+const MAX_IN_FLIGHT: usize = 65_536;
+
 /// How long the relay waits for room among a device's answers before it disconnects it.
 const ANSWER_PATIENCE: Duration = Duration::from_secs(2);
 
@@ -566,7 +569,11 @@ impl Loop {
                     return;
                 }
                 let bytes = envelope.len();
-                if let Some(online) = self.online.get(&to) {
+                // A device that does not say DELIVERED is not pushed more than
+                // MAX_IN_FLIGHT envelopes: the rest go to its (bounded) queue.
+                if let Some(online) = self.online.get(&to).filter(|o| {
+                    o.in_flight.lock().unwrap_or_else(|p| p.into_inner()).len() < MAX_IN_FLIGHT
+                }) {
                     let deliver = Record::Deliver {
                         from,
                         id,
@@ -818,6 +825,8 @@ async fn outlet(
                 let Ok(Ok(pending)) = tokio::task::spawn_blocking(move || st.pending(node, crate::now(), 1024)).await else {
                     continue;
                 };
+                // Only ids still queued are remembered: the set stays as small as the queue.
+                drained.retain(|id| pending.iter().any(|q| q.id == *id));
                 let fresh: Vec<_> = pending.into_iter().filter(|q| drained.insert(q.id)).collect();
                 if fresh.is_empty() {
                     continue;
