@@ -20,6 +20,7 @@ pub mod home;
 pub mod identity;
 pub mod mailbox;
 pub mod node;
+mod outbox;
 pub mod relay;
 pub mod store;
 pub mod tls;

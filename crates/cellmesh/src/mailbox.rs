@@ -32,7 +32,7 @@ use cellmesh_core::e2e::{
     SealError,
 };
 use cellmesh_core::id::{CellId, NodeId};
-use cellmesh_core::relay::{Accepted, MsgId, Record, RefuseCode, put_record, records};
+use cellmesh_core::relay::{Accepted, MsgId, Record, RefuseCode, records};
 use rand_chacha::ChaCha20Rng;
 use rand_core::{OsRng, SeedableRng as _};
 use std::sync::Arc;
@@ -43,12 +43,8 @@ use tokio::task::JoinHandle;
 
 use crate::home::Unlocked;
 use crate::identity::DeviceIdentity;
-use crate::node::{JoinError, Node, NodeConfig, NodeEvent, PeerSender, StartError, Transport};
-
-/// Records are batched into link payloads of about this size (a record larger than it goes
-/// alone): big enough to amortise framing and encryption, small enough that the buffers are
-/// reused from the heap rather than mapped and zeroed by the kernel each time.
-const MAX_BATCH: usize = 64 * 1024;
+use crate::node::{JoinError, Node, NodeConfig, NodeEvent, StartError, Transport};
+use crate::outbox::Outbox;
 
 /// How a mailbox connects.
 #[derive(Clone, Debug)]
@@ -240,11 +236,7 @@ impl Mailbox {
         let (msg_tx, messages) = mpsc::channel((config.inbox_capacity / 256).max(2));
         let (cell, me) = (node.cell(), node.node_id());
         let revocations = unlocked.keystore.revocations();
-        let (writer_tx, writer_rx) = mpsc::unbounded_channel();
-        if let Ok(link) = node.sender(relay.node) {
-            let _ = writer_tx.send(Write::Link(link));
-        }
-        let writer_task = tokio::spawn(writer(writer_rx));
+        let outbox = node.sender(relay.node).ok().map(Outbox::new);
         let driver = Driver {
             endpoint: Endpoint::new(local, config.padding),
             relay: relay.node,
@@ -265,8 +257,7 @@ impl Mailbox {
             lookups: HashMap::new(),
             next_request: 1,
             out: Vec::new(),
-            writer: writer_tx,
-            writer_task: Some(writer_task),
+            outbox,
         };
         Ok(Self {
             cmds,
@@ -410,9 +401,8 @@ struct Driver {
     next_request: u32,
     /// Records for the relay, flushed at the end of each turn.
     out: Vec<Record>,
-    /// The writer task's queue, and the task.
-    writer: mpsc::UnboundedSender<Write>,
-    writer_task: Option<JoinHandle<()>>,
+    /// The relay link's writer, replaced on each (re)connection.
+    outbox: Option<Outbox>,
 }
 
 enum Waiting {
@@ -486,10 +476,8 @@ impl Driver {
         // What this turn produced (DELIVERED above all: without it the relay would hand the
         // same messages to this device's next run) is written before the link closes.
         self.flush();
-        let (closed, _) = mpsc::unbounded_channel();
-        drop(std::mem::replace(&mut self.writer, closed));
-        if let Some(task) = self.writer_task.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+        if let Some(outbox) = self.outbox.take() {
+            outbox.finish(Duration::from_secs(2)).await;
         }
         self.node.shutdown(Duration::from_secs(1)).await;
     }
@@ -890,7 +878,7 @@ impl Driver {
                 let Ok(link) = self.node.sender(self.relay) else {
                     return;
                 };
-                let _ = self.writer.send(Write::Link(link));
+                self.outbox = Some(Outbox::new(link));
                 self.connected = true;
                 let sends = &self.sends;
                 self.out.retain(|r| match r {
@@ -921,52 +909,20 @@ impl Driver {
         }
     }
 
-    /// Hands this turn's records to the writer. Never waits: the driver must keep reading
-    /// the relay's answers while the link is slow, or relay and device would wait on each
-    /// other.
+    /// Hands this turn's records to the relay link's outbox. Never waits: the driver must
+    /// keep reading the relay's answers while the link is slow, or relay and device would
+    /// wait on each other. What waits in the outbox is bounded in practice by the sends in
+    /// flight (`max_in_flight`) and the acknowledgements of what the driver received; what
+    /// was written to a link that closed is sent again after reconnecting.
     fn flush(&mut self) {
         if self.out.is_empty() || !self.connected {
             return;
         }
-        let mut buf = Vec::new();
-        for r in self.out.drain(..) {
-            if !buf.is_empty() && buf.len() + 4 + r.encoded_len() > MAX_BATCH {
-                let _ = self
-                    .writer
-                    .send(Write::Payload(Bytes::from(std::mem::take(&mut buf))));
-            }
-            put_record(&mut buf, &r);
-        }
-        if !buf.is_empty() {
-            let _ = self.writer.send(Write::Payload(Bytes::from(buf)));
-        }
-    }
-}
-
-/// What the writer task does.
-enum Write {
-    /// From now on, write to this link (the relay's, after a (re)connection).
-    Link(PeerSender),
-    /// Write this payload.
-    Payload(Bytes),
-}
-
-/// Writes payloads to the relay's link, waiting while it is full, so that the driver never
-/// does. Its queue is bounded in practice by the sends in flight (`max_in_flight`) and the
-/// acknowledgements of what the driver received. Payloads for a link that closed are dropped:
-/// the driver sends what matters again after reconnecting.
-async fn writer(mut rx: mpsc::UnboundedReceiver<Write>) {
-    let mut link: Option<PeerSender> = None;
-    while let Some(w) = rx.recv().await {
-        match w {
-            Write::Link(sender) => link = Some(sender),
-            Write::Payload(p) => {
-                if let Some(l) = &link
-                    && l.send(p).await.is_err()
-                {
-                    link = None;
-                }
-            }
+        let Some(outbox) = &self.outbox else {
+            return;
+        };
+        for payload in crate::outbox::batch_payloads(self.out.drain(..)) {
+            outbox.send(payload);
         }
     }
 }

@@ -685,6 +685,18 @@ impl PeerSender {
             .await
             .map_err(|_| SendError::Closed)
     }
+
+    /// Queues `data` if the connection's buffer has room now; hands it back if not, or if
+    /// the connection closed. Never waits.
+    pub fn try_send(&self, data: Bytes) -> Result<(), Bytes> {
+        if data.len() > MAX_PAYLOAD {
+            return Err(data);
+        }
+        self.tx.try_send(Cmd::Send(data)).map_err(|e| match e.into_inner() {
+            Cmd::Send(data) => data,
+            _ => unreachable!("only a Send was queued"),
+        })
+    }
 }
 
 impl std::fmt::Debug for Cmd {

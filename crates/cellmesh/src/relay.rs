@@ -2,26 +2,29 @@
 //! end-to-end envelopes it cannot read and stores them for devices that are offline.
 //!
 //! ```text
-//!  device A ──link──► Node ──inbox──► relay loop ──► outlet(B) ──link──► device B (online)
-//!                                        │  ▲
-//!                                        ▼  │ drain on connect / after a spill
+//!  device A ──link──► Node ──inbox──► relay loop ──► outbox(B) ──link──► device B (online)
+//!                                        │                  ▲
+//!                                        ▼                  │ drain(B): on connect, after a spill
 //!                                      Store (redb): directory, queues (device B offline)
 //! ```
 //!
 //! - **Registration** is the join itself: the link already verified the device's node token
 //!   and its cell's identity token, and the relay records both in its directory, which any
 //!   device can query by cell id (LOOKUP). Askers check the tokens against the id.
-//! - **Forwarding.** A FORWARD to an online device goes to that device's *outlet*: a bounded
-//!   queue and a task that batches records onto its link. Until the device says DELIVERED,
-//!   the relay keeps the envelope in memory; if the device leaves first, the envelope moves to
-//!   the store. A FORWARD to an offline device, or to one whose outlet is full, is stored
-//!   durably (one redb transaction per batch) before the sender hears ACCEPTED(queued).
+//! - **Forwarding.** A FORWARD to an online device is batched with the other records for it
+//!   from the same inbox batch and written to its link. Until the device says DELIVERED, the
+//!   relay keeps the envelope in memory; if the device leaves first, the envelope moves to the
+//!   store. A FORWARD to an offline device, or to one that has too much pushed and not taken
+//!   (see Back-pressure), is stored durably (one redb transaction per batch) before the sender
+//!   hears ACCEPTED(queued).
 //! - **Answers.** Every FORWARD gets exactly one ACCEPTED or REFUSED. Nothing accepted is
 //!   dropped silently: a store at its bound refuses with QUEUE_FULL, a sender over its rate
 //!   with RATE_LIMITED.
-//! - **Back-pressure.** Deliveries never wait: an outlet that is full spills to the store.
-//!   Answers to a device's own FORWARDs wait for room in its outlet (that slows the device
-//!   down); a device that takes none for two seconds is disconnected.
+//! - **Back-pressure.** The relay's loop never waits on a device's link: what it writes goes
+//!   straight into the link while that has room, and otherwise waits, in order, in the
+//!   device's outbox. Deliveries to a device with `outlet_bytes` waiting spill to the store;
+//!   a device with twice that waiting (answers to its own FORWARDs that it does not read) is
+//!   disconnected.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -37,11 +40,12 @@ use cellmesh_core::relay::{
 };
 use cellmesh_core::token::Token;
 use thiserror::Error;
-use tokio::sync::{Notify, broadcast, mpsc};
+use tokio::sync::{Notify, broadcast};
 use tokio::task::JoinHandle;
 
 use crate::home::Unlocked;
 use crate::node::{Incoming, Node, NodeConfig, NodeEvent, PeerInfo, PeerSender, StartError};
+use crate::outbox::{MAX_BATCH, Outbox, batch_payloads};
 use crate::store::{Enqueued, NewMessage, Store, StoreError, StoreLimits};
 
 /// How long after a device left its departure is handled, so that what it sent just before
@@ -51,13 +55,6 @@ const LEAVE_GRACE: Duration = Duration::from_millis(200);
 /// Most envelopes pushed to one online device and not yet DELIVERED; beyond it they queue.
 const MAX_IN_FLIGHT: usize = 65_536;
 
-/// How long the relay waits for room among a device's answers before it disconnects it.
-const ANSWER_PATIENCE: Duration = Duration::from_secs(2);
-
-/// Records are batched into link payloads of about this size (a record larger than it goes
-/// alone): big enough to amortise framing and encryption, small enough that the buffers are
-/// reused from the heap rather than mapped and zeroed by the kernel each time.
-const MAX_BATCH: usize = 64 * 1024;
 
 /// How a relay runs.
 #[derive(Clone, Debug)]
@@ -74,8 +71,10 @@ pub struct RelayConfig {
     pub rate_per_cell: u32,
     /// FORWARDs a sending cell may make in a burst.
     pub burst_per_cell: u32,
-    /// Records an online device's outlet holds before new ones spill to the store.
-    pub outlet_capacity: usize,
+    /// Bytes written for an online device that its link has not taken yet, beyond which new
+    /// envelopes for it go to the store; a device with twice this waiting (its answers keep
+    /// coming but it does not read) is disconnected.
+    pub outlet_bytes: usize,
     /// TLS on every listener (see [`crate::tls::server_config`]), for standard ports.
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// The node underneath (its `listen`, `policy` and `tls` are set from the fields above).
@@ -92,7 +91,7 @@ impl RelayConfig {
             limits: StoreLimits::default(),
             rate_per_cell: 200_000,
             burst_per_cell: 400_000,
-            outlet_capacity: 16_384,
+            outlet_bytes: 16 << 20,
             tls: None,
             node: NodeConfig::default(),
         }
@@ -274,13 +273,46 @@ impl Relay {
     }
 }
 
-/// An online device: its outlet, and the pushed envelopes it has not acknowledged.
+/// An online device: its link's outbox, the pushed envelopes it has not acknowledged, and
+/// the task that hands it what the store holds for it.
 struct Online {
-    outlet: mpsc::Sender<Record>,
-    in_flight: Arc<Mutex<HashMap<MsgId, (NodeId, Bytes)>>>,
+    outbox: Outbox,
+    in_flight: HashMap<MsgId, (NodeId, Bytes), foldhash::fast::RandomState>,
     backlog: Arc<Notify>,
-    task: JoinHandle<()>,
+    drain: JoinHandle<()>,
 }
+
+/// Records for one device produced while handling one batch, encoded as they come.
+#[derive(Default)]
+struct Outgoing {
+    payloads: Vec<Bytes>,
+    /// Bytes in `payloads`.
+    full: usize,
+    buf: Vec<u8>,
+}
+
+impl Outgoing {
+    fn push(&mut self, r: &Record) {
+        if !self.buf.is_empty() && self.buf.len() + 4 + r.encoded_len() > MAX_BATCH {
+            self.full += self.buf.len();
+            self.payloads.push(Bytes::from(std::mem::take(&mut self.buf)));
+        }
+        put_record(&mut self.buf, r);
+    }
+
+    fn len(&self) -> usize {
+        self.full + self.buf.len()
+    }
+
+    fn finish(mut self) -> Vec<Bytes> {
+        if !self.buf.is_empty() {
+            self.payloads.push(Bytes::from(self.buf));
+        }
+        self.payloads
+    }
+}
+
+type Out = HashMap<NodeId, Outgoing, foldhash::fast::RandomState>;
 
 struct Bucket {
     tokens: f64,
@@ -388,17 +420,14 @@ impl Loop {
             return;
         };
         if let Some(old) = self.online.remove(&node) {
-            self.persist_in_flight(node, &old).await;
-            old.task.abort();
+            old.drain.abort();
+            self.persist_in_flight(node, old.in_flight).await;
         }
-        let (tx, rx) = mpsc::channel(self.config.outlet_capacity.max(16));
-        let in_flight = Arc::new(Mutex::new(HashMap::new()));
         let backlog = Arc::new(Notify::new());
         backlog.notify_one();
-        let task = tokio::spawn(outlet(
+        let drain = tokio::spawn(drain(
             node,
-            sender,
-            rx,
+            sender.clone(),
             Arc::clone(&self.store),
             Arc::clone(&backlog),
             self.events.clone(),
@@ -406,10 +435,10 @@ impl Loop {
         self.online.insert(
             node,
             Online {
-                outlet: tx,
-                in_flight,
+                outbox: Outbox::new(sender),
+                in_flight: HashMap::default(),
                 backlog,
-                task,
+                drain,
             },
         );
         let _ = self
@@ -419,20 +448,19 @@ impl Loop {
 
     async fn left(&mut self, node: NodeId) {
         if let Some(online) = self.online.remove(&node) {
-            online.task.abort();
-            self.persist_in_flight(node, &online).await;
+            online.drain.abort();
+            self.persist_in_flight(node, online.in_flight).await;
             let _ = self.events.send(RelayEvent::Offline { node });
         }
     }
 
     /// Moves what was pushed to `node` but not acknowledged into the store.
-    async fn persist_in_flight(&self, node: NodeId, online: &Online) {
-        let items: Vec<(MsgId, (NodeId, Bytes))> = online
-            .in_flight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain()
-            .collect();
+    async fn persist_in_flight(
+        &mut self,
+        node: NodeId,
+        in_flight: HashMap<MsgId, (NodeId, Bytes), foldhash::fast::RandomState>,
+    ) {
+        let items: Vec<(MsgId, (NodeId, Bytes))> = in_flight.into_iter().collect();
         if items.is_empty() {
             return;
         }
@@ -458,19 +486,18 @@ impl Loop {
             return;
         };
         tracing::debug!(%node, count = n, "kept unacknowledged envelopes for later");
-        // Their senders were told `pushed`; now they are queued. Best effort: a sender whose
-        // answers are full learns it from its own timeout instead.
+        // Their senders were told `pushed`; now they are queued.
+        let mut out = Out::default();
         for ((id, (from, _)), result) in items.into_iter().zip(results) {
-            if result.is_ok()
-                && let Some(sender) = self.online.get(&from)
-            {
-                let _ = sender.outlet.try_send(Record::Accepted {
+            if result.is_ok() && self.online.contains_key(&from) {
+                out.entry(from).or_default().push(&Record::Accepted {
                     to: node,
                     id,
                     status: Accepted::Queued,
                 });
             }
         }
+        self.write_out(out);
     }
 
     async fn resync(&mut self) {
@@ -493,7 +520,7 @@ impl Loop {
 
     async fn handle(&mut self, batch: &mut Vec<Incoming>) {
         self.now = Instant::now();
-        let mut answers: HashMap<NodeId, Vec<Record>> = HashMap::new();
+        let mut out = Out::default();
         let mut to_store = Vec::new();
         for incoming in batch.drain(..) {
             let from = incoming.from;
@@ -505,16 +532,14 @@ impl Loop {
                     self.node.disconnect(from, "malformed relay record");
                     break;
                 };
-                self.record(from, incoming.cell, record, &mut answers, &mut to_store)
+                self.record(from, incoming.cell, record, &mut out, &mut to_store)
                     .await;
             }
         }
         if !to_store.is_empty() {
-            self.store_batch(to_store, &mut answers).await;
+            self.store_batch(to_store, &mut out).await;
         }
-        for (to, records) in answers {
-            self.answer(to, records).await;
-        }
+        self.write_out(out);
         let t = std::mem::take(&mut self.tally);
         let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
         s.pushed += t.pushed;
@@ -528,7 +553,7 @@ impl Loop {
         from: NodeId,
         from_cell: CellId,
         record: Record,
-        answers: &mut HashMap<NodeId, Vec<Record>>,
+        out: &mut Out,
         to_store: &mut Vec<ToStore>,
     ) {
         match record {
@@ -548,7 +573,7 @@ impl Loop {
                     })
                     .take(cellmesh_core::relay::MAX_DEVICES)
                     .collect();
-                answers.entry(from).or_default().push(Record::Directory {
+                out.entry(from).or_default().push(&Record::Directory {
                     request,
                     cell,
                     devices,
@@ -565,34 +590,27 @@ impl Loop {
                     None
                 };
                 if let Some(code) = refuse {
-                    self.refused(from, to, id, code, answers);
+                    self.refused(from, to, id, code, out);
                     return;
                 }
                 let bytes = envelope.len();
-                // A device that does not say DELIVERED is not pushed more than
-                // MAX_IN_FLIGHT envelopes: the rest go to its (bounded) queue.
-                if let Some(online) = self.online.get(&to).filter(|o| {
-                    o.in_flight.lock().unwrap_or_else(|p| p.into_inner()).len() < MAX_IN_FLIGHT
-                }) {
-                    let deliver = Record::Deliver {
-                        from,
-                        id,
-                        envelope: envelope.clone(),
-                    };
-                    online
-                        .in_flight
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(id, (from, envelope.clone()));
-                    if online.outlet.try_send(deliver).is_ok() {
-                        self.accepted(from, to, id, bytes, Accepted::Pushed, answers);
+                // A device is pushed at most MAX_IN_FLIGHT envelopes it has not said
+                // DELIVERED for, and at most `outlet_bytes` its link has not taken: the rest
+                // go to its (bounded) queue.
+                if let Some(online) = self.online.get_mut(&to) {
+                    let outgoing = out.entry(to).or_default();
+                    if online.in_flight.len() < MAX_IN_FLIGHT
+                        && online.outbox.waiting() + outgoing.len() < self.config.outlet_bytes
+                    {
+                        outgoing.push(&Record::Deliver {
+                            from,
+                            id,
+                            envelope: envelope.clone(),
+                        });
+                        online.in_flight.insert(id, (from, envelope));
+                        self.accepted(from, to, id, bytes, Accepted::Pushed, out);
                         return;
                     }
-                    online
-                        .in_flight
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&id);
                     online.backlog.notify_one();
                 }
                 to_store.push(ToStore {
@@ -603,10 +621,9 @@ impl Loop {
                 });
             }
             Record::Delivered(ids) => {
-                if let Some(online) = self.online.get(&from) {
-                    let mut in_flight = online.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(online) = self.online.get_mut(&from) {
                     for id in &ids {
-                        in_flight.remove(id);
+                        online.in_flight.remove(id);
                     }
                 }
                 if self.store.queued(from).0 > 0 {
@@ -633,7 +650,7 @@ impl Loop {
     async fn store_batch(
         &mut self,
         items: Vec<ToStore>,
-        answers: &mut HashMap<NodeId, Vec<Record>>,
+        out: &mut Out,
     ) {
         let store = Arc::clone(&self.store);
         let now = crate::now();
@@ -668,13 +685,13 @@ impl Loop {
                         m.id,
                         m.envelope.len(),
                         Accepted::Queued,
-                        answers,
+                        out,
                     );
                     if let Some(online) = self.online.get(&m.to) {
                         online.backlog.notify_one();
                     }
                 }
-                Err(e) => self.refused(m.from, m.to, m.id, e.refuse_code(), answers),
+                Err(e) => self.refused(m.from, m.to, m.id, e.refuse_code(), out),
             }
         }
     }
@@ -686,7 +703,7 @@ impl Loop {
         id: MsgId,
         bytes: usize,
         status: Accepted,
-        answers: &mut HashMap<NodeId, Vec<Record>>,
+        out: &mut Out,
     ) {
         match status {
             Accepted::Pushed => self.tally.pushed += 1,
@@ -702,10 +719,9 @@ impl Loop {
                 status,
             });
         }
-        answers
-            .entry(from)
+        out.entry(from)
             .or_default()
-            .push(Record::Accepted { to, id, status });
+            .push(&Record::Accepted { to, id, status });
     }
 
     fn refused(
@@ -714,47 +730,46 @@ impl Loop {
         to: NodeId,
         id: MsgId,
         code: RefuseCode,
-        answers: &mut HashMap<NodeId, Vec<Record>>,
+        out: &mut Out,
     ) {
         self.tally.refused += 1;
         let _ = self.events.send(RelayEvent::Refused { from, id, code });
-        answers
-            .entry(from)
+        out.entry(from)
             .or_default()
-            .push(Record::Refused { to, id, code });
+            .push(&Record::Refused { to, id, code });
     }
 
-    /// Sends answers through the device's outlet, or directly if it has none yet. A device
-    /// whose outlet is full of answers is not reading: it is disconnected (it will retry).
-    async fn answer(&mut self, to: NodeId, records: Vec<Record>) {
-        if let Some(online) = self.online.get(&to) {
-            let outlet = online.outlet.clone();
-            for r in records {
-                // Answers follow the device's own FORWARDs, so waiting for room is
-                // back-pressure on that device; one that takes none for ANSWER_PATIENCE is
-                // disconnected (it reconnects, and nothing it was told is lost).
-                if !matches!(
-                    tokio::time::timeout(ANSWER_PATIENCE, outlet.send(r)).await,
-                    Ok(Ok(()))
-                ) {
-                    tracing::warn!(%to, "device does not read its answers; disconnecting");
-                    self.node.disconnect(to, "does not read its answers");
-                    self.left(to).await;
-                    return;
-                }
+    /// Writes what one batch produced, device by device, without waiting: an online device
+    /// gets it through its outbox (straight into its link when that has room). A device with
+    /// more than twice `outlet_bytes` waiting is not reading what it asked for: it is
+    /// disconnected, and its departure keeps what was pushed to it.
+    fn write_out(&mut self, out: Out) {
+        for (to, outgoing) in out {
+            let payloads = outgoing.finish();
+            if payloads.is_empty() {
+                continue;
             }
-            return;
-        }
-        // Not (or no longer) online here: never wait on its link in this loop.
-        if let Ok(sender) = self.node.sender(to) {
-            let payloads = batch_payloads(records);
-            tokio::spawn(async move {
+            if let Some(online) = self.online.get(&to) {
+                let mut waiting = 0;
                 for p in payloads {
-                    if sender.send(p).await.is_err() {
-                        break;
-                    }
+                    waiting = online.outbox.send(p);
                 }
-            });
+                if waiting > 2 * self.config.outlet_bytes {
+                    tracing::warn!(%to, waiting, "device does not read what it is sent; disconnecting");
+                    self.node.disconnect(to, "does not read what it is sent");
+                }
+                continue;
+            }
+            // Not (or no longer) online here: never wait on its link in this loop.
+            if let Ok(sender) = self.node.sender(to) {
+                tokio::spawn(async move {
+                    for p in payloads {
+                        if sender.send(p).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
         }
     }
 
@@ -779,74 +794,48 @@ impl Loop {
     }
 }
 
-/// Encodes records into as few payloads as fit under the link's limit.
-fn batch_payloads(records: impl IntoIterator<Item = Record>) -> Vec<Bytes> {
-    let mut out = Vec::new();
-    let mut buf = Vec::new();
-    for r in records {
-        if !buf.is_empty() && buf.len() + 4 + r.encoded_len() > MAX_BATCH {
-            out.push(Bytes::from(std::mem::take(&mut buf)));
-        }
-        put_record(&mut buf, &r);
-    }
-    if !buf.is_empty() {
-        out.push(Bytes::from(buf));
-    }
-    out
-}
-
-/// One online device's outlet: batches records onto its link, and hands it what the store
-/// holds for it whenever told there is a backlog.
-async fn outlet(
+/// Hands one online device what the store holds for it whenever told there is a backlog,
+/// 1,024 envelopes at a time, waiting for room on its link (what it drains needs no order
+/// with what is pushed live).
+async fn drain(
     node: NodeId,
     sender: PeerSender,
-    mut rx: mpsc::Receiver<Record>,
     store: Arc<Store>,
     backlog: Arc<Notify>,
     events: broadcast::Sender<RelayEvent>,
 ) {
-    let mut buf = Vec::with_capacity(512);
     let mut drained: BTreeSet<MsgId> = BTreeSet::new();
     loop {
-        tokio::select! {
-            biased;
-            n = rx.recv_many(&mut buf, 512) => {
-                if n == 0 {
-                    return;
-                }
-                for payload in batch_payloads(buf.drain(..)) {
-                    if sender.send(payload).await.is_err() {
-                        return;
-                    }
-                }
+        backlog.notified().await;
+        let st = Arc::clone(&store);
+        let Ok(Ok(pending)) =
+            tokio::task::spawn_blocking(move || st.pending(node, crate::now(), 1024)).await
+        else {
+            continue;
+        };
+        // Only ids still queued are remembered: the set stays as small as the queue.
+        drained.retain(|id| pending.iter().any(|q| q.id == *id));
+        let fresh: Vec<_> = pending
+            .into_iter()
+            .filter(|q| drained.insert(q.id))
+            .collect();
+        if fresh.is_empty() {
+            continue;
+        }
+        let count = fresh.len();
+        let records = fresh.into_iter().map(|q| Record::Deliver {
+            from: q.from,
+            id: q.id,
+            envelope: q.envelope,
+        });
+        for payload in batch_payloads(records) {
+            if sender.send(payload).await.is_err() {
+                return;
             }
-            _ = backlog.notified() => {
-                let st = Arc::clone(&store);
-                let Ok(Ok(pending)) = tokio::task::spawn_blocking(move || st.pending(node, crate::now(), 1024)).await else {
-                    continue;
-                };
-                // Only ids still queued are remembered: the set stays as small as the queue.
-                drained.retain(|id| pending.iter().any(|q| q.id == *id));
-                let fresh: Vec<_> = pending.into_iter().filter(|q| drained.insert(q.id)).collect();
-                if fresh.is_empty() {
-                    continue;
-                }
-                let count = fresh.len();
-                let records = fresh.into_iter().map(|q| Record::Deliver {
-                    from: q.from,
-                    id: q.id,
-                    envelope: q.envelope,
-                });
-                for payload in batch_payloads(records) {
-                    if sender.send(payload).await.is_err() {
-                        return;
-                    }
-                }
-                let _ = events.send(RelayEvent::Drained { node, count });
-                if count == 1024 {
-                    backlog.notify_one();
-                }
-            }
+        }
+        let _ = events.send(RelayEvent::Drained { node, count });
+        if count == 1024 {
+            backlog.notify_one();
         }
     }
 }

@@ -1,0 +1,130 @@
+//! Ordered writes to one peer's link that never make the writer wait.
+//!
+//! A driver loop (a mailbox's, a relay's) must keep reading while a peer's link is slow, or
+//! the two sides could wait on each other. An [`Outbox`] writes each payload straight into the
+//! link's queue while that has room and nothing of the outbox is still waiting, so the common
+//! case costs no hand-off between tasks; otherwise the payload waits, in order, for a task
+//! that writes it as room appears. The caller bounds what waits (see [`Outbox::waiting`]).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use cellmesh_core::relay::{Record, put_record};
+
+use crate::node::PeerSender;
+
+/// Records are batched into link payloads of about this size (a record larger than it goes
+/// alone): big enough to amortise framing and encryption, small enough that the buffers are
+/// reused from the heap rather than mapped and zeroed by the kernel each time.
+pub(crate) const MAX_BATCH: usize = 64 * 1024;
+
+/// Encodes records into as few payloads as fit under the link's limit.
+pub(crate) fn batch_payloads(records: impl IntoIterator<Item = Record>) -> Vec<Bytes> {
+    let mut out = Vec::new();
+    let mut buf = Vec::new();
+    for r in records {
+        if !buf.is_empty() && buf.len() + 4 + r.encoded_len() > MAX_BATCH {
+            out.push(Bytes::from(std::mem::take(&mut buf)));
+        }
+        put_record(&mut buf, &r);
+    }
+    if !buf.is_empty() {
+        out.push(Bytes::from(buf));
+    }
+    out
+}
+
+/// Writes payloads to one link, in order, without waiting.
+#[derive(Debug)]
+pub(crate) struct Outbox {
+    link: PeerSender,
+    queue: mpsc::UnboundedSender<Bytes>,
+    /// Bytes given to the task and not yet taken by the link.
+    waiting: Arc<AtomicUsize>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Outbox {
+    /// An outbox for `link` (it spawns the task that writes what has to wait).
+    pub(crate) fn new(link: PeerSender) -> Self {
+        let (queue, rx) = mpsc::unbounded_channel();
+        let waiting = Arc::new(AtomicUsize::new(0));
+        let task = tokio::spawn(write_waiting(link.clone(), rx, Arc::clone(&waiting)));
+        Self {
+            link,
+            queue,
+            waiting,
+            task: Some(task),
+        }
+    }
+
+    /// Writes `payload` after everything written before it; returns the bytes now waiting.
+    /// Payloads for a link that closed are dropped.
+    pub(crate) fn send(&self, payload: Bytes) -> usize {
+        // Zero means the task has handed everything earlier to the link: writing straight
+        // into the link keeps the order.
+        let payload = if self.waiting.load(Ordering::Acquire) == 0 {
+            match self.link.try_send(payload) {
+                Ok(()) => return 0,
+                Err(payload) => payload,
+            }
+        } else {
+            payload
+        };
+        let len = payload.len();
+        let waiting = self.waiting.fetch_add(len, Ordering::AcqRel) + len;
+        if self.queue.send(payload).is_err() {
+            self.waiting.fetch_sub(len, Ordering::AcqRel);
+        }
+        waiting
+    }
+
+    /// Bytes written but not yet taken by the link.
+    pub(crate) fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Acquire)
+    }
+
+    /// Waits up to `patience` for what is waiting to reach the link, then stops.
+    pub(crate) async fn finish(mut self, patience: Duration) {
+        let (closed, _) = mpsc::unbounded_channel();
+        drop(std::mem::replace(&mut self.queue, closed));
+        if let Some(mut task) = self.task.take() {
+            if tokio::time::timeout(patience, &mut task).await.is_err() {
+                task.abort();
+            }
+        }
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+async fn write_waiting(
+    link: PeerSender,
+    mut rx: mpsc::UnboundedReceiver<Bytes>,
+    waiting: Arc<AtomicUsize>,
+) {
+    while let Some(payload) = rx.recv().await {
+        let len = payload.len();
+        let sent = link.send(payload).await;
+        waiting.fetch_sub(len, Ordering::AcqRel);
+        if sent.is_err() {
+            // The link closed: what waits would go nowhere.
+            rx.close();
+            while let Some(p) = rx.recv().await {
+                waiting.fetch_sub(p.len(), Ordering::AcqRel);
+            }
+            return;
+        }
+    }
+}
