@@ -78,8 +78,9 @@ type ExportOnly = hpke::aead::ExportOnlyAead;
 
 /// Envelope format version.
 pub const E2E_VERSION: u8 = 1;
-/// How far behind the highest counter a message may arrive and still be accepted.
-pub const REPLAY_WINDOW: u64 = 1024;
+/// How far behind the highest counter a message may arrive and still be accepted (far more
+/// than the relay's bounds let messages be reordered: a queue of 10,000, 65,536 in flight).
+pub const REPLAY_WINDOW: u64 = 1 << 18;
 /// How many delivered message ids an endpoint remembers to drop duplicates.
 pub const DEDUPE: usize = 1 << 16;
 /// Most sessions an endpoint keeps per direction; beyond it the oldest inbound session (and
@@ -746,64 +747,52 @@ impl Keys {
     }
 }
 
-/// Which counters of one direction and epoch were seen: the highest, and a bitmap of the
-/// [`REPLAY_WINDOW`] below it.
+/// Which counters of one direction and epoch were seen: all below `base` (a multiple of 64)
+/// except those below `lost`, and a bitmap from `base` on. The bitmap only grows while
+/// counters arrive out of order (a queue drained while newer messages are pushed live), and
+/// spans at most [`REPLAY_WINDOW`] counters: a counter further ahead moves it, and the
+/// counters it leaves behind unseen become too old to tell.
 #[derive(Default)]
 struct Window {
-    highest: Option<u64>,
-    bits: [u64; (REPLAY_WINDOW / 64) as usize],
+    base: u64,
+    lost: u64,
+    words: std::collections::VecDeque<u64>,
 }
 
 impl Window {
+    const WORDS: u64 = REPLAY_WINDOW / 64;
+
     /// Records `counter`. `Ok(true)` if it was seen before, an error if it is too old to tell.
     fn accept(&mut self, counter: u64) -> Result<bool, OpenError> {
-        let highest = match self.highest {
-            None => {
-                self.highest = Some(counter);
-                self.set(counter);
-                return Ok(false);
-            }
-            Some(h) => h,
-        };
-        if counter > highest {
-            let shift = counter - highest;
-            if shift >= REPLAY_WINDOW {
-                self.bits = Default::default();
-            } else {
-                for c in highest + 1..counter {
-                    self.clear(c);
-                }
-            }
-            self.highest = Some(counter);
-            self.set(counter);
-            return Ok(false);
-        }
-        if highest - counter >= REPLAY_WINDOW {
+        if counter < self.lost {
             return Err(OpenError::Replayed);
         }
-        let seen = self.get(counter);
-        self.set(counter);
+        if counter < self.base {
+            return Ok(true);
+        }
+        if (counter - self.base) / 64 >= Self::WORDS {
+            let base = (counter / 64 + 1 - Self::WORDS) * 64;
+            let drop = (base - self.base) / 64;
+            if drop >= self.words.len() as u64 {
+                self.words.clear();
+            } else {
+                self.words.drain(..drop as usize);
+            }
+            self.base = base;
+            self.lost = base;
+        }
+        let word = ((counter - self.base) / 64) as usize;
+        if self.words.len() <= word {
+            self.words.resize(word + 1, 0);
+        }
+        let bit = 1u64 << (counter % 64);
+        let seen = self.words[word] & bit != 0;
+        self.words[word] |= bit;
+        while self.words.front() == Some(&u64::MAX) {
+            self.words.pop_front();
+            self.base += 64;
+        }
         Ok(seen)
-    }
-
-    fn slot(counter: u64) -> (usize, u64) {
-        let i = counter % REPLAY_WINDOW;
-        ((i / 64) as usize, 1 << (i % 64))
-    }
-
-    fn get(&self, c: u64) -> bool {
-        let (w, b) = Self::slot(c);
-        self.bits[w] & b != 0
-    }
-
-    fn set(&mut self, c: u64) {
-        let (w, b) = Self::slot(c);
-        self.bits[w] |= b;
-    }
-
-    fn clear(&mut self, c: u64) {
-        let (w, b) = Self::slot(c);
-        self.bits[w] &= !b;
     }
 }
 
@@ -1559,11 +1548,46 @@ mod tests {
         assert_eq!(w.accept(5), Ok(true));
         assert_eq!(w.accept(3), Ok(false));
         assert_eq!(w.accept(3), Ok(true));
-        assert_eq!(w.accept(5 + REPLAY_WINDOW), Ok(false));
-        assert_eq!(w.accept(5), Err(OpenError::Replayed));
-        assert_eq!(w.accept(6), Ok(false));
-        assert_eq!(w.accept(6), Ok(true));
+        // In order: the bitmap stays one word long.
+        for c in (0..3).chain(4..5).chain(6..10_000) {
+            assert_eq!(w.accept(c), Ok(false), "{c}");
+        }
+        assert!(w.words.len() <= 1);
+        assert_eq!(w.accept(9_999), Ok(true));
+        assert_eq!(w.accept(17), Ok(true));
+        // Far out of order (a long queue overtaken by live messages): still each once.
+        let far = 10_000 + REPLAY_WINDOW - 64;
+        assert_eq!(w.accept(far), Ok(false));
+        assert_eq!(w.accept(10_000), Ok(false));
+        assert_eq!(w.accept(10_000), Ok(true));
+        // Further ahead than the window spans: what it leaves behind unseen is too old.
+        assert_eq!(w.accept(far + 128), Ok(false));
+        assert_eq!(w.accept(10_001), Err(OpenError::Replayed));
+        assert_eq!(w.accept(far), Ok(true));
         assert_eq!(w.accept(u64::MAX), Ok(false));
-        assert_eq!(w.accept(6), Err(OpenError::Replayed));
+        assert_eq!(w.accept(far), Err(OpenError::Replayed));
+        assert_eq!(w.accept(u64::MAX), Ok(true));
+        assert_eq!(w.accept(u64::MAX - 1), Ok(false));
+        assert!(w.words.len() as u64 <= Window::WORDS);
+    }
+
+    proptest::proptest! {
+        /// Against a set of every counter seen: never a duplicate accepted, never a new
+        /// counter within the window called seen.
+        #[test]
+        fn the_replay_window_agrees_with_a_set(counters in proptest::collection::vec(0u64..3 * REPLAY_WINDOW, 1..400)) {
+            let mut w = Window::default();
+            let mut seen = std::collections::BTreeSet::new();
+            let mut highest = 0;
+            for c in counters {
+                highest = highest.max(c);
+                match w.accept(c) {
+                    Ok(true) => proptest::prop_assert!(seen.contains(&c)),
+                    Ok(false) => proptest::prop_assert!(seen.insert(c)),
+                    Err(_) => proptest::prop_assert!(highest - c >= REPLAY_WINDOW - 64),
+                }
+                proptest::prop_assert!(w.words.len() as u64 <= Window::WORDS);
+            }
+        }
     }
 }
