@@ -18,8 +18,10 @@
 //! not shown twice, while this process runs. (After a crash between the two, the message may
 //! be shown again: the memory of ids is not on disk yet.)
 //!
-//! Ephemeral and session keys come from the operating system's generator; message ids from a
-//! generator seeded from it (ids are public).
+//! Ephemeral and session keys come from the operating system's generator. Message ids are
+//! public but unpredictable: a secret permutation of a sequence number (see `Sends`), so that
+//! the driver finds a send without hashing its id; acknowledgement ids come from a generator
+//! seeded from the operating system's.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -248,7 +250,7 @@ impl Mailbox {
             messages: msg_tx,
             opened: Vec::new(),
             clock: (crate::now(), Instant::now()),
-            sends: HashMap::default(),
+            sends: Sends::new(&mut OsRng),
             deadlines: VecDeque::new(),
             expiries: VecDeque::new(),
             retries: Vec::new(),
@@ -367,6 +369,7 @@ struct DeviceSend {
 }
 
 struct PendingSend {
+    id: MsgId,
     body: Bytes,
     devices: Vec<DeviceSend>,
     /// Until the outcome is known. The send itself is kept until every device acknowledged
@@ -388,7 +391,7 @@ struct Driver {
     clock: (Timestamp, Instant),
     /// Opened in this turn, handed over at its end.
     opened: Vec<Message>,
-    sends: HashMap<MsgId, PendingSend, foldhash::fast::RandomState>,
+    sends: Sends,
     /// Sends by when their outcome is due, and by when they are forgotten (both in the order
     /// they were made, since every send gets the same delays).
     deadlines: VecDeque<(Instant, MsgId)>,
@@ -416,6 +419,148 @@ const RETAIN: Duration = Duration::from_secs(24 * 3600);
 /// Most messages kept for devices that have not acknowledged them.
 const MAX_RETAINED: usize = 65_536;
 const RETRY_AFTER: Duration = Duration::from_millis(100);
+/// Sends kept by position before the oldest still kept move to a map.
+const RECENT: usize = 1 << 17;
+
+/// The sends a mailbox keeps, found by message id without hashing it.
+///
+/// A message id is a secret permutation (AES-128 under a key this mailbox drew) of eight
+/// zero bytes and a sequence number: to everyone else ids look random and cannot be
+/// predicted, while this mailbox reads the sequence number back and finds the send by its
+/// position. Answers and acknowledgements come back in about the order the sends went out,
+/// so the sends they touch sit next to each other in memory. An id that does not decode to
+/// eight zero bytes is not one of this mailbox's.
+struct Sends {
+    ids: aes::Aes128,
+    next: u64,
+    /// Sends from sequence `base` on, by position; `None` once forgotten.
+    recent: VecDeque<Option<PendingSend>>,
+    base: u64,
+    /// Sends older than `recent` reaches, still kept for devices that have not acknowledged.
+    old: HashMap<u64, PendingSend, foldhash::fast::RandomState>,
+    len: usize,
+}
+
+impl Sends {
+    fn new(rng: &mut impl rand_core::CryptoRngCore) -> Self {
+        use aes::cipher::KeyInit as _;
+        let mut key = zeroize::Zeroizing::new([0u8; 16]);
+        rng.fill_bytes(&mut key[..]);
+        Self {
+            ids: aes::Aes128::new(&(*key).into()),
+            next: 0,
+            recent: VecDeque::new(),
+            base: 0,
+            old: HashMap::default(),
+            len: 0,
+        }
+    }
+
+    /// The id the next send gets.
+    fn next_id(&self) -> MsgId {
+        use aes::cipher::BlockEncrypt as _;
+        let mut block = [0u8; 16];
+        block[8..].copy_from_slice(&self.next.to_be_bytes());
+        let mut block = block.into();
+        self.ids.encrypt_block(&mut block);
+        MsgId(block.into())
+    }
+
+    fn seq(&self, id: &MsgId) -> Option<u64> {
+        use aes::cipher::BlockDecrypt as _;
+        let mut block = id.0.into();
+        self.ids.decrypt_block(&mut block);
+        let block: [u8; 16] = block.into();
+        let (zero, seq) = block.split_at(8);
+        zero.iter()
+            .all(|&b| b == 0)
+            .then(|| u64::from_be_bytes(seq.try_into().unwrap_or_default()))
+    }
+
+    /// Keeps `send`, whose id must be [`Sends::next_id`].
+    fn insert(&mut self, send: PendingSend) {
+        debug_assert_eq!(send.id, self.next_id());
+        self.next += 1;
+        if self.recent.is_empty() {
+            self.base = self.next - 1;
+        }
+        self.recent.push_back(Some(send));
+        self.len += 1;
+        if self.recent.len() > RECENT {
+            if let Some(Some(oldest)) = self.recent.pop_front() {
+                self.old.insert(self.base, oldest);
+            }
+            self.base += 1;
+            self.trim();
+        }
+    }
+
+    fn get_mut(&mut self, id: &MsgId) -> Option<&mut PendingSend> {
+        let seq = self.seq(id)?;
+        if seq < self.base {
+            return self.old.get_mut(&seq);
+        }
+        let at = usize::try_from(seq - self.base).ok()?;
+        self.recent.get_mut(at)?.as_mut()
+    }
+
+    fn contains(&self, id: &MsgId) -> bool {
+        let Some(seq) = self.seq(id) else {
+            return false;
+        };
+        if seq < self.base {
+            return self.old.contains_key(&seq);
+        }
+        usize::try_from(seq - self.base)
+            .ok()
+            .and_then(|at| self.recent.get(at))
+            .is_some_and(Option::is_some)
+    }
+
+    fn remove(&mut self, id: &MsgId) -> Option<PendingSend> {
+        let seq = self.seq(id)?;
+        let removed = if seq < self.base {
+            self.old.remove(&seq)
+        } else {
+            let at = usize::try_from(seq - self.base).ok()?;
+            let removed = self.recent.get_mut(at)?.take();
+            self.trim();
+            removed
+        };
+        self.len -= usize::from(removed.is_some());
+        removed
+    }
+
+    /// Drops forgotten positions at the front.
+    fn trim(&mut self) {
+        while let Some(None) = self.recent.front() {
+            self.recent.pop_front();
+            self.base += 1;
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &PendingSend> {
+        self.old.values().chain(self.recent.iter().flatten())
+    }
+
+    fn iter_mut(&mut self) -> impl Iterator<Item = &mut PendingSend> {
+        self.old
+            .values_mut()
+            .chain(self.recent.iter_mut().flatten())
+    }
+
+    fn drain(&mut self) -> impl Iterator<Item = PendingSend> + '_ {
+        self.len = 0;
+        self.old
+            .drain()
+            .map(|(_, s)| s)
+            .chain(self.recent.drain(..).flatten())
+    }
+}
 
 impl Driver {
     async fn run(
@@ -468,7 +613,7 @@ impl Driver {
             }
             self.flush();
         }
-        for (_, mut s) in self.sends.drain() {
+        for mut s in self.sends.drain() {
             if let Some(done) = s.done.take() {
                 done.send(Err(MailboxError::Closed));
             }
@@ -508,7 +653,7 @@ impl Driver {
     }
 
     fn seal_and_forward(&mut self, devices: &[Arc<RemoteDevice>], body: Bytes, done: Done) {
-        let id = MsgId::random(&mut self.rng);
+        let id = self.sends.next_id();
         let (now, at) = self.clock;
         let mut sends = Vec::with_capacity(devices.len());
         for device in devices {
@@ -537,14 +682,12 @@ impl Driver {
         let deadline = at + self.config.ack_timeout;
         self.deadlines.push_back((deadline, id));
         self.expiries.push_back((at + RETAIN, id));
-        self.sends.insert(
+        self.sends.insert(PendingSend {
             id,
-            PendingSend {
-                body,
-                devices: sends,
-                done: Some(done),
-            },
-        );
+            body,
+            devices: sends,
+            done: Some(done),
+        });
     }
 
     /// Makes room: forgets sends whose outcome is known but that some device has not
@@ -553,8 +696,8 @@ impl Driver {
         let resolved: Vec<MsgId> = self
             .sends
             .iter()
-            .filter(|(_, s)| s.done.is_none())
-            .map(|(id, _)| *id)
+            .filter(|s| s.done.is_none())
+            .map(|s| s.id)
             .take(MAX_RETAINED / 16)
             .collect();
         tracing::warn!(
@@ -719,7 +862,8 @@ impl Driver {
     /// A device lost its session with us: seal what it has not acknowledged again.
     fn resend_to(&mut self, device: NodeId) {
         let now = crate::now();
-        for (id, send) in &mut self.sends {
+        for send in self.sends.iter_mut() {
+            let id = &send.id;
             let Some(dev) = send.devices.iter_mut().find(|d| d.device.node() == device) else {
                 continue;
             };
@@ -844,12 +988,12 @@ impl Driver {
         }
         // Entries of sends already settled go as soon as they reach the front.
         while let Some(&(_, id)) = self.deadlines.front()
-            && !self.sends.contains_key(&id)
+            && !self.sends.contains(&id)
         {
             self.deadlines.pop_front();
         }
         while let Some(&(_, id)) = self.expiries.front()
-            && !self.sends.contains_key(&id)
+            && !self.sends.contains(&id)
         {
             self.expiries.pop_front();
         }
@@ -882,11 +1026,12 @@ impl Driver {
                 self.connected = true;
                 let sends = &self.sends;
                 self.out.retain(|r| match r {
-                    Record::Forward { id, .. } => !sends.contains_key(id),
+                    Record::Forward { id, .. } => !sends.contains(id),
                     Record::Lookup { .. } => false,
                     _ => true,
                 });
-                for (id, send) in &mut self.sends {
+                for send in self.sends.iter_mut() {
+                    let id = &send.id;
                     for dev in &mut send.devices {
                         if matches!(dev.state, DevState::Sent | DevState::Pushed) {
                             dev.state = DevState::Sent;
@@ -935,5 +1080,67 @@ fn copy_error(e: &MailboxError) -> MailboxError {
             error: error.clone(),
         },
         _ => MailboxError::Closed,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending(id: MsgId) -> PendingSend {
+        PendingSend {
+            id,
+            body: Bytes::new(),
+            devices: Vec::new(),
+            done: None,
+        }
+    }
+
+    #[test]
+    fn sends_are_found_by_id_and_forgotten_in_any_order() {
+        let mut sends = Sends::new(&mut OsRng);
+        let ids: Vec<MsgId> = (0..10)
+            .map(|_| {
+                let id = sends.next_id();
+                sends.insert(pending(id));
+                id
+            })
+            .collect();
+        let unique: std::collections::BTreeSet<_> = ids.iter().collect();
+        assert_eq!(unique.len(), 10, "ids differ");
+        assert_eq!(sends.len(), 10);
+        assert!(ids.iter().all(|id| sends.get_mut(id).is_some_and(|s| s.id == *id)));
+        assert_eq!(sends.remove(&ids[3]).map(|s| s.id), Some(ids[3]));
+        assert!(sends.remove(&ids[3]).is_none());
+        assert!(!sends.contains(&ids[3]));
+        assert_eq!(sends.remove(&ids[0]).map(|s| s.id), Some(ids[0]));
+        assert!(sends.contains(&ids[1]) && sends.contains(&ids[9]));
+        assert_eq!(sends.len(), 8);
+        // An id this mailbox did not make (another run's, another device's) is not found.
+        assert!(sends.get_mut(&MsgId([7; 16])).is_none());
+        let other = Sends::new(&mut OsRng);
+        assert!(!sends.contains(&other.next_id()));
+        assert_eq!(sends.drain().count(), 8);
+        assert_eq!(sends.len(), 0);
+    }
+
+    #[test]
+    fn sends_kept_long_move_aside_and_stay_found() {
+        let mut sends = Sends::new(&mut OsRng);
+        let first = sends.next_id();
+        sends.insert(pending(first));
+        let mut last = first;
+        for _ in 0..RECENT + 10 {
+            last = sends.next_id();
+            sends.insert(pending(last));
+            sends.remove(&last);
+        }
+        assert_eq!(sends.len(), 1);
+        assert!(sends.recent.len() <= RECENT);
+        assert!(sends.contains(&first));
+        assert!(!sends.contains(&last));
+        assert_eq!(sends.iter().count(), 1);
+        assert_eq!(sends.remove(&first).map(|s| s.id), Some(first));
+        assert_eq!(sends.len(), 0);
     }
 }
