@@ -232,6 +232,7 @@ impl Relay {
             stats,
             tally: RelayStats::default(),
             now: Instant::now(),
+            watched: false,
             leaving: Vec::new(),
             config,
         };
@@ -331,6 +332,8 @@ struct Loop {
     tally: RelayStats,
     /// The monotonic clock, read once per batch.
     now: Instant,
+    /// Whether anyone subscribed to events, read once per batch (it takes a lock).
+    watched: bool,
     /// Devices that left, handled after LEAVE_GRACE (in order of leaving).
     leaving: Vec<(tokio::time::Instant, NodeId)>,
     config: RelayConfig,
@@ -520,6 +523,7 @@ impl Loop {
 
     async fn handle(&mut self, batch: &mut Vec<Incoming>) {
         self.now = Instant::now();
+        self.watched = self.events.receiver_count() > 0;
         let mut out = Out::default();
         let mut to_store = Vec::new();
         for incoming in batch.drain(..) {
@@ -710,7 +714,7 @@ impl Loop {
             Accepted::Queued => self.tally.queued += 1,
         }
         self.tally.bytes += bytes as u64;
-        if self.events.receiver_count() > 0 {
+        if self.watched {
             let _ = self.events.send(RelayEvent::Forwarded {
                 from,
                 to,
