@@ -51,7 +51,7 @@
 //! even by a device that restarted. A device that gets a MSG for a session it does not know
 //! answers RESET; the sender then starts a new session and sends again what is unacknowledged.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 
 use foldhash::fast::RandomState;
 
@@ -397,8 +397,7 @@ pub struct Endpoint {
     /// Delivered messages by (sending cell, id): a sender picks its ids, so another cell
     /// reusing one must not hide the first sender's message.
     /// (A keyed hash, seeded per process: the ids are chosen by senders.)
-    delivered: HashSet<(CellId, MsgId), RandomState>,
-    delivered_order: VecDeque<(CellId, MsgId)>,
+    delivered: Delivered,
     pending_acks: Vec<((NodeId, SessionId), MsgId)>,
 }
 
@@ -411,8 +410,7 @@ impl Endpoint {
             outbound: HashMap::default(),
             inbound: HashMap::default(),
             inbound_order: VecDeque::new(),
-            delivered: HashSet::default(),
-            delivered_order: VecDeque::new(),
+            delivered: Delivered::default(),
             pending_acks: Vec::new(),
         }
     }
@@ -654,12 +652,6 @@ impl Endpoint {
         if replayed || !self.delivered.insert((from_cell, id)) {
             return Ok(Opened::Duplicate(id));
         }
-        self.delivered_order.push_back((from_cell, id));
-        if self.delivered_order.len() > DEDUPE
-            && let Some(old) = self.delivered_order.pop_front()
-        {
-            self.delivered.remove(&old);
-        }
         Ok(Opened::Message(Message {
             from_cell,
             from_node: key.0,
@@ -744,6 +736,73 @@ impl Keys {
             epoch,
             next: 0,
         }
+    }
+}
+
+/// The (sending cell, id) pairs of the last [`DEDUPE`] messages delivered, first in first out.
+///
+/// A ring holds the pairs in the order they came; an index maps a keyed 64-bit hash of each
+/// pair to its place in the ring. A lookup hashes the 48 bytes once and reads the ring only to
+/// confirm a match, and forgetting the oldest needs no second hash. Two different pairs with
+/// one hash (about one chance in 2^48 per message, and the key is secret) leave the newer one
+/// out of the index: it could then show twice if sent again, never be dropped.
+#[derive(Default)]
+struct Delivered {
+    hasher: RandomState,
+    index: HashMap<u64, u64, std::hash::BuildHasherDefault<Prehashed>>,
+    ring: VecDeque<((CellId, MsgId), u64)>,
+    /// The position of `ring[0]` among all pairs ever remembered.
+    first: u64,
+}
+
+impl Delivered {
+    /// Remembers `pair`; false if it was remembered already.
+    fn insert(&mut self, pair: (CellId, MsgId)) -> bool {
+        use std::collections::hash_map::Entry;
+        use std::hash::BuildHasher as _;
+        let hash = self.hasher.hash_one(pair);
+        let at = self.first + self.ring.len() as u64;
+        match self.index.entry(hash) {
+            Entry::Occupied(e) => {
+                let known = usize::try_from(*e.get() - self.first).ok();
+                if known.and_then(|i| self.ring.get(i)).is_some_and(|(p, _)| *p == pair) {
+                    return false;
+                }
+            }
+            Entry::Vacant(e) => {
+                e.insert(at);
+            }
+        }
+        self.ring.push_back((pair, hash));
+        if self.ring.len() > DEDUPE
+            && let Some((_, old)) = self.ring.pop_front()
+        {
+            if self.index.get(&old) == Some(&self.first) {
+                self.index.remove(&old);
+            }
+            self.first += 1;
+        }
+        true
+    }
+}
+
+/// A hasher for keys that are already keyed hashes: it passes them through.
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl std::hash::Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
     }
 }
 
@@ -1569,6 +1628,32 @@ mod tests {
         assert_eq!(w.accept(u64::MAX), Ok(true));
         assert_eq!(w.accept(u64::MAX - 1), Ok(false));
         assert!(w.words.len() as u64 <= Window::WORDS);
+    }
+
+    #[test]
+    fn delivered_pairs_are_remembered_first_in_first_out() {
+        let mut d = Delivered::default();
+        let pair = |n: u32| {
+            let mut id = [0; 16];
+            id[..4].copy_from_slice(&n.to_be_bytes());
+            (CellId::from_key(crate::keys::PublicKey::from_bytes_unchecked(&[n as u8; 32])), MsgId(id))
+        };
+        assert!(d.insert(pair(0)));
+        assert!(!d.insert(pair(0)));
+        // The same id from another cell is another message.
+        let (cell, id) = pair(0);
+        let other = (CellId::from_key(crate::keys::PublicKey::from_bytes_unchecked(&[0xee; 32])), id);
+        assert_ne!(other.0, cell);
+        assert!(d.insert(other));
+        for n in 1..DEDUPE as u32 {
+            assert!(d.insert(pair(n)), "{n}");
+        }
+        // DEDUPE + 1 pairs were remembered: the first went, the rest are still known.
+        assert!(!d.insert(other));
+        assert!(!d.insert(pair(1)));
+        assert!(d.insert(pair(0)), "forgotten, so new again");
+        assert_eq!(d.ring.len(), DEDUPE);
+        assert!(d.index.len() <= DEDUPE);
     }
 
     proptest::proptest! {
