@@ -1109,7 +1109,10 @@ mod tests {
         let unique: std::collections::BTreeSet<_> = ids.iter().collect();
         assert_eq!(unique.len(), 10, "ids differ");
         assert_eq!(sends.len(), 10);
-        assert!(ids.iter().all(|id| sends.get_mut(id).is_some_and(|s| s.id == *id)));
+        assert!(
+            ids.iter()
+                .all(|id| sends.get_mut(id).is_some_and(|s| s.id == *id))
+        );
         assert_eq!(sends.remove(&ids[3]).map(|s| s.id), Some(ids[3]));
         assert!(sends.remove(&ids[3]).is_none());
         assert!(!sends.contains(&ids[3]));

@@ -45,7 +45,7 @@ use rand_core::OsRng;
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, broadcast, mpsc, oneshot};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::home::Unlocked;
@@ -292,10 +292,21 @@ pub enum SendError {
     TooLarge(usize),
 }
 
+/// Why [`PeerSender::try_send`] did not queue.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum TrySendError {
+    /// The connection's buffer is full: here is the payload back.
+    Full(Bytes),
+    /// The connection closed.
+    Closed,
+    /// Over [`MAX_PAYLOAD`].
+    TooLarge(usize),
+}
+
 enum Cmd {
     Send(Bytes),
     Update(Box<DeviceBinding>),
-    Close(CloseCode, &'static str),
 }
 
 type ConnId = u64;
@@ -303,7 +314,23 @@ type JoinReply = oneshot::Sender<Result<PeerInfo, JoinError>>;
 
 struct ConnEntry {
     tx: mpsc::Sender<Cmd>,
+    /// Closing does not queue behind commands: a peer that does not read keeps the command
+    /// queue full, and it is the one most likely to be closed.
+    close: watch::Sender<Option<(CloseCode, &'static str)>>,
     peer: Option<PeerInfo>,
+}
+
+impl ConnEntry {
+    /// Asks the connection's driver to close it (the first reason given wins).
+    fn close(&self, code: CloseCode, reason: &'static str) {
+        self.close.send_if_modified(|c| {
+            let first = c.is_none();
+            if first {
+                *c = Some((code, reason));
+            }
+            first
+        });
+    }
 }
 
 #[derive(Default)]
@@ -519,7 +546,7 @@ impl Node {
                 || (Some(issuer) == realm
                     && (subject == b.cell().key() || subject == b.node().key()));
             if hit && let Some(c) = state.conns.get(&peer.conn) {
-                let _ = c.tx.try_send(Cmd::Close(CloseCode::Normal, "revoked"));
+                c.close(CloseCode::Normal, "revoked");
             }
         }
         Ok(())
@@ -536,8 +563,7 @@ impl Node {
         else {
             return false;
         };
-        let _ =
-            c.tx.try_send(Cmd::Close(CloseCode::ProtocolViolation, reason));
+        c.close(CloseCode::ProtocolViolation, reason);
         true
     }
 
@@ -637,16 +663,14 @@ impl Node {
         for l in self.listeners.drain(..) {
             l.abort();
         }
-        let senders: Vec<_> = {
+        {
             let mut state = self.shared.state();
             state.shutting_down = true;
-            state.conns.values().map(|c| c.tx.clone()).collect()
-        };
-        let deadline = tokio::time::Instant::now() + grace;
-        for tx in senders {
-            let close = tx.send(Cmd::Close(CloseCode::Shutdown, "node shutting down"));
-            let _ = tokio::time::timeout_at(deadline, close).await;
+            for c in state.conns.values() {
+                c.close(CloseCode::Shutdown, "node shutting down");
+            }
         }
+        let deadline = tokio::time::Instant::now() + grace;
         loop {
             let gone = self.shared.gone.notified();
             if self.shared.state().conns.is_empty() {
@@ -686,15 +710,14 @@ impl PeerSender {
             .map_err(|_| SendError::Closed)
     }
 
-    /// Queues `data` if the connection's buffer has room now; hands it back if not, or if
-    /// the connection closed. Never waits.
-    pub fn try_send(&self, data: Bytes) -> Result<(), Bytes> {
+    /// Queues `data` if the connection's buffer has room now. Never waits.
+    pub fn try_send(&self, data: Bytes) -> Result<(), TrySendError> {
         if data.len() > MAX_PAYLOAD {
-            return Err(data);
+            return Err(TrySendError::TooLarge(data.len()));
         }
-        self.tx.try_send(Cmd::Send(data)).map_err(|e| match e.into_inner() {
-            Cmd::Send(data) => data,
-            _ => unreachable!("only a Send was queued"),
+        self.tx.try_send(Cmd::Send(data)).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(Cmd::Send(data)) => TrySendError::Full(data),
+            _ => TrySendError::Closed,
         })
     }
 }
@@ -704,7 +727,6 @@ impl std::fmt::Debug for Cmd {
         match self {
             Self::Send(d) => write!(f, "Send({} bytes)", d.len()),
             Self::Update(b) => write!(f, "Update({})", b.node().short()),
-            Self::Close(code, _) => write!(f, "Close({code:?})"),
         }
     }
 }
@@ -936,10 +958,15 @@ async fn drive<R, W>(
     let (mut conn, (_conn_permit, mut unauth), reply) = job;
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
     let (tx, mut rx) = mpsc::channel(shared.node_config.send_capacity.max(1));
-    shared
-        .state()
-        .conns
-        .insert(id, ConnEntry { tx, peer: None });
+    let (close, mut closing) = watch::channel(None);
+    shared.state().conns.insert(
+        id,
+        ConnEntry {
+            tx,
+            close,
+            peer: None,
+        },
+    );
     let mut rbuf = vec![0u8; READ_MIN];
     let mut outcome = Outcome {
         peer: None,
@@ -1016,6 +1043,11 @@ async fn drive<R, W>(
                     }
                 }
             },
+            Ok(()) = closing.changed(), if !conn.is_closed() => {
+                if let Some((code, reason)) = *closing.borrow_and_update() {
+                    conn.close(code, reason, now());
+                }
+            }
             _ = tokio::time::sleep_until(wake) => conn.handle_timeout(now()),
         }
     }
@@ -1039,10 +1071,6 @@ fn apply(conn: &mut Connection, cmd: Cmd, t: cellmesh_core::Instant) {
     let result = match cmd {
         Cmd::Send(data) => conn.send(data, t),
         Cmd::Update(binding) => conn.send_update(&binding, t),
-        Cmd::Close(code, reason) => {
-            conn.close(code, reason, t);
-            Ok(())
-        }
     };
     if let Err(e) = result {
         tracing::debug!(error = %e, "command dropped");
@@ -1095,10 +1123,7 @@ fn on_event(
                     }
                 }
                 if let Some(old) = joined.replaced.and_then(|old| state.conns.get(&old)) {
-                    let _ = old.tx.try_send(Cmd::Close(
-                        CloseCode::Normal,
-                        "replaced by a newer connection",
-                    ));
+                    old.close(CloseCode::Normal, "replaced by a newer connection");
                 }
             }
             tracing::info!(peer = %info.node, cell = %info.cell, %addr, inbound, "joined");

@@ -16,7 +16,7 @@ use tokio::task::JoinHandle;
 
 use cellmesh_core::relay::{Record, put_record};
 
-use crate::node::PeerSender;
+use crate::node::{PeerSender, TrySendError};
 
 /// Records are batched into link payloads of about this size (a record larger than it goes
 /// alone): big enough to amortise framing and encryption, small enough that the buffers are
@@ -71,7 +71,11 @@ impl Outbox {
         let payload = if self.waiting.load(Ordering::Acquire) == 0 {
             match self.link.try_send(payload) {
                 Ok(()) => return 0,
-                Err(payload) => payload,
+                Err(TrySendError::Full(payload)) => payload,
+                Err(e) => {
+                    tracing::debug!(error = ?e, "payload dropped");
+                    return 0;
+                }
             }
         } else {
             payload
@@ -93,10 +97,10 @@ impl Outbox {
     pub(crate) async fn finish(mut self, patience: Duration) {
         let (closed, _) = mpsc::unbounded_channel();
         drop(std::mem::replace(&mut self.queue, closed));
-        if let Some(mut task) = self.task.take() {
-            if tokio::time::timeout(patience, &mut task).await.is_err() {
-                task.abort();
-            }
+        if let Some(mut task) = self.task.take()
+            && tokio::time::timeout(patience, &mut task).await.is_err()
+        {
+            task.abort();
         }
     }
 }

@@ -55,7 +55,6 @@ const LEAVE_GRACE: Duration = Duration::from_millis(200);
 /// Most envelopes pushed to one online device and not yet DELIVERED; beyond it they queue.
 const MAX_IN_FLIGHT: usize = 65_536;
 
-
 /// How a relay runs.
 #[derive(Clone, Debug)]
 pub struct RelayConfig {
@@ -296,7 +295,8 @@ impl Outgoing {
     fn push(&mut self, r: &Record) {
         if !self.buf.is_empty() && self.buf.len() + 4 + r.encoded_len() > MAX_BATCH {
             self.full += self.buf.len();
-            self.payloads.push(Bytes::from(std::mem::take(&mut self.buf)));
+            self.payloads
+                .push(Bytes::from(std::mem::take(&mut self.buf)));
         }
         put_record(&mut self.buf, r);
     }
@@ -371,12 +371,7 @@ impl Loop {
                     }
                     Err(broadcast::error::RecvError::Closed) => break,
                 },
-                n = self.node.recv_many(&mut batch, 256) => {
-                    if n == 0 {
-                        break;
-                    }
-                    self.handle(&mut batch).await;
-                }
+                // Before the inbox, which a busy device keeps ready: departures are not put off.
                 _ = tokio::time::sleep_until(self.leaving.first().map_or_else(tokio::time::Instant::now, |l| l.0)), if !self.leaving.is_empty() => {
                     let now = tokio::time::Instant::now();
                     let due: Vec<NodeId> = self.leaving.iter().filter(|l| l.0 <= now).map(|l| l.1).collect();
@@ -384,6 +379,12 @@ impl Loop {
                     for node in due {
                         self.left(node).await;
                     }
+                }
+                n = self.node.recv_many(&mut batch, 256) => {
+                    if n == 0 {
+                        break;
+                    }
+                    self.handle(&mut batch).await;
                 }
                 _ = expiry.tick() => {
                     let store = Arc::clone(&self.store);
@@ -651,11 +652,7 @@ impl Loop {
         }
     }
 
-    async fn store_batch(
-        &mut self,
-        items: Vec<ToStore>,
-        out: &mut Out,
-    ) {
+    async fn store_batch(&mut self, items: Vec<ToStore>, out: &mut Out) {
         let store = Arc::clone(&self.store);
         let now = crate::now();
         let (items, results) = match tokio::task::spawn_blocking(move || {
@@ -683,14 +680,7 @@ impl Loop {
         for (m, result) in items.into_iter().zip(results) {
             match result {
                 Ok(Enqueued::Stored | Enqueued::Duplicate) => {
-                    self.accepted(
-                        m.from,
-                        m.to,
-                        m.id,
-                        m.envelope.len(),
-                        Accepted::Queued,
-                        out,
-                    );
+                    self.accepted(m.from, m.to, m.id, m.envelope.len(), Accepted::Queued, out);
                     if let Some(online) = self.online.get(&m.to) {
                         online.backlog.notify_one();
                     }
@@ -728,14 +718,7 @@ impl Loop {
             .push(&Record::Accepted { to, id, status });
     }
 
-    fn refused(
-        &mut self,
-        from: NodeId,
-        to: NodeId,
-        id: MsgId,
-        code: RefuseCode,
-        out: &mut Out,
-    ) {
+    fn refused(&mut self, from: NodeId, to: NodeId, id: MsgId, code: RefuseCode, out: &mut Out) {
         self.tally.refused += 1;
         let _ = self.events.send(RelayEvent::Refused { from, id, code });
         out.entry(from)

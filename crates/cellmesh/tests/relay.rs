@@ -441,7 +441,11 @@ async fn live_messages_overtaking_a_long_queue_lose_nothing() {
     const LIVE: u32 = 3000;
     let mut tickets = Vec::new();
     for i in 0..QUEUED {
-        tickets.push(a.submit(to, Bytes::from(i.to_be_bytes().to_vec())).await.unwrap());
+        tickets.push(
+            a.submit(to, Bytes::from(i.to_be_bytes().to_vec()))
+                .await
+                .unwrap(),
+        );
     }
     for t in tickets {
         assert_eq!(t.await.unwrap().status, Status::Queued);
@@ -453,7 +457,11 @@ async fn live_messages_overtaking_a_long_queue_lose_nothing() {
         tokio::spawn(async move {
             let mut tickets = Vec::new();
             for i in QUEUED..QUEUED + LIVE {
-                tickets.push(a.submit(to, Bytes::from(i.to_be_bytes().to_vec())).await.unwrap());
+                tickets.push(
+                    a.submit(to, Bytes::from(i.to_be_bytes().to_vec()))
+                        .await
+                        .unwrap(),
+                );
             }
             for t in tickets {
                 t.await.unwrap();
@@ -467,4 +475,139 @@ async fn live_messages_overtaking_a_long_queue_lose_nothing() {
         assert!(got.insert(m.body.clone()), "delivered twice: {:?}", m.body);
     }
     sender.await.unwrap();
+}
+
+/// A device whose application stops reading: what the relay cannot hand it spills to its
+/// queue instead of piling up in memory, and it all arrives, once, when the device reads
+/// again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_to_a_device_that_does_not_read_spill_to_its_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = RelayConfig::new(
+        vec!["127.0.0.1:0".parse().unwrap()],
+        dir.path().join("data"),
+    );
+    config.outlet_bytes = 64 * 1024;
+    config.node.send_capacity = 4;
+    let relay = Relay::start(&device(dir.path(), "relay"), config)
+        .await
+        .unwrap();
+    let addr = relay.local_addrs()[0];
+    let (alice, bob) = (device(dir.path(), "alice"), device(dir.path(), "bob"));
+    let a = Arc::new(mailbox(&alice, addr).await);
+    let mut config = MailboxConfig::new(addr);
+    config.ack_timeout = Duration::from_secs(30);
+    config.inbox_capacity = 256;
+    let mut b = Mailbox::connect(&bob, config).await.unwrap();
+    const COUNT: u32 = 8000;
+    let to = b.cell();
+    let sender = {
+        let a = Arc::clone(&a);
+        tokio::spawn(async move {
+            let body = vec![0x42; 2048];
+            let mut tickets = Vec::new();
+            for i in 0..COUNT {
+                let mut body = body.clone();
+                body[..4].copy_from_slice(&i.to_be_bytes());
+                tickets.push(a.submit(to, Bytes::from(body)).await.unwrap());
+            }
+            let mut queued = 0;
+            for t in tickets {
+                queued += usize::from(t.await.unwrap().status == Status::Queued);
+            }
+            queued
+        })
+    };
+    // Bob reads nothing until the relay had to queue for him.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while relay.stats().queued == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "nothing was queued");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut got = std::collections::BTreeSet::new();
+    while got.len() < COUNT as usize {
+        let m = recv(&mut b).await;
+        assert!(got.insert(m.body[..4].to_vec()), "delivered twice");
+    }
+    let queued = sender.await.unwrap();
+    assert!(queued > 0, "some sends resolved as queued");
+    assert_eq!(relay.stats().queued as usize, queued);
+}
+
+/// A device that keeps sending but never reads the relay's answers is disconnected once they
+/// pass twice `outlet_bytes`; the relay's loop never waits on it meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_never_reads_its_answers_is_disconnected() {
+    use cellmesh::core::relay::{MsgId, Record, put_record};
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = RelayConfig::new(
+        vec!["127.0.0.1:0".parse().unwrap()],
+        dir.path().join("data"),
+    );
+    config.outlet_bytes = 64 * 1024;
+    config.node.send_capacity = 4;
+    let relay = Relay::start(&device(dir.path(), "relay"), config)
+        .await
+        .unwrap();
+    let mut events = relay.subscribe();
+    let addr = relay.local_addrs()[0];
+    // A raw node whose application never takes what arrives: its inbox fills, its link stops
+    // reading, and the relay's answers back up.
+    let node = cellmesh::node::Node::start(
+        &device(dir.path(), "mute"),
+        cellmesh::node::NodeConfig {
+            inbox_capacity: 1,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mute = node.node_id();
+    let relay_node = node
+        .join_with(addr, &Default::default(), None)
+        .await
+        .unwrap()
+        .node;
+    let link = node.sender(relay_node).unwrap();
+    let nobody = device(dir.path(), "nobody");
+    let unknown = cellmesh::core::id::NodeId::from_key(nobody.secrets.node.signing.public());
+    let mut payload = Vec::new();
+    for i in 0..1000u32 {
+        let mut id = [0; 16];
+        id[..4].copy_from_slice(&i.to_be_bytes());
+        put_record(
+            &mut payload,
+            &Record::Forward {
+                to: unknown,
+                id: MsgId(id),
+                envelope: Bytes::from_static(b"x"),
+            },
+        );
+    }
+    let payload = Bytes::from(payload);
+    let flood = tokio::spawn(async move { while link.send(payload.clone()).await.is_ok() {} });
+    let offline = async {
+        loop {
+            if let Ok(cellmesh::relay::RelayEvent::Offline { node }) = events.recv().await
+                && node == mute
+            {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), offline)
+        .await
+        .expect("the relay disconnected the device that does not read");
+    flood.abort();
+    assert!(relay.stats().refused > 0);
+    // The relay still serves others.
+    let (alice, bob) = (device(dir.path(), "alice"), device(dir.path(), "bob"));
+    let a = mailbox(&alice, addr).await;
+    let mut b = mailbox(&bob, addr).await;
+    let sent = a
+        .send(b.cell(), Bytes::from_static(b"still here"))
+        .await
+        .unwrap();
+    assert_eq!(sent.status, Status::Delivered);
+    assert_eq!(recv(&mut b).await.body, &b"still here"[..]);
 }
