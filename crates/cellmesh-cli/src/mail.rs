@@ -6,6 +6,7 @@ use std::io::Read as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow, bail};
@@ -14,7 +15,8 @@ use cellmesh::home::{Home, Unlocked};
 use cellmesh::mailbox::{Mailbox, MailboxConfig, MailboxError};
 use cellmesh::node::{JoinError, Transport};
 use cellmesh::relay::{Relay, RelayConfig, RelayEvent};
-use cellmesh::tls::{ServerName, TlsFailure};
+use cellmesh::tls::{ClientConfig, ServerName, TlsFailure};
+use cellmesh::ws::WsRequest;
 use clap::Args;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -40,6 +42,11 @@ pub struct RelayArgs {
     /// The PEM private key of --tls-cert.
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Also accept WebSocket on every listener, on the same port (a connection's first bytes
+    /// tell an HTTP upgrade from a link), for networks that pass only web traffic; devices
+    /// then use `ws://HOST:PORT/`, or `wss://HOST:PORT/` with --tls-cert.
+    #[arg(long)]
+    websocket: bool,
     /// Print every line as a JSON object with an `event` field.
     #[arg(long)]
     json: bool,
@@ -50,66 +57,133 @@ pub struct RelayArgs {
 /// Where the relay is: `--relay`, else `CELLMESH_RELAY`, else the home's config file.
 #[derive(Args, Clone)]
 pub struct RelayAddr {
-    /// The relay's address, `HOST:PORT` or `tls://HOST:PORT` [env: CELLMESH_RELAY; default:
-    /// the one `connect-cell --relay` saved].
+    /// The relay's address: `HOST:PORT`, `tls://HOST:PORT`, or for a relay run with
+    /// --websocket `ws://HOST[:PORT][/PATH]` or `wss://HOST[:PORT][/PATH]` (ports 80 and 443
+    /// by default) [env: CELLMESH_RELAY; default: the one `connect-cell --relay` saved].
     #[arg(long, value_name = "ADDR", env = "CELLMESH_RELAY")]
     relay: Option<RelayTarget>,
     /// A PEM file of CA certificates (or the relay's self-signed certificate) to trust for a
-    /// `tls://` relay, besides the web's usual roots [default: the one saved with the relay].
+    /// `tls://` or `wss://` relay, besides the web's usual roots [default: the one saved with
+    /// the relay].
     #[arg(long, value_name = "FILE", env = "CELLMESH_RELAY_CA")]
     relay_ca: Option<PathBuf>,
 }
 
-/// A relay's address as a user writes it: `HOST:PORT`, or `tls://HOST:PORT` for a relay that
-/// serves TLS. HOST is a DNS name or an IP address (an IPv6 one in brackets); under TLS the
-/// relay's certificate must be valid for it.
+/// A relay's address as a user writes it: `HOST:PORT`, `tls://HOST:PORT` for a relay that
+/// serves TLS, or `ws://HOST[:PORT][/PATH]` and `wss://HOST[:PORT][/PATH]` for one that
+/// accepts WebSocket (without and with TLS; ports 80 and 443 by default, path `/`). HOST is a
+/// DNS name or an IP address (an IPv6 one in brackets); under TLS the relay's certificate must
+/// be valid for it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct RelayTarget {
-    tls: bool,
+    scheme: Scheme,
     /// Without brackets.
     host: String,
-    port: u16,
+    /// As written: `None` for a WebSocket URL without one (the scheme's default).
+    port: Option<u16>,
+    /// A WebSocket URL's path (and query) as written, `None` when it has none (`/`).
+    path: Option<String>,
 }
+
+/// How a relay is reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Scheme {
+    Tcp,
+    Tls,
+    Ws,
+    Wss,
+}
+
+impl Scheme {
+    fn prefix(self) -> &'static str {
+        match self {
+            Self::Tcp => "",
+            Self::Tls => "tls://",
+            Self::Ws => "ws://",
+            Self::Wss => "wss://",
+        }
+    }
+
+    fn tls(self) -> bool {
+        matches!(self, Self::Tls | Self::Wss)
+    }
+
+    fn websocket(self) -> bool {
+        matches!(self, Self::Ws | Self::Wss)
+    }
+}
+
+const FORMS: &str =
+    "use HOST:PORT, tls://HOST:PORT, ws://HOST[:PORT][/PATH] or wss://HOST[:PORT][/PATH]";
 
 impl FromStr for RelayTarget {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Self, String> {
-        let (tls, rest) = match text.split_once("://") {
-            None => (false, text),
-            Some(("tls", rest)) => (true, rest),
+        let (scheme, rest) = match text.split_once("://") {
+            None => (Scheme::Tcp, text),
+            Some(("tls", rest)) => (Scheme::Tls, rest),
+            Some(("ws", rest)) => (Scheme::Ws, rest),
+            Some(("wss", rest)) => (Scheme::Wss, rest),
             Some((scheme, _)) => {
-                return Err(format!(
-                    "unknown scheme {scheme}:// in {text:?}: use HOST:PORT or tls://HOST:PORT"
-                ));
+                return Err(format!("unknown scheme {scheme}:// in {text:?}: {FORMS}"));
             }
         };
-        if let Ok(addr) = rest.parse::<SocketAddr>() {
-            return Ok(Self {
-                tls,
-                host: addr.ip().to_string(),
-                port: addr.port(),
-            });
-        }
-        let Some((host, port)) = rest.rsplit_once(':') else {
-            return Err(format!(
-                "{text:?} has no port: use HOST:PORT or tls://HOST:PORT"
-            ));
+        let (authority, path) = match rest.find('/') {
+            Some(at) if scheme.websocket() => (&rest[..at], Some(&rest[at..])),
+            _ => (rest, None),
         };
-        let port = port
-            .parse::<u16>()
-            .map_err(|_| format!("bad port {port:?} in {text:?}"))?;
-        // A DNS name (an IP address parsed above); IPv6 needs its brackets.
-        if host.contains(':') || ServerName::try_from(host).is_err() {
-            return Err(format!("bad host {host:?} in {text:?}"));
+        let (host, port) = host_port(authority, text)?;
+        if port.is_none() && !scheme.websocket() {
+            return Err(format!("{text:?} has no port: {FORMS}"));
         }
-        Ok(Self {
-            tls,
-            host: host.to_string(),
+        let target = Self {
+            scheme,
+            host,
             port,
-        })
+            path: path.map(str::to_string),
+        };
+        if scheme.websocket() {
+            // Checked here once, so that making the transport cannot fail later.
+            target
+                .ws_request()
+                .map_err(|e| format!("{e} in {text:?}"))?;
+        }
+        Ok(target)
     }
+}
+
+/// `HOST`, `HOST:PORT`, `[V6]` or `[V6]:PORT`: the host without brackets, and the port if
+/// written.
+fn host_port(authority: &str, text: &str) -> Result<(String, Option<u16>), String> {
+    let bad_host = |host: &str| format!("bad host {host:?} in {text:?}");
+    let parse_port = |port: &str| {
+        port.parse::<u16>()
+            .map_err(|_| format!("bad port {port:?} in {text:?}"))
+    };
+    if let Some(bracketed) = authority.strip_prefix('[') {
+        let (v6, after) = bracketed
+            .split_once(']')
+            .ok_or_else(|| bad_host(authority))?;
+        let ip: std::net::Ipv6Addr = v6.parse().map_err(|_| bad_host(v6))?;
+        let port = match after {
+            "" => None,
+            _ => Some(parse_port(
+                after.strip_prefix(':').ok_or_else(|| bad_host(authority))?,
+            )?),
+        };
+        return Ok((ip.to_string(), port));
+    }
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((host, port)) => (host, Some(parse_port(port)?)),
+        None => (authority, None),
+    };
+    // A DNS name or an IPv4 address; IPv6 needs its brackets.
+    if host.contains(':') || ServerName::try_from(host).is_err() {
+        return Err(bad_host(host));
+    }
+    Ok((host.to_string(), port))
 }
 
 impl TryFrom<String> for RelayTarget {
@@ -128,33 +202,66 @@ impl From<RelayTarget> for String {
 
 impl fmt::Display for RelayTarget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let scheme = if self.tls { "tls://" } else { "" };
+        f.write_str(self.scheme.prefix())?;
         if self.host.contains(':') {
-            write!(f, "{scheme}[{}]:{}", self.host, self.port)
+            write!(f, "[{}]", self.host)?;
         } else {
-            write!(f, "{scheme}{}:{}", self.host, self.port)
+            f.write_str(&self.host)?;
         }
+        if let Some(port) = self.port {
+            write!(f, ":{port}")?;
+        }
+        f.write_str(self.path.as_deref().unwrap_or(""))
     }
 }
 
 impl RelayTarget {
-    /// How to reach it: TCP, or TLS to HOST trusting the web's roots and `ca`.
+    /// How to reach it: TCP, TLS to HOST trusting the web's roots and `ca`, or WebSocket over
+    /// either.
     fn transport(&self, ca: Option<&Path>) -> Result<Transport> {
-        if !self.tls {
-            return Ok(Transport::Tcp);
-        }
+        Ok(match self.scheme {
+            Scheme::Tcp => Transport::Tcp,
+            Scheme::Tls => {
+                let (server_name, config) = self.tls(ca)?;
+                Transport::Tls {
+                    server_name,
+                    config,
+                }
+            }
+            Scheme::Ws | Scheme::Wss => Transport::WebSocket {
+                request: self
+                    .ws_request()
+                    .map_err(|e| anyhow!("relay {self}: {e}"))?,
+                tls: match self.scheme {
+                    Scheme::Wss => Some(self.tls(ca)?),
+                    _ => None,
+                },
+            },
+        })
+    }
+
+    /// TLS to HOST, trusting the web's roots and `ca`.
+    fn tls(&self, ca: Option<&Path>) -> Result<(ServerName<'static>, Arc<ClientConfig>)> {
         let server_name =
             ServerName::try_from(self.host.clone()).map_err(|e| anyhow!("relay {self}: {e}"))?;
         let config = cellmesh::tls::client_config(ca).map_err(|e| anyhow!("--relay-ca: {e}"))?;
-        Ok(Transport::Tls {
-            server_name,
-            config,
-        })
+        Ok((server_name, config))
+    }
+
+    /// The WebSocket upgrade request for HOST and PATH.
+    fn ws_request(&self) -> Result<WsRequest, cellmesh::ws::WsRequestError> {
+        WsRequest::new(&self.host, self.port, self.path.as_deref().unwrap_or("/"))
+    }
+
+    /// The port dialed: as written, or the WebSocket scheme's default.
+    fn port(&self) -> u16 {
+        let default = if self.scheme.tls() { 443 } else { 80 };
+        self.port.unwrap_or(default)
     }
 
     /// Its addresses (a name may have several, IPv6 and IPv4).
     async fn resolve(&self) -> Result<Vec<SocketAddr>> {
-        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((self.host.as_str(), self.port))
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((self.host.as_str(), self.port()))
             .await
             .with_context(|| format!("relay {self}: cannot resolve {}", self.host))?
             .collect();
@@ -199,12 +306,13 @@ pub struct SendArgs {
 /// What `connect-cell --relay` remembers in the home directory.
 #[derive(Serialize, Deserialize)]
 pub struct Config {
-    /// As the user wrote it (`HOST:PORT` or `tls://HOST:PORT`); older files hold a socket
-    /// address, which reads the same.
+    /// As the user wrote it (`HOST:PORT`, `tls://HOST:PORT`, `ws://...` or `wss://...`);
+    /// older files hold a socket address, which reads the same.
     relay: RelayTarget,
     /// The relay's node id, seen at the first connection: later connections refuse any other.
     relay_node: Option<String>,
-    /// The CA file trusted for a `tls://` relay (`CELLMESH_RELAY_CA` at registration).
+    /// The CA file trusted for a `tls://` or `wss://` relay (`CELLMESH_RELAY_CA` at
+    /// registration).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     relay_ca: Option<PathBuf>,
 }
@@ -287,13 +395,21 @@ fn explain(relay: &RelayTarget, e: MailboxError) -> anyhow::Error {
         MailboxError::Relay(JoinError::Tls { reason, .. }) => anyhow!(
             "relay {relay}: TLS handshake failed: {reason} (does the relay serve TLS, with --tls-cert?)"
         ),
+        MailboxError::Relay(JoinError::WebSocket {
+            status: Some(_),
+            reason,
+            ..
+        }) => anyhow!("relay {relay}: WebSocket {reason} (is the path right?)"),
+        MailboxError::Relay(JoinError::WebSocket { reason, .. }) => anyhow!(
+            "relay {relay}: WebSocket failed: {reason} (does the relay accept WebSocket, with --websocket?)"
+        ),
         MailboxError::Relay(e) => anyhow!("relay {relay} unreachable: {e}"),
         other => anyhow!(other),
     }
 }
 
 /// Registers this device with the relay and remembers the relay (and its node id) in the
-/// home. Used by `connect-cell --relay`; a `tls://` relay's private CA comes from
+/// home. Used by `connect-cell --relay`; a `tls://` or `wss://` relay's private CA comes from
 /// `CELLMESH_RELAY_CA` and is remembered too.
 pub fn register(home: &Home, unlocked: &Unlocked, relay: &RelayTarget) -> Result<NodeId> {
     let ca = match std::env::var_os("CELLMESH_RELAY_CA") {
@@ -342,6 +458,15 @@ pub fn relay(home: &Home, args: &RelayArgs) -> Result<()> {
         );
     }
     let tls = config.tls.is_some();
+    // The relay passes its node configuration on as it is: no RelayConfig field for this.
+    config.node.websocket = args.websocket;
+    let websocket = args.websocket;
+    let layers = match (tls, websocket) {
+        (false, false) => "",
+        (true, false) => " (TLS)",
+        (false, true) => " (also WebSocket)",
+        (true, true) => " (TLS, also WebSocket)",
+    };
     if !args.allow.is_empty() {
         config.allow = Some(args.allow.iter().copied().collect::<BTreeSet<_>>());
     }
@@ -353,8 +478,8 @@ pub fn relay(home: &Home, args: &RelayArgs) -> Result<()> {
         let mut events = relay.subscribe();
         for addr in relay.local_addrs() {
             out.line(
-                json!({"event": "listening", "addr": addr.to_string(), "tls": tls, "relay_node": relay.node_id().to_string(), "data": data}),
-                format!("listening on {addr}{}", if tls { " (TLS)" } else { "" }),
+                json!({"event": "listening", "addr": addr.to_string(), "tls": tls, "websocket": websocket, "relay_node": relay.node_id().to_string(), "data": data}),
+                format!("listening on {addr}{layers}"),
             );
         }
         out.line(
@@ -540,17 +665,73 @@ mod tests {
             assert_eq!(target.to_string(), text);
         }
         let t: RelayTarget = "tls://localhost:8443".parse().unwrap();
-        assert!(t.tls);
-        assert_eq!((t.host.as_str(), t.port), ("localhost", 8443));
+        assert_eq!(t.scheme, Scheme::Tls);
+        assert_eq!((t.host.as_str(), t.port()), ("localhost", 8443));
         for bad in [
             "relay.example.org",
             "https://relay.example.org:443",
             "tls://:443",
             "tls://relay.example.org:99999",
+            "tls://relay.example.org:443/path",
             "::1:7100",
             "bad host:1",
         ] {
             assert!(bad.parse::<RelayTarget>().is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn websocket_urls_parse_print_as_written_and_default_their_ports() {
+        for text in [
+            "ws://127.0.0.1:7100",
+            "ws://relay.example.org",
+            "wss://relay.example.org/",
+            "wss://relay.example.org:8443/cellmesh?v=1",
+            "ws://[::1]:8080/relay",
+            "wss://[2001:db8::1]",
+        ] {
+            let target: RelayTarget = text.parse().unwrap();
+            assert_eq!(target.to_string(), text);
+        }
+        let port = |text: &str| text.parse::<RelayTarget>().unwrap().port();
+        assert_eq!(port("ws://relay.example.org/"), 80);
+        assert_eq!(port("wss://relay.example.org/"), 443);
+        assert_eq!(port("wss://relay.example.org:8443"), 8443);
+
+        let t: RelayTarget = "wss://relay.example.org/cellmesh".parse().unwrap();
+        match t.transport(None).unwrap() {
+            Transport::WebSocket { request, tls } => {
+                assert_eq!(request.authority(), "relay.example.org");
+                assert_eq!(request.path(), "/cellmesh");
+                let (name, _) = tls.expect("wss runs over TLS");
+                assert_eq!(name.to_str(), "relay.example.org");
+            }
+            other => panic!("{other:?}"),
+        }
+        let t: RelayTarget = "ws://[::1]:7100".parse().unwrap();
+        match t.transport(None).unwrap() {
+            Transport::WebSocket { request, tls } => {
+                assert_eq!((request.authority(), request.path()), ("[::1]:7100", "/"));
+                assert!(tls.is_none());
+            }
+            other => panic!("{other:?}"),
+        }
+
+        for (bad, says) in [
+            ("ws://", "bad host"),
+            ("ws://:80", "bad host"),
+            ("wss:///path", "bad host"),
+            ("ws://relay.example.org:99999/", "bad port"),
+            ("ws://relay.example.org:/", "bad port"),
+            ("ws://bad host/", "bad host"),
+            ("ws://[::1/", "bad host"),
+            ("ws://[::1]x/", "bad host"),
+            ("ws://relay.example.org/a b", "bad path"),
+            ("ws://relay.example.org/#frag", "bad path"),
+            ("http://relay.example.org/", "unknown scheme"),
+        ] {
+            let err = bad.parse::<RelayTarget>().unwrap_err();
+            assert!(err.contains(says), "{bad}: {err}");
         }
     }
 
@@ -568,5 +749,13 @@ mod tests {
         let json: serde_json::Value = serde_json::to_value(&new).unwrap();
         assert_eq!(json["relay"], "tls://relay.example.org:443");
         assert_eq!(json["relay_ca"], "/etc/cellmesh/ca.pem");
+        let ws: Config = serde_json::from_str(
+            r#"{"relay":"wss://relay.example.org/cellmesh","relay_node":null}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            serde_json::to_value(&ws).unwrap()["relay"],
+            "wss://relay.example.org/cellmesh"
+        );
     }
 }

@@ -55,9 +55,9 @@ enum Command {
         /// Replace a different cell that already exists in this home.
         #[arg(long)]
         force: bool,
-        /// Register this device with the relay at ADDR (`HOST:PORT`, or `tls://HOST:PORT` with
-        /// a private CA from CELLMESH_RELAY_CA) and remember it for `send` and `listen` (also
-        /// CELLMESH_RELAY).
+        /// Register this device with the relay at ADDR (`HOST:PORT`, `tls://HOST:PORT`,
+        /// `ws://HOST[:PORT][/PATH]` or `wss://HOST[:PORT][/PATH]`; a private CA for TLS from
+        /// CELLMESH_RELAY_CA) and remember it for `send` and `listen` (also CELLMESH_RELAY).
         #[arg(long, value_name = "ADDR", env = "CELLMESH_RELAY")]
         relay: Option<mail::RelayTarget>,
         /// Print one JSON object (with `cell_id`, `node_id`).

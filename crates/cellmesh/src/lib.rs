@@ -9,6 +9,7 @@
 //! - [`node`]: a node on tokio: listen, join, peers, send and receive, shutdown.
 //! - [`store`]: a relay's durable store: registered devices and queues for offline ones.
 //! - [`tls`]: TLS around a relay's links (rustls on *ring*), for standard ports.
+//! - [`ws`]: WebSocket around a relay's links, for networks that pass only web traffic.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 #![cfg_attr(
@@ -24,6 +25,7 @@ mod outbox;
 pub mod relay;
 pub mod store;
 pub mod tls;
+pub mod ws;
 
 pub use bytes::Bytes;
 pub use cellmesh_core as core;

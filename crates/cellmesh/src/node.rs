@@ -1,9 +1,9 @@
 //! A cellmesh node on tokio: listeners, one driver task per connection, the peer table.
 //!
 //! ```text
-//!  TcpListener ──accept──► limits ─[TLS]─► driver task ─────────────────────────────┐
-//!  Node::join ───dial────► limits ─[TLS]─► driver task ─────────────────────────────┤
-//!    limits: connections, unauthenticated, per IP; TLS when configured              │
+//!  TcpListener ──accept──► limits ─[TLS]─[WS?]─► driver task ───────────────────────┐
+//!  Node::join ───dial────► limits ─[TLS]─[WS]──► driver task ───────────────────────┤
+//!    limits: connections, unauthenticated, per IP; TLS, WebSocket when configured   │
 //!                                                                                   │
 //!  driver task (one per connection; owns the socket and the core Connection):       │
 //!    socket bytes ─► Connection::handle_input ─► events ─► peer table / NodeEvent / inbox
@@ -20,11 +20,14 @@
 //! [`PeerSender::send`]. Received data goes to a bounded inbox: an application that does not
 //! read stops its peers' connections from being read, and TCP pushes back on them.
 //!
-//! TLS ([`NodeConfig::tls`], [`Transport::Tls`]) is an optional outer layer for standard
-//! ports; the link inside is the same. Its handshake runs before the driver starts, holding
-//! the connection's limit slots and within its setup deadline. The driver is generic over the
-//! two halves of the stream: plain TCP keeps `into_split` (no lock), TLS uses
-//! `tokio::io::split`, and is flushed whenever the backlog empties (rustls buffers records).
+//! TLS ([`NodeConfig::tls`], [`Transport::Tls`]) and WebSocket ([`NodeConfig::websocket`],
+//! [`Transport::WebSocket`], see [`crate::ws`]) are optional outer layers for standard ports;
+//! the link inside is the same. Their handshakes run before the driver starts, holding the
+//! connection's limit slots and within its setup deadline; a listener that also accepts
+//! WebSocket first looks at each connection's opening bytes (`WS?`: `GET ` is an upgrade).
+//! The driver is generic over the two halves of the stream: plain TCP keeps `into_split` (no
+//! lock), TLS and WebSocket use `tokio::io::split`, and are flushed whenever the backlog
+//! empties (rustls buffers records, tungstenite messages).
 
 use std::collections::HashMap;
 use std::io;
@@ -51,6 +54,7 @@ use tokio::task::JoinHandle;
 use crate::home::Unlocked;
 use crate::identity::{DeviceIdentity, IdentityError};
 use crate::tls::{ClientConfig, ServerConfig, ServerName, TlsFailure};
+use crate::ws::{BoxedIo, Opening, WebSocketIo, WsRequest};
 
 /// Write backlog above which a connection stops taking new commands.
 const HIGH_WATER: usize = 1 << 20;
@@ -100,6 +104,11 @@ pub struct NodeConfig {
     /// TLS on every listener (see [`crate::tls::server_config`]): connections run a TLS
     /// handshake, within `setup_timeout` and the unauthenticated limits, before the link's.
     pub tls: Option<Arc<ServerConfig>>,
+    /// Also accept WebSocket connections on every listener (after TLS when `tls` is set): a
+    /// connection whose first bytes are `GET ` is an HTTP upgrade, anything else a link as
+    /// before. Telling them apart and the WebSocket handshake run within `setup_timeout` and
+    /// the unauthenticated limits.
+    pub websocket: bool,
 }
 
 impl Default for NodeConfig {
@@ -120,6 +129,7 @@ impl Default for NodeConfig {
             send_capacity: 8192,
             token_renewal: Duration::from_secs(12 * 3600),
             tls: None,
+            websocket: false,
         }
     }
 }
@@ -137,6 +147,16 @@ pub enum Transport {
         server_name: ServerName<'static>,
         /// Roots and protocol versions (see [`crate::tls::client_config`]).
         config: Arc<ClientConfig>,
+    },
+    /// WebSocket, over TCP (`ws://`) or over TLS (`wss://`), to a listener with
+    /// [`NodeConfig::websocket`] set.
+    WebSocket {
+        /// The upgrade request's `Host` and path (the address dialed is given apart).
+        request: WsRequest,
+        /// TLS under the WebSocket, for `wss://`: the name the peer's certificate must be
+        /// valid for, and roots and protocol versions (see [`crate::tls::client_config`]).
+        /// `None` for `ws://`.
+        tls: Option<(ServerName<'static>, Arc<ClientConfig>)>,
     },
 }
 
@@ -249,6 +269,17 @@ pub enum JoinError {
         /// Whether the peer's certificate was refused, or the handshake failed otherwise.
         failure: TlsFailure,
         /// rustls's reason.
+        reason: String,
+    },
+    /// The WebSocket handshake under the link failed: the peer does not speak WebSocket (a
+    /// listener without [`NodeConfig::websocket`]), refused the upgrade, or timed out.
+    #[error("WebSocket with {addr} failed: {reason}")]
+    WebSocket {
+        /// The address.
+        addr: SocketAddr,
+        /// The HTTP status of a refused upgrade (404 for a wrong path, say), when there was one.
+        status: Option<u16>,
+        /// What failed.
         reason: String,
     },
     /// The peer refused us.
@@ -743,8 +774,9 @@ async fn join(
     let permit = Arc::clone(&shared.conn_limit)
         .try_acquire_owned()
         .map_err(|_| JoinError::Busy)?;
-    let setup = shared.node_config.setup_timeout;
-    let stream = tokio::time::timeout(setup, TcpStream::connect(addr))
+    // Connecting and every outer handshake share the setup deadline.
+    let deadline = tokio::time::Instant::now() + shared.node_config.setup_timeout;
+    let stream = tokio::time::timeout_at(deadline, TcpStream::connect(addr))
         .await
         .map_err(|_| JoinError::Connect {
             addr,
@@ -755,7 +787,8 @@ async fn join(
             reason: e.to_string(),
         })?;
     let _ = stream.set_nodelay(true);
-    // Made before the TLS handshake, so that it counts against the setup deadline.
+    // Made before the TLS and WebSocket handshakes, so that they count against the setup
+    // deadline.
     let conn = Connection::connect_to(shared.connection_config(), expected, now(), &mut OsRng);
     let (tx, rx) = oneshot::channel();
     let shared = Arc::clone(shared);
@@ -769,26 +802,39 @@ async fn join(
             server_name,
             config,
         } => {
-            let connector = tokio_rustls::TlsConnector::from(Arc::clone(config));
-            let handshake = connector.connect(server_name.clone(), stream);
-            let stream = match tokio::time::timeout(setup, handshake).await {
-                Ok(Ok(stream)) => stream,
+            let stream = connect_tls(stream, server_name, config, addr, deadline).await?;
+            let (rd, wr) = tokio::io::split(tokio_rustls::TlsStream::from(stream));
+            tokio::spawn(drive(shared, (rd, wr, true), addr, false, job));
+        }
+        Transport::WebSocket { request, tls } => {
+            let under: BoxedIo = match tls {
+                None => Box::new(stream),
+                Some((server_name, config)) => {
+                    Box::new(connect_tls(stream, server_name, config, addr, deadline).await?)
+                }
+            };
+            let url = request.url(tls.is_some());
+            let handshake =
+                tokio_tungstenite::client_async_with_config(url, under, Some(crate::ws::config()));
+            let ws = match tokio::time::timeout_at(deadline, handshake).await {
+                Ok(Ok((ws, _response))) => ws,
                 Ok(Err(e)) => {
-                    return Err(JoinError::Tls {
+                    let (status, reason) = crate::ws::describe_client_failure(&e);
+                    return Err(JoinError::WebSocket {
                         addr,
-                        failure: crate::tls::classify(&e),
-                        reason: e.to_string(),
+                        status,
+                        reason,
                     });
                 }
                 Err(_) => {
-                    return Err(JoinError::Tls {
+                    return Err(JoinError::WebSocket {
                         addr,
-                        failure: TlsFailure::Handshake,
-                        reason: "TLS handshake timed out".into(),
+                        status: None,
+                        reason: "WebSocket handshake timed out".into(),
                     });
                 }
             };
-            let (rd, wr) = tokio::io::split(tokio_rustls::TlsStream::from(stream));
+            let (rd, wr) = tokio::io::split(WebSocketIo::new(ws));
             tokio::spawn(drive(shared, (rd, wr, true), addr, false, job));
         }
     }
@@ -796,6 +842,31 @@ async fn join(
         addr,
         reason: "connection task ended".into(),
     }))
+}
+
+/// Runs a dialer's TLS handshake by `deadline`.
+async fn connect_tls(
+    stream: TcpStream,
+    server_name: &ServerName<'static>,
+    config: &Arc<ClientConfig>,
+    addr: SocketAddr,
+    deadline: tokio::time::Instant,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, JoinError> {
+    let connector = tokio_rustls::TlsConnector::from(Arc::clone(config));
+    let handshake = connector.connect(server_name.clone(), stream);
+    match tokio::time::timeout_at(deadline, handshake).await {
+        Ok(Ok(stream)) => Ok(stream),
+        Ok(Err(e)) => Err(JoinError::Tls {
+            addr,
+            failure: crate::tls::classify(&e),
+            reason: e.to_string(),
+        }),
+        Err(_) => Err(JoinError::Tls {
+            addr,
+            failure: TlsFailure::Handshake,
+            reason: "TLS handshake timed out".into(),
+        }),
+    }
 }
 
 /// Joins a bootstrap peer, retrying connection failures with backoff (250 ms doubling, about
@@ -866,6 +937,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
         .tls
         .as_ref()
         .map(|config| tokio_rustls::TlsAcceptor::from(Arc::clone(config)));
+    let websocket = shared.node_config.websocket;
     loop {
         let (stream, addr) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -889,41 +961,156 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
             continue;
         };
         let _ = stream.set_nodelay(true);
-        // Made before any TLS handshake, so that it counts against the setup deadline.
+        // Made before any TLS or WebSocket handshake, so that it counts against the setup
+        // deadline.
         let conn = Connection::accept(shared.connection_config(), now());
         let job = (conn, (conn_permit, Some(unauth)), None);
-        match &tls {
-            None => {
-                let (rd, wr) = stream.into_split();
-                tokio::spawn(drive(Arc::clone(&shared), (rd, wr, false), addr, true, job));
-            }
-            Some(acceptor) => {
-                let handshake = acceptor.accept(stream);
-                tokio::spawn(accept_tls(Arc::clone(&shared), handshake, addr, job));
-            }
+        if tls.is_none() && !websocket {
+            let (rd, wr) = stream.into_split();
+            tokio::spawn(drive(Arc::clone(&shared), (rd, wr, false), addr, true, job));
+            continue;
         }
+        tokio::spawn(accept_layers(
+            Arc::clone(&shared),
+            stream,
+            tls.clone(),
+            addr,
+            job,
+        ));
     }
 }
 
-/// Runs a listener's TLS handshake (holding the connection's limit slots, within its setup
-/// deadline), then drives the link inside it.
-async fn accept_tls(
+/// What a listener's outer layers leave for the link to run on.
+enum Layered {
+    Tcp(TcpStream),
+    // Boxed, being large (rustls's and tungstenite's state); moved out to start the driver.
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    WebSocket(Box<tokio_tungstenite::WebSocketStream<BoxedIo>>),
+}
+
+/// Runs a listener's outer layers (holding the connection's limit slots, within its setup
+/// deadline): TLS when configured, then when WebSocket is accepted too a look at the opening
+/// bytes and for an upgrade the WebSocket handshake. Then drives the link inside them.
+async fn accept_layers(
     shared: Arc<Shared>,
-    handshake: tokio_rustls::Accept<TcpStream>,
+    stream: TcpStream,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     addr: SocketAddr,
-    job: Job,
+    mut job: Job,
 ) {
-    let reason = match tokio::time::timeout(shared.node_config.setup_timeout, handshake).await {
-        Ok(Ok(_)) if shared.state().shutting_down => "node is shutting down".to_string(),
-        Ok(Ok(stream)) => {
-            let (rd, wr) = tokio::io::split(tokio_rustls::TlsStream::from(stream));
+    let deadline = tokio::time::Instant::now() + shared.node_config.setup_timeout;
+    let websocket = shared.node_config.websocket;
+    let layered = outer_layers(stream, tls, websocket, deadline, &mut job.0).await;
+    let reason = match layered {
+        Ok(_) if shared.state().shutting_down => "node is shutting down".to_string(),
+        Ok(Layered::Tcp(stream)) => {
+            let (rd, wr) = stream.into_split();
+            return drive(shared, (rd, wr, false), addr, true, job).await;
+        }
+        Ok(Layered::Tls(stream)) => {
+            let (rd, wr) = tokio::io::split(tokio_rustls::TlsStream::from(*stream));
             return drive(shared, (rd, wr, true), addr, true, job).await;
         }
-        Ok(Err(e)) => format!("TLS handshake failed: {e}"),
-        Err(_) => "TLS handshake timed out".to_string(),
+        Ok(Layered::WebSocket(ws)) => {
+            let (rd, wr) = tokio::io::split(WebSocketIo::new(*ws));
+            return drive(shared, (rd, wr, true), addr, true, job).await;
+        }
+        Err(reason) => reason,
     };
     tracing::debug!(%addr, %reason, "connection failed before the link");
     shared.emit(NodeEvent::Failed { addr, reason });
+}
+
+/// The outer layers of an inbound connection, each step by `deadline`; the error is the
+/// reason reported in [`NodeEvent::Failed`].
+async fn outer_layers(
+    stream: TcpStream,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    websocket: bool,
+    deadline: tokio::time::Instant,
+    conn: &mut Connection,
+) -> Result<Layered, String> {
+    let opening_failed = |e: io::Error| format!("reading the opening bytes failed: {e}");
+    let opening_timed_out = || "timed out waiting for the opening bytes".to_string();
+    let upgrade: BoxedIo = match tls {
+        None => {
+            if !websocket {
+                return Ok(Layered::Tcp(stream));
+            }
+            match tokio::time::timeout_at(deadline, peek_opening(&stream)).await {
+                Ok(Ok(Opening::Link)) => return Ok(Layered::Tcp(stream)),
+                Ok(Ok(Opening::WebSocket)) => Box::new(stream),
+                Ok(Err(e)) => return Err(opening_failed(e)),
+                Err(_) => return Err(opening_timed_out()),
+            }
+        }
+        Some(acceptor) => {
+            let mut stream = match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await
+            {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => return Err(format!("TLS handshake failed: {e}")),
+                Err(_) => return Err("TLS handshake timed out".to_string()),
+            };
+            if !websocket {
+                return Ok(Layered::Tls(Box::new(stream)));
+            }
+            match tokio::time::timeout_at(deadline, read_opening(&mut stream)).await {
+                Ok(Ok((Opening::Link, first))) => {
+                    // TLS has no peek: the bytes read are the link's first, handed to it here
+                    // (fewer than a frame header, so the core only buffers them).
+                    conn.handle_input(&first, now(), &mut OsRng);
+                    return Ok(Layered::Tls(Box::new(stream)));
+                }
+                Ok(Ok((Opening::WebSocket, first))) => {
+                    Box::new(crate::ws::Rewind::new(first, stream))
+                }
+                Ok(Err(e)) => return Err(opening_failed(e)),
+                Err(_) => return Err(opening_timed_out()),
+            }
+        }
+    };
+    let handshake = tokio_tungstenite::accept_async_with_config(upgrade, Some(crate::ws::config()));
+    match tokio::time::timeout_at(deadline, handshake).await {
+        Ok(Ok(ws)) => Ok(Layered::WebSocket(Box::new(ws))),
+        Ok(Err(e)) => Err(format!("WebSocket handshake failed: {e}")),
+        Err(_) => Err("WebSocket handshake timed out".to_string()),
+    }
+}
+
+/// Whether a plain TCP connection opens with an HTTP upgrade, looked at without taking its
+/// bytes, which stay for the link or the WebSocket handshake. A connection that ends first is
+/// a link (whose driver then sees it end).
+async fn peek_opening(stream: &TcpStream) -> io::Result<Opening> {
+    let mut first = [0u8; crate::ws::OPENING_LEN];
+    loop {
+        let n = stream.peek(&mut first).await?;
+        if n == 0 {
+            return Ok(Opening::Link);
+        }
+        if let Some(opening) = crate::ws::opening(&first[..n]) {
+            return Ok(opening);
+        }
+        // `G`, `GE` or `GET` so far: peek returns at once while they wait, so pause for more.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Reads the opening bytes of a stream that cannot be peeked (TLS): what the connection is,
+/// and the bytes read, which the caller hands on.
+async fn read_opening<S: AsyncRead + Unpin>(stream: &mut S) -> io::Result<(Opening, Bytes)> {
+    let mut first = [0u8; crate::ws::OPENING_LEN];
+    let mut n = 0;
+    loop {
+        let got = stream.read(&mut first[n..]).await?;
+        n += got;
+        let opening = match got {
+            0 => Some(Opening::Link),
+            _ => crate::ws::opening(&first[..n]),
+        };
+        if let Some(opening) = opening {
+            return Ok((opening, Bytes::copy_from_slice(&first[..n])));
+        }
+    }
 }
 
 /// What a driver starts with: the core connection, its limit slots (the node-wide one, and for
