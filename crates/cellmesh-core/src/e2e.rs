@@ -765,7 +765,10 @@ impl Delivered {
         match self.index.entry(hash) {
             Entry::Occupied(e) => {
                 let known = usize::try_from(*e.get() - self.first).ok();
-                if known.and_then(|i| self.ring.get(i)).is_some_and(|(p, _)| *p == pair) {
+                if known
+                    .and_then(|i| self.ring.get(i))
+                    .is_some_and(|(p, _)| *p == pair)
+                {
                     return false;
                 }
             }
@@ -1636,13 +1639,19 @@ mod tests {
         let pair = |n: u32| {
             let mut id = [0; 16];
             id[..4].copy_from_slice(&n.to_be_bytes());
-            (CellId::from_key(crate::keys::PublicKey::from_bytes_unchecked(&[n as u8; 32])), MsgId(id))
+            (
+                CellId::from_key(crate::keys::PublicKey::from_bytes_unchecked(&[n as u8; 32])),
+                MsgId(id),
+            )
         };
         assert!(d.insert(pair(0)));
         assert!(!d.insert(pair(0)));
         // The same id from another cell is another message.
         let (cell, id) = pair(0);
-        let other = (CellId::from_key(crate::keys::PublicKey::from_bytes_unchecked(&[0xee; 32])), id);
+        let other = (
+            CellId::from_key(crate::keys::PublicKey::from_bytes_unchecked(&[0xee; 32])),
+            id,
+        );
         assert_ne!(other.0, cell);
         assert!(d.insert(other));
         for n in 1..DEDUPE as u32 {
