@@ -368,6 +368,10 @@ pub enum OpenError {
     /// The counter is too far behind to tell whether it was seen before.
     #[error("replayed envelope")]
     Replayed,
+    /// An acknowledgement or a RESET for a session this device does not have (it restarted,
+    /// or another process of the same device made it): dropped, nothing to answer.
+    #[error("no such session (an answer to a session this device no longer has)")]
+    NoSession,
 }
 
 /// A message could not be sealed.
@@ -549,7 +553,7 @@ impl Endpoint {
                     Some(out) if out.id == session => out.open_reply(id, envelope, header_len),
                     // An acknowledgement for a session this device no longer has (it
                     // restarted): nothing to do, and nothing to ask for.
-                    _ => Err(OpenError::Unauthentic),
+                    _ => Err(OpenError::NoSession),
                 }
             }
             RESET => {
@@ -559,7 +563,7 @@ impl Endpoint {
                         self.outbound.remove(&from);
                         Ok(Opened::Reset { from })
                     }
-                    _ => Err(OpenError::Unauthentic),
+                    _ => Err(OpenError::NoSession),
                 }
             }
             _ => Err(DecodeError::Invalid("envelope kind").into()),
@@ -1377,6 +1381,28 @@ mod tests {
         assert!(matches!(w.bob_opens(id, &env).unwrap(), Opened::Message(_)));
         assert!(matches!(w.bob_opens(id, &env).unwrap(), Opened::Duplicate(d) if d == id));
         assert_eq!(w.acks_back(), vec![id, id]);
+    }
+
+    /// An acknowledgement reaching another process of the sending device (same node, none of
+    /// its sessions) is dropped as such, not reported as a forgery.
+    #[test]
+    fn an_acknowledgement_for_a_session_this_process_lacks_is_no_session() {
+        let mut w = world();
+        let (id, env) = w.send(b"from the first process");
+        assert!(matches!(w.bob_opens(id, &env).unwrap(), Opened::Message(_)));
+        let t0 = Timestamp(1_800_000_000);
+        let mut second = endpoint(&TestNode::new(1, t0));
+        for reply in w.bob.poll_acks(&mut w.rng) {
+            let opened = second.open(
+                w.bob_device.node(),
+                reply.id,
+                &reply.envelope,
+                T,
+                &Revocations::new(),
+                &mut w.rng,
+            );
+            assert_eq!(opened.unwrap_err(), OpenError::NoSession);
+        }
     }
 
     #[test]

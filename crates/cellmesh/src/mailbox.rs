@@ -855,6 +855,10 @@ impl Driver {
                 envelope: reply.envelope,
             }),
             Ok(_) => {}
+            // Answers to a session of an earlier process of this device.
+            Err(e @ cellmesh_core::e2e::OpenError::NoSession) => {
+                tracing::debug!(%from, %id, error = %e, "dropped an envelope");
+            }
             Err(e) => tracing::warn!(%from, %id, error = %e, "refused an envelope"),
         }
     }
