@@ -477,21 +477,22 @@ async fn live_messages_overtaking_a_long_queue_lose_nothing() {
     sender.await.unwrap();
 }
 
+/// A relay that lets little wait for a device's link: 64 KiB in its outbox, 4 payloads in
+/// the link's queue.
+async fn tight_relay(dir: &Path) -> Relay {
+    let mut config = RelayConfig::new(vec!["127.0.0.1:0".parse().unwrap()], dir.join("data"));
+    config.outlet_bytes = 64 * 1024;
+    config.node.send_capacity = 4;
+    Relay::start(&device(dir, "relay"), config).await.unwrap()
+}
+
 /// A device whose application stops reading: what the relay cannot hand it spills to its
 /// queue instead of piling up in memory, and it all arrives, once, when the device reads
 /// again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deliveries_to_a_device_that_does_not_read_spill_to_its_queue() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = RelayConfig::new(
-        vec!["127.0.0.1:0".parse().unwrap()],
-        dir.path().join("data"),
-    );
-    config.outlet_bytes = 64 * 1024;
-    config.node.send_capacity = 4;
-    let relay = Relay::start(&device(dir.path(), "relay"), config)
-        .await
-        .unwrap();
+    let relay = tight_relay(dir.path()).await;
     let addr = relay.local_addrs()[0];
     let (alice, bob) = (device(dir.path(), "alice"), device(dir.path(), "bob"));
     let a = Arc::new(mailbox(&alice, addr).await);
@@ -540,15 +541,7 @@ async fn deliveries_to_a_device_that_does_not_read_spill_to_its_queue() {
 async fn a_device_that_never_reads_its_answers_is_disconnected() {
     use cellmesh::core::relay::{MsgId, Record, put_record};
     let dir = tempfile::tempdir().unwrap();
-    let mut config = RelayConfig::new(
-        vec!["127.0.0.1:0".parse().unwrap()],
-        dir.path().join("data"),
-    );
-    config.outlet_bytes = 64 * 1024;
-    config.node.send_capacity = 4;
-    let relay = Relay::start(&device(dir.path(), "relay"), config)
-        .await
-        .unwrap();
+    let relay = tight_relay(dir.path()).await;
     let mut events = relay.subscribe();
     let addr = relay.local_addrs()[0];
     // A raw node whose application never takes what arrives: its inbox fills, its link stops

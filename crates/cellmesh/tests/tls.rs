@@ -3,33 +3,21 @@
 //! records only. The link inside (Noise, tokens, end-to-end envelopes) is the one of
 //! tests/relay.rs.
 
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use cellmesh::home::Unlocked;
-use cellmesh::mailbox::{Mailbox, MailboxConfig, MailboxError, Status};
-use cellmesh::node::{JoinError, Node, NodeConfig, NodeEvent, Transport};
+use cellmesh::mailbox::{MailboxError, Status};
+use cellmesh::node::{JoinError, Node, NodeConfig, Transport};
 use cellmesh::relay::{Relay, RelayConfig};
 use cellmesh::tls::{ServerName, TlsFailure};
-use common::{device, recv, tap};
+use common::{connect, device, failure, flood_both_ways, recv, self_signed, tap};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
-use tokio::sync::broadcast;
 
 mod common;
-
-/// A self-signed certificate for `localhost` and 127.0.0.1, written as PEM: (cert, key).
-fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
-    let names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
-    let ck = rcgen::generate_simple_self_signed(names).unwrap();
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    std::fs::write(&cert, ck.cert.pem()).unwrap();
-    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
-    (cert, key)
-}
 
 /// TLS to `name`, trusting the web roots and `ca` when given.
 fn tls_to(name: &str, ca: Option<&Path>) -> Transport {
@@ -43,17 +31,6 @@ async fn tls_relay(unlocked: &Unlocked, dir: &Path, cert: &Path, key: &Path) -> 
     let mut config = RelayConfig::new(vec!["127.0.0.1:0".parse().unwrap()], dir.join("data"));
     config.tls = Some(cellmesh::tls::server_config(cert, key).unwrap());
     Relay::start(unlocked, config).await.unwrap()
-}
-
-async fn connect(
-    unlocked: &Unlocked,
-    relay: SocketAddr,
-    transport: Transport,
-) -> Result<Mailbox, MailboxError> {
-    let mut config = MailboxConfig::new(relay);
-    config.transport = transport;
-    config.ack_timeout = Duration::from_secs(5);
-    Mailbox::connect(unlocked, config).await
 }
 
 #[tokio::test]
@@ -244,47 +221,7 @@ async fn two_nodes_both_sending_bulk_over_tls_lose_nothing_and_do_not_stall() {
     // Both write far more than the socket buffers hold while the other does not read (its
     // inbox is full), in messages from a byte to many TLS records: rustls keeps what the
     // socket did not take, and the driver must flush it once it has nothing more to write.
-    const N: usize = 300;
-    let body = |i: usize| Bytes::from(vec![(i % 251) as u8; 1 + (i * 7919) % 200_000]);
-    let to_hub = client.sender(peer.node).unwrap();
-    let to_client = hub.sender(client.node_id()).unwrap();
-    let senders = [
-        tokio::spawn(async move {
-            for i in 0..N {
-                to_hub.send(body(i)).await.unwrap();
-            }
-        }),
-        tokio::spawn(async move {
-            for i in 0..N {
-                to_client.send(body(i)).await.unwrap();
-            }
-        }),
-    ];
-    for node in [&mut hub, &mut client] {
-        for i in 0..N {
-            let got = tokio::time::timeout(Duration::from_secs(10), node.recv())
-                .await
-                .expect("no stall")
-                .unwrap();
-            assert_eq!(got.data, body(i), "message {i} intact and in order");
-        }
-    }
-    for s in senders {
-        s.await.unwrap();
-    }
-}
-
-/// The reason of the next `Failed` event.
-async fn failure(events: &mut broadcast::Receiver<NodeEvent>) -> String {
-    tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            if let NodeEvent::Failed { reason, .. } = events.recv().await.unwrap() {
-                return reason;
-            }
-        }
-    })
-    .await
-    .expect("a Failed event within 5 s")
+    flood_both_ways(&mut hub, &mut client, peer.node, 300, 200_000).await;
 }
 
 #[tokio::test]

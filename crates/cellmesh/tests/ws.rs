@@ -5,36 +5,25 @@
 //! link inside (Noise, tokens, end-to-end envelopes) is the one of tests/relay.rs.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use cellmesh::home::Unlocked;
-use cellmesh::mailbox::{Mailbox, MailboxConfig, MailboxError, Status};
-use cellmesh::node::{JoinError, Node, NodeConfig, NodeEvent, Transport};
+use cellmesh::mailbox::{Mailbox, MailboxError, Status};
+use cellmesh::node::{JoinError, Node, NodeConfig, Transport};
 use cellmesh::relay::{Relay, RelayConfig};
 use cellmesh::tls::ServerName;
 use cellmesh::ws::{MAX_INCOMING_MESSAGE, WsRequest};
-use common::{device, recv, tap};
+use common::{connect, device, failure, flood_both_ways, recv, self_signed, tap};
 use futures_util::{SinkExt as _, StreamExt as _};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::broadcast;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 mod common;
-
-/// A self-signed certificate for `localhost` and 127.0.0.1, written as PEM: (cert, key).
-fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
-    let names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
-    let ck = rcgen::generate_simple_self_signed(names).unwrap();
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    std::fs::write(&cert, ck.cert.pem()).unwrap();
-    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
-    (cert, key)
-}
 
 /// `ws://127.0.0.1:PORT/`.
 fn ws_to(addr: SocketAddr) -> Transport {
@@ -67,17 +56,6 @@ async fn relay(unlocked: &Unlocked, dir: &Path, tls: Option<(&Path, &Path)>, ws:
     config.tls = tls.map(|(cert, key)| cellmesh::tls::server_config(cert, key).unwrap());
     config.node.websocket = ws;
     Relay::start(unlocked, config).await.unwrap()
-}
-
-async fn connect(
-    unlocked: &Unlocked,
-    relay: SocketAddr,
-    transport: Transport,
-) -> Result<Mailbox, MailboxError> {
-    let mut config = MailboxConfig::new(relay);
-    config.transport = transport;
-    config.ack_timeout = Duration::from_secs(5);
-    Mailbox::connect(unlocked, config).await
 }
 
 /// One message each way, then many from `a` to `b`, from a few bytes to several WebSocket
@@ -418,45 +396,5 @@ async fn bulk(dir: &Path, tls: Option<(&Path, &Path)>) {
         Some((cert, _)) => wss_to(addr, cert),
     };
     let peer = client.join_with(addr, &transport, None).await.unwrap();
-    const N: usize = 200;
-    let body = |i: usize| Bytes::from(vec![(i % 251) as u8; 1 + (i * 7919) % 600_000]);
-    let to_hub = client.sender(peer.node).unwrap();
-    let to_client = hub.sender(client.node_id()).unwrap();
-    let senders = [
-        tokio::spawn(async move {
-            for i in 0..N {
-                to_hub.send(body(i)).await.unwrap();
-            }
-        }),
-        tokio::spawn(async move {
-            for i in 0..N {
-                to_client.send(body(i)).await.unwrap();
-            }
-        }),
-    ];
-    for node in [&mut hub, &mut client] {
-        for i in 0..N {
-            let got = tokio::time::timeout(Duration::from_secs(10), node.recv())
-                .await
-                .expect("no stall")
-                .unwrap();
-            assert_eq!(got.data, body(i), "message {i} intact and in order");
-        }
-    }
-    for s in senders {
-        s.await.unwrap();
-    }
-}
-
-/// The reason of the next `Failed` event.
-async fn failure(events: &mut broadcast::Receiver<NodeEvent>) -> String {
-    tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            if let NodeEvent::Failed { reason, .. } = events.recv().await.unwrap() {
-                return reason;
-            }
-        }
-    })
-    .await
-    .expect("a Failed event within 5 s")
+    flood_both_ways(&mut hub, &mut client, peer.node, 200, 600_000).await;
 }

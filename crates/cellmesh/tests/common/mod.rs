@@ -6,12 +6,16 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
+use cellmesh::core::id::NodeId;
 use cellmesh::core::keystore::{KdfParams, Passphrase};
 use cellmesh::core::mnemonic::Mnemonic;
 use cellmesh::home::{Home, Unlocked};
 use cellmesh::mailbox::Mailbox;
+use cellmesh::node::{Node, NodeEvent};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::broadcast;
 
 /// Throwaway keystores need no real stretching.
 pub const FAST: KdfParams = KdfParams {
@@ -39,6 +43,58 @@ pub async fn recv(m: &mut Mailbox) -> cellmesh::core::e2e::Message {
         .await
         .expect("a message within 10 s")
         .expect("mailbox open")
+}
+
+/// The reason of the next `Failed` event.
+pub async fn failure(events: &mut broadcast::Receiver<NodeEvent>) -> String {
+    tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let NodeEvent::Failed { reason, .. } = events.recv().await.unwrap() {
+                return reason;
+            }
+        }
+    })
+    .await
+    .expect("a Failed event within 5 s")
+}
+
+/// `client`, joined to `hub` (node `hub_node`), and `hub` each send the other `n` messages of
+/// 1 to `max_len` bytes, all at once; then each reads what it was sent, which must arrive
+/// intact and in order, within 10 s a message, and the senders must finish.
+pub async fn flood_both_ways(
+    hub: &mut Node,
+    client: &mut Node,
+    hub_node: NodeId,
+    n: usize,
+    max_len: usize,
+) {
+    let body = move |i: usize| Bytes::from(vec![(i % 251) as u8; 1 + (i * 7919) % max_len]);
+    let to_hub = client.sender(hub_node).unwrap();
+    let to_client = hub.sender(client.node_id()).unwrap();
+    let senders = [
+        tokio::spawn(async move {
+            for i in 0..n {
+                to_hub.send(body(i)).await.unwrap();
+            }
+        }),
+        tokio::spawn(async move {
+            for i in 0..n {
+                to_client.send(body(i)).await.unwrap();
+            }
+        }),
+    ];
+    for node in [hub, client] {
+        for i in 0..n {
+            let got = tokio::time::timeout(Duration::from_secs(10), node.recv())
+                .await
+                .expect("no stall")
+                .unwrap();
+            assert_eq!(got.data, body(i), "message {i} intact and in order");
+        }
+    }
+    for s in senders {
+        s.await.unwrap();
+    }
 }
 
 /// A TCP proxy to `upstream` that records what it carries: client to server in `up`, server
@@ -79,4 +135,26 @@ async fn copy(
             return;
         }
     }
+}
+
+/// A self-signed certificate for `localhost` and 127.0.0.1, and its key, as PEM files in `dir`.
+pub fn self_signed(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+    let ck = rcgen::generate_simple_self_signed(names).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    (cert, key)
+}
+
+/// A mailbox at the relay at `relay`, reached over `transport`.
+pub async fn connect(
+    unlocked: &Unlocked,
+    relay: SocketAddr,
+    transport: cellmesh::node::Transport,
+) -> Result<Mailbox, cellmesh::mailbox::MailboxError> {
+    let mut config = cellmesh::mailbox::MailboxConfig::new(relay);
+    config.transport = transport;
+    config.ack_timeout = Duration::from_secs(5);
+    Mailbox::connect(unlocked, config).await
 }
