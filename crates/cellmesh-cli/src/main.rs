@@ -389,6 +389,8 @@ fn print_ids(home: &Home, k: &Keystore) {
 
 /// Unlocks this home's keystore with the passphrase from `args`, which is then dropped.
 pub(crate) fn unlock(home: &Home, args: &PassphraseArgs) -> Result<cellmesh::home::Unlocked> {
+    // A home without a cell says so before anyone is asked for a passphrase.
+    home.load()?;
     let passphrase = keystore_passphrase(args, false)?;
     Ok(home.unlock(&passphrase)?)
 }

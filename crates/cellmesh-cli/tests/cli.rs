@@ -248,6 +248,10 @@ fn exit_codes_and_help() {
     let out = cellmesh(dir.path(), &["whoami"], "");
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("no cell in"), "{}", stderr(&out));
+    // A home without a cell says so before any passphrase is asked for (or found wanting).
+    let out = cellmesh_with(dir.path(), &["listen", "--relay", "127.0.0.1:9"], "", "");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("no cell in"), "{}", stderr(&out));
     assert_eq!(
         cellmesh(dir.path(), &["--bogus"], "").status.code(),
         Some(2)
