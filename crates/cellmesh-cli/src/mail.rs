@@ -486,9 +486,12 @@ pub fn relay(home: &Home, args: &RelayArgs) -> Result<()> {
             json!({"event": "started", "cell_id": relay.cell().to_string(), "node_id": relay.node_id().to_string()}),
             format!("relay {} started (store in {})", relay.node_id(), data.display()),
         );
+        // Made once: a signal that came while an event was being printed is not lost.
+        let stop = crate::node::shutdown_signal();
+        tokio::pin!(stop);
         loop {
             tokio::select! {
-                _ = crate::node::shutdown_signal() => break,
+                _ = &mut stop => break,
                 ev = events.recv() => match ev {
                     Ok(ev) => print_relay_event(out, &ev),
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => out.line(
@@ -557,12 +560,18 @@ pub fn listen(home: &Home, args: &ListenArgs) -> Result<()> {
             format!("listening for {} at relay {relay}", mailbox.cell()),
         );
         let mut seen = 0u64;
+        let mut stopped = false;
+        let stop = crate::node::shutdown_signal();
+        tokio::pin!(stop);
         loop {
             if args.count.is_some_and(|n| seen >= n) {
                 break;
             }
             let msg = tokio::select! {
-                _ = crate::node::shutdown_signal() => break,
+                _ = &mut stop => {
+                    stopped = true;
+                    break;
+                }
                 m = mailbox.recv() => match m {
                     Some(m) => m,
                     None => bail!("the mailbox closed"),
@@ -575,6 +584,9 @@ pub fn listen(home: &Home, args: &ListenArgs) -> Result<()> {
         // --count, that can be a few more than asked for.
         for msg in mailbox.close().await {
             print_message(out, &msg);
+        }
+        if stopped {
+            out.line(json!({"event": "stopped"}), "stopped".to_string());
         }
         Ok(())
     })
