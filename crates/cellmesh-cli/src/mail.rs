@@ -555,6 +555,8 @@ pub fn listen(home: &Home, args: &ListenArgs) -> Result<()> {
     runtime.block_on(async move {
         let mut mailbox = open_mailbox(&unlocked, &choice).await?;
         drop(unlocked);
+        // `cellmesh send` from this home goes through this connection (see agent).
+        let _served = crate::agent::serve(home.dir(), relay.to_string(), mailbox.sender()).await;
         out.line(
             json!({"event": "listening", "relay": relay.to_string(), "cell_id": mailbox.cell().to_string(), "node_id": mailbox.node().to_string()}),
             format!("listening for {} at relay {relay}", mailbox.cell()),
@@ -638,19 +640,29 @@ pub fn send(home: &Home, args: &SendArgs) -> Result<()> {
     let out = Printer { json: args.json };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {
-        let mailbox = open_mailbox(&unlocked, &choice).await?;
+        let unknown = |c| anyhow!("unknown cell {c}: no device of it is registered at relay {relay}");
+        // A `cellmesh listen` of this home holds the device's connection: send through it.
+        let lent = crate::agent::send(home.dir(), &relay.to_string(), args.to, &body).await?;
+        let sent = match lent {
+            Some(crate::agent::Outcome::Sent(sent)) => sent,
+            Some(crate::agent::Outcome::UnknownCell(c)) => return Err(unknown(c)),
+            Some(crate::agent::Outcome::Failed(e)) => bail!("{e}"),
+            None => {
+                let mailbox = open_mailbox(&unlocked, &choice).await?;
+                let sent = tokio::time::timeout(
+                    Duration::from_secs(30),
+                    mailbox.send(args.to, cellmesh::Bytes::from(body)),
+                )
+                .await
+                .map_err(|_| anyhow!("no answer from relay {relay} within 30 s"))?;
+                mailbox.close().await;
+                sent.map_err(|e| match e {
+                    MailboxError::UnknownCell(c) => unknown(c),
+                    other => anyhow!(other),
+                })?
+            }
+        };
         drop(unlocked);
-        let sent = tokio::time::timeout(
-            Duration::from_secs(30),
-            mailbox.send(args.to, cellmesh::Bytes::from(body)),
-        )
-        .await
-        .map_err(|_| anyhow!("no answer from relay {relay} within 30 s"))?;
-        mailbox.close().await;
-        let sent = sent.map_err(|e| match e {
-            MailboxError::UnknownCell(c) => anyhow!("unknown cell {c}: no device of it is registered at relay {relay}"),
-            other => anyhow!(other),
-        })?;
         out.line(
             json!({"status": sent.status.name(), "id": sent.id.to_hex(), "devices": sent.devices, "to": args.to.to_string()}),
             format!("{} {} ({} device{})", sent.status.name(), sent.id, sent.devices, if sent.devices == 1 { "" } else { "s" }),

@@ -19,6 +19,7 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
+mod agent;
 mod demo;
 mod mail;
 mod node;

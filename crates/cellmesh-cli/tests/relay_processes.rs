@@ -120,3 +120,68 @@ fn two_cells_talk_through_a_relay_that_restarts_without_losing_what_it_queued() 
     let out = run(&alice, &["send", &bob_cell, "hi", "--relay", &addr], None);
     assert!(failure(&out).contains("unreachable"));
 }
+
+/// A chat on one device: `listen` keeps running while `send` runs from the same home. The
+/// send goes through the listen's connection (a second one for the same device would replace
+/// it), and the listen keeps receiving.
+#[test]
+fn send_from_a_home_whose_listen_is_running_goes_through_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (relay_home, alice, bob) = (
+        dir.path().join("relay"),
+        dir.path().join("alice"),
+        dir.path().join("bob"),
+    );
+    create_cell(&relay_home);
+    let (alice_cell, _) = create_cell(&alice);
+    let (bob_cell, _) = create_cell(&bob);
+    let data = dir.path().join("relay-data");
+    let mut relay = Proc::start(
+        &relay_home,
+        "relay",
+        &["--listen", "127.0.0.1:0", "--data", data.to_str().unwrap()],
+    );
+    let addr = relay.expect("listening", |v| v["event"] == "listening")["addr"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut alice_listen = Proc::start(&alice, "listen", &["--relay", &addr]);
+    let alice_node =
+        alice_listen.expect("listening", |v| v["event"] == "listening")["node_id"].clone();
+    let mut bob_listen = Proc::start(&bob, "listen", &["--relay", &addr]);
+    bob_listen.expect("listening", |v| v["event"] == "listening");
+    let mut last = Value::Null;
+    for round in 0..3 {
+        let text = format!("ping {round}");
+        let sent = send(&alice, &bob_cell, &text, Some(&addr));
+        assert_eq!(sent["status"], "delivered");
+        let m = bob_listen.expect("ping", |v| v["body"] == text.as_str());
+        assert_eq!(m["id"], sent["id"]);
+        let text = format!("pong {round}");
+        let back = send(&bob, &alice_cell, &text, Some(&addr));
+        assert_eq!(back["status"], "delivered");
+        alice_listen.expect("pong", |v| v["body"] == text.as_str());
+        last = sent["id"].clone();
+    }
+    // Alice's device joined the relay once: her sends did not open connections of their own
+    // (each would have replaced the listen's, and the listen's return replaced it back).
+    relay.expect("the last ping", |v| {
+        v["event"] == "forwarded" && v["id"] == last
+    });
+    let joins = relay
+        .seen()
+        .iter()
+        .filter(|v| v["event"] == "registered" && v["node_id"] == alice_node)
+        .count();
+    assert_eq!(joins, 1, "{:#?}", relay.seen());
+    // The errors are the same as without a listen running.
+    let (stranger, _) = create_cell(&dir.path().join("stranger"));
+    let out = run(&alice, &["send", &stranger, "?", "--relay", &addr], None);
+    assert!(failure(&out).contains("unknown cell"));
+    alice_listen.stop();
+    bob_listen.stop();
+    // Without the listen, send connects itself again.
+    let queued = send(&alice, &bob_cell, "after you left", Some(&addr));
+    assert_eq!(queued["status"], "queued");
+    relay.stop();
+}

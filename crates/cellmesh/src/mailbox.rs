@@ -156,8 +156,7 @@ pub enum MailboxError {
 /// A running mailbox.
 #[derive(Debug)]
 pub struct Mailbox {
-    cmds: mpsc::Sender<Cmd>,
-    in_flight: Arc<Semaphore>,
+    sender: MailboxSender,
     /// Messages arrive in batches (one per batch of envelopes from the relay).
     messages: mpsc::Receiver<Vec<Message>>,
     ready: VecDeque<Message>,
@@ -165,6 +164,39 @@ pub struct Mailbox {
     cell: CellId,
     node: NodeId,
     task: JoinHandle<()>,
+}
+
+/// The sending half of a [`Mailbox`], for other tasks: cheap to clone, and sends through the
+/// mailbox's one connection (the same device), while the mailbox itself receives.
+#[derive(Clone, Debug)]
+pub struct MailboxSender {
+    cmds: mpsc::Sender<Cmd>,
+    in_flight: Arc<Semaphore>,
+}
+
+impl MailboxSender {
+    /// Sends `body` to every device of `to` and waits for the outcome.
+    pub async fn send(&self, to: CellId, body: Bytes) -> Result<Sent, MailboxError> {
+        self.submit(to, body).await?.await
+    }
+
+    /// Starts a send; await the ticket for its outcome. Many sends can be in flight at once.
+    pub async fn submit(&self, to: CellId, body: Bytes) -> Result<Ticket, MailboxError> {
+        let permit = Arc::clone(&self.in_flight)
+            .acquire_owned()
+            .await
+            .map_err(|_| MailboxError::Closed)?;
+        let (tx, rx) = oneshot::channel();
+        let done = Done {
+            tx,
+            _permit: permit,
+        };
+        self.cmds
+            .send(Cmd::Send { to, body, done })
+            .await
+            .map_err(|_| MailboxError::Closed)?;
+        Ok(Ticket(rx))
+    }
 }
 
 /// A send in progress: await it for the outcome.
@@ -262,8 +294,7 @@ impl Mailbox {
             outbox,
         };
         Ok(Self {
-            cmds,
-            in_flight,
+            sender: MailboxSender { cmds, in_flight },
             messages,
             ready: VecDeque::new(),
             relay_node: relay.node,
@@ -275,31 +306,24 @@ impl Mailbox {
 
     /// Sends `body` to every device of `to` and waits for the outcome.
     pub async fn send(&self, to: CellId, body: Bytes) -> Result<Sent, MailboxError> {
-        self.submit(to, body).await?.await
+        self.sender.send(to, body).await
     }
 
     /// Starts a send; await the ticket for its outcome. Many sends can be in flight at once.
     pub async fn submit(&self, to: CellId, body: Bytes) -> Result<Ticket, MailboxError> {
-        let permit = Arc::clone(&self.in_flight)
-            .acquire_owned()
-            .await
-            .map_err(|_| MailboxError::Closed)?;
-        let (tx, rx) = oneshot::channel();
-        let done = Done {
-            tx,
-            _permit: permit,
-        };
-        self.cmds
-            .send(Cmd::Send { to, body, done })
-            .await
-            .map_err(|_| MailboxError::Closed)?;
-        Ok(Ticket(rx))
+        self.sender.submit(to, body).await
+    }
+
+    /// A handle that sends through this mailbox from another task.
+    pub fn sender(&self) -> MailboxSender {
+        self.sender.clone()
     }
 
     /// The devices of `cell`, as the relay lists them and checked against the id.
     pub async fn lookup(&self, cell: CellId) -> Result<Directory, MailboxError> {
         let (done, rx) = oneshot::channel();
-        self.cmds
+        self.sender
+            .cmds
             .send(Cmd::Lookup { cell, done })
             .await
             .map_err(|_| MailboxError::Closed)?;
@@ -335,7 +359,7 @@ impl Mailbox {
     /// were received (and so acknowledged to their senders and the relay) but not yet taken
     /// with [`Mailbox::recv`]: the application must not drop them.
     pub async fn close(mut self) -> Vec<Message> {
-        let _ = self.cmds.send(Cmd::Close).await;
+        let _ = self.sender.cmds.send(Cmd::Close).await;
         let _ = self.task.await;
         let mut unread: Vec<Message> = self.ready.drain(..).collect();
         while let Ok(batch) = self.messages.try_recv() {

@@ -69,6 +69,11 @@ impl Proc {
         panic!("no {what} line; saw {:#?}", self.seen);
     }
 
+    /// The lines read so far.
+    pub fn seen(&self) -> &[Value] {
+        &self.seen
+    }
+
     /// SIGTERM, then expects a `stopped` line and a clean exit.
     pub fn stop(mut self) {
         let pid = self.child.id().to_string();
