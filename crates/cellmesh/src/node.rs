@@ -1168,6 +1168,9 @@ async fn drive<R, W>(
     let mut ended = "connection closed".to_string();
     // Written since the last flush (only ever set when the writer buffers).
     let mut unflushed = false;
+    let mut timer_due = conn.poll_timeout();
+    let timer = tokio::time::sleep_until(deadline(timer_due));
+    tokio::pin!(timer);
     loop {
         while undelivered.is_none() {
             let Some(event) = conn.poll_event() else {
@@ -1182,7 +1185,13 @@ async fn drive<R, W>(
             break;
         }
         let backlog = conn.pending_transmit().len();
-        let wake = deadline(conn.poll_timeout());
+        // The timer is moved only when the connection's deadline (in milliseconds) moved, not
+        // re-armed on every pass.
+        let due = conn.poll_timeout();
+        if due != timer_due || timer.is_elapsed() {
+            timer_due = due;
+            timer.as_mut().reset(deadline(due));
+        }
         let reading = undelivered.is_none() && backlog < READ_STOP && !conn.is_closed();
         tokio::select! {
             r = write_or_flush(&mut wr, conn.pending_transmit()), if backlog > 0 || unflushed => match r {
@@ -1235,7 +1244,7 @@ async fn drive<R, W>(
                     conn.close(code, reason, now());
                 }
             }
-            _ = tokio::time::sleep_until(wake) => conn.handle_timeout(now()),
+            () = &mut timer => conn.handle_timeout(now()),
         }
     }
     // Under TLS this also sends close_notify and flushes, which a peer that does not read
