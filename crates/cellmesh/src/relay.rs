@@ -26,7 +26,7 @@
 //!   a device with twice that waiting (answers to its own FORWARDs that it does not read) is
 //!   disconnected.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -54,6 +54,9 @@ const LEAVE_GRACE: Duration = Duration::from_millis(200);
 
 /// Most envelopes pushed to one online device and not yet DELIVERED; beyond it they queue.
 const MAX_IN_FLIGHT: usize = 65_536;
+
+/// Most devices remembered as disconnected for misbehaving (see `Loop::dropped`).
+const MAX_DROPPED: usize = 1024;
 
 /// How a relay runs.
 #[derive(Clone, Debug)]
@@ -233,6 +236,8 @@ impl Relay {
             now: Instant::now(),
             watched: false,
             leaving: Vec::new(),
+            dropped: HashSet::new(),
+            dropped_order: VecDeque::new(),
             config,
         };
         Ok(Self {
@@ -336,6 +341,11 @@ struct Loop {
     watched: bool,
     /// Devices that left, handled after LEAVE_GRACE (in order of leaving).
     leaving: Vec<(tokio::time::Instant, NodeId)>,
+    /// Devices this relay disconnected for misbehaving, until they join again: of what they
+    /// sent before, only DELIVERED still counts (a flood already in the inbox is not
+    /// worked through; anything else they meant, they send again). The last MAX_DROPPED.
+    dropped: HashSet<NodeId>,
+    dropped_order: VecDeque<NodeId>,
     config: RelayConfig,
 }
 
@@ -408,6 +418,9 @@ impl Loop {
         let (node, cell, addr) = (peer.node, peer.cell, peer.addr);
         // Back before its departure was handled: the new connection replaces the old below.
         self.leaving.retain(|l| l.1 != node);
+        if self.dropped.remove(&node) {
+            self.dropped_order.retain(|n| *n != node);
+        }
         // Recorded from the event, which carries the tokens: the device may have left
         // already, and must still be known.
         let store = Arc::clone(&self.store);
@@ -534,9 +547,12 @@ impl Loop {
                     // Every FORWARD before it was answered; after it, nothing can be trusted
                     // to be framed right: the device is disconnected and will send again.
                     tracing::info!(%from, "malformed relay record; disconnecting the device");
-                    self.node.disconnect(from, "malformed relay record");
+                    self.drop_device(from, "malformed relay record");
                     break;
                 };
+                if self.dropped.contains(&from) && !matches!(record, Record::Delivered(_)) {
+                    continue;
+                }
                 self.record(from, incoming.cell, record, &mut out, &mut to_store)
                     .await;
             }
@@ -647,7 +663,7 @@ impl Loop {
             }
             _ => {
                 tracing::info!(%from, "device sent a relay's record; disconnecting it");
-                self.node.disconnect(from, "relay-only record");
+                self.drop_device(from, "relay-only record");
             }
         }
     }
@@ -743,7 +759,7 @@ impl Loop {
                 }
                 if waiting > 2 * self.config.outlet_bytes {
                     tracing::warn!(%to, waiting, "device does not read what it is sent; disconnecting");
-                    self.node.disconnect(to, "does not read what it is sent");
+                    self.drop_device(to, "does not read what it is sent");
                 }
                 continue;
             }
@@ -756,6 +772,19 @@ impl Loop {
                         }
                     }
                 });
+            }
+        }
+    }
+
+    /// Disconnects a misbehaving device (see `dropped`).
+    fn drop_device(&mut self, node: NodeId, reason: &'static str) {
+        self.node.disconnect(node, reason);
+        if self.dropped.insert(node) {
+            self.dropped_order.push_back(node);
+            if self.dropped_order.len() > MAX_DROPPED
+                && let Some(old) = self.dropped_order.pop_front()
+            {
+                self.dropped.remove(&old);
             }
         }
     }
