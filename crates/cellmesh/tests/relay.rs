@@ -20,6 +20,16 @@ async fn relay_at(unlocked: &Unlocked, listen: SocketAddr, data: &Path) -> Relay
         .unwrap()
 }
 
+/// A relay on a free loopback port, its store in `dir`.
+async fn loopback_relay(dir: &Path) -> Relay {
+    relay_at(
+        &device(dir, "relay"),
+        "127.0.0.1:0".parse().unwrap(),
+        &dir.join("data"),
+    )
+    .await
+}
+
 async fn mailbox(unlocked: &Unlocked, relay: SocketAddr) -> Mailbox {
     let mut config = MailboxConfig::new(relay);
     config.ack_timeout = Duration::from_secs(5);
@@ -29,12 +39,7 @@ async fn mailbox(unlocked: &Unlocked, relay: SocketAddr) -> Mailbox {
 #[tokio::test]
 async fn messages_flow_both_ways_and_reach_every_device_of_the_cell() {
     let dir = tempfile::tempdir().unwrap();
-    let relay = relay_at(
-        &device(dir.path(), "relay"),
-        "127.0.0.1:0".parse().unwrap(),
-        &dir.path().join("data"),
-    )
-    .await;
+    let relay = loopback_relay(dir.path()).await;
     let addr = relay.local_addrs()[0];
     let alice = device(dir.path(), "alice");
     let bob_words = cellmesh::new_mnemonic();
@@ -154,12 +159,7 @@ async fn queued_messages_survive_a_relay_restart_and_reach_the_device_when_it_re
 async fn plaintext_never_crosses_the_relay_nor_rests_in_its_store() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let relay = relay_at(
-        &device(dir.path(), "relay"),
-        "127.0.0.1:0".parse().unwrap(),
-        &data,
-    )
-    .await;
+    let relay = loopback_relay(dir.path()).await;
     let seen = Arc::new(Mutex::new(Vec::new()));
     let tapped = tap(relay.local_addrs()[0], Arc::clone(&seen), Arc::clone(&seen)).await;
     let alice = device(dir.path(), "alice");
@@ -202,12 +202,7 @@ async fn plaintext_never_crosses_the_relay_nor_rests_in_its_store() {
 #[tokio::test]
 async fn a_device_that_restarted_gets_what_was_queued_in_its_lost_session() {
     let dir = tempfile::tempdir().unwrap();
-    let relay = relay_at(
-        &device(dir.path(), "relay"),
-        "127.0.0.1:0".parse().unwrap(),
-        &dir.path().join("data"),
-    )
-    .await;
+    let relay = loopback_relay(dir.path()).await;
     let addr = relay.local_addrs()[0];
     let (alice, bob) = (device(dir.path(), "alice"), device(dir.path(), "bob"));
     let a = mailbox(&alice, addr).await;
@@ -425,12 +420,7 @@ async fn a_relay_that_swaps_keys_or_forges_messages_is_caught() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_messages_overtaking_a_long_queue_lose_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let relay = relay_at(
-        &device(dir.path(), "relay"),
-        "127.0.0.1:0".parse().unwrap(),
-        &dir.path().join("data"),
-    )
-    .await;
+    let relay = loopback_relay(dir.path()).await;
     let addr = relay.local_addrs()[0];
     let (alice, bob) = (device(dir.path(), "alice"), device(dir.path(), "bob"));
     let a = mailbox(&alice, addr).await;

@@ -102,30 +102,12 @@ async fn clients_that_do_not_trust_the_certificate_or_do_not_speak_tls_fail_fast
     let err = connect(&alice, addr, tls_to("localhost", None))
         .await
         .unwrap_err();
-    assert!(
-        matches!(
-            &err,
-            MailboxError::Relay(JoinError::Tls {
-                failure: TlsFailure::Certificate,
-                ..
-            })
-        ),
-        "{err}"
-    );
+    assert_certificate_refused(&err);
     // Trusted, but not for this name.
     let err = connect(&alice, addr, tls_to("relay.example.org", Some(&cert)))
         .await
         .unwrap_err();
-    assert!(
-        matches!(
-            &err,
-            MailboxError::Relay(JoinError::Tls {
-                failure: TlsFailure::Certificate,
-                ..
-            })
-        ),
-        "{err}"
-    );
+    assert_certificate_refused(&err);
     // Plain TCP to a TLS listener: the relay answers the link's first message with a TLS
     // alert, which the link refuses.
     let err = connect(&alice, addr, Transport::Tcp).await.unwrap_err();
@@ -292,4 +274,18 @@ fn tls_records(mut wire: &[u8]) -> Result<Vec<u8>, String> {
         wire = &wire[5 + len..];
     }
     Ok(kinds)
+}
+
+/// The relay's certificate was refused (not trusted, or not for the name asked).
+fn assert_certificate_refused(err: &MailboxError) {
+    assert!(
+        matches!(
+            err,
+            MailboxError::Relay(JoinError::Tls {
+                failure: TlsFailure::Certificate,
+                ..
+            })
+        ),
+        "{err}"
+    );
 }
