@@ -7,13 +7,15 @@
 //! - stage 1: Bob opened that INIT and Alice his acknowledgement, so both moved to epoch 1;
 //!   the genuine envelope is Alice's second message, a MSG for a session Bob knows;
 //! - stage 2: Alice has an outbound session; the genuine envelope is Bob's acknowledgement
-//!   (epoch 0, carrying his ephemeral key).
+//!   (epoch 0, carrying his ephemeral key);
+//! - stage 3: as stage 1, but the genuine envelope is a bundle of three messages (Alice's
+//!   third envelope).
 //!
 //! `open` must never panic; it must report a message or an acknowledgement only for the
 //! genuine envelope (which it must, as a check on the harness); and an envelope it refuses must
 //! leave no trace: the genuine envelope, arriving next, still opens.
 //!
-//! Input: byte 0 picks the stage (its low 7 bits `% 3`) and, with bit 7, the mode. Bit 7 clear: the rest of
+//! Input: byte 0 picks the stage (its low 7 bits `% 4`) and, with bit 7, the mode. Bit 7 clear: the rest of
 //! the input is the envelope verbatim. Bit 7 set: the genuine envelope, with the rest of the
 //! input after two more bytes (a big-endian offset, modulo the envelope's length + 1) XORed
 //! into it from that offset on, extending it where the rest runs past its end. Without the
@@ -53,10 +55,13 @@ struct Fixture {
     ack: (MsgId, Bytes),
     /// Alice's second message, after the acknowledgement: a MSG in epoch 1.
     msg: Bytes,
+    /// Alice's third envelope: a bundle, in epoch 1.
+    bundle: Bytes,
 }
 
 const INIT_ID: MsgId = MsgId([1; 16]);
 const MSG_ID: MsgId = MsgId([2; 16]);
+const BUNDLE_ID: MsgId = MsgId([3; 16]);
 
 fn alice_rng() -> ChaCha20Rng {
     ChaCha20Rng::from_seed([1; 32])
@@ -101,6 +106,14 @@ fn fixture() -> &'static Fixture {
             .seal(&bob_device, MSG_ID, T, b"second", &mut a_rng)
             .expect("seal");
         assert_eq!(msg[1], 2, "a MSG once Bob has answered");
+        let bodies = [&b"third"[..], b"", b"fifth"];
+        let messages: Vec<(MsgId, Bytes)> = (0u8..)
+            .zip(bodies)
+            .map(|(i, b)| (MsgId([0x10 + i; 16]), Bytes::from_static(b)))
+            .collect();
+        let bundle = a
+            .seal_bundle(&bob_device, BUNDLE_ID, T, &messages, &mut a_rng)
+            .expect("seal");
         Fixture {
             alice,
             bob,
@@ -108,6 +121,7 @@ fn fixture() -> &'static Fixture {
             init,
             ack: (ack.id, ack.envelope),
             msg,
+            bundle,
         }
     })
 }
@@ -127,6 +141,7 @@ enum Stage {
     Init,
     Msg,
     Ack,
+    Bundle,
 }
 
 /// The recipient of the envelope under test, in the state the stage describes.
@@ -149,6 +164,12 @@ impl Recipient {
                 id: INIT_ID,
                 genuine: &fx.init,
             },
+            Stage::Bundle => {
+                let mut r = Self::at(Stage::Msg);
+                r.id = BUNDLE_ID;
+                r.genuine = &fx.bundle;
+                r
+            }
             Stage::Msg => {
                 let mut r = Self::at(Stage::Init);
                 let opened = r.open(&fx.init);
@@ -192,7 +213,10 @@ impl Recipient {
 fn is_authentic(opened: &Result<Opened, OpenError>) -> bool {
     matches!(
         opened,
-        Ok(Opened::Message(_) | Opened::Acked { .. } | Opened::Duplicate(_))
+        Ok(Opened::Message(_)
+            | Opened::Acked { .. }
+            | Opened::Duplicate(_)
+            | Opened::Bundle { .. })
     )
 }
 
@@ -200,10 +224,11 @@ fuzz_target!(|data: &[u8]| {
     let Some((&selector, fuzz)) = data.split_first() else {
         return;
     };
-    let stage = match (selector & 0x7f) % 3 {
+    let stage = match (selector & 0x7f) % 4 {
         0 => Stage::Init,
         1 => Stage::Msg,
-        _ => Stage::Ack,
+        2 => Stage::Ack,
+        _ => Stage::Bundle,
     };
     let mut r = Recipient::at(stage);
     let genuine = r.genuine;
@@ -239,8 +264,13 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let again = r.open(genuine);
+    let whole = match &again {
+        Ok(Opened::Message(_) | Opened::Acked { .. }) => true,
+        Ok(Opened::Bundle { messages, .. }) => messages.len() == 3,
+        _ => false,
+    };
     assert!(
-        matches!(again, Ok(Opened::Message(_) | Opened::Acked { .. })),
+        whole,
         "{stage:?}: the genuine envelope no longer opens after a refused one ({got:?}): {again:?}"
     );
 });

@@ -92,6 +92,10 @@ pub const MAX_BODY: usize = crate::relay::MAX_ENVELOPE - 2048;
 const MAX_PLAIN: usize = 1 + KEY_LEN + 1 + 4 + MAX_BODY;
 /// Most ids one ACK carries.
 pub const MAX_ACK_IDS: usize = 1024;
+/// Most messages in one bundle ([`Endpoint::seal_bundle`]).
+pub const MAX_BUNDLE: usize = 1024;
+/// What a bundle adds to each message it carries: the message's id and its length.
+pub const BUNDLE_ITEM: usize = 16 + 4;
 
 const CONTEXT: &[u8] = b"cellmesh e2e v1";
 const INFO_PREFIX: &[u8] = b"cellmesh e2e v1 session";
@@ -104,6 +108,7 @@ const RESET: u8 = 3;
 const REPLY: u8 = 4;
 const PLAIN_MESSAGE: u8 = 1;
 const PLAIN_ACK: u8 = 2;
+const PLAIN_BUNDLE: u8 = 3;
 const TAG_LEN: usize = 16;
 const SEALED_HEADER: usize = 4 + 8 + 8;
 
@@ -302,6 +307,14 @@ pub enum Opened {
     /// A message delivered before, sent again (a retry): not for the application. Its
     /// acknowledgement may have been lost, so it is acknowledged again.
     Duplicate(MsgId),
+    /// A bundle ([`Endpoint::seal_bundle`]): its messages not delivered before, in the order
+    /// they were sealed. The bundle's acknowledgement is queued.
+    Bundle {
+        /// For the application.
+        messages: Vec<Message>,
+        /// How many of the bundle's messages were delivered before (dropped).
+        duplicates: usize,
+    },
     /// The recipient device acknowledged these messages of ours.
     Acked {
         /// The device that acknowledged.
@@ -381,6 +394,9 @@ pub enum SealError {
     /// The body is over [`MAX_BODY`].
     #[error("message of {0} bytes is too large (at most {MAX_BODY})")]
     TooLarge(usize),
+    /// A bundle of no message, or of more than [`MAX_BUNDLE`].
+    #[error("a bundle of {0} messages (1 to {MAX_BUNDLE})")]
+    BundleCount(usize),
     /// HPKE refused a key (a key that is not a valid X25519 point).
     #[error("end-to-end session setup failed")]
     Setup,
@@ -430,7 +446,8 @@ impl Endpoint {
     }
 
     /// Seals a message for one device of the recipient cell, starting a session with it if
-    /// there is none (or if the device's keys changed).
+    /// there is none (or if the device's keys changed). `id` is the message's id and the
+    /// envelope's.
     pub fn seal(
         &mut self,
         to: &RemoteDevice,
@@ -442,6 +459,54 @@ impl Endpoint {
         if body.len() > MAX_BODY {
             return Err(SealError::TooLarge(body.len()));
         }
+        self.seal_plain(to, id, time, 5 + body.len(), rng, |plain| {
+            plain.push(PLAIN_MESSAGE);
+            plain.extend_from_slice(&(body.len() as u32).to_be_bytes());
+            plain.extend_from_slice(body);
+        })
+    }
+
+    /// Seals several messages for one device in one envelope (a *bundle*), each with its own
+    /// id; `id` is the envelope's, and an acknowledgement names it, not the messages. One
+    /// seal, one FORWARD and one acknowledgement then serve them all. At most [`MAX_BUNDLE`]
+    /// messages, and [`bundle_len`] at most [`MAX_BODY`].
+    pub fn seal_bundle(
+        &mut self,
+        to: &RemoteDevice,
+        id: MsgId,
+        time: Timestamp,
+        messages: &[(MsgId, Bytes)],
+        rng: &mut impl CryptoRngCore,
+    ) -> Result<Bytes, SealError> {
+        let len = bundle_len(messages.iter().map(|(_, b)| b.len()));
+        if len > MAX_BODY {
+            return Err(SealError::TooLarge(len));
+        }
+        if messages.is_empty() || messages.len() > MAX_BUNDLE {
+            return Err(SealError::BundleCount(messages.len()));
+        }
+        self.seal_plain(to, id, time, 1 + len, rng, |plain| {
+            plain.push(PLAIN_BUNDLE);
+            plain.extend_from_slice(&(messages.len() as u16).to_be_bytes());
+            for (id, body) in messages {
+                plain.extend_from_slice(&id.0);
+                plain.extend_from_slice(&(body.len() as u32).to_be_bytes());
+                plain.extend_from_slice(body);
+            }
+        })
+    }
+
+    /// Seals the plaintext `write` appends (`len` bytes, from its kind on) in the session
+    /// with `to`, after the ratchet key it carries, and pads it if configured.
+    fn seal_plain(
+        &mut self,
+        to: &RemoteDevice,
+        id: MsgId,
+        time: Timestamp,
+        len: usize,
+        rng: &mut impl CryptoRngCore,
+        write: impl FnOnce(&mut Vec<u8>),
+    ) -> Result<Bytes, SealError> {
         let padding = self.padding;
         let session = self.outbound_for(to, rng)?;
         let ratchet = session.ratchet.as_ref().map(|r| r.public);
@@ -460,6 +525,7 @@ impl Endpoint {
             &mut session.send,
             &session.binding,
             id,
+            1 + KEY_LEN + len,
             |plain| {
                 let start = plain.len();
                 match &ratchet {
@@ -469,9 +535,7 @@ impl Endpoint {
                     }
                     None => plain.push(0),
                 }
-                plain.push(PLAIN_MESSAGE);
-                plain.extend_from_slice(&(body.len() as u32).to_be_bytes());
-                plain.extend_from_slice(body);
+                write(plain);
                 if padding == Padding::PowerOfTwo {
                     // Never past what an envelope can carry: the largest bodies are padded
                     // to the largest plaintext instead.
@@ -637,33 +701,70 @@ impl Endpoint {
         let (time, plain, replayed) = inbound.open(id, envelope, header_len)?;
         let mut r = Reader::new(&plain);
         let theirs = read_ratchet(&mut r)?;
-        if r.u8()? != PLAIN_MESSAGE {
-            return Err(DecodeError::Invalid("inbound plaintext kind").into());
+        // Each message's id and where its body lies in the plaintext.
+        let mut items: Vec<(MsgId, usize, usize)> = Vec::new();
+        let bundle = match r.u8()? {
+            PLAIN_MESSAGE => false,
+            PLAIN_BUNDLE => true,
+            _ => return Err(DecodeError::Invalid("inbound plaintext kind").into()),
+        };
+        let count = if bundle { r.u16()? as usize } else { 1 };
+        if count == 0 || count > MAX_BUNDLE {
+            return Err(DecodeError::Invalid("bundle count").into());
         }
-        let len = r.u32()? as usize;
-        let start = plain.len() - r.remaining();
-        r.bytes(len)?;
+        items.reserve_exact(count);
+        for _ in 0..count {
+            let message = if bundle { MsgId(r.array()?) } else { id };
+            let len = r.u32()? as usize;
+            let start = plain.len() - r.remaining();
+            r.bytes(len)?;
+            items.push((message, start, len));
+        }
         if !r.bytes(r.remaining())?.iter().all(|&b| b == 0) {
             return Err(DecodeError::Invalid("padding").into());
         }
         if let Some(theirs) = theirs {
             inbound.advance(&theirs)?;
         }
-        // The body is a view into the decrypted buffer, not a copy.
-        let body = Bytes::from(plain).slice(start..start + len);
+        // Bodies are views into the decrypted buffer, not copies.
+        let plain = Bytes::from(plain);
         let from_cell = inbound.peer.cell();
         self.pending_acks.push((key, id));
-        if replayed || !self.delivered.insert((from_cell, id)) {
-            return Ok(Opened::Duplicate(id));
+        let mut messages = Vec::with_capacity(count);
+        for (message, start, len) in items {
+            // A counter seen before makes the whole envelope a duplicate.
+            if replayed || !self.delivered.insert((from_cell, message)) {
+                continue;
+            }
+            messages.push(Message {
+                from_cell,
+                from_node: key.0,
+                id: message,
+                time,
+                body: plain.slice(start..start + len),
+            });
         }
-        Ok(Opened::Message(Message {
-            from_cell,
-            from_node: key.0,
-            id,
-            time,
-            body,
-        }))
+        if bundle {
+            return Ok(Opened::Bundle {
+                duplicates: count - messages.len(),
+                messages,
+            });
+        }
+        Ok(match messages.pop() {
+            Some(m) => Opened::Message(m),
+            None => Opened::Duplicate(id),
+        })
     }
+}
+
+/// The plaintext size of a bundle of messages of these lengths, from its count on (what
+/// [`Endpoint::seal_bundle`] holds to [`MAX_BODY`]).
+pub fn bundle_len(bodies: impl IntoIterator<Item = usize>) -> usize {
+    bodies
+        .into_iter()
+        .map(|len| BUNDLE_ITEM + len)
+        .sum::<usize>()
+        + 2
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -1029,7 +1130,7 @@ impl Inbound {
             extra: &[],
             time: Timestamp(0),
         };
-        seal_envelope(header, keys, &binding, id, |plain| {
+        seal_envelope(header, keys, &binding, id, 35 + 16 * ids.len(), |plain| {
             match &announce {
                 Some(eph) => {
                     plain.push(1);
@@ -1062,11 +1163,12 @@ fn seal_envelope(
     keys: &mut Keys,
     binding: &[u8; 128],
     id: MsgId,
+    plain_len: usize,
     write: impl FnOnce(&mut Vec<u8>),
 ) -> Bytes {
     let counter = keys.next;
     keys.next += 1;
-    let mut out = Vec::with_capacity(18 + header.extra.len() + SEALED_HEADER + 64 + TAG_LEN);
+    let mut out = Vec::with_capacity(18 + header.extra.len() + SEALED_HEADER + plain_len + TAG_LEN);
     out.extend_from_slice(&[E2E_VERSION, header.kind]);
     out.extend_from_slice(&header.session.0);
     out.extend_from_slice(header.extra);
@@ -1381,6 +1483,122 @@ mod tests {
         assert!(matches!(w.bob_opens(id, &env).unwrap(), Opened::Message(_)));
         assert!(matches!(w.bob_opens(id, &env).unwrap(), Opened::Duplicate(d) if d == id));
         assert_eq!(w.acks_back(), vec![id, id]);
+    }
+
+    impl World {
+        fn bundle(&mut self, bodies: &[&[u8]]) -> (MsgId, Vec<MsgId>, Bytes) {
+            let messages: Vec<(MsgId, Bytes)> = bodies
+                .iter()
+                .map(|b| (MsgId::random(&mut self.rng), Bytes::copy_from_slice(b)))
+                .collect();
+            let id = MsgId::random(&mut self.rng);
+            let env = self
+                .alice
+                .seal_bundle(&self.bob_device, id, T, &messages, &mut self.rng)
+                .unwrap();
+            (id, messages.into_iter().map(|(m, _)| m).collect(), env)
+        }
+    }
+
+    #[test]
+    fn a_bundle_carries_its_messages_under_one_acknowledgement() {
+        let mut w = world();
+        // The first envelope of a session is an INIT, the next ones MSG: both can bundle.
+        for _ in 0..2 {
+            let (id, ids, env) = w.bundle(&[b"one", b"", b"three"]);
+            match w.bob_opens(id, &env).unwrap() {
+                Opened::Bundle {
+                    messages,
+                    duplicates: 0,
+                } => {
+                    let got: Vec<(MsgId, &[u8])> =
+                        messages.iter().map(|m| (m.id, &m.body[..])).collect();
+                    assert_eq!(
+                        got,
+                        vec![(ids[0], &b"one"[..]), (ids[1], b""), (ids[2], b"three")]
+                    );
+                    assert!(messages.iter().all(|m| m.time == T));
+                }
+                other => panic!("{other:?}"),
+            }
+            // One acknowledgement, naming the envelope.
+            assert_eq!(w.acks_back(), vec![id]);
+        }
+    }
+
+    #[test]
+    fn a_bundle_sent_again_delivers_nothing_twice() {
+        let mut w = world();
+        let (single, single_env) = w.send(b"alone");
+        w.bob_opens(single, &single_env).unwrap();
+        // The same envelope again: every message a duplicate.
+        let (id, _, env) = w.bundle(&[b"a", b"b"]);
+        w.bob_opens(id, &env).unwrap();
+        assert!(matches!(
+            w.bob_opens(id, &env).unwrap(),
+            Opened::Bundle { messages, duplicates: 2 } if messages.is_empty()
+        ));
+        // Sealed again (a new counter, as after a RESET) with one message already delivered.
+        let messages = vec![
+            (single, Bytes::from_static(b"alone")),
+            (MsgId([3; 16]), Bytes::from_static(b"new")),
+        ];
+        let again = w
+            .alice
+            .seal_bundle(&w.bob_device, id, T, &messages, &mut w.rng)
+            .unwrap();
+        match w.bob_opens(id, &again).unwrap() {
+            Opened::Bundle {
+                messages,
+                duplicates: 1,
+            } => assert_eq!(messages[0].id, MsgId([3; 16])),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(w.acks_back(), vec![single, id, id, id]);
+    }
+
+    #[test]
+    fn bundles_are_bounded_and_checked() {
+        let mut w = world();
+        let to = w.bob_device.clone();
+        let one = (MsgId([1; 16]), Bytes::new());
+        assert_eq!(
+            w.alice.seal_bundle(&to, MsgId([0; 16]), T, &[], &mut w.rng),
+            Err(SealError::BundleCount(0))
+        );
+        let many = vec![one.clone(); MAX_BUNDLE + 1];
+        assert_eq!(
+            w.alice
+                .seal_bundle(&to, MsgId([0; 16]), T, &many, &mut w.rng),
+            Err(SealError::BundleCount(MAX_BUNDLE + 1))
+        );
+        let huge = vec![(MsgId([1; 16]), Bytes::from(vec![0; MAX_BODY / 2])); 2];
+        assert!(matches!(
+            w.alice
+                .seal_bundle(&to, MsgId([0; 16]), T, &huge, &mut w.rng),
+            Err(SealError::TooLarge(_))
+        ));
+        // The largest bundle fits in an envelope, padded or not.
+        w.alice.padding = Padding::PowerOfTwo;
+        let full = vec![(
+            MsgId([1; 16]),
+            Bytes::from(vec![0; MAX_BODY - 2 - BUNDLE_ITEM]),
+        )];
+        let env = w
+            .alice
+            .seal_bundle(&to, MsgId([0; 16]), T, &full, &mut w.rng);
+        assert!(env.unwrap().len() <= crate::relay::MAX_ENVELOPE);
+        // Every altered byte of a bundle is refused.
+        let (id, _, env) = w.bundle(&[b"x", b"y"]);
+        for i in 0..env.len() {
+            let mut bad = env.to_vec();
+            bad[i] ^= 0x01;
+            let mut fresh = world();
+            assert!(
+                !matches!(fresh.bob_opens(id, &bad), Ok(Opened::Bundle { .. })),
+                "flipping byte {i} went unnoticed"
+            );
+        }
     }
 
     /// An acknowledgement reaching another process of the sending device (same node, none of

@@ -316,10 +316,17 @@ enum Stage {
     Ack,
     /// Alice's second message (a MSG in epoch 1, after the acknowledgement), to Bob.
     Msg,
+    /// Instead of that message, a bundle of three, to Bob.
+    Bundle,
 }
 
 fn stage() -> impl Strategy<Value = Stage> {
-    prop_oneof![Just(Stage::Init), Just(Stage::Ack), Just(Stage::Msg)]
+    prop_oneof![
+        Just(Stage::Init),
+        Just(Stage::Ack),
+        Just(Stage::Msg),
+        Just(Stage::Bundle)
+    ]
 }
 
 /// Alice and Bob on a seeded RNG: the same envelopes every time, fresh endpoint state for
@@ -363,7 +370,20 @@ impl Conversation {
             c.alice_opens(ack.id, &ack.envelope),
             Ok(Opened::Acked { .. })
         ));
-        c.next = c.seal(&bob_device, b"second");
+        c.next = match stage {
+            Stage::Bundle => {
+                let id = MsgId::random(&mut c.rng);
+                let messages: Vec<(MsgId, Bytes)> = [&b"x"[..], b"", b"third"]
+                    .iter()
+                    .map(|b| (MsgId::random(&mut c.rng), Bytes::copy_from_slice(b)))
+                    .collect();
+                let env = c
+                    .alice
+                    .seal_bundle(&bob_device, id, T, &messages, &mut c.rng);
+                (id, env.unwrap())
+            }
+            _ => c.seal(&bob_device, b"second"),
+        };
         assert_eq!(c.next.1[1], 2, "a MSG once Bob has answered");
         c
     }
@@ -400,7 +420,10 @@ impl Conversation {
 fn is_authentic(opened: &Result<Opened, OpenError>) -> bool {
     matches!(
         opened,
-        Ok(Opened::Message(_) | Opened::Acked { .. } | Opened::Duplicate(_))
+        Ok(Opened::Message(_)
+            | Opened::Acked { .. }
+            | Opened::Duplicate(_)
+            | Opened::Bundle { .. })
     )
 }
 

@@ -281,6 +281,7 @@ impl Mailbox {
             revocations,
             messages: msg_tx,
             opened: Vec::new(),
+            fresh: Vec::new(),
             clock: (crate::now(), Instant::now()),
             sends: Sends::new(&mut OsRng),
             deadlines: VecDeque::new(),
@@ -392,14 +393,48 @@ struct DeviceSend {
     state: DevState,
 }
 
+/// One envelope's worth of messages to one cell: a single message (whose id is the
+/// envelope's) or a bundle of messages submitted together (each with its own id).
 struct PendingSend {
+    /// The envelope's id, in every FORWARD and acknowledgement of it.
     id: MsgId,
-    body: Bytes,
+    messages: Vec<(MsgId, Bytes)>,
     devices: Vec<DeviceSend>,
-    /// Until the outcome is known. The send itself is kept until every device acknowledged
-    /// (or for [`RETAIN`]): a device that was offline may come back having lost its session,
-    /// and ask (RESET) for the message again.
-    done: Option<Done>,
+    /// One per message, until the outcome is known (then empty). The send itself is kept
+    /// until every device acknowledged (or for [`RETAIN`]): a device that was offline may come
+    /// back having lost its session, and ask (RESET) for the messages again.
+    done: Vec<Done>,
+}
+
+impl PendingSend {
+    /// Tells every message's sender how the send ended.
+    fn resolve(&mut self, outcome: Result<Status, MailboxError>) {
+        let devices = self.devices.len();
+        for (done, (id, _)) in self.done.drain(..).zip(&self.messages) {
+            done.send(match &outcome {
+                Ok(status) => Ok(Sent {
+                    id: *id,
+                    status: *status,
+                    devices,
+                }),
+                Err(e) => Err(copy_error(e)),
+            });
+        }
+    }
+}
+
+/// Seals a send's messages for one device: alone, or as a bundle.
+fn seal_for(
+    endpoint: &mut Endpoint,
+    device: &RemoteDevice,
+    id: MsgId,
+    now: Timestamp,
+    messages: &[(MsgId, Bytes)],
+) -> Result<Bytes, SealError> {
+    match messages {
+        [(only, body)] if *only == id => endpoint.seal(device, id, now, body, &mut OsRng),
+        _ => endpoint.seal_bundle(device, id, now, messages, &mut OsRng),
+    }
 }
 
 struct Driver {
@@ -415,6 +450,9 @@ struct Driver {
     clock: (Timestamp, Instant),
     /// Opened in this turn, handed over at its end.
     opened: Vec<Message>,
+    /// Sends of this turn whose directory is known, sealed at its end: those to one cell go
+    /// together, in bundles.
+    fresh: Vec<(CellId, Bytes, Done)>,
     sends: Sends,
     /// Sends by when their outcome is due, and by when they are forgotten (both in the order
     /// they were made, since every send gets the same delays).
@@ -443,6 +481,11 @@ const RETAIN: Duration = Duration::from_secs(24 * 3600);
 /// Most messages kept for devices that have not acknowledged them.
 const MAX_RETAINED: usize = 65_536;
 const RETRY_AFTER: Duration = Duration::from_millis(100);
+/// Most bytes of bodies in one bundle: messages submitted together to one cell share an
+/// envelope up to this size (one seal, one FORWARD, one acknowledgement for all).
+const BUNDLE_BYTES: usize = 64 * 1024;
+/// Most messages in one bundle.
+const BUNDLE_MESSAGES: usize = 256;
 /// Sends kept by position before the oldest still kept move to a map.
 const RECENT: usize = 1 << 17;
 
@@ -457,6 +500,9 @@ const RECENT: usize = 1 << 17;
 struct Sends {
     ids: aes::Aes128,
     next: u64,
+    /// The next bundled message's number (its id has a 1 in its eighth byte, so it is never
+    /// taken for a send's).
+    next_message: u64,
     /// Sends from sequence `base` on, by position; `None` once forgotten.
     recent: VecDeque<Option<PendingSend>>,
     base: u64,
@@ -473,6 +519,7 @@ impl Sends {
         Self {
             ids: aes::Aes128::new(&(*key).into()),
             next: 0,
+            next_message: 0,
             recent: VecDeque::new(),
             base: 0,
             old: HashMap::default(),
@@ -482,9 +529,20 @@ impl Sends {
 
     /// The id the next send gets.
     fn next_id(&self) -> MsgId {
+        self.permute(0, self.next)
+    }
+
+    /// An id for a message in a bundle.
+    fn message_id(&mut self) -> MsgId {
+        self.next_message += 1;
+        self.permute(1, self.next_message - 1)
+    }
+
+    fn permute(&self, domain: u8, seq: u64) -> MsgId {
         use aes::cipher::BlockEncrypt as _;
         let mut block = [0u8; 16];
-        block[8..].copy_from_slice(&self.next.to_be_bytes());
+        block[7] = domain;
+        block[8..].copy_from_slice(&seq.to_be_bytes());
         let mut block = block.into();
         self.ids.encrypt_block(&mut block);
         MsgId(block.into())
@@ -635,12 +693,14 @@ impl Driver {
                     self.timers();
                 }
             }
+            self.seal_fresh();
             self.flush();
         }
+        for (_, _, done) in self.fresh.drain(..) {
+            done.send(Err(MailboxError::Closed));
+        }
         for mut s in self.sends.drain() {
-            if let Some(done) = s.done.take() {
-                done.send(Err(MailboxError::Closed));
-            }
+            s.resolve(Err(MailboxError::Closed));
         }
         // What this turn produced (DELIVERED above all: without it the relay would hand the
         // same messages to this device's next run) is written before the link closes.
@@ -657,10 +717,7 @@ impl Driver {
             return;
         }
         match self.directories.get(&to) {
-            Some((devices, _, at)) if at.elapsed() < DIRECTORY_TTL => {
-                let devices = Arc::clone(devices);
-                self.seal_and_forward(&devices, body, done);
-            }
+            Some((_, _, at)) if at.elapsed() < DIRECTORY_TTL => self.fresh.push((to, body, done)),
             _ => self.lookup(to, Waiting::Send { body, done }),
         }
     }
@@ -676,26 +733,72 @@ impl Driver {
         self.out.push(Record::Lookup { request, cell });
     }
 
-    fn seal_and_forward(&mut self, devices: &[Arc<RemoteDevice>], body: Bytes, done: Done) {
+    /// Seals this turn's sends: those to one cell in bundles of up to [`BUNDLE_MESSAGES`]
+    /// messages and [`BUNDLE_BYTES`] of bodies, in the order they were submitted.
+    fn seal_fresh(&mut self) {
+        if self.fresh.is_empty() {
+            return;
+        }
+        let mut fresh = std::mem::take(&mut self.fresh);
+        // Stable: each cell's messages keep their order.
+        fresh.sort_by_key(|(cell, ..)| *cell);
+        let mut fresh = fresh.into_iter().peekable();
+        while let Some((cell, body, done)) = fresh.next() {
+            let Some(devices) = self.directories.get(&cell).map(|(d, ..)| Arc::clone(d)) else {
+                done.send(Err(MailboxError::Closed));
+                continue;
+            };
+            let mut bytes = body.len();
+            let mut bundle = vec![(body, done)];
+            while let Some((_, next, _)) = fresh.peek_mut().filter(|(c, ..)| *c == cell)
+                && bundle.len() < BUNDLE_MESSAGES
+                && bytes + next.len() <= BUNDLE_BYTES
+            {
+                bytes += next.len();
+                if let Some((_, body, done)) = fresh.next() {
+                    bundle.push((body, done));
+                }
+            }
+            self.seal_and_forward(&devices, bundle);
+        }
+        self.fresh = fresh.collect();
+    }
+
+    fn seal_and_forward(&mut self, devices: &[Arc<RemoteDevice>], bundle: Vec<(Bytes, Done)>) {
         let id = self.sends.next_id();
         let (now, at) = self.clock;
-        let mut sends = Vec::with_capacity(devices.len());
+        let (messages, done): (Vec<(MsgId, Bytes)>, Vec<Done>) = match <[_; 1]>::try_from(bundle) {
+            Ok([(body, done)]) => (vec![(id, body)], vec![done]),
+            Err(bundle) => bundle
+                .into_iter()
+                .map(|(body, done)| ((self.sends.message_id(), body), done))
+                .unzip(),
+        };
+        let mut send = PendingSend {
+            id,
+            messages,
+            devices: Vec::with_capacity(devices.len()),
+            done,
+        };
         for device in devices {
-            match self.endpoint.seal(device, id, now, &body, &mut OsRng) {
+            match seal_for(&mut self.endpoint, device, id, now, &send.messages) {
                 Ok(envelope) => {
                     self.out.push(Record::Forward {
                         to: device.node(),
                         id,
                         envelope: envelope.clone(),
                     });
-                    sends.push(DeviceSend {
+                    send.devices.push(DeviceSend {
                         device: Arc::clone(device),
                         envelope,
                         state: DevState::Sent,
                     });
                 }
                 Err(e) => {
-                    done.send(Err(e.into()));
+                    // Nothing of it went out (every device or none: the bodies were checked).
+                    self.out
+                        .retain(|r| !matches!(r, Record::Forward { id: f, .. } if *f == id));
+                    send.resolve(Err(e.into()));
                     return;
                 }
             }
@@ -706,12 +809,7 @@ impl Driver {
         let deadline = at + self.config.ack_timeout;
         self.deadlines.push_back((deadline, id));
         self.expiries.push_back((at + RETAIN, id));
-        self.sends.insert(PendingSend {
-            id,
-            body,
-            devices: sends,
-            done: Some(done),
-        });
+        self.sends.insert(send);
     }
 
     /// Makes room: forgets sends whose outcome is known but that some device has not
@@ -720,7 +818,7 @@ impl Driver {
         let resolved: Vec<MsgId> = self
             .sends
             .iter()
-            .filter(|s| s.done.is_none())
+            .filter(|s| s.done.is_empty())
             .map(|s| s.id)
             .take(MAX_RETAINED / 16)
             .collect();
@@ -817,8 +915,8 @@ impl Driver {
                 (Waiting::Lookup(done), Ok(dir), _) => {
                     let _ = done.send(Ok(dir.clone()));
                 }
-                (Waiting::Send { body, done }, Ok(_), Some(devices)) => {
-                    self.seal_and_forward(devices, body, done);
+                (Waiting::Send { body, done }, Ok(_), Some(_)) => {
+                    self.fresh.push((cell, body, done));
                 }
                 (Waiting::Lookup(done), Err(e), _) => {
                     let _ = done.send(Err(copy_error(e)));
@@ -861,6 +959,15 @@ impl Driver {
             .open(from, id, envelope, now, &self.revocations, &mut OsRng);
         match opened {
             Ok(Opened::Message(m)) => self.opened.push(m),
+            Ok(Opened::Bundle {
+                messages,
+                duplicates,
+            }) => {
+                if duplicates > 0 {
+                    tracing::debug!(%id, duplicates, "dropped duplicates in a bundle");
+                }
+                self.opened.extend(messages);
+            }
             Ok(Opened::Duplicate(id)) => tracing::debug!(%id, "dropped a duplicate"),
             Ok(Opened::Acked { from, ids }) => {
                 for id in ids {
@@ -901,10 +1008,7 @@ impl Driver {
             ) {
                 continue;
             }
-            if let Ok(fresh) = self
-                .endpoint
-                .seal(&dev.device, *id, now, &send.body, &mut OsRng)
-            {
+            if let Ok(fresh) = seal_for(&mut self.endpoint, &dev.device, *id, now, &send.messages) {
                 dev.envelope = fresh.clone();
                 dev.state = DevState::Sent;
                 self.out.push(Record::Forward {
@@ -951,15 +1055,8 @@ impl Driver {
                 refused.unwrap_or(RefuseCode::Other(0)),
             )))
         };
-        if let Some(outcome) = outcome
-            && let Some(done) = send.done.take()
-        {
-            let devices = send.devices.len();
-            done.send(outcome.map(|status| Sent {
-                id,
-                status,
-                devices,
-            }));
+        if let Some(outcome) = outcome {
+            send.resolve(outcome);
         }
         if settled {
             self.sends.remove(&id);
@@ -994,17 +1091,13 @@ impl Driver {
             let Some(send) = self.sends.get_mut(&id) else {
                 continue;
             };
-            let Some(done) = send.done.take() else {
+            if send.done.is_empty() {
                 continue;
-            };
+            }
             let queued = send.devices.iter().any(|d| d.state == DevState::Queued);
             let pushed = send.devices.iter().any(|d| d.state == DevState::Pushed);
-            done.send(if queued {
-                Ok(Sent {
-                    id,
-                    status: Status::Queued,
-                    devices: send.devices.len(),
-                })
+            send.resolve(if queued {
+                Ok(Status::Queued)
             } else if pushed {
                 Err(MailboxError::NotAcknowledged)
             } else {
@@ -1100,6 +1193,7 @@ impl Driver {
     }
 }
 
+/// The same outcome for each message of a send (errors from joining never are one).
 fn copy_error(e: &MailboxError) -> MailboxError {
     match e {
         MailboxError::UnknownCell(c) => MailboxError::UnknownCell(*c),
@@ -1107,7 +1201,13 @@ fn copy_error(e: &MailboxError) -> MailboxError {
             cell: *cell,
             error: error.clone(),
         },
-        _ => MailboxError::Closed,
+        MailboxError::Seal(e) => MailboxError::Seal(e.clone()),
+        MailboxError::Refused(code) => MailboxError::Refused(*code),
+        MailboxError::NotAcknowledged => MailboxError::NotAcknowledged,
+        MailboxError::Timeout => MailboxError::Timeout,
+        MailboxError::Start(_) | MailboxError::Relay(_) | MailboxError::Closed => {
+            MailboxError::Closed
+        }
     }
 }
 
@@ -1118,9 +1218,9 @@ mod tests {
     fn pending(id: MsgId) -> PendingSend {
         PendingSend {
             id,
-            body: Bytes::new(),
+            messages: Vec::new(),
             devices: Vec::new(),
-            done: None,
+            done: Vec::new(),
         }
     }
 
