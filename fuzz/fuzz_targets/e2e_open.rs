@@ -216,7 +216,7 @@ fn is_authentic(opened: &Result<Opened, OpenError>) -> bool {
         Ok(Opened::Message(_)
             | Opened::Acked { .. }
             | Opened::Duplicate(_)
-            | Opened::Bundle { .. })
+            | Opened::Bundle(_))
     )
 }
 
@@ -266,7 +266,7 @@ fuzz_target!(|data: &[u8]| {
     let again = r.open(genuine);
     let whole = match &again {
         Ok(Opened::Message(_) | Opened::Acked { .. }) => true,
-        Ok(Opened::Bundle { messages, .. }) => messages.len() == 3,
+        Ok(Opened::Bundle(messages)) => messages.len() == 3,
         _ => false,
     };
     assert!(

@@ -304,17 +304,12 @@ pub enum Opened {
     /// A message for the application. Its acknowledgement is queued: see
     /// [`Endpoint::poll_acks`].
     Message(Message),
-    /// A message delivered before, sent again (a retry): not for the application. Its
-    /// acknowledgement may have been lost, so it is acknowledged again.
+    /// An envelope (a message or a bundle) delivered before, sent again (a retry): not for
+    /// the application. Its acknowledgement may have been lost, so it is acknowledged again.
     Duplicate(MsgId),
-    /// A bundle ([`Endpoint::seal_bundle`]): its messages not delivered before, in the order
-    /// they were sealed. The bundle's acknowledgement is queued.
-    Bundle {
-        /// For the application.
-        messages: Vec<Message>,
-        /// How many of the bundle's messages were delivered before (dropped).
-        duplicates: usize,
-    },
+    /// A bundle ([`Endpoint::seal_bundle`]): its messages, in the order they were sealed.
+    /// The bundle's acknowledgement is queued.
+    Bundle(Vec<Message>),
     /// The recipient device acknowledged these messages of ours.
     Acked {
         /// The device that acknowledged.
@@ -727,32 +722,24 @@ impl Endpoint {
             inbound.advance(&theirs)?;
         }
         // Bodies are views into the decrypted buffer, not copies.
-        let plain = Bytes::from(plain);
         let from_cell = inbound.peer.cell();
         self.pending_acks.push((key, id));
-        let mut messages = Vec::with_capacity(count);
-        for (message, start, len) in items {
-            // A counter seen before makes the whole envelope a duplicate.
-            if replayed || !self.delivered.insert((from_cell, message)) {
-                continue;
-            }
-            messages.push(Message {
-                from_cell,
-                from_node: key.0,
-                id: message,
-                time,
-                body: plain.slice(start..start + len),
-            });
+        // Duplicates are told by envelope: a sender sends a message again only in its
+        // envelope, with that envelope's id and messages (a bundle does not change).
+        if replayed || !self.delivered.insert((from_cell, id)) {
+            return Ok(Opened::Duplicate(id));
         }
-        if bundle {
-            return Ok(Opened::Bundle {
-                duplicates: count - messages.len(),
-                messages,
-            });
-        }
-        Ok(match messages.pop() {
-            Some(m) => Opened::Message(m),
-            None => Opened::Duplicate(id),
+        let plain = Bytes::from(plain);
+        let mut messages = items.into_iter().map(|(message, start, len)| Message {
+            from_cell,
+            from_node: key.0,
+            id: message,
+            time,
+            body: plain.slice(start..start + len),
+        });
+        Ok(match (bundle, messages.next()) {
+            (false, Some(m)) => Opened::Message(m),
+            (_, first) => Opened::Bundle(first.into_iter().chain(messages).collect()),
         })
     }
 }
@@ -1507,10 +1494,7 @@ mod tests {
         for _ in 0..2 {
             let (id, ids, env) = w.bundle(&[b"one", b"", b"three"]);
             match w.bob_opens(id, &env).unwrap() {
-                Opened::Bundle {
-                    messages,
-                    duplicates: 0,
-                } => {
+                Opened::Bundle(messages) => {
                     let got: Vec<(MsgId, &[u8])> =
                         messages.iter().map(|m| (m.id, &m.body[..])).collect();
                     assert_eq!(
@@ -1529,32 +1513,22 @@ mod tests {
     #[test]
     fn a_bundle_sent_again_delivers_nothing_twice() {
         let mut w = world();
-        let (single, single_env) = w.send(b"alone");
-        w.bob_opens(single, &single_env).unwrap();
-        // The same envelope again: every message a duplicate.
-        let (id, _, env) = w.bundle(&[b"a", b"b"]);
-        w.bob_opens(id, &env).unwrap();
-        assert!(matches!(
-            w.bob_opens(id, &env).unwrap(),
-            Opened::Bundle { messages, duplicates: 2 } if messages.is_empty()
-        ));
-        // Sealed again (a new counter, as after a RESET) with one message already delivered.
         let messages = vec![
-            (single, Bytes::from_static(b"alone")),
-            (MsgId([3; 16]), Bytes::from_static(b"new")),
+            (MsgId([3; 16]), Bytes::from_static(b"a")),
+            (MsgId([4; 16]), Bytes::from_static(b"b")),
         ];
-        let again = w
-            .alice
-            .seal_bundle(&w.bob_device, id, T, &messages, &mut w.rng)
-            .unwrap();
-        match w.bob_opens(id, &again).unwrap() {
-            Opened::Bundle {
-                messages,
-                duplicates: 1,
-            } => assert_eq!(messages[0].id, MsgId([3; 16])),
-            other => panic!("{other:?}"),
-        }
-        assert_eq!(w.acks_back(), vec![single, id, id, id]);
+        let id = MsgId([5; 16]);
+        let to = w.bob_device.clone();
+        let env = w.alice.seal_bundle(&to, id, T, &messages, &mut w.rng);
+        let env = env.unwrap();
+        assert!(matches!(w.bob_opens(id, &env).unwrap(), Opened::Bundle(m) if m.len() == 2));
+        // The same envelope again (a relay's redelivery), or sealed again under a new counter
+        // (as after a RESET): a duplicate, acknowledged again.
+        assert!(matches!(w.bob_opens(id, &env).unwrap(), Opened::Duplicate(d) if d == id));
+        let again = w.alice.seal_bundle(&to, id, T, &messages, &mut w.rng);
+        let again = again.unwrap();
+        assert!(matches!(w.bob_opens(id, &again).unwrap(), Opened::Duplicate(d) if d == id));
+        assert_eq!(w.acks_back(), vec![id, id, id]);
     }
 
     #[test]
@@ -1595,7 +1569,7 @@ mod tests {
             bad[i] ^= 0x01;
             let mut fresh = world();
             assert!(
-                !matches!(fresh.bob_opens(id, &bad), Ok(Opened::Bundle { .. })),
+                !matches!(fresh.bob_opens(id, &bad), Ok(Opened::Bundle(_))),
                 "flipping byte {i} went unnoticed"
             );
         }

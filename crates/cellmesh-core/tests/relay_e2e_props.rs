@@ -420,10 +420,7 @@ impl Conversation {
 fn is_authentic(opened: &Result<Opened, OpenError>) -> bool {
     matches!(
         opened,
-        Ok(Opened::Message(_)
-            | Opened::Acked { .. }
-            | Opened::Duplicate(_)
-            | Opened::Bundle { .. })
+        Ok(Opened::Message(_) | Opened::Acked { .. } | Opened::Duplicate(_) | Opened::Bundle(_))
     )
 }
 

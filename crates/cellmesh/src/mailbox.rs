@@ -959,15 +959,7 @@ impl Driver {
             .open(from, id, envelope, now, &self.revocations, &mut OsRng);
         match opened {
             Ok(Opened::Message(m)) => self.opened.push(m),
-            Ok(Opened::Bundle {
-                messages,
-                duplicates,
-            }) => {
-                if duplicates > 0 {
-                    tracing::debug!(%id, duplicates, "dropped duplicates in a bundle");
-                }
-                self.opened.extend(messages);
-            }
+            Ok(Opened::Bundle(messages)) => self.opened.extend(messages),
             Ok(Opened::Duplicate(id)) => tracing::debug!(%id, "dropped a duplicate"),
             Ok(Opened::Acked { from, ids }) => {
                 for id in ids {
