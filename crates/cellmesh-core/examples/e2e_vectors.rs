@@ -1,7 +1,7 @@
 //! Prints the end-to-end envelope vectors `docs/PROTOCOL.md` publishes (section 14.9): one
 //! message from the device of `TestNode::new(1, ..)` to the device of `TestNode::new(2, ..)`,
-//! the acknowledgement it gets back, and a second message, which the acknowledgement moved to
-//! epoch 1.
+//! the acknowledgement it gets back, a second message, which the acknowledgement moved to
+//! epoch 1, and a bundle of two messages.
 //!
 //! `cargo run -p cellmesh-core --features testing --example e2e_vectors`
 
@@ -38,4 +38,6 @@ fn main() {
     );
     println!("second id:      {}", "22".repeat(16));
     println!("second ({} bytes):\n{}", v.second.len(), wrapped(&v.second));
+    println!("bundle id:      {}", "33".repeat(16));
+    println!("bundle ({} bytes):\n{}", v.bundle.len(), wrapped(&v.bundle));
 }

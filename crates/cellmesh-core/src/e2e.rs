@@ -25,9 +25,12 @@
 //!   = epoch ‖ counter. The associated data binds the protocol version, the envelope header
 //!   (session, epoch, counter, time), the sender's and the recipient's cell and device, and
 //!   the message id, so nothing can be moved from one context to another.
+//! - **Bundles.** Several messages to one device can share an envelope, each with its own id
+//!   inside the ciphertext ([`Endpoint::seal_bundle`]): one seal and one acknowledgement for
+//!   all of them.
 //! - **Replay.** A receiver accepts each (session, direction, epoch, counter) once, within a
-//!   window of [`REPLAY_WINDOW`] behind the highest seen, and the endpoint forgets no message
-//!   id among the last [`DEDUPE`] it delivered, so a re-sent message is acknowledged again
+//!   window of [`REPLAY_WINDOW`] behind the highest seen, and the endpoint forgets no envelope
+//!   id among the last [`DEDUPE`] it delivered, so a re-sent envelope is acknowledged again
 //!   but never delivered twice.
 //!
 //! # Envelope
@@ -44,6 +47,7 @@
 //! plain    = ratchet_flag:u8 [ephemeral:[32]] kind:u8 fields
 //!   kind 1 MESSAGE body_len:u32 body padding                              padding = zeros
 //!   kind 2 ACK     count:u16 id:[16]*count
+//!   kind 3 BUNDLE  count:u16 (id:[16] body_len:u32 body)*count padding    messages' own ids
 //! ```
 //!
 //! Until the sender has heard from the recipient device, every message is an INIT (it carries
@@ -81,7 +85,7 @@ pub const E2E_VERSION: u8 = 1;
 /// How far behind the highest counter a message may arrive and still be accepted (far more
 /// than the relay's bounds let messages be reordered: a queue of 10,000, 65,536 in flight).
 pub const REPLAY_WINDOW: u64 = 1 << 18;
-/// How many delivered message ids an endpoint remembers to drop duplicates.
+/// How many delivered envelope ids an endpoint remembers to drop duplicates.
 pub const DEDUPE: usize = 1 << 16;
 /// Most sessions an endpoint keeps per direction; beyond it the oldest inbound session (and
 /// some outbound one) is dropped.
@@ -831,7 +835,8 @@ impl Keys {
     }
 }
 
-/// The (sending cell, id) pairs of the last [`DEDUPE`] messages delivered, first in first out.
+/// The (sending cell, envelope id) pairs of the last [`DEDUPE`] envelopes delivered, first in
+/// first out.
 ///
 /// A ring holds the pairs in the order they came; an index maps a keyed 64-bit hash of each
 /// pair to its place in the ring. A lookup hashes the 48 bytes once and reads the ring only to

@@ -385,6 +385,8 @@ pub struct E2eVector {
     pub ack: crate::e2e::Reply,
     /// The second message ("again", id 0x22…), in epoch 1.
     pub second: Bytes,
+    /// A bundle (envelope id 0x33…) of "one" (id 0x44…) and "two" (id 0x55…), in epoch 1.
+    pub bundle: Bytes,
 }
 
 /// One message from `TestNode::new(1, ..)`'s device to `TestNode::new(2, ..)`'s, the
@@ -422,11 +424,27 @@ pub fn vector_e2e() -> E2eVector {
         Ok(Opened::Message(m)) => assert_eq!(&m.body[..], b"again"),
         other => panic!("the recipient did not get the second message: {other:?}"),
     }
+    let id3 = MsgId([0x33; 16]);
+    let messages = [
+        (MsgId([0x44; 16]), Bytes::from_static(b"one")),
+        (MsgId([0x55; 16]), Bytes::from_static(b"two")),
+    ];
+    let bundle = alice
+        .seal_bundle(&bob_device, id3, now, &messages, &mut rng)
+        .expect("sealed");
+    match bob.open(a.node_id(), id3, &bundle, now, &none, &mut rng) {
+        Ok(Opened::Bundle(got)) => {
+            let got: Vec<_> = got.into_iter().map(|m| (m.id, m.body)).collect();
+            assert_eq!(got, messages);
+        }
+        other => panic!("the recipient did not get the bundle: {other:?}"),
+    }
     E2eVector {
         alice: a,
         bob: b,
         envelope,
         ack,
         second,
+        bundle,
     }
 }

@@ -100,7 +100,7 @@ fn claims_to_token_bytes_to_fingerprint() {
 }
 
 /// The end-to-end envelopes of PROTOCOL.md section 14.9 (HPKE Auth setup, epoch-0 INIT, the
-/// acknowledgement carrying the responder's ephemeral key, and an epoch-1 message).
+/// acknowledgement carrying the responder's ephemeral key, an epoch-1 message and a bundle).
 #[test]
 fn end_to_end_envelopes_match_the_published_vectors() {
     let v = cellmesh_core::testing::vector_e2e();
@@ -116,5 +116,9 @@ fn end_to_end_envelopes_match_the_published_vectors() {
     assert_eq!(
         hex::encode(&v.second),
         "0102f400927857aaf64114f561baacb37970000000010000000000000000000000006b49d264a8c1106649c7f399115bbfe55d58fd0a79d57f22982134b0cc845c"
+    );
+    assert_eq!(
+        hex::encode(&v.bundle),
+        "0102f400927857aaf64114f561baacb37970000000010000000000000001000000006b49d264353332081e2f3c8e723c38eb92c22d57b130c9b4f6d6ce3e8c97940831c53f3f683ddbf7a1df7d1238fefd18385a403692a7b3209abe41506408ed37fd5054a1e9d6"
     );
 }
