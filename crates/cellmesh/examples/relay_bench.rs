@@ -1,7 +1,7 @@
 //! Cell-to-cell figures through one relay, for docs/BENCHMARKS.md.
 //!
 //! `cargo run --release -p cellmesh --example relay_bench [seconds-per-size [sizes...]]`
-//! (sizes in bytes; default 64 1024 16384)
+//! (sizes in bytes; default 64 1024 16384; `rtt` instead of sizes: the round trip only)
 //!
 //! One publisher cell, one relay, one subscriber cell, each on its own node and its own TCP
 //! connection over 127.0.0.1, in this process on a two-worker tokio runtime (the machine's two
@@ -52,7 +52,8 @@ fn main() {
         .skip(2)
         .filter_map(|s| s.parse().ok())
         .collect();
-    if sizes.is_empty() {
+    let rtt_only = std::env::args().skip(2).any(|a| a == "rtt");
+    if sizes.is_empty() && !rtt_only {
         sizes = vec![64, 1024, 16384];
     }
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -861,11 +861,14 @@ impl Driver {
                 }
             }
         }
-        // Handed to the application before the relay hears DELIVERED (and before the
-        // acknowledgements go out): waits while the application is behind.
+        // The messages have their place in the application's queue before the relay hears
+        // DELIVERED (and before the acknowledgements go out): waits while the application is
+        // behind. The application is woken last, once the acknowledgements are on their way,
+        // so that its answer, not them, runs next.
+        let mut permit = None;
         if !self.opened.is_empty() {
-            let opened = std::mem::take(&mut self.opened);
-            if self.messages.send(opened).await.is_err() {
+            permit = self.messages.clone().reserve_owned().await.ok();
+            if permit.is_none() {
                 tracing::debug!("nobody receives messages any more");
             }
         }
@@ -878,6 +881,11 @@ impl Driver {
         }
         for ids in delivered.chunks(cellmesh_core::relay::MAX_IDS) {
             self.out.push(Record::Delivered(ids.to_vec()));
+        }
+        self.flush();
+        let opened = std::mem::take(&mut self.opened);
+        if let Some(permit) = permit {
+            permit.send(opened);
         }
     }
 
