@@ -126,6 +126,52 @@ async fn messages_flow_both_ways_and_reach_every_device_of_the_cell() {
     ));
 }
 
+/// A burst to two cells, with bodies that fill bundles past their size and messages too big to
+/// share an envelope: every message reaches its cell once, with the id its sender was told.
+#[tokio::test]
+async fn a_burst_to_several_cells_splits_into_bundles_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = loopback_relay(dir.path()).await;
+    let addr = relay.local_addrs()[0];
+    let a = mailbox(&device(dir.path(), "alice"), addr).await;
+    let mut b = mailbox(&device(dir.path(), "bob"), addr).await;
+    let mut c = mailbox(&device(dir.path(), "carol"), addr).await;
+    // Directories first, so the burst is sealed in one turn.
+    for to in [b.cell(), c.cell()] {
+        a.lookup(to).await.unwrap();
+    }
+    let sizes = [40_000, 40_000, 100_000, 10, 65_536, 0, 70_000];
+    let mut tickets = Vec::new();
+    for i in 0..600usize {
+        let to = if i % 3 == 0 { c.cell() } else { b.cell() };
+        let mut body = vec![(i % 251) as u8; sizes[i % sizes.len()].max(4)];
+        body[..4].copy_from_slice(&(i as u32).to_be_bytes());
+        tickets.push((
+            to,
+            body.clone(),
+            a.submit(to, Bytes::from(body)).await.unwrap(),
+        ));
+    }
+    let mut expected = std::collections::HashMap::new();
+    for (to, body, t) in tickets {
+        let sent = t.await.unwrap();
+        assert_eq!(sent.status, Status::Delivered);
+        assert!(expected.insert(sent.id, (to, body)).is_none(), "ids differ");
+    }
+    for m in [&mut b, &mut c] {
+        let cell = m.cell();
+        let mine = expected.values().filter(|(to, _)| *to == cell).count();
+        for _ in 0..mine {
+            let got = recv(m).await;
+            let (to, body) = expected
+                .remove(&got.id)
+                .expect("a message sent once, to here");
+            assert_eq!((to, &body[..]), (cell, &got.body[..]));
+        }
+    }
+    assert!(expected.is_empty());
+}
+
 #[tokio::test]
 async fn queued_messages_survive_a_relay_restart_and_reach_the_device_when_it_returns() {
     let dir = tempfile::tempdir().unwrap();
