@@ -9,12 +9,15 @@
 //! ```
 //!
 //! One driver task owns the node (whose only peer is the relay) and the end-to-end endpoint.
+//! What the application submits to one cell while the driver is busy is sealed together, in
+//! bundles (one envelope, one FORWARD and one acknowledgement for up to 256 messages), each
+//! message keeping its own id and outcome; a message submitted alone goes alone, at once.
 //! A send resolves as *delivered* when any device of the recipient cell acknowledges it end to
 //! end, as *queued* when the relay stored it for every device it did not push to, or fails
 //! with the relay's refusal. Until then its envelopes are kept: they are sent again when the
 //! relay link comes back, and sealed anew when a recipient device lost its session (RESET).
 //! A received message is handed to the application before the relay is told DELIVERED, and
-//! the ids of the last 65,536 messages are remembered, so a retry or a redelivery is dropped,
+//! the ids of the last 65,536 envelopes are remembered, so a retry or a redelivery is dropped,
 //! not shown twice, while this process runs. (After a crash between the two, the message may
 //! be shown again: the memory of ids is not on disk yet.)
 //!
@@ -266,8 +269,9 @@ impl Mailbox {
             })?;
         let (cmds, cmd_rx) = mpsc::channel(1024);
         let in_flight = Arc::new(Semaphore::new(config.max_in_flight.max(1)));
-        // Batches of up to 256 messages: the bound in messages stays about inbox_capacity.
-        let (msg_tx, messages) = mpsc::channel((config.inbox_capacity / 256).max(2));
+        // Chunks of up to HAND_OVER messages: the bound in messages stays about
+        // inbox_capacity (plus what one turn of the driver opens).
+        let (msg_tx, messages) = mpsc::channel((config.inbox_capacity / HAND_OVER).max(2));
         let (cell, me) = (node.cell(), node.node_id());
         let revocations = unlocked.keystore.revocations();
         let outbox = node.sender(relay.node).ok().map(Outbox::new);
@@ -478,7 +482,7 @@ enum Waiting {
 const DIRECTORY_TTL: Duration = Duration::from_secs(30);
 /// How long a sent message is kept for devices that have not acknowledged it.
 const RETAIN: Duration = Duration::from_secs(24 * 3600);
-/// Most messages kept for devices that have not acknowledged them.
+/// Most envelopes (messages or bundles) kept for devices that have not acknowledged them.
 const MAX_RETAINED: usize = 65_536;
 const RETRY_AFTER: Duration = Duration::from_millis(100);
 /// Most bytes of bodies in one bundle: messages submitted together to one cell share an
@@ -486,6 +490,8 @@ const RETRY_AFTER: Duration = Duration::from_millis(100);
 const BUNDLE_BYTES: usize = 64 * 1024;
 /// Most messages in one bundle.
 const BUNDLE_MESSAGES: usize = 256;
+/// Most messages handed to the application in one piece.
+const HAND_OVER: usize = 256;
 /// Sends kept by position before the oldest still kept move to a map.
 const RECENT: usize = 1 << 17;
 
@@ -863,14 +869,23 @@ impl Driver {
         }
         // The messages have their place in the application's queue before the relay hears
         // DELIVERED (and before the acknowledgements go out): waits while the application is
-        // behind. The application is woken last, once the acknowledgements are on their way,
-        // so that its answer, not them, runs next.
-        let mut permit = None;
-        if !self.opened.is_empty() {
-            permit = self.messages.clone().reserve_owned().await.ok();
-            if permit.is_none() {
+        // behind. They go in chunks of at most HAND_OVER, so that the queue's bound in chunks
+        // is one in messages (bundles make one turn's messages many). The last chunk's place
+        // is only reserved: the application is woken last, once the acknowledgements are on
+        // their way, so that its answer, not them, runs next.
+        let mut opened = std::mem::take(&mut self.opened).into_iter();
+        let mut last = Vec::new();
+        while opened.len() > 0 {
+            let chunk: Vec<Message> = opened.by_ref().take(HAND_OVER).collect();
+            if opened.len() == 0 {
+                last = chunk;
+            } else if self.messages.send(chunk).await.is_err() {
                 tracing::debug!("nobody receives messages any more");
             }
+        }
+        let mut permit = None;
+        if !last.is_empty() {
+            permit = self.messages.clone().reserve_owned().await.ok();
         }
         for reply in self.endpoint.poll_acks(&mut self.rng) {
             self.out.push(Record::Forward {
@@ -883,9 +898,8 @@ impl Driver {
             self.out.push(Record::Delivered(ids.to_vec()));
         }
         self.flush();
-        let opened = std::mem::take(&mut self.opened);
         if let Some(permit) = permit {
-            permit.send(opened);
+            permit.send(last);
         }
     }
 
