@@ -291,7 +291,7 @@ impl Mailbox {
             deadlines: VecDeque::new(),
             expiries: VecDeque::new(),
             retries: Vec::new(),
-            directories: HashMap::new(),
+            directories: HashMap::default(),
             rng: ChaCha20Rng::from_rng(OsRng).map_err(|_| MailboxError::Closed)?,
             lookups: HashMap::new(),
             next_request: 1,
@@ -450,7 +450,7 @@ struct Driver {
     node: Node,
     revocations: cellmesh_core::device::Revocations,
     messages: mpsc::Sender<Vec<Message>>,
-    /// The clocks read once per batch of commands (wall, monotonic).
+    /// The clocks read once per batch of commands and once per sealing (wall, monotonic).
     clock: (Timestamp, Instant),
     /// Opened in this turn, handed over at its end.
     opened: Vec<Message>,
@@ -464,7 +464,9 @@ struct Driver {
     expiries: VecDeque<(Instant, MsgId)>,
     /// Devices refused for a reason that may pass, to forward to again.
     retries: Vec<(Instant, MsgId, NodeId)>,
-    directories: HashMap<CellId, CachedDirectory>,
+    /// Looked up on every send: a fast hash (cell ids are public, and the relay's answers
+    /// only replace entries of cells this device asked about).
+    directories: HashMap<CellId, CachedDirectory, foldhash::fast::RandomState>,
     rng: ChaCha20Rng,
     lookups: HashMap<u32, (CellId, Vec<Waiting>)>,
     next_request: u32,
@@ -723,7 +725,9 @@ impl Driver {
             return;
         }
         match self.directories.get(&to) {
-            Some((_, _, at)) if at.elapsed() < DIRECTORY_TTL => self.fresh.push((to, body, done)),
+            Some((_, _, at)) if self.clock.1.saturating_duration_since(*at) < DIRECTORY_TTL => {
+                self.fresh.push((to, body, done));
+            }
             _ => self.lookup(to, Waiting::Send { body, done }),
         }
     }
@@ -745,6 +749,8 @@ impl Driver {
         if self.fresh.is_empty() {
             return;
         }
+        // Sends that waited for a directory are sealed now, not when they were submitted.
+        self.clock = (crate::now(), Instant::now());
         let mut fresh = std::mem::take(&mut self.fresh);
         // Stable: each cell's messages keep their order.
         fresh.sort_by_key(|(cell, ..)| *cell);
