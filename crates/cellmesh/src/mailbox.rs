@@ -160,8 +160,9 @@ pub enum MailboxError {
 #[derive(Debug)]
 pub struct Mailbox {
     sender: MailboxSender,
-    /// Messages arrive in batches (one per batch of envelopes from the relay).
-    messages: mpsc::Receiver<Vec<Message>>,
+    /// Messages arrive in chunks; room for as many is given back as each is taken.
+    messages: mpsc::UnboundedReceiver<Vec<Message>>,
+    room: Arc<Semaphore>,
     ready: VecDeque<Message>,
     relay_node: NodeId,
     cell: CellId,
@@ -269,9 +270,9 @@ impl Mailbox {
             })?;
         let (cmds, cmd_rx) = mpsc::channel(1024);
         let in_flight = Arc::new(Semaphore::new(config.max_in_flight.max(1)));
-        // Chunks of up to HAND_OVER messages: the bound in messages stays about
-        // inbox_capacity (plus what one turn of the driver opens).
-        let (msg_tx, messages) = mpsc::channel((config.inbox_capacity / HAND_OVER).max(2));
+        let (msg_tx, messages) = mpsc::unbounded_channel();
+        let capacity = config.inbox_capacity.clamp(1, Semaphore::MAX_PERMITS);
+        let room = Arc::new(Semaphore::new(capacity));
         let (cell, me) = (node.cell(), node.node_id());
         let revocations = unlocked.keystore.revocations();
         let outbox = node.sender(relay.node).ok().map(Outbox::new);
@@ -283,7 +284,11 @@ impl Mailbox {
             config,
             node,
             revocations,
-            messages: msg_tx,
+            to_app: ToApp {
+                tx: msg_tx,
+                room: Arc::clone(&room),
+                chunk: HAND_OVER.min(capacity),
+            },
             opened: Vec::new(),
             fresh: Vec::new(),
             clock: (crate::now(), Instant::now()),
@@ -301,6 +306,7 @@ impl Mailbox {
         Ok(Self {
             sender: MailboxSender { cmds, in_flight },
             messages,
+            room,
             ready: VecDeque::new(),
             relay_node: relay.node,
             cell,
@@ -341,7 +347,10 @@ impl Mailbox {
             if let Some(m) = self.ready.pop_front() {
                 return Some(m);
             }
-            self.ready.extend(self.messages.recv().await?);
+            // Room is given back a piece (at most 256 messages) at a time.
+            let chunk = self.messages.recv().await?;
+            self.room.add_permits(chunk.len());
+            self.ready.extend(chunk);
         }
     }
 
@@ -449,7 +458,7 @@ struct Driver {
     config: MailboxConfig,
     node: Node,
     revocations: cellmesh_core::device::Revocations,
-    messages: mpsc::Sender<Vec<Message>>,
+    to_app: ToApp,
     /// The clocks read once per batch of commands and once per sealing (wall, monotonic).
     clock: (Timestamp, Instant),
     /// Opened in this turn, handed over at its end.
@@ -494,6 +503,37 @@ const BUNDLE_BYTES: usize = 64 * 1024;
 const BUNDLE_MESSAGES: usize = 256;
 /// Most messages handed to the application in one piece.
 const HAND_OVER: usize = 256;
+
+/// The way to the application: bounded in messages, not in pieces (one turn of the driver can
+/// open one message or a hundred thousand). The driver takes room before it hands messages
+/// over; [`Mailbox::recv`] gives it back as it takes a piece to hand out.
+struct ToApp {
+    tx: mpsc::UnboundedSender<Vec<Message>>,
+    room: Arc<Semaphore>,
+    /// Most messages in one piece (at most the room there is).
+    chunk: usize,
+}
+
+impl ToApp {
+    /// Waits for room for `n` messages (at most `chunk`); false once nobody receives.
+    async fn room_for(&self, n: usize) -> bool {
+        let n = u32::try_from(n).unwrap_or(u32::MAX);
+        tokio::select! {
+            permit = self.room.acquire_many(n) => match permit {
+                Ok(permit) => {
+                    permit.forget();
+                    true
+                }
+                Err(_) => false,
+            },
+            () = self.tx.closed() => false,
+        }
+    }
+
+    fn hand_over(&self, messages: Vec<Message>) {
+        let _ = self.tx.send(messages);
+    }
+}
 /// Sends kept by position before the oldest still kept move to a map.
 const RECENT: usize = 1 << 17;
 
@@ -875,23 +915,21 @@ impl Driver {
         }
         // The messages have their place in the application's queue before the relay hears
         // DELIVERED (and before the acknowledgements go out): waits while the application is
-        // behind. They go in chunks of at most HAND_OVER, so that the queue's bound in chunks
-        // is one in messages (bundles make one turn's messages many). The last chunk's place
-        // is only reserved: the application is woken last, once the acknowledgements are on
-        // their way, so that its answer, not them, runs next.
+        // behind. The last chunk is handed over only after the acknowledgements are written:
+        // the application is woken last, so that its answer, not they, runs next.
         let mut opened = std::mem::take(&mut self.opened).into_iter();
         let mut last = Vec::new();
         while opened.len() > 0 {
-            let chunk: Vec<Message> = opened.by_ref().take(HAND_OVER).collect();
+            let chunk: Vec<Message> = opened.by_ref().take(self.to_app.chunk).collect();
+            if !self.to_app.room_for(chunk.len()).await {
+                tracing::debug!("nobody receives messages any more");
+                break;
+            }
             if opened.len() == 0 {
                 last = chunk;
-            } else if self.messages.send(chunk).await.is_err() {
-                tracing::debug!("nobody receives messages any more");
+            } else {
+                self.to_app.hand_over(chunk);
             }
-        }
-        let mut permit = None;
-        if !last.is_empty() {
-            permit = self.messages.clone().reserve_owned().await.ok();
         }
         for reply in self.endpoint.poll_acks(&mut self.rng) {
             self.out.push(Record::Forward {
@@ -904,8 +942,8 @@ impl Driver {
             self.out.push(Record::Delivered(ids.to_vec()));
         }
         self.flush();
-        if let Some(permit) = permit {
-            permit.send(last);
+        if !last.is_empty() {
+            self.to_app.hand_over(last);
         }
     }
 

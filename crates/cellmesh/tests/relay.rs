@@ -172,6 +172,28 @@ async fn a_burst_to_several_cells_splits_into_bundles_and_loses_nothing() {
     assert!(expected.is_empty());
 }
 
+/// A mailbox holds `inbox_capacity` messages for an application that is not reading, however
+/// they arrive: here one per turn of its driver (each send waits for the one before).
+#[tokio::test]
+async fn a_mailbox_holds_its_inbox_capacity_in_messages_not_in_arrivals() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = loopback_relay(dir.path()).await;
+    let addr = relay.local_addrs()[0];
+    let a = mailbox(&device(dir.path(), "alice"), addr).await;
+    let mut config = MailboxConfig::new(addr);
+    config.inbox_capacity = 100;
+    let mut b = Mailbox::connect(&device(dir.path(), "bob"), config)
+        .await
+        .unwrap();
+    for i in 0..100u32 {
+        let sent = a.send(b.cell(), Bytes::from(i.to_be_bytes().to_vec())).await;
+        assert_eq!(sent.unwrap().status, Status::Delivered, "message {i}");
+    }
+    for i in 0..100u32 {
+        assert_eq!(recv(&mut b).await.body, &i.to_be_bytes()[..]);
+    }
+}
+
 #[tokio::test]
 async fn queued_messages_survive_a_relay_restart_and_reach_the_device_when_it_returns() {
     let dir = tempfile::tempdir().unwrap();
