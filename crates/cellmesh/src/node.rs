@@ -1172,11 +1172,19 @@ async fn drive<R, W>(
     let timer = tokio::time::sleep_until(deadline(timer_due));
     tokio::pin!(timer);
     loop {
+        let mut handed = false;
         while undelivered.is_none() {
             let Some(event) = conn.poll_event() else {
                 break;
             };
+            handed |= matches!(event, Event::Data(_));
             undelivered = on_event(&shared, id, addr, inbound, &mut outcome, &mut unauth, event);
+        }
+        // Let the receiver run before this task reads again (which only finds the socket
+        // empty, most of the time): it waits in this thread's next-to-run slot, which no
+        // other thread can take it from.
+        if handed {
+            tokio::task::yield_now().await;
         }
         if conn.is_closed() && undelivered.is_none() {
             // Flush the last frames (a NACK or CLOSE) briefly, then go.
