@@ -186,7 +186,9 @@ async fn a_mailbox_holds_its_inbox_capacity_in_messages_not_in_arrivals() {
         .await
         .unwrap();
     for i in 0..100u32 {
-        let sent = a.send(b.cell(), Bytes::from(i.to_be_bytes().to_vec())).await;
+        let sent = a
+            .send(b.cell(), Bytes::from(i.to_be_bytes().to_vec()))
+            .await;
         assert_eq!(sent.unwrap().status, Status::Delivered, "message {i}");
     }
     for i in 0..100u32 {
