@@ -16,8 +16,9 @@
 //! end, as *queued* when the relay stored it for every device it did not push to, or fails
 //! with the relay's refusal. Until then its envelopes are kept: they are sent again when the
 //! relay link comes back, and sealed anew when a recipient device lost its session (RESET).
-//! A received message is handed to the application before the relay is told DELIVERED, and
-//! the ids of the last 65,536 envelopes are remembered, so a retry or a redelivery is dropped,
+//! A received message has its place in the application's queue before the relay is told
+//! DELIVERED (and if nobody takes messages any more, nothing is acknowledged), and the ids of
+//! the last 65,536 envelopes are remembered, so a retry or a redelivery is dropped,
 //! not shown twice, while this process runs. (After a crash between the two, the message may
 //! be shown again: the memory of ids is not on disk yet.)
 //!
@@ -43,7 +44,7 @@ use rand_core::{OsRng, SeedableRng as _};
 use std::sync::Arc;
 use thiserror::Error;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::home::Unlocked;
@@ -64,7 +65,8 @@ pub struct MailboxConfig {
     pub padding: Padding,
     /// How long a send waits for an end-to-end acknowledgement after the relay pushed it.
     pub ack_timeout: Duration,
-    /// Messages received but not yet taken by [`Mailbox::recv`] before the relay link pauses.
+    /// Messages received but not yet taken by [`Mailbox::recv`] before the relay link pauses
+    /// (give or take one piece of up to 256 that `recv` is handing out).
     pub inbox_capacity: usize,
     /// Sends whose outcome is not known yet; [`Mailbox::submit`] waits while this many are.
     pub max_in_flight: usize,
@@ -163,6 +165,8 @@ pub struct Mailbox {
     /// Messages arrive in chunks; room for as many is given back as each is taken.
     messages: mpsc::UnboundedReceiver<Vec<Message>>,
     room: Arc<Semaphore>,
+    /// Tells the driver to stop (not through the command queue, which may be full).
+    closing: watch::Sender<bool>,
     ready: VecDeque<Message>,
     relay_node: NodeId,
     cell: CellId,
@@ -242,7 +246,6 @@ enum Cmd {
         cell: CellId,
         done: oneshot::Sender<Result<Directory, MailboxError>>,
     },
-    Close,
 }
 
 impl Mailbox {
@@ -273,6 +276,7 @@ impl Mailbox {
         let (msg_tx, messages) = mpsc::unbounded_channel();
         let capacity = config.inbox_capacity.clamp(1, Semaphore::MAX_PERMITS);
         let room = Arc::new(Semaphore::new(capacity));
+        let (closing, close_rx) = watch::channel(false);
         let (cell, me) = (node.cell(), node.node_id());
         let revocations = unlocked.keystore.revocations();
         let outbox = node.sender(relay.node).ok().map(Outbox::new);
@@ -307,11 +311,12 @@ impl Mailbox {
             sender: MailboxSender { cmds, in_flight },
             messages,
             room,
+            closing,
             ready: VecDeque::new(),
             relay_node: relay.node,
             cell,
             node: me,
-            task: tokio::spawn(driver.run(cmd_rx, events)),
+            task: tokio::spawn(driver.run(cmd_rx, events, close_rx)),
         })
     }
 
@@ -373,11 +378,20 @@ impl Mailbox {
     /// were received (and so acknowledged to their senders and the relay) but not yet taken
     /// with [`Mailbox::recv`]: the application must not drop them.
     pub async fn close(mut self) -> Vec<Message> {
-        let _ = self.sender.cmds.send(Cmd::Close).await;
-        let _ = self.task.await;
+        let _ = self.closing.send(true);
         let mut unread: Vec<Message> = self.ready.drain(..).collect();
-        while let Ok(batch) = self.messages.try_recv() {
-            unread.extend(batch);
+        // Taken as the driver finishes its turn: it may be waiting for room to hand over.
+        loop {
+            tokio::select! {
+                _ = &mut self.task => break,
+                Some(chunk) = self.messages.recv() => {
+                    self.room.add_permits(chunk.len());
+                    unread.extend(chunk);
+                }
+            }
+        }
+        while let Ok(chunk) = self.messages.try_recv() {
+            unread.extend(chunk);
         }
         unread
     }
@@ -697,6 +711,7 @@ impl Driver {
         mut self,
         mut cmds: mpsc::Receiver<Cmd>,
         mut events: broadcast::Receiver<NodeEvent>,
+        mut closing: watch::Receiver<bool>,
     ) {
         let mut cmd_buf = Vec::with_capacity(256);
         let mut in_buf = Vec::with_capacity(256);
@@ -707,19 +722,15 @@ impl Driver {
                     if n == 0 {
                         break;
                     }
-                    let mut close = false;
                     self.clock = (crate::now(), Instant::now());
                     for cmd in cmd_buf.drain(..) {
                         match cmd {
                             Cmd::Send { to, body, done } => self.send(to, body, done),
                             Cmd::Lookup { cell, done } => self.lookup(cell, Waiting::Lookup(done)),
-                            Cmd::Close => close = true,
                         }
                     }
-                    if close {
-                        break;
-                    }
                 }
+                Ok(()) = closing.changed() => break,
                 n = self.node.recv_many(&mut in_buf, 256) => {
                     if n == 0 {
                         break;
@@ -847,7 +858,8 @@ impl Driver {
                     });
                 }
                 Err(e) => {
-                    // Nothing of it went out (every device or none: the bodies were checked).
+                    // None of its FORWARDs go out (sealing for a device failed, after earlier
+                    // devices of the cell were sealed for): its messages fail as one.
                     self.out
                         .retain(|r| !matches!(r, Record::Forward { id: f, .. } if *f == id));
                     send.resolve(Err(e.into()));
@@ -885,6 +897,7 @@ impl Driver {
 
     async fn incoming(&mut self, batch: &mut Vec<crate::node::Incoming>) {
         let mut delivered = Vec::new();
+        let mut received = true;
         let now = crate::now();
         for incoming in batch.drain(..) {
             if incoming.from != self.relay {
@@ -908,6 +921,10 @@ impl Driver {
                     Record::Deliver { from, id, envelope } => {
                         self.deliver(from, id, &envelope, now);
                         delivered.push(id);
+                        // Full pieces go at once: one turn can open many messages.
+                        if received && self.opened.len() > self.to_app.chunk {
+                            received = self.hand_over_full().await;
+                        }
                     }
                     _ => tracing::debug!("relay sent a device-only record"),
                 }
@@ -915,21 +932,18 @@ impl Driver {
         }
         // The messages have their place in the application's queue before the relay hears
         // DELIVERED (and before the acknowledgements go out): waits while the application is
-        // behind. The last chunk is handed over only after the acknowledgements are written:
+        // behind. The last piece is handed over only after the acknowledgements are written:
         // the application is woken last, so that its answer, not they, runs next.
-        let mut opened = std::mem::take(&mut self.opened).into_iter();
-        let mut last = Vec::new();
-        while opened.len() > 0 {
-            let chunk: Vec<Message> = opened.by_ref().take(self.to_app.chunk).collect();
-            if !self.to_app.room_for(chunk.len()).await {
-                tracing::debug!("nobody receives messages any more");
-                break;
-            }
-            if opened.len() == 0 {
-                last = chunk;
-            } else {
-                self.to_app.hand_over(chunk);
-            }
+        let last = std::mem::take(&mut self.opened);
+        if received && !last.is_empty() {
+            received = self.to_app.room_for(last.len()).await;
+        }
+        if !received {
+            // Nobody takes messages any more (the mailbox was dropped): nothing of this turn
+            // is acknowledged, so the relay keeps it for this device's next run.
+            tracing::debug!("nobody receives messages any more; not acknowledging them");
+            let _ = self.endpoint.poll_acks(&mut self.rng);
+            return;
         }
         for reply in self.endpoint.poll_acks(&mut self.rng) {
             self.out.push(Record::Forward {
@@ -945,6 +959,19 @@ impl Driver {
         if !last.is_empty() {
             self.to_app.hand_over(last);
         }
+    }
+
+    /// Hands full pieces over while more than a piece is open; false once nobody receives.
+    async fn hand_over_full(&mut self) -> bool {
+        while self.opened.len() > self.to_app.chunk {
+            let rest = self.opened.split_off(self.to_app.chunk);
+            let piece = std::mem::replace(&mut self.opened, rest);
+            if !self.to_app.room_for(piece.len()).await {
+                return false;
+            }
+            self.to_app.hand_over(piece);
+        }
+        true
     }
 
     fn directory(

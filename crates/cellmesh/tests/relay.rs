@@ -196,6 +196,36 @@ async fn a_mailbox_holds_its_inbox_capacity_in_messages_not_in_arrivals() {
     }
 }
 
+/// Closing a mailbox whose application stopped reading returns, with what it received: the
+/// driver may be waiting for room in the full queue when asked to stop.
+#[tokio::test]
+async fn closing_a_mailbox_with_a_full_queue_returns_what_it_received() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = loopback_relay(dir.path()).await;
+    let addr = relay.local_addrs()[0];
+    let a = mailbox(&device(dir.path(), "alice"), addr).await;
+    let mut config = MailboxConfig::new(addr);
+    config.inbox_capacity = 2;
+    let b = Mailbox::connect(&device(dir.path(), "bob"), config)
+        .await
+        .unwrap();
+    // One at a time, so Bob's queue (room for 2) is full when the third arrives.
+    let (sender, to) = (a.sender(), b.cell());
+    let sending = tokio::spawn(async move {
+        for i in 0..10u32 {
+            let _ = sender.send(to, Bytes::from(i.to_be_bytes().to_vec())).await;
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let unread = tokio::time::timeout(Duration::from_secs(5), b.close())
+        .await
+        .expect("close returns");
+    assert!(unread.len() >= 2, "{} messages returned", unread.len());
+    let distinct: std::collections::BTreeSet<_> = unread.iter().map(|m| m.id).collect();
+    assert_eq!(distinct.len(), unread.len());
+    sending.abort();
+}
+
 #[tokio::test]
 async fn queued_messages_survive_a_relay_restart_and_reach_the_device_when_it_returns() {
     let dir = tempfile::tempdir().unwrap();
