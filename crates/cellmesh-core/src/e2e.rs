@@ -1572,6 +1572,54 @@ mod tests {
         every_flip_is_refused(id, &env);
     }
 
+    /// Plaintexts that authenticate (sealed by the real sender) but are not well formed are
+    /// refused whole, and deliver nothing.
+    #[test]
+    fn a_malformed_plaintext_that_authenticates_is_refused() {
+        let id = [0x77u8; 16];
+        let item = |len: u32, body: &[u8]| [&id[..], &len.to_be_bytes(), body].concat();
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("bundle of none", vec![PLAIN_BUNDLE, 0, 0]),
+            (
+                "bundle of 1025",
+                [&[PLAIN_BUNDLE, 4, 1][..], &item(0, b"")].concat(),
+            ),
+            (
+                "bundle cut short",
+                [&[PLAIN_BUNDLE, 0, 2][..], &item(1, b"x")].concat(),
+            ),
+            (
+                "body past the end",
+                [&[PLAIN_BUNDLE, 0, 1][..], &item(9, b"x")].concat(),
+            ),
+            (
+                "non-zero padding after a bundle",
+                [&[PLAIN_BUNDLE, 0, 1][..], &item(1, b"x"), &[0, 1]].concat(),
+            ),
+            (
+                "non-zero padding after a body",
+                vec![PLAIN_MESSAGE, 0, 0, 0, 1, b'x', 7],
+            ),
+            ("an acknowledgement inbound", vec![PLAIN_ACK, 0, 1]),
+            ("an unknown kind", vec![9, 0, 0]),
+            ("nothing after the flag", vec![]),
+        ];
+        for (what, plain) in cases {
+            let mut w = world();
+            let to = w.bob_device.clone();
+            let env = w
+                .alice
+                .seal_plain(&to, MsgId(id), T, plain.len(), &mut w.rng, |p| {
+                    p.extend_from_slice(&plain)
+                });
+            let opened = w.bob_opens(MsgId(id), &env.unwrap());
+            assert!(
+                matches!(opened, Err(OpenError::Malformed(_))),
+                "{what}: {opened:?}"
+            );
+        }
+    }
+
     /// Flips each byte of `env` in turn: a fresh recipient opens none of them as a message.
     fn every_flip_is_refused(id: MsgId, env: &[u8]) {
         for i in 0..env.len() {
