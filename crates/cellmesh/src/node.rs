@@ -1177,8 +1177,9 @@ async fn drive<R, W>(
             let Some(event) = conn.poll_event() else {
                 break;
             };
-            handed |= matches!(event, Event::Data(_));
+            let data = matches!(event, Event::Data(_));
             undelivered = on_event(&shared, id, addr, inbound, &mut outcome, &mut unauth, event);
+            handed |= data && undelivered.is_none();
         }
         // Let the receiver run before this task reads again (which only finds the socket
         // empty, most of the time): it waits in this thread's next-to-run slot, which no
