@@ -30,6 +30,13 @@ async fn loopback_relay(dir: &Path) -> Relay {
     .await
 }
 
+/// A mailbox whose queue to the application has room for `capacity` messages.
+async fn mailbox_holding(unlocked: &Unlocked, relay: SocketAddr, capacity: usize) -> Mailbox {
+    let mut config = MailboxConfig::new(relay);
+    config.inbox_capacity = capacity;
+    Mailbox::connect(unlocked, config).await.unwrap()
+}
+
 async fn mailbox(unlocked: &Unlocked, relay: SocketAddr) -> Mailbox {
     let mut config = MailboxConfig::new(relay);
     config.ack_timeout = Duration::from_secs(5);
@@ -180,11 +187,7 @@ async fn a_mailbox_holds_its_inbox_capacity_in_messages_not_in_arrivals() {
     let relay = loopback_relay(dir.path()).await;
     let addr = relay.local_addrs()[0];
     let a = mailbox(&device(dir.path(), "alice"), addr).await;
-    let mut config = MailboxConfig::new(addr);
-    config.inbox_capacity = 100;
-    let mut b = Mailbox::connect(&device(dir.path(), "bob"), config)
-        .await
-        .unwrap();
+    let mut b = mailbox_holding(&device(dir.path(), "bob"), addr, 100).await;
     for i in 0..100u32 {
         let sent = a
             .send(b.cell(), Bytes::from(i.to_be_bytes().to_vec()))
@@ -204,11 +207,7 @@ async fn closing_a_mailbox_with_a_full_queue_returns_what_it_received() {
     let relay = loopback_relay(dir.path()).await;
     let addr = relay.local_addrs()[0];
     let a = mailbox(&device(dir.path(), "alice"), addr).await;
-    let mut config = MailboxConfig::new(addr);
-    config.inbox_capacity = 2;
-    let b = Mailbox::connect(&device(dir.path(), "bob"), config)
-        .await
-        .unwrap();
+    let b = mailbox_holding(&device(dir.path(), "bob"), addr, 2).await;
     // One at a time, so Bob's queue (room for 2) is full when the third arrives.
     let (sender, to) = (a.sender(), b.cell());
     let sending = tokio::spawn(async move {
