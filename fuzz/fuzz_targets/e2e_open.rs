@@ -26,7 +26,7 @@
 use std::sync::OnceLock;
 
 use bytes::Bytes;
-use cellmesh_core::Timestamp;
+use cellmesh_core::{Instant, Timestamp};
 use cellmesh_core::device::Revocations;
 use cellmesh_core::e2e::{Endpoint, LocalDevice, OpenError, Opened, Padding, RemoteDevice};
 use cellmesh_core::id::NodeId;
@@ -40,7 +40,7 @@ use rand_core::SeedableRng as _;
 /// When the test nodes' tokens were issued.
 const T0: Timestamp = Timestamp(1_800_000_000);
 /// When envelopes are sealed and opened.
-const T: Timestamp = Timestamp(1_800_000_100);
+const T: Instant = Instant(1_800_000_100_000);
 
 /// The genuine envelopes of one conversation, sealed once: the endpoints draw from their own
 /// seeded RNGs, so replaying an endpoint's steps rebuilds exactly the state they were sealed
@@ -76,7 +76,7 @@ fn fixture() -> &'static Fixture {
     FIXTURE.get_or_init(|| {
         let (alice, bob) = (TestNode::new(1, T0), TestNode::new(2, T0));
         let bob_device =
-            RemoteDevice::verify(&bob.node_token, &bob.identity, T, &Revocations::new())
+            RemoteDevice::verify(&bob.node_token, &bob.identity, T.timestamp(), &Revocations::new())
                 .expect("Bob's tokens verify");
         let (mut a, mut a_rng) = (endpoint(&alice), alice_rng());
         let init = a
@@ -91,7 +91,10 @@ fn fixture() -> &'static Fixture {
             &Revocations::new(),
             &mut b_rng,
         );
-        assert!(matches!(opened, Ok(Opened::Message(_))), "{opened:?}");
+        match opened {
+            Ok(Opened::Messages(got)) => b.ack(got.ack),
+            other => panic!("{other:?}"),
+        }
         let ack = b.poll_acks(&mut b_rng).remove(0);
         let opened = a.open(
             bob.node_id(),
@@ -172,8 +175,10 @@ impl Recipient {
             }
             Stage::Msg => {
                 let mut r = Self::at(Stage::Init);
-                let opened = r.open(&fx.init);
-                assert!(matches!(opened, Ok(Opened::Message(_))), "{opened:?}");
+                match r.open(&fx.init) {
+                    Ok(Opened::Messages(got)) => r.endpoint.ack(got.ack),
+                    other => panic!("{other:?}"),
+                }
                 let acks = r.endpoint.poll_acks(&mut r.rng);
                 assert_eq!(acks[0].envelope, fx.ack.1, "Bob's state was not rebuilt");
                 r.id = MSG_ID;
@@ -211,13 +216,7 @@ impl Recipient {
 }
 
 fn is_authentic(opened: &Result<Opened, OpenError>) -> bool {
-    matches!(
-        opened,
-        Ok(Opened::Message(_)
-            | Opened::Acked { .. }
-            | Opened::Duplicate(_)
-            | Opened::Bundle(_))
-    )
+    matches!(opened, Ok(Opened::Messages(_) | Opened::Acked { .. }))
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -264,9 +263,10 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let again = r.open(genuine);
-    let whole = match &again {
-        Ok(Opened::Message(_) | Opened::Acked { .. }) => true,
-        Ok(Opened::Bundle(messages)) => messages.len() == 3,
+    let whole = match (&again, stage) {
+        (Ok(Opened::Messages(got)), Stage::Bundle) => got.messages.len() == 3,
+        (Ok(Opened::Messages(got)), _) => got.messages.len() == 1,
+        (Ok(Opened::Acked { .. }), _) => true,
         _ => false,
     };
     assert!(

@@ -120,7 +120,7 @@ async fn request(line: &str, relay: &str, sender: &MailboxSender) -> Value {
             "id": sent.id.to_hex(),
             "devices": sent.devices,
         }),
-        Err(MailboxError::UnknownCell(c)) => {
+        Err(MailboxError::Send(cellmesh::mailbox::SendError::UnknownCell(c))) => {
             json!({"error": format!("unknown cell {c}"), "unknown_cell": true})
         }
         Err(e) => json!({"error": e.to_string()}),

@@ -582,11 +582,9 @@ pub fn listen(home: &Home, args: &ListenArgs) -> Result<()> {
             seen += 1;
             print_message(out, &msg);
         }
-        // Received (so acknowledged) but not taken yet: shown too, never dropped. With
-        // --count, that can be a few more than asked for.
-        for msg in mailbox.close().await {
-            print_message(out, &msg);
-        }
+        // What was printed is acknowledged; what arrived and was not printed stays with the
+        // relay for the next listen.
+        mailbox.close().await;
         if stopped {
             out.line(json!({"event": "stopped"}), "stopped".to_string());
         }
@@ -657,7 +655,7 @@ pub fn send(home: &Home, args: &SendArgs) -> Result<()> {
                 .map_err(|_| anyhow!("no answer from relay {relay} within 30 s"))?;
                 mailbox.close().await;
                 sent.map_err(|e| match e {
-                    MailboxError::UnknownCell(c) => unknown(c),
+                    MailboxError::Send(cellmesh::mailbox::SendError::UnknownCell(c)) => unknown(c),
                     other => anyhow!(other),
                 })?
             }

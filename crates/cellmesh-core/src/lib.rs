@@ -30,8 +30,10 @@ pub mod handshake;
 pub mod id;
 pub mod keys;
 pub mod keystore;
+pub mod mailbox;
 pub mod mnemonic;
 pub mod peers;
+pub mod rate;
 pub mod relay;
 pub mod session;
 #[cfg(any(test, feature = "testing"))]

@@ -84,15 +84,19 @@ impl TestNode {
         NodeId::from_key(self.node.signing.public())
     }
 
-    /// An end-to-end endpoint for this device, without padding.
-    pub fn endpoint(&self) -> crate::e2e::Endpoint {
-        let local = crate::e2e::LocalDevice::new(
+    /// This device as the sender and recipient of end-to-end messages.
+    pub fn local(&self) -> crate::e2e::LocalDevice {
+        crate::e2e::LocalDevice::new(
             self.node_token.clone(),
             self.identity.clone(),
             crate::keys::AgreementSecret::from_bytes(&self.node.agreement.dangerous_bytes()),
         )
-        .expect("the node token names the node's X25519 key");
-        crate::e2e::Endpoint::new(local, crate::e2e::Padding::None)
+        .expect("the node token names the node's X25519 key")
+    }
+
+    /// An end-to-end endpoint for this device, without padding.
+    pub fn endpoint(&self) -> crate::e2e::Endpoint {
+        crate::e2e::Endpoint::new(self.local(), crate::e2e::Padding::None)
     }
 
     /// This device as another device sees it once its tokens are checked at `now`.
@@ -397,20 +401,23 @@ pub fn vector_e2e() -> E2eVector {
     use crate::relay::MsgId;
 
     let issued = Timestamp(1_800_000_000);
-    let now = Timestamp(1_800_000_100);
+    let now = Instant(1_800_000_100_000);
     let none = device::Revocations::new();
     let (a, b) = (TestNode::new(1, issued), TestNode::new(2, issued));
     let (mut alice, mut bob) = (a.endpoint(), b.endpoint());
-    let bob_device = b.remote(now);
+    let bob_device = b.remote(now.timestamp());
     let mut rng = ChaCha20Rng::from_seed([7; 32]);
+    let bodies = |opened| match opened {
+        Ok(Opened::Messages(r)) => r,
+        other => panic!("the recipient did not get the envelope: {other:?}"),
+    };
     let id = MsgId([0x11; 16]);
     let envelope = alice
         .seal(&bob_device, id, now, b"hello", &mut rng)
         .expect("sealed");
-    match bob.open(a.node_id(), id, &envelope, now, &none, &mut rng) {
-        Ok(Opened::Message(m)) => assert_eq!(&m.body[..], b"hello"),
-        other => panic!("the recipient did not get the message: {other:?}"),
-    }
+    let got = bodies(bob.open(a.node_id(), id, &envelope, now, &none, &mut rng));
+    assert_eq!(&got.messages[0].body[..], b"hello");
+    bob.ack(got.ack);
     let ack = bob.poll_acks(&mut rng).remove(0);
     match alice.open(b.node_id(), ack.id, &ack.envelope, now, &none, &mut rng) {
         Ok(Opened::Acked { ids, .. }) => assert_eq!(ids, vec![id]),
@@ -420,10 +427,8 @@ pub fn vector_e2e() -> E2eVector {
     let second = alice
         .seal(&bob_device, id2, now, b"again", &mut rng)
         .expect("sealed");
-    match bob.open(a.node_id(), id2, &second, now, &none, &mut rng) {
-        Ok(Opened::Message(m)) => assert_eq!(&m.body[..], b"again"),
-        other => panic!("the recipient did not get the second message: {other:?}"),
-    }
+    let got = bodies(bob.open(a.node_id(), id2, &second, now, &none, &mut rng));
+    assert_eq!(&got.messages[0].body[..], b"again");
     let id3 = MsgId([0x33; 16]);
     let messages = [
         (MsgId([0x44; 16]), Bytes::from_static(b"one")),
@@ -432,13 +437,9 @@ pub fn vector_e2e() -> E2eVector {
     let bundle = alice
         .seal_bundle(&bob_device, id3, now, &messages, &mut rng)
         .expect("sealed");
-    match bob.open(a.node_id(), id3, &bundle, now, &none, &mut rng) {
-        Ok(Opened::Bundle(got)) => {
-            let got: Vec<_> = got.into_iter().map(|m| (m.id, m.body)).collect();
-            assert_eq!(got, messages);
-        }
-        other => panic!("the recipient did not get the bundle: {other:?}"),
-    }
+    let got = bodies(bob.open(a.node_id(), id3, &bundle, now, &none, &mut rng));
+    let got: Vec<_> = got.messages.into_iter().map(|m| (m.id, m.body)).collect();
+    assert_eq!(got, messages);
     E2eVector {
         alice: a,
         bob: b,

@@ -4,9 +4,11 @@
 //! operating system's random source, and files. It is the library API of cellmesh; the
 //! `cellmesh` command-line tool is a thin layer over it.
 //!
+//! - [`clock`]: the one clock every time handed to the core comes from.
 //! - [`home`]: a device's home directory and its encrypted keystore.
 //! - [`identity`]: the tokens a running node presents.
 //! - [`node`]: a node on tokio: listen, join, peers, send and receive, shutdown.
+//! - [`state`]: a device's durable state in its home: sessions, duplicate memory, sends.
 //! - [`store`]: a relay's durable store: registered devices and queues for offline ones.
 //! - [`tls`]: TLS around a relay's links (rustls on *ring*), for standard ports.
 //! - [`ws`]: WebSocket around a relay's links, for networks that pass only web traffic.
@@ -17,12 +19,14 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+pub mod clock;
 pub mod home;
 pub mod identity;
 pub mod mailbox;
 pub mod node;
 mod outbox;
 pub mod relay;
+pub mod state;
 pub mod store;
 pub mod tls;
 pub mod ws;
@@ -40,10 +44,7 @@ pub fn new_mnemonic() -> Mnemonic {
     Mnemonic::generate(&mut rand_core::OsRng)
 }
 
-/// The current wall-clock time as the core sees it. A clock before 1970 reads as 1970.
+/// The current time in whole seconds, as tokens count it ([`clock::timestamp`]).
 pub fn now() -> Timestamp {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    Timestamp(secs)
+    clock::timestamp()
 }

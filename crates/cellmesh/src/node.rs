@@ -1419,18 +1419,9 @@ fn finish(shared: &Shared, id: ConnId, addr: SocketAddr, outcome: Outcome, ended
     }
 }
 
-/// Milliseconds since the Unix epoch as the core counts time: the wall clock read once, then
-/// advanced by the monotonic clock, so a clock step (NTP) neither closes every session as
-/// idle nor stalls keepalives.
+/// The runtime's clock (see [`crate::clock`]).
 pub(crate) fn now() -> cellmesh_core::Instant {
-    static ANCHOR: std::sync::OnceLock<(std::time::Instant, u64)> = std::sync::OnceLock::new();
-    let (mono, wall) = ANCHOR.get_or_init(|| {
-        let wall = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-        (std::time::Instant::now(), wall)
-    });
-    cellmesh_core::Instant(wall.saturating_add(millis(mono.elapsed())))
+    crate::clock::now()
 }
 
 fn deadline(at: Option<cellmesh_core::Instant>) -> tokio::time::Instant {

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use cellmesh::home::Unlocked;
-use cellmesh::mailbox::{Mailbox, MailboxConfig, MailboxError, Status};
+use cellmesh::mailbox::{Mailbox, MailboxConfig, MailboxError, SendError, Status};
 use cellmesh::relay::{Relay, RelayConfig};
-use common::{device, device_of, recv, tap};
+use common::{device, device_of, reader, recv, tap};
 
 mod common;
 
@@ -54,9 +54,9 @@ async fn messages_flow_both_ways_and_reach_every_device_of_the_cell() {
         device_of(dir.path(), "bob1", &bob_words),
         device_of(dir.path(), "bob2", &bob_words),
     );
-    let mut a = mailbox(&alice, addr).await;
-    let mut b1 = mailbox(&bob1, addr).await;
-    let mut b2 = mailbox(&bob2, addr).await;
+    let mut a = reader(mailbox(&alice, addr).await);
+    let mut b1 = reader(mailbox(&bob1, addr).await);
+    let mut b2 = reader(mailbox(&bob2, addr).await);
 
     let sent = a
         .send(b1.cell(), Bytes::from_static(b"hello bob"))
@@ -65,7 +65,7 @@ async fn messages_flow_both_ways_and_reach_every_device_of_the_cell() {
     assert_eq!(sent.status, Status::Delivered);
     assert_eq!(sent.devices, 2, "sealed for both of bob's devices");
     for b in [&mut b1, &mut b2] {
-        let m = recv(b).await;
+        let m = b.next().await;
         assert_eq!(m.body, &b"hello bob"[..]);
         assert_eq!(m.from_cell, a.cell());
         assert_eq!(m.id, sent.id);
@@ -75,7 +75,7 @@ async fn messages_flow_both_ways_and_reach_every_device_of_the_cell() {
         .await
         .unwrap();
     assert_eq!(back.status, Status::Delivered);
-    let m = recv(&mut a).await;
+    let m = a.next().await;
     assert_eq!(
         (m.body.as_ref(), m.from_cell),
         (&b"hi alice"[..], b2.cell())
@@ -99,7 +99,7 @@ async fn messages_flow_both_ways_and_reach_every_device_of_the_cell() {
     for b in [&mut b1, &mut b2] {
         let mut got = std::collections::BTreeSet::new();
         for _ in 0..200 {
-            let m = recv(b).await;
+            let m = b.next().await;
             assert!(got.insert(m.body.clone()), "delivered twice: {:?}", m.body);
             assert_eq!(
                 ids[&m.id].to_be_bytes(),
@@ -107,12 +107,7 @@ async fn messages_flow_both_ways_and_reach_every_device_of_the_cell() {
                 "id and body belong together"
             );
         }
-        assert!(
-            tokio::time::timeout(Duration::from_millis(300), b.recv())
-                .await
-                .is_err(),
-            "nothing more"
-        );
+        assert!(b.silent_for(300).await, "nothing more");
     }
     let envelopes = relay.stats().pushed - pushed_before;
     assert!(
@@ -124,12 +119,12 @@ async fn messages_flow_both_ways_and_reach_every_device_of_the_cell() {
     let nobody = cellmesh::core::id::CellId::from_key(unknown.secrets.cell.signing().public());
     assert!(matches!(
         a.send(nobody, Bytes::from_static(b"?")).await,
-        Err(MailboxError::UnknownCell(c)) if c == nobody
+        Err(MailboxError::Send(SendError::UnknownCell(c))) if c == nobody
     ));
     let too_large = Bytes::from(vec![0u8; cellmesh::core::e2e::MAX_BODY + 1]);
     assert!(matches!(
         a.send(b1.cell(), too_large).await,
-        Err(MailboxError::Seal(_))
+        Err(MailboxError::Send(SendError::Seal(_)))
     ));
 }
 
@@ -141,8 +136,8 @@ async fn a_burst_to_several_cells_splits_into_bundles_and_loses_nothing() {
     let relay = loopback_relay(dir.path()).await;
     let addr = relay.local_addrs()[0];
     let a = mailbox(&device(dir.path(), "alice"), addr).await;
-    let mut b = mailbox(&device(dir.path(), "bob"), addr).await;
-    let mut c = mailbox(&device(dir.path(), "carol"), addr).await;
+    let mut b = reader(mailbox(&device(dir.path(), "bob"), addr).await);
+    let mut c = reader(mailbox(&device(dir.path(), "carol"), addr).await);
     // Directories first, so the burst is sealed in one turn.
     for to in [b.cell(), c.cell()] {
         a.lookup(to).await.unwrap();
@@ -169,7 +164,7 @@ async fn a_burst_to_several_cells_splits_into_bundles_and_loses_nothing() {
         let cell = m.cell();
         let mine = expected.values().filter(|(to, _)| *to == cell).count();
         for _ in 0..mine {
-            let got = recv(m).await;
+            let got = m.next().await;
             let (to, body) = expected
                 .remove(&got.id)
                 .expect("a message sent once, to here");
@@ -188,41 +183,77 @@ async fn a_mailbox_holds_its_inbox_capacity_in_messages_not_in_arrivals() {
     let addr = relay.local_addrs()[0];
     let a = mailbox(&device(dir.path(), "alice"), addr).await;
     let mut b = mailbox_holding(&device(dir.path(), "bob"), addr, 100).await;
+    // One envelope at a time (each waits for the relay's answer to the one before), while
+    // Bob's application takes nothing yet.
+    let mut tickets = Vec::new();
+    let before = relay.stats().pushed;
     for i in 0..100u32 {
-        let sent = a
-            .send(b.cell(), Bytes::from(i.to_be_bytes().to_vec()))
-            .await;
-        assert_eq!(sent.unwrap().status, Status::Delivered, "message {i}");
+        tickets.push(
+            a.submit(b.cell(), Bytes::from(i.to_be_bytes().to_vec()))
+                .await
+                .unwrap(),
+        );
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while relay.stats().pushed < before + u64::from(i) + 1 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "message {i} not pushed"
+            );
+            tokio::task::yield_now().await;
+        }
     }
     for i in 0..100u32 {
         assert_eq!(recv(&mut b).await.body, &i.to_be_bytes()[..]);
     }
+    // Taken (the last one by closing): all delivered.
+    b.close().await;
+    for t in tickets {
+        assert_eq!(t.await.unwrap().status, Status::Delivered);
+    }
 }
 
-/// Closing a mailbox whose application stopped reading returns, with what it received: the
-/// driver may be waiting for room in the full queue when asked to stop.
+/// Closing a mailbox whose application stopped reading returns at once (the driver may be
+/// holding back the relay link when asked to stop), and acknowledges nothing it did not take:
+/// the next run of the device gets those.
 #[tokio::test]
-async fn closing_a_mailbox_with_a_full_queue_returns_what_it_received() {
+async fn closing_a_mailbox_with_a_full_queue_returns_and_leaves_the_rest_for_the_next_run() {
     let dir = tempfile::tempdir().unwrap();
     let relay = loopback_relay(dir.path()).await;
     let addr = relay.local_addrs()[0];
     let a = mailbox(&device(dir.path(), "alice"), addr).await;
-    let b = mailbox_holding(&device(dir.path(), "bob"), addr, 2).await;
-    // One at a time, so Bob's queue (room for 2) is full when the third arrives.
+    let bob = device(dir.path(), "bob");
+    let state = dir.path().join("bob-state");
+    let mut config = MailboxConfig::new(addr);
+    config.inbox_capacity = 2;
+    config.state = Some(state.clone());
+    let mut b = Mailbox::connect(&bob, config).await.unwrap();
     let (sender, to) = (a.sender(), b.cell());
-    let sending = tokio::spawn(async move {
-        for i in 0..10u32 {
-            let _ = sender.send(to, Bytes::from(i.to_be_bytes().to_vec())).await;
-        }
-    });
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let unread = tokio::time::timeout(Duration::from_secs(5), b.close())
+    let mut tickets = Vec::new();
+    for i in 0..10u32 {
+        tickets.push(
+            sender
+                .submit(to, Bytes::from(i.to_be_bytes().to_vec()))
+                .await
+                .unwrap(),
+        );
+    }
+    let first = recv(&mut b).await;
+    tokio::time::timeout(Duration::from_secs(5), b.close())
         .await
         .expect("close returns");
-    assert!(unread.len() >= 2, "{} messages returned", unread.len());
-    let distinct: std::collections::BTreeSet<_> = unread.iter().map(|m| m.id).collect();
-    assert_eq!(distinct.len(), unread.len());
-    sending.abort();
+    let mut config = MailboxConfig::new(addr);
+    config.state = Some(state);
+    let mut b = reader(Mailbox::connect(&bob, config).await.unwrap());
+    let mut rest = std::collections::BTreeSet::new();
+    while rest.len() < 9 {
+        let m = b.next().await;
+        assert_ne!(m.id, first.id, "the one taken before is not shown again");
+        rest.insert(m.id);
+    }
+    // Each was delivered, or queued when Bob's first run left without taking it.
+    for t in tickets {
+        t.await.unwrap();
+    }
 }
 
 #[tokio::test]
@@ -293,7 +324,7 @@ async fn plaintext_never_crosses_the_relay_nor_rests_in_its_store() {
     let alice = device(dir.path(), "alice");
     let (bob, carol) = (device(dir.path(), "bob"), device(dir.path(), "carol"));
     let a = mailbox(&alice, tapped).await;
-    let mut b = mailbox(&bob, tapped).await;
+    let mut b = reader(mailbox(&bob, tapped).await);
     let c = mailbox(&carol, tapped).await;
     let carol_cell = c.cell();
     c.close().await;
@@ -302,7 +333,7 @@ async fn plaintext_never_crosses_the_relay_nor_rests_in_its_store() {
     let secret = b"the eagle lands at dawn, bring 3 umbrellas";
     let sent = a.send(b.cell(), Bytes::from_static(secret)).await.unwrap();
     assert_eq!(sent.status, Status::Delivered);
-    assert_eq!(recv(&mut b).await.body, &secret[..]);
+    assert_eq!(b.next().await.body, &secret[..]);
     // Stored for offline Carol: the store holds only ciphertext too.
     let queued = a
         .send(carol_cell, Bytes::from_static(secret))
@@ -334,18 +365,18 @@ async fn a_device_that_restarted_gets_what_was_queued_in_its_lost_session() {
     let addr = relay.local_addrs()[0];
     let (alice, bob) = (device(dir.path(), "alice"), device(dir.path(), "bob"));
     let a = mailbox(&alice, addr).await;
-    let mut b = mailbox(&bob, addr).await;
+    let mut b = reader(mailbox(&bob, addr).await);
     // The first exchange moves the session past its first flight (compact, epoch 1).
     a.send(b.cell(), Bytes::from_static(b"one")).await.unwrap();
-    recv(&mut b).await;
+    b.next().await;
     let bob_cell = b.cell();
     b.close().await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let sent = a.send(bob_cell, Bytes::from_static(b"two")).await.unwrap();
     assert_eq!(sent.status, Status::Queued);
     // Bob's process restarted: it no longer has the session the queued envelope is in.
-    let mut b = mailbox(&bob, addr).await;
-    let m = recv(&mut b).await;
+    let mut b = reader(mailbox(&bob, addr).await);
+    let m = b.next().await;
     assert_eq!((m.id, m.body.as_ref()), (sent.id, &b"two"[..]));
     relay.shutdown().await;
 }
@@ -443,7 +474,7 @@ async fn a_relay_that_swaps_keys_or_forges_messages_is_caught() {
         };
         let (answer, ()) = tokio::join!(a.lookup(bob_cell), lying);
         assert!(
-            matches!(answer, Err(MailboxError::Directory { .. })),
+            matches!(answer, Err(MailboxError::Send(SendError::Directory { .. }))),
             "{answer:?}"
         );
     }
@@ -480,7 +511,7 @@ async fn a_relay_that_swaps_keys_or_forges_messages_is_caught() {
         .seal(
             &alice_device,
             id,
-            cellmesh::now(),
+            cellmesh::clock::now(),
             b"from bob, honest",
             &mut rand_core::OsRng,
         )
@@ -503,7 +534,7 @@ async fn a_relay_that_swaps_keys_or_forges_messages_is_caught() {
         .seal(
             &alice_device,
             id2,
-            cellmesh::now(),
+            cellmesh::clock::now(),
             b"genuine",
             &mut rand_core::OsRng,
         )
@@ -554,7 +585,7 @@ async fn live_messages_overtaking_a_long_queue_lose_nothing() {
     let a = mailbox(&alice, addr).await;
     let b = mailbox(&bob, addr).await;
     let to = b.cell();
-    assert!(b.close().await.is_empty());
+    b.close().await;
     const QUEUED: u32 = 3000;
     const LIVE: u32 = 3000;
     let mut tickets = Vec::new();
@@ -586,10 +617,10 @@ async fn live_messages_overtaking_a_long_queue_lose_nothing() {
             }
         })
     };
-    let mut b = mailbox(&bob, addr).await;
+    let mut b = reader(mailbox(&bob, addr).await);
     let mut got = std::collections::BTreeSet::new();
     while got.len() < (QUEUED + LIVE) as usize {
-        let m = recv(&mut b).await;
+        let m = b.next().await;
         assert!(got.insert(m.body.clone()), "delivered twice: {:?}", m.body);
     }
     sender.await.unwrap();
@@ -719,11 +750,11 @@ async fn a_device_that_never_reads_its_answers_is_disconnected() {
     // The relay still serves others.
     let (alice, bob) = (device(dir.path(), "alice"), device(dir.path(), "bob"));
     let a = mailbox(&alice, addr).await;
-    let mut b = mailbox(&bob, addr).await;
+    let mut b = reader(mailbox(&bob, addr).await);
     let sent = a
         .send(b.cell(), Bytes::from_static(b"still here"))
         .await
         .unwrap();
     assert_eq!(sent.status, Status::Delivered);
-    assert_eq!(recv(&mut b).await.body, &b"still here"[..]);
+    assert_eq!(b.next().await.body, &b"still here"[..]);
 }

@@ -49,22 +49,23 @@ async fn two_mailboxes_talk_both_ways_through_a_relay_behind_tls() {
         .unwrap();
     assert_eq!(a.relay_node(), relay.node_id());
 
-    let sent = a
-        .send(b.cell(), Bytes::from_static(b"hello over tls"))
-        .await
-        .unwrap();
-    assert_eq!(sent.status, Status::Delivered);
-    let m = recv(&mut b).await;
+    // Delivered means the recipient's application took it: it receives meanwhile.
+    let (a_cell, b_cell) = (a.cell(), b.cell());
+    let (sent, m) = tokio::join!(
+        a.send(b_cell, Bytes::from_static(b"hello over tls")),
+        recv(&mut b)
+    );
+    assert_eq!(sent.unwrap().status, Status::Delivered);
     assert_eq!(
         (m.body.as_ref(), m.from_cell),
-        (&b"hello over tls"[..], a.cell())
+        (&b"hello over tls"[..], a_cell)
     );
-    let back = b
-        .send(a.cell(), Bytes::from_static(b"and back"))
-        .await
-        .unwrap();
-    assert_eq!(back.status, Status::Delivered);
-    assert_eq!(recv(&mut a).await.body, &b"and back"[..]);
+    let (back, m) = tokio::join!(
+        b.send(a_cell, Bytes::from_static(b"and back")),
+        recv(&mut a)
+    );
+    assert_eq!(back.unwrap().status, Status::Delivered);
+    assert_eq!(m.body, &b"and back"[..]);
 
     // Many in flight, and messages larger than a TLS record (16 KiB), all arrive intact.
     // (Bob reads as they come: a device acknowledges only what its application took.)
@@ -227,9 +228,10 @@ async fn only_tls_records_cross_the_socket_and_never_the_plaintext() {
     .unwrap();
 
     let secret = b"the eagle lands at dawn, bring 3 umbrellas";
-    let sent = a.send(b.cell(), Bytes::from_static(secret)).await.unwrap();
-    assert_eq!(sent.status, Status::Delivered);
-    assert_eq!(recv(&mut b).await.body, &secret[..]);
+    let to = b.cell();
+    let (sent, m) = tokio::join!(a.send(to, Bytes::from_static(secret)), recv(&mut b));
+    assert_eq!(sent.unwrap().status, Status::Delivered);
+    assert_eq!(m.body, &secret[..]);
     a.close().await;
     b.close().await;
     relay.shutdown().await;

@@ -61,19 +61,14 @@ async fn relay(unlocked: &Unlocked, dir: &Path, tls: Option<(&Path, &Path)>, ws:
 /// One message each way, then many from `a` to `b`, from a few bytes to several WebSocket
 /// messages each: all arrive intact and are acknowledged.
 async fn exchange(a: &mut Mailbox, b: &mut Mailbox, greeting: &'static [u8]) {
-    let sent = a
-        .send(b.cell(), Bytes::from_static(greeting))
-        .await
-        .unwrap();
-    assert_eq!(sent.status, Status::Delivered);
-    let m = recv(b).await;
-    assert_eq!((m.body.as_ref(), m.from_cell), (greeting, a.cell()));
-    let back = b
-        .send(a.cell(), Bytes::from_static(b"and back"))
-        .await
-        .unwrap();
-    assert_eq!(back.status, Status::Delivered);
-    assert_eq!(recv(a).await.body, &b"and back"[..]);
+    // Delivered means the recipient's application took it: it receives meanwhile.
+    let (a_cell, b_cell) = (a.cell(), b.cell());
+    let (sent, m) = tokio::join!(a.send(b_cell, Bytes::from_static(greeting)), recv(b));
+    assert_eq!(sent.unwrap().status, Status::Delivered);
+    assert_eq!((m.body.as_ref(), m.from_cell), (greeting, a_cell));
+    let (back, m) = tokio::join!(b.send(a_cell, Bytes::from_static(b"and back")), recv(a));
+    assert_eq!(back.unwrap().status, Status::Delivered);
+    assert_eq!(m.body, &b"and back"[..]);
 
     const N: usize = 40;
     let size = |i: usize| 100 + 15_000 * i;

@@ -7,15 +7,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use cellmesh::core::e2e::Message;
+use cellmesh::core::id::CellId;
 use cellmesh::core::id::NodeId;
 use cellmesh::core::keystore::{KdfParams, Passphrase};
 use cellmesh::core::mnemonic::Mnemonic;
 use cellmesh::home::{Home, Unlocked};
-use cellmesh::mailbox::Mailbox;
+use cellmesh::mailbox::{Mailbox, MailboxError, MailboxSender, Sent, Ticket};
 use cellmesh::node::{Node, NodeEvent};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc, oneshot};
 
 /// Throwaway keystores need no real stretching.
 pub const FAST: KdfParams = KdfParams {
@@ -157,4 +159,97 @@ pub async fn connect(
     config.transport = transport;
     config.ack_timeout = Duration::from_secs(5);
     Mailbox::connect(unlocked, config).await
+}
+
+/// A mailbox whose application takes each message as it comes, on a task of its own (as an
+/// application's receive loop does): what it is sent is acknowledged as it arrives.
+pub struct Reader {
+    cell: CellId,
+    node: NodeId,
+    sender: MailboxSender,
+    rx: mpsc::UnboundedReceiver<Message>,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// `mailbox`, read by a task of its own.
+pub fn reader(mut mailbox: Mailbox) -> Reader {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (stop, mut stopped) = oneshot::channel();
+    let (cell, node, sender) = (mailbox.cell(), mailbox.node(), mailbox.sender());
+    let task = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                biased;
+                _ = &mut stopped => break,
+                m = mailbox.recv() => match m {
+                    Some(m) => {
+                        if tx.send(m).is_err() {
+                            break;
+                        }
+                    }
+                    None => break,
+                },
+            }
+        }
+        mailbox.close().await;
+    });
+    Reader {
+        cell,
+        node,
+        sender,
+        rx,
+        stop: Some(stop),
+        task,
+    }
+}
+
+impl Reader {
+    /// The device's cell.
+    pub fn cell(&self) -> CellId {
+        self.cell
+    }
+
+    /// The device.
+    pub fn node(&self) -> NodeId {
+        self.node
+    }
+
+    /// Sends through the mailbox and waits for the outcome.
+    pub async fn send(&self, to: CellId, body: Bytes) -> Result<Sent, MailboxError> {
+        self.sender.send(to, body).await
+    }
+
+    /// Starts a send.
+    pub async fn submit(&self, to: CellId, body: Bytes) -> Result<Ticket, MailboxError> {
+        self.sender.submit(to, body).await
+    }
+
+    /// The mailbox's sender.
+    pub fn sender(&self) -> MailboxSender {
+        self.sender.clone()
+    }
+
+    /// The next message, within 10 s.
+    pub async fn next(&mut self) -> Message {
+        tokio::time::timeout(Duration::from_secs(10), self.rx.recv())
+            .await
+            .expect("a message within 10 s")
+            .expect("mailbox open")
+    }
+
+    /// Whether no message comes within `ms` (which must be long enough for one that would).
+    pub async fn silent_for(&mut self, ms: u64) -> bool {
+        tokio::time::timeout(Duration::from_millis(ms), self.rx.recv())
+            .await
+            .is_err()
+    }
+
+    /// Closes the mailbox (what was taken is acknowledged).
+    pub async fn close(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
 }

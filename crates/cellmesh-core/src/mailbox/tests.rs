@@ -1,0 +1,656 @@
+//! Mailboxes against a small relay in memory, with their stores in memory too, so that a
+//! device can restart (its mailbox dropped and made again over the same store) between any
+//! two steps.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use rand_chacha::ChaCha20Rng;
+use rand_core::SeedableRng as _;
+
+use super::*;
+use crate::relay::records;
+use crate::testing::TestNode;
+
+const T0: Timestamp = Timestamp(1_800_000_000);
+const START: Instant = Instant(1_800_000_100_000);
+
+/// What a device keeps on disk.
+#[derive(Clone, Default)]
+struct Disk {
+    sessions: BTreeMap<SessionKey, Vec<u8>>,
+    seen: BTreeMap<(CellId, MsgId), Timestamp>,
+    floors: BTreeMap<CellId, Timestamp>,
+    sends: BTreeMap<MsgId, Vec<u8>>,
+    commits: u64,
+}
+
+impl Disk {
+    fn apply(&mut self, commit: Commit) {
+        self.commits += 1;
+        for op in commit.ops {
+            match op {
+                StoreOp::PutSession(k, v) => {
+                    self.sessions.insert(k, v.to_vec());
+                }
+                StoreOp::DeleteSession(k) => {
+                    self.sessions.remove(&k);
+                }
+                StoreOp::Seen(SeenChange::Put { cell, id, time }) => {
+                    self.seen.insert((cell, id), time);
+                }
+                StoreOp::Seen(SeenChange::Forget { cell, id, .. }) => {
+                    self.seen.remove(&(cell, id));
+                }
+                StoreOp::Seen(SeenChange::Floor { cell, floor }) => {
+                    self.floors.insert(cell, floor);
+                }
+                StoreOp::Seen(SeenChange::ExpireBefore(t)) => self.seen.retain(|_, v| *v >= t),
+                StoreOp::PutSend(id, v) => {
+                    self.sends.insert(id, v.to_vec());
+                }
+                StoreOp::DeleteSend(id) => {
+                    self.sends.remove(&id);
+                }
+            }
+        }
+    }
+
+    fn saved(&self) -> Saved {
+        Saved {
+            sessions: self
+                .sessions
+                .iter()
+                .map(|(k, v)| (*k, Zeroizing::new(v.clone())))
+                .collect(),
+            seen: self.seen.iter().map(|((c, i), t)| (*c, *i, *t)).collect(),
+            floors: self.floors.iter().map(|(c, t)| (*c, *t)).collect(),
+            sends: self
+                .sends
+                .values()
+                .map(|v| Zeroizing::new(v.clone()))
+                .collect(),
+        }
+    }
+}
+
+/// A device: its identity, its store, and (while it runs) its mailbox and application.
+struct Device {
+    id: TestNode,
+    disk: Disk,
+    mailbox: Option<Mailbox>,
+    config: Config,
+    rng: ChaCha20Rng,
+    /// What the application received, in order, over every run.
+    got: Vec<Message>,
+    /// Messages handed over in this run, and how many the application took.
+    handed: u64,
+    taken: u64,
+    /// Whether the application takes what it is handed at once.
+    takes: bool,
+    outcomes: BTreeMap<Token, Result<Sent, SendError>>,
+}
+
+impl Device {
+    fn node(&self) -> NodeId {
+        self.id.node_id()
+    }
+
+    fn mb(&mut self) -> &mut Mailbox {
+        self.mailbox.as_mut().expect("running")
+    }
+}
+
+/// The relay in memory: a directory, live devices, queues.
+#[derive(Default)]
+struct Relay {
+    directory: BTreeMap<CellId, Vec<(NodeId, DirectoryEntry)>>,
+    online: BTreeSet<NodeId>,
+    /// Pushed and not yet DELIVERED, by device.
+    pushed: BTreeMap<NodeId, Vec<(NodeId, MsgId, Bytes)>>,
+    queued: BTreeMap<NodeId, Vec<(NodeId, MsgId, Bytes)>>,
+    /// Records on their way to each device.
+    outgoing: BTreeMap<NodeId, Vec<Record>>,
+    /// Every FORWARD, as (to, from, id, envelope): what a relay could replay.
+    log: Vec<(NodeId, NodeId, MsgId, Bytes)>,
+}
+
+impl Relay {
+    fn register(&mut self, n: &TestNode) {
+        self.directory.entry(n.cell_id()).or_default().push((
+            n.node_id(),
+            DirectoryEntry {
+                node_token: n.node_token.clone(),
+                identity: n.identity.clone(),
+            },
+        ));
+    }
+
+    fn connect(&mut self, node: NodeId) {
+        self.online.insert(node);
+        let queued = self.queued.remove(&node).unwrap_or_default();
+        for (from, id, envelope) in queued {
+            self.pushed
+                .entry(node)
+                .or_default()
+                .push((from, id, envelope.clone()));
+            self.send(node, Record::Deliver { from, id, envelope });
+        }
+    }
+
+    fn disconnect(&mut self, node: NodeId) {
+        self.online.remove(&node);
+        self.outgoing.remove(&node);
+        let pushed = self.pushed.remove(&node).unwrap_or_default();
+        self.queued.entry(node).or_default().extend(pushed);
+    }
+
+    fn send(&mut self, to: NodeId, r: Record) {
+        self.outgoing.entry(to).or_default().push(r);
+    }
+
+    fn handle(&mut self, from: NodeId, payload: Bytes) {
+        for record in records(payload) {
+            match record.expect("a mailbox writes well-formed records") {
+                Record::Lookup { request, cell } => {
+                    let devices = self
+                        .directory
+                        .get(&cell)
+                        .map(|d| d.iter().map(|(_, e)| e.clone()).collect())
+                        .unwrap_or_default();
+                    self.send(
+                        from,
+                        Record::Directory {
+                            request,
+                            cell,
+                            devices,
+                        },
+                    );
+                }
+                Record::Forward { to, id, envelope } => {
+                    self.log.push((to, from, id, envelope.clone()));
+                    let status = if self.online.contains(&to) {
+                        self.pushed
+                            .entry(to)
+                            .or_default()
+                            .push((from, id, envelope.clone()));
+                        self.send(to, Record::Deliver { from, id, envelope });
+                        Accepted::Pushed
+                    } else {
+                        let q = self.queued.entry(to).or_default();
+                        if !q.iter().any(|(f, i, _)| (*f, *i) == (from, id)) {
+                            q.push((from, id, envelope));
+                        }
+                        Accepted::Queued
+                    };
+                    self.send(from, Record::Accepted { to, id, status });
+                }
+                Record::Delivered(ids) => {
+                    for list in [self.pushed.get_mut(&from), self.queued.get_mut(&from)]
+                        .into_iter()
+                        .flatten()
+                    {
+                        list.retain(|(_, i, _)| !ids.contains(i));
+                    }
+                }
+                other => panic!("a device sent {other:?}"),
+            }
+        }
+    }
+
+    fn waiting_for(&self, node: NodeId) -> usize {
+        self.pushed.get(&node).map_or(0, Vec::len) + self.queued.get(&node).map_or(0, Vec::len)
+    }
+}
+
+struct World {
+    relay_node: NodeId,
+    relay: Relay,
+    devices: Vec<Device>,
+    now: Instant,
+    next_token: Token,
+}
+
+const ALICE: usize = 0;
+const BOB: usize = 1;
+const BOB2: usize = 2;
+
+fn world() -> World {
+    world_of(true)
+}
+
+/// With Bob's second device registered at the relay, or not.
+fn world_of(with_bob2: bool) -> World {
+    let alice = TestNode::new(1, T0);
+    let bob = TestNode::new(2, T0);
+    let bob2 = bob.sibling(3, T0);
+    let relay_node = TestNode::new(9, T0).node_id();
+    let mut relay = Relay::default();
+    relay.register(&alice);
+    relay.register(&bob);
+    if with_bob2 {
+        relay.register(&bob2);
+    }
+    let devices = [alice, bob, bob2]
+        .into_iter()
+        .enumerate()
+        .map(|(i, id)| Device {
+            id,
+            disk: Disk::default(),
+            mailbox: None,
+            config: Config::default(),
+            rng: ChaCha20Rng::from_seed([i as u8 + 40; 32]),
+            got: Vec::new(),
+            handed: 0,
+            taken: 0,
+            takes: true,
+            outcomes: BTreeMap::new(),
+        })
+        .collect();
+    World {
+        relay_node,
+        relay,
+        devices,
+        now: START,
+        next_token: 1,
+    }
+}
+
+impl World {
+    /// Starts device `d`'s mailbox over its store and connects it.
+    fn start(&mut self, d: usize) {
+        let dev = &mut self.devices[d];
+        let local = dev.id.local();
+        let mailbox = Mailbox::new(
+            local,
+            self.relay_node,
+            dev.config.clone(),
+            dev.disk.saved(),
+            Revocations::new(),
+            self.now,
+            &mut dev.rng,
+        );
+        dev.mailbox = Some(mailbox);
+        dev.handed = 0;
+        dev.taken = 0;
+        let node = dev.node();
+        self.relay.connect(node);
+        self.devices[d].mb().handle_connected();
+        self.settle();
+    }
+
+    /// Closes device `d`'s mailbox cleanly: what it took is acknowledged, then it goes.
+    fn stop(&mut self, d: usize) {
+        let taken = self.devices[d].taken;
+        self.devices[d].mb().close(taken);
+        self.settle();
+        self.crash(d);
+    }
+
+    /// Device `d`'s process ends here (what its store committed stays).
+    fn crash(&mut self, d: usize) {
+        let node = self.devices[d].node();
+        self.devices[d].mailbox = None;
+        self.relay.disconnect(node);
+    }
+
+    fn send(&mut self, from: usize, to_cell: CellId, body: &[u8]) -> Token {
+        self.send_with(from, to_cell, body, None)
+    }
+
+    fn send_with(&mut self, from: usize, to_cell: CellId, body: &[u8], id: Option<MsgId>) -> Token {
+        let token = self.next_token;
+        self.next_token += 1;
+        let now = self.now;
+        self.devices[from]
+            .mb()
+            .submit(to_cell, Bytes::copy_from_slice(body), id, token, now);
+        self.settle();
+        token
+    }
+
+    /// Runs every device and the relay until nothing moves.
+    fn settle(&mut self) {
+        for _ in 0..100 {
+            let mut moved = false;
+            let now = self.now;
+            for d in 0..self.devices.len() {
+                let dev = &mut self.devices[d];
+                let Some(mb) = dev.mailbox.as_mut() else {
+                    continue;
+                };
+                while let Some(commit) = mb.poll_commit(now, &mut dev.rng) {
+                    let id = commit.id;
+                    dev.disk.apply(commit);
+                    mb.handle_committed(id);
+                    moved = true;
+                }
+                let node = dev.id.node_id();
+                while let Some(payload) = mb.poll_transmit(now, &mut dev.rng) {
+                    self.relay.handle(node, payload);
+                    moved = true;
+                }
+                while let Some(ev) = mb.poll_event() {
+                    moved = true;
+                    match ev {
+                        Event::Sent { token, result } => {
+                            dev.outcomes.insert(token, result);
+                        }
+                        Event::Messages(m) => {
+                            dev.handed += m.len() as u64;
+                            dev.got.extend(m);
+                        }
+                        Event::Looked { .. } => {}
+                    }
+                }
+                if dev.takes && dev.taken < dev.handed {
+                    dev.taken = dev.handed;
+                    mb.handle_taken(dev.taken);
+                    moved = true;
+                }
+            }
+            for d in 0..self.devices.len() {
+                let node = self.devices[d].node();
+                let records = self.relay.outgoing.remove(&node).unwrap_or_default();
+                if records.is_empty() {
+                    continue;
+                }
+                moved = true;
+                let mut buf = Vec::new();
+                for r in &records {
+                    put_record(&mut buf, r);
+                }
+                let dev = &mut self.devices[d];
+                if let Some(mb) = dev.mailbox.as_mut() {
+                    mb.handle_payload(Bytes::from(buf), self.now, &mut dev.rng);
+                }
+            }
+            if !moved {
+                return;
+            }
+        }
+        panic!("the world did not settle");
+    }
+
+    fn advance(&mut self, ms: u64) {
+        self.now = self.now.plus_millis(ms);
+        for dev in &mut self.devices {
+            if let Some(mb) = dev.mailbox.as_mut() {
+                mb.handle_timeout(self.now);
+            }
+        }
+        self.settle();
+    }
+
+    fn cell(&self, d: usize) -> CellId {
+        self.devices[d].id.cell_id()
+    }
+
+    fn outcome(&self, d: usize, token: Token) -> Option<&Result<Sent, SendError>> {
+        self.devices[d].outcomes.get(&token)
+    }
+
+    fn bodies(&self, d: usize) -> Vec<&[u8]> {
+        self.devices[d].got.iter().map(|m| &m.body[..]).collect()
+    }
+}
+
+fn status(r: Option<&Result<Sent, SendError>>) -> Option<Status> {
+    match r {
+        Some(Ok(s)) => Some(s.status),
+        _ => None,
+    }
+}
+
+#[test]
+fn a_message_is_delivered_to_every_device_and_acknowledged_once_taken() {
+    let mut w = world();
+    for d in [ALICE, BOB, BOB2] {
+        w.start(d);
+    }
+    let bob_cell = w.cell(BOB);
+    let t = w.send(ALICE, bob_cell, b"hello");
+    assert_eq!(status(w.outcome(ALICE, t)), Some(Status::Delivered));
+    assert_eq!(w.bodies(BOB), vec![&b"hello"[..]]);
+    assert_eq!(w.bodies(BOB2), vec![&b"hello"[..]]);
+    // Both devices acknowledged: nothing kept, nothing saved.
+    assert_eq!(w.devices[ALICE].mb().sends_kept(), 0);
+    assert!(w.devices[ALICE].disk.sends.is_empty());
+    // Both told the relay, once the duplicate memory was on disk.
+    assert_eq!(w.relay.waiting_for(w.devices[BOB].node()), 0);
+    assert_eq!(w.devices[BOB].disk.seen.len(), 1);
+}
+
+#[test]
+fn nothing_is_acknowledged_before_the_application_has_it() {
+    let mut w = world_of(false);
+    w.start(ALICE);
+    w.devices[BOB].takes = false;
+    w.start(BOB);
+    let bob_cell = w.cell(BOB);
+    let t = w.send(ALICE, bob_cell, b"are you there");
+    assert_eq!(w.bodies(BOB), vec![&b"are you there"[..]]);
+    assert_eq!(
+        w.outcome(ALICE, t),
+        None,
+        "not acknowledged: Bob's application has not taken it"
+    );
+    // Bob's application stops without taking it (a broken pipe): nothing acknowledged, the
+    // relay keeps it, and Alice hears nothing but that the outcome is unknown.
+    w.stop(BOB);
+    assert_eq!(w.relay.waiting_for(w.devices[BOB].node()), 1);
+    w.advance(10_000);
+    assert!(matches!(
+        w.outcome(ALICE, t),
+        Some(Err(SendError::Unknown(_)))
+    ));
+    // Bob's next run gets it again, takes it: delivered, once.
+    w.devices[BOB].takes = true;
+    w.devices[BOB].got.clear();
+    w.start(BOB);
+    assert_eq!(w.bodies(BOB), vec![&b"are you there"[..]]);
+    assert_eq!(w.relay.waiting_for(w.devices[BOB].node()), 0);
+    assert_eq!(
+        w.devices[ALICE].mb().sends_kept(),
+        0,
+        "acknowledged in the end"
+    );
+}
+
+/// Issue 10, finding 2: both sides of a chat restart while messages are queued in a session
+/// that had reached epoch 1; they used to be lost.
+#[test]
+fn queued_messages_survive_restarts_of_both_sides() {
+    let mut w = world();
+    w.start(ALICE);
+    w.start(BOB);
+    let bob_cell = w.cell(BOB);
+    for n in 0..3u8 {
+        let t = w.send(ALICE, bob_cell, &[b'a' + n]);
+        assert_eq!(status(w.outcome(ALICE, t)), Some(Status::Delivered));
+    }
+    w.stop(BOB);
+    let queued: Vec<Token> = (0..2u8)
+        .map(|n| w.send(ALICE, bob_cell, &[b'x' + n]))
+        .collect();
+    for t in &queued {
+        // BOB2 never ran: queued for both of Bob's devices.
+        assert_eq!(status(w.outcome(ALICE, *t)), Some(Status::Queued));
+    }
+    // Saved before reported: the two queued, and the three BOB2 has not had.
+    assert_eq!(w.devices[ALICE].disk.sends.len(), 5);
+    w.stop(ALICE);
+    w.devices[BOB].got.clear();
+    w.start(BOB);
+    assert_eq!(w.bodies(BOB), vec![&b"x"[..], b"y"]);
+    // Alice comes back: her saved sends and sessions open Bob's acknowledgements.
+    w.start(ALICE);
+    assert_eq!(
+        w.devices[ALICE].disk.sends.len(),
+        5,
+        "BOB2 has not acknowledged yet"
+    );
+    w.start(BOB2);
+    assert_eq!(w.bodies(BOB2), vec![&b"a"[..], b"b", b"c", b"x", b"y"]);
+    w.settle();
+    assert!(
+        w.devices[ALICE].disk.sends.is_empty(),
+        "every device acknowledged"
+    );
+}
+
+/// A recipient that lost all it kept (a new home) answers RESET; a sender that restarted
+/// still seals its saved sends again.
+#[test]
+fn a_sender_that_restarted_seals_again_for_a_device_that_lost_its_sessions() {
+    let mut w = world();
+    w.start(ALICE);
+    w.start(BOB);
+    let bob_cell = w.cell(BOB);
+    w.send(ALICE, bob_cell, b"first");
+    w.stop(BOB);
+    let t = w.send(ALICE, bob_cell, b"second");
+    assert_eq!(status(w.outcome(ALICE, t)), Some(Status::Queued));
+    w.stop(ALICE);
+    // Bob's store is gone: his copy of the session too.
+    w.devices[BOB].disk = Disk::default();
+    w.devices[BOB].got.clear();
+    w.start(BOB);
+    assert!(
+        w.bodies(BOB).is_empty(),
+        "an epoch-1 message he cannot open"
+    );
+    w.start(ALICE);
+    assert_eq!(w.bodies(BOB), vec![&b"second"[..]]);
+}
+
+#[test]
+fn a_redelivery_after_a_restart_is_not_shown_twice() {
+    let mut w = world();
+    w.start(ALICE);
+    w.start(BOB);
+    let bob_cell = w.cell(BOB);
+    w.send(ALICE, bob_cell, b"once");
+    let bob = w.devices[BOB].node();
+    // The relay hands it again after Bob restarted (as if his DELIVERED was lost).
+    let (_, from, id, envelope) = w.relay.log.iter().find(|l| l.0 == bob).cloned().unwrap();
+    w.stop(BOB);
+    w.start(BOB);
+    w.relay.send(bob, Record::Deliver { from, id, envelope });
+    w.settle();
+    assert_eq!(w.bodies(BOB), vec![&b"once"[..]]);
+}
+
+#[test]
+fn a_message_sent_again_under_its_id_is_delivered_once() {
+    let mut w = world();
+    w.start(ALICE);
+    w.start(BOB);
+    w.start(BOB2);
+    let bob_cell = w.cell(BOB);
+    let id = MsgId([0x5a; 16]);
+    let t1 = w.send_with(ALICE, bob_cell, b"pay 10", Some(id));
+    assert_eq!(status(w.outcome(ALICE, t1)), Some(Status::Delivered));
+    // Another run of the sender, not knowing the outcome, sends it again.
+    w.stop(ALICE);
+    w.devices[ALICE].disk = Disk::default();
+    w.start(ALICE);
+    let t2 = w.send_with(ALICE, bob_cell, b"pay 10", Some(id));
+    assert_eq!(status(w.outcome(ALICE, t2)), Some(Status::Delivered));
+    assert_eq!(w.bodies(BOB), vec![&b"pay 10"[..]]);
+    assert_eq!(w.bodies(BOB2), vec![&b"pay 10"[..]]);
+}
+
+/// Issue 10, finding 1: a mailbox that only sends (a one-shot `cellmesh send`) used to take
+/// the device's queued messages and drop them.
+#[test]
+fn a_mailbox_that_only_sends_leaves_messages_to_the_relay() {
+    let mut w = world();
+    w.start(ALICE);
+    let bob_cell = w.cell(BOB);
+    w.send(ALICE, bob_cell, b"while you were out");
+    w.devices[BOB].config.receive = false;
+    w.start(BOB);
+    let alice_cell = w.cell(ALICE);
+    let t = w.send(BOB, alice_cell, b"just sending");
+    assert_eq!(status(w.outcome(BOB, t)), Some(Status::Delivered));
+    assert!(w.bodies(BOB).is_empty());
+    w.stop(BOB);
+    w.devices[BOB].config.receive = true;
+    w.start(BOB);
+    assert_eq!(w.bodies(BOB), vec![&b"while you were out"[..]]);
+}
+
+#[test]
+fn a_bundle_taken_in_part_hands_only_the_rest_next_time() {
+    let mut w = world();
+    w.start(ALICE);
+    w.devices[BOB].takes = false;
+    w.start(BOB);
+    let bob_cell = w.cell(BOB);
+    let now = w.now;
+    for n in 0..5u8 {
+        let token = 100 + u64::from(n);
+        w.devices[ALICE]
+            .mb()
+            .submit(bob_cell, Bytes::from(vec![b'0' + n]), None, token, now);
+    }
+    w.settle();
+    assert_eq!(w.devices[BOB].got.len(), 5, "one bundle");
+    // The application took two, then failed.
+    w.devices[BOB].taken = 2;
+    w.stop(BOB);
+    w.devices[BOB].got.clear();
+    w.devices[BOB].takes = true;
+    w.start(BOB);
+    assert_eq!(w.bodies(BOB), vec![&b"2"[..], b"3", b"4"]);
+}
+
+/// A restored session's counters come from a new lease that is on disk before anything
+/// sealed under it leaves: no nonce twice, whatever restarts.
+#[test]
+fn envelopes_under_a_new_lease_wait_for_its_commit() {
+    let mut w = world_of(false);
+    w.start(ALICE);
+    w.start(BOB);
+    let bob_cell = w.cell(BOB);
+    w.send(ALICE, bob_cell, b"one");
+    w.send(ALICE, bob_cell, b"two");
+    assert!(
+        w.devices[ALICE]
+            .disk
+            .sessions
+            .keys()
+            .any(|k| matches!(k, SessionKey::Outbound(_)))
+    );
+    w.crash(ALICE);
+    w.start(ALICE);
+    let (now, alice) = (w.now, w.devices[ALICE].node());
+    let dev = &mut w.devices[ALICE];
+    let mb = dev.mailbox.as_mut().unwrap();
+    mb.submit(bob_cell, Bytes::from_static(b"three"), None, 77, now);
+    // The directory first (this run has none cached).
+    assert!(mb.poll_commit(now, &mut dev.rng).is_none());
+    let lookup = mb.poll_transmit(now, &mut dev.rng).expect("a lookup");
+    w.relay.handle(alice, lookup);
+    let mut buf = Vec::new();
+    for r in w.relay.outgoing.remove(&alice).unwrap() {
+        put_record(&mut buf, &r);
+    }
+    let dev = &mut w.devices[ALICE];
+    let mb = dev.mailbox.as_mut().unwrap();
+    mb.handle_payload(Bytes::from(buf), now, &mut dev.rng);
+    // Sealed under the restored session's next lease: held until that is on disk.
+    assert!(
+        mb.poll_transmit(now, &mut dev.rng).is_none(),
+        "held for the lease's commit"
+    );
+    let commit = mb.poll_commit(now, &mut dev.rng).expect("the lease");
+    let id = commit.id;
+    dev.disk.apply(commit);
+    assert!(
+        mb.poll_transmit(now, &mut dev.rng).is_none(),
+        "not before it is durable"
+    );
+    mb.handle_committed(id);
+    assert!(mb.poll_transmit(now, &mut dev.rng).is_some());
+}
