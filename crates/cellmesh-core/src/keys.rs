@@ -29,11 +29,20 @@ pub struct BadSignature;
 pub struct PublicKey([u8; KEY_LEN]);
 
 impl PublicKey {
-    /// Parses 32 bytes, refusing encodings that are not points on the curve and points of
-    /// small order (which would let anyone forge signatures for that key).
+    /// Parses 32 bytes, refusing encodings that are not points on the curve, points of
+    /// small order (which would let anyone forge signatures for that key), and encodings that
+    /// are not the canonical one of their point (y >= p, or the x sign bit set with x = 0).
+    /// The last matters because a key's bytes *are* its Cell or Node ID: a second encoding
+    /// of one key would be a second ID, which a revocation of the first would not name.
     pub fn from_bytes(bytes: &[u8; KEY_LEN]) -> Result<Self, InvalidKey> {
         let key = ed25519_dalek::VerifyingKey::from_bytes(bytes).map_err(|_| InvalidKey)?;
         if key.is_weak() {
+            return Err(InvalidKey);
+        }
+        // Decompression reduces y mod p and takes the sign bit as given, so it accepts
+        // y + p (for y < 19) and -0; compressing the point again gives the one canonical
+        // encoding.
+        if key.to_edwards().compress().as_bytes() != bytes {
             return Err(InvalidKey);
         }
         Ok(Self(*bytes))
@@ -268,6 +277,52 @@ mod tests {
         order2[1..31].fill(0xff);
         order2[31] = 0x7f;
         assert_eq!(PublicKey::from_bytes(&order2), Err(InvalidKey));
+    }
+
+    /// The 32-byte encoding of y = p + `k` (p = 2^255 - 19), sign bit clear: for k < 19 it is
+    /// below 2^255, so it fits the encoding and names the same y as `k`.
+    fn p_plus(k: u8) -> [u8; 32] {
+        let mut bytes = [0xff; 32];
+        bytes[0] = 0xed + k;
+        bytes[31] = 0x7f;
+        bytes
+    }
+
+    #[test]
+    fn non_canonical_encodings_are_refused_so_one_key_has_one_id() {
+        // y = 3 is the y of two points of large order (one per sign of x); y = p + 3 is a
+        // second encoding of each, which curve25519-dalek's decompression accepts.
+        for sign in [0, 0x80] {
+            let mut canonical = [0u8; 32];
+            canonical[0] = 3;
+            canonical[31] |= sign;
+            assert!(PublicKey::from_bytes(&canonical).is_ok());
+            let mut alias = p_plus(3);
+            alias[31] |= sign;
+            assert!(ed25519_dalek::VerifyingKey::from_bytes(&alias).is_ok());
+            assert_eq!(PublicKey::from_bytes(&alias), Err(InvalidKey));
+        }
+        // Every y in [p, 2^255), either sign: refused whether or not it is a point.
+        for k in 0..19 {
+            for sign in [0, 0x80] {
+                let mut alias = p_plus(k);
+                alias[31] |= sign;
+                assert_eq!(
+                    PublicKey::from_bytes(&alias),
+                    Err(InvalidKey),
+                    "y = p + {k}"
+                );
+            }
+        }
+        // The sign bit set with x = 0 (y = 1 and y = -1): the same points as with it clear.
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        identity[31] = 0x80;
+        assert_eq!(PublicKey::from_bytes(&identity), Err(InvalidKey));
+        let mut minus_one = p_plus(0);
+        minus_one[0] = 0xec;
+        minus_one[31] = 0xff;
+        assert_eq!(PublicKey::from_bytes(&minus_one), Err(InvalidKey));
     }
 
     #[test]

@@ -2,9 +2,10 @@
 
 use cellmesh_core::Timestamp;
 use cellmesh_core::codec::DecodeError;
-use cellmesh_core::keys::{AgreementPublicKey, SigningSecret};
+use cellmesh_core::keys::{AgreementPublicKey, PublicKey, SigningSecret};
 use cellmesh_core::token::{
     Claims, MAX_SKEW, MAX_TOKEN_LEN, Name, RealmAnchor, Token, TokenError, TokenKind, VerifyError,
+    attr,
 };
 use proptest::prelude::*;
 
@@ -233,6 +234,47 @@ fn issuer_chain_accepted_and_forged_co_signature_refused() {
         endorsed.verify_in_realm(&other_anchor, NOW, 0),
         Err(VerifyError::WrongRealm(_))
     ));
+}
+
+/// y = p + 3 (p = 2^255 - 19): a second encoding of the point whose y is 3.
+fn non_canonical_key() -> [u8; 32] {
+    let mut bytes = [0xff; 32];
+    bytes[0] = 0xf0;
+    bytes[31] = 0x7f;
+    bytes
+}
+
+#[test]
+fn non_canonical_key_encodings_are_refused() {
+    let issuer_key = issuer().public();
+    let alias = PublicKey::from_bytes_unchecked(&non_canonical_key());
+    // As the subject's key.
+    let c = Claims::new(
+        TokenKind::Node,
+        issuer_key,
+        alias,
+        NOW,
+        60,
+        &mut rand_core::OsRng,
+    );
+    let bytes = c.sign(&issuer()).unwrap().to_bytes();
+    assert_eq!(
+        Token::decode(&bytes).err(),
+        Some(DecodeError::Invalid("key"))
+    );
+    // As an attribute naming a cell or node: no key.
+    let c = Claims::new(
+        TokenKind::Node,
+        issuer_key,
+        issuer_key,
+        NOW,
+        60,
+        &mut rand_core::OsRng,
+    )
+    .with_attribute(attr::CELL, non_canonical_key().to_vec())
+    .unwrap();
+    let token = Token::decode(&c.sign(&issuer()).unwrap().to_bytes()).unwrap();
+    assert_eq!(token.claims().key_attribute(attr::CELL), None);
 }
 
 #[test]
