@@ -1295,7 +1295,7 @@ fn exports(
 fn epoch1(ours: &Ratchet, theirs: &[u8; KEY_LEN]) -> Option<([u8; 32], [u8; 32])> {
     let shared = ours
         .secret
-        .diffie_hellman(&AgreementPublicKey::from_bytes(*theirs))?;
+        .diffie_hellman(&AgreementPublicKey::from_bytes_unchecked(theirs))?;
     let hk = Hkdf::<Sha256>::new(Some(&ours.salt[..]), &shared[..]);
     let mut okm = Zeroizing::new([0u8; 64]);
     hk.expand(EPOCH1_INFO, &mut okm[..])
