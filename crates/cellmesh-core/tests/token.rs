@@ -281,7 +281,7 @@ fn non_canonical_key_encodings_are_refused() {
 /// encodings of them and of a real key that are not canonical: none may be a token's
 /// agreement key.
 const BAD_AGREEMENT_KEYS: &[&str] = &[
-    "0000000000000000000000000000000000000000000000000000000000000000", // 0, order 2 (and 4 on the twist)
+    "0000000000000000000000000000000000000000000000000000000000000000", // 0, order 2
     "0100000000000000000000000000000000000000000000000000000000000000", // 1, order 4
     "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f", // p - 1, order 4 (twist)
     "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800", // order 8
