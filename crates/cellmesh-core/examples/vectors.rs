@@ -17,11 +17,20 @@ fn main() {
         ([0x7f; 16], ""),
         ([0x80; 16], ""),
         ([0x00; 16], "TREZOR"),
+        // BIP39's Japanese vectors' passphrase (NFC); PBKDF2 hashes its NFKD form.
+        (
+            [0x00; 16],
+            "\u{334d}\u{30ac}\u{30d0}\u{30f4}\u{30a1}\u{3071}\u{3070}\u{3050}\u{309e}\u{3061}\u{3062}\u{5341}\u{4eba}\u{5341}\u{8272}",
+        ),
     ] {
         let m = Mnemonic::from_entropy(&entropy);
         let cell = m.derive(passphrase);
         println!("mnemonic:   {}", m.phrase().as_str());
         println!("passphrase: {passphrase:?}");
+        println!(
+            "bip39 seed: {}",
+            hex(m.dangerous_bip39_seed(passphrase).as_ref())
+        );
         println!("ed25519:    {}", hex(cell.signing().public().as_bytes()));
         println!("x25519:     {}", hex(cell.agreement().public().as_bytes()));
         println!("cell id:    {}", cell.cell_id());

@@ -210,6 +210,28 @@ mod tests {
     }
 
     #[test]
+    fn a_non_canonical_key_encoding_is_no_id() {
+        // y = p + 3 decodes to the point of y = 3: with a valid checksum it would be a second
+        // Node ID for one key.
+        let mut canonical = [0u8; 32];
+        canonical[0] = 3;
+        let key = PublicKey::from_bytes(&canonical).unwrap();
+        let text = encode_id("node", &key);
+        assert_eq!(text.parse::<NodeId>().unwrap().key(), key);
+        let mut alias = [0xff; 32];
+        (alias[0], alias[31]) = (0xf0, 0x7f);
+        let alias = PublicKey::from_bytes_unchecked(&alias);
+        assert_eq!(
+            encode_id("node", &alias).parse::<NodeId>(),
+            Err(ParseIdError::InvalidKey(InvalidKey))
+        );
+        assert_eq!(
+            encode_id("cell", &alias).parse::<CellId>(),
+            Err(ParseIdError::InvalidKey(InvalidKey))
+        );
+    }
+
+    #[test]
     fn typos_and_kind_confusion_are_caught() {
         let text = cell().to_string();
         let mut typo = text.clone().into_bytes();

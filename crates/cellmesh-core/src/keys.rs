@@ -29,11 +29,20 @@ pub struct BadSignature;
 pub struct PublicKey([u8; KEY_LEN]);
 
 impl PublicKey {
-    /// Parses 32 bytes, refusing encodings that are not points on the curve and points of
-    /// small order (which would let anyone forge signatures for that key).
+    /// Parses 32 bytes, refusing encodings that are not points on the curve, points of
+    /// small order (which would let anyone forge signatures for that key), and encodings that
+    /// are not the canonical one of their point (y >= p, or the x sign bit set with x = 0).
+    /// The last matters because a key's bytes *are* its Cell or Node ID: a second encoding
+    /// of one key would be a second ID, which a revocation of the first would not name.
     pub fn from_bytes(bytes: &[u8; KEY_LEN]) -> Result<Self, InvalidKey> {
         let key = ed25519_dalek::VerifyingKey::from_bytes(bytes).map_err(|_| InvalidKey)?;
         if key.is_weak() {
+            return Err(InvalidKey);
+        }
+        // Decompression reduces y mod p and takes the sign bit as given, so it accepts
+        // y + p (for y < 19) and -0; compressing the point again gives the one canonical
+        // encoding.
+        if key.to_edwards().compress().as_bytes() != bytes {
             return Err(InvalidKey);
         }
         Ok(Self(*bytes))
@@ -122,23 +131,30 @@ impl fmt::Debug for SigningSecret {
     }
 }
 
+/// A byte string is not an acceptable X25519 public key.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("not a canonical X25519 public key of large order")]
+pub struct InvalidAgreementKey;
+
 /// An X25519 public key, used for key agreement (handshakes, end-to-end sessions).
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct AgreementPublicKey([u8; KEY_LEN]);
 
 impl AgreementPublicKey {
-    /// Wraps 32 bytes. Every 32-byte string is a valid X25519 public key. Low-order points are
-    /// not rejected here or by the handshake: a peer that uses one as its own static or
-    /// ephemeral key only makes its own contribution predictable; each session key also mixes
-    /// in DH with our fresh ephemeral and is authenticated by the tokens.
-    pub fn from_bytes(bytes: [u8; KEY_LEN]) -> Self {
-        Self(bytes)
+    /// Parses 32 bytes, refusing the u-coordinates of points of small order (with them every
+    /// Diffie-Hellman result is all zeros, or one of a few values anyone can compute) and
+    /// encodings that are not canonical (u >= p, or bit 255 set, which X25519 ignores). This
+    /// is the check for keys a token names: a certified key is used for every session with
+    /// its holder, and it has one encoding.
+    pub fn from_bytes(bytes: &[u8; KEY_LEN]) -> Result<Self, InvalidAgreementKey> {
+        if !is_canonical_u(bytes) || SMALL_ORDER_U.contains(bytes) {
+            return Err(InvalidAgreementKey);
+        }
+        Ok(Self(*bytes))
     }
 
-    /// Wraps 32 bytes without checking that they are a point of large order, which costs a
-    /// point decompression (tens of microseconds). Only for identifiers in routing fields
-    /// that are compared with keys checked elsewhere; [`PublicKey::verify`] still refuses any
-    /// signature under a key that is not a valid point of large order.
+    /// Wraps 32 bytes unchecked: for ephemeral keys read off the wire, which go straight into
+    /// [`AgreementSecret::diffie_hellman`], and that refuses small order itself.
     pub fn from_bytes_unchecked(bytes: &[u8; KEY_LEN]) -> Self {
         Self(*bytes)
     }
@@ -227,6 +243,48 @@ impl KeyPair {
     }
 }
 
+/// p = 2^255 - 19, little-endian.
+const P: [u8; KEY_LEN] = {
+    let mut p = [0xff; KEY_LEN];
+    p[0] = 0xed;
+    p[31] = 0x7f;
+    p
+};
+
+/// The canonical u-coordinates (little-endian) of every point of small order on Curve25519
+/// and on its twist: the curve's torsion is Z/8 (u = 0 of order 2, u = 1 of order 4, two u of
+/// order 8), the twist's Z/4 (u = 0, and u = p - 1 of order 4). Non-canonical encodings of
+/// them (p, p + 1, bit 255 set) are refused as non-canonical.
+const SMALL_ORDER_U: [[u8; KEY_LEN]; 5] = [
+    [0; KEY_LEN],
+    {
+        let mut one = [0; KEY_LEN];
+        one[0] = 1;
+        one
+    },
+    {
+        let mut minus_one = P;
+        minus_one[0] = 0xec;
+        minus_one
+    },
+    [
+        0xe0, 0xeb, 0x7a, 0x7c, 0x3b, 0x41, 0xb8, 0xae, 0x16, 0x56, 0xe3, 0xfa, 0xf1, 0x9f, 0xc4,
+        0x6a, 0xda, 0x09, 0x8d, 0xeb, 0x9c, 0x32, 0xb1, 0xfd, 0x86, 0x62, 0x05, 0x16, 0x5f, 0x49,
+        0xb8, 0x00,
+    ],
+    [
+        0x5f, 0x9c, 0x95, 0xbc, 0xa3, 0x50, 0x8c, 0x24, 0xb1, 0xd0, 0xb1, 0x55, 0x9c, 0x83, 0xef,
+        0x5b, 0x04, 0x44, 0x5c, 0xc4, 0x58, 0x1c, 0x8e, 0x86, 0xd8, 0x22, 0x4e, 0xdd, 0xd0, 0x9f,
+        0x11, 0x57,
+    ],
+];
+
+/// Whether the little-endian `u` is below p (which also means bit 255 is clear).
+fn is_canonical_u(u: &[u8; KEY_LEN]) -> bool {
+    // Compare from the most significant byte down; public data, so no need for constant time.
+    u.iter().rev().cmp(P.iter().rev()) == std::cmp::Ordering::Less
+}
+
 fn hex_prefix(bytes: &[u8]) -> String {
     bytes
         .iter()
@@ -268,6 +326,117 @@ mod tests {
         order2[1..31].fill(0xff);
         order2[31] = 0x7f;
         assert_eq!(PublicKey::from_bytes(&order2), Err(InvalidKey));
+    }
+
+    /// The 32-byte encoding of y = p + `k` (p = 2^255 - 19), sign bit clear: for k < 19 it is
+    /// below 2^255, so it fits the encoding and names the same y as `k`.
+    fn p_plus(k: u8) -> [u8; 32] {
+        let mut bytes = [0xff; 32];
+        bytes[0] = 0xed + k;
+        bytes[31] = 0x7f;
+        bytes
+    }
+
+    #[test]
+    fn non_canonical_encodings_are_refused_so_one_key_has_one_id() {
+        // y = 3 is the y of two points of large order (one per sign of x); y = p + 3 is a
+        // second encoding of each, which curve25519-dalek's decompression accepts.
+        for sign in [0, 0x80] {
+            let mut canonical = [0u8; 32];
+            canonical[0] = 3;
+            canonical[31] |= sign;
+            assert!(PublicKey::from_bytes(&canonical).is_ok());
+            let mut alias = p_plus(3);
+            alias[31] |= sign;
+            assert!(ed25519_dalek::VerifyingKey::from_bytes(&alias).is_ok());
+            assert_eq!(PublicKey::from_bytes(&alias), Err(InvalidKey));
+        }
+        // Every y in [p, 2^255), either sign: refused whether or not it is a point.
+        for k in 0..19 {
+            for sign in [0, 0x80] {
+                let mut alias = p_plus(k);
+                alias[31] |= sign;
+                assert_eq!(
+                    PublicKey::from_bytes(&alias),
+                    Err(InvalidKey),
+                    "y = p + {k}"
+                );
+            }
+        }
+        // The sign bit set with x = 0 (y = 1 and y = -1): the same points as with it clear.
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        identity[31] = 0x80;
+        assert_eq!(PublicKey::from_bytes(&identity), Err(InvalidKey));
+        let mut minus_one = p_plus(0);
+        minus_one[0] = 0xec;
+        minus_one[31] = 0xff;
+        assert_eq!(PublicKey::from_bytes(&minus_one), Err(InvalidKey));
+    }
+
+    #[test]
+    fn agreement_keys_of_small_order_are_exactly_those_diffie_hellman_refuses() {
+        let ours = AgreementSecret::from_bytes(&[5; 32]);
+        for u in SMALL_ORDER_U {
+            assert_eq!(AgreementPublicKey::from_bytes(&u), Err(InvalidAgreementKey));
+            let theirs = AgreementPublicKey::from_bytes_unchecked(&u);
+            assert!(ours.diffie_hellman(&theirs).is_none(), "{u:02x?}");
+            // The same points encoded with bit 255 set (which X25519 ignores).
+            let mut high = u;
+            high[31] |= 0x80;
+            assert_eq!(
+                AgreementPublicKey::from_bytes(&high),
+                Err(InvalidAgreementKey)
+            );
+        }
+        let real = AgreementSecret::from_bytes(&[9; 32]).public();
+        assert_eq!(AgreementPublicKey::from_bytes(real.as_bytes()), Ok(real));
+        assert!(ours.diffie_hellman(&real).is_some());
+    }
+
+    #[test]
+    fn non_canonical_agreement_keys_are_refused() {
+        // u in [p, 2^255) and bit 255 set are other encodings of u mod 2^255 mod p.
+        for k in 0..19 {
+            assert_eq!(
+                AgreementPublicKey::from_bytes(&p_plus(k)),
+                Err(InvalidAgreementKey),
+                "u = p + {k}"
+            );
+        }
+        let mut below_p = P;
+        below_p[0] -= 1;
+        assert!(AgreementPublicKey::from_bytes(&below_p).is_err()); // p - 1: small order
+        below_p[0] -= 1;
+        assert!(AgreementPublicKey::from_bytes(&below_p).is_ok()); // p - 2
+        let mut high = *AgreementSecret::from_bytes(&[9; 32]).public().as_bytes();
+        high[31] |= 0x80;
+        assert_eq!(
+            AgreementPublicKey::from_bytes(&high),
+            Err(InvalidAgreementKey)
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn a_canonical_agreement_key_is_accepted_iff_diffie_hellman_contributes(
+            mut u in proptest::prelude::any::<[u8; 32]>(),
+            pick in 0usize..8,
+        ) {
+            u[31] &= 0x7f;
+            // Mostly random keys, sometimes a small-order one.
+            if let Some(small) = SMALL_ORDER_U.get(pick) {
+                u = *small;
+            }
+            let ours = AgreementSecret::from_bytes(&[5; 32]);
+            let contributes = ours
+                .diffie_hellman(&AgreementPublicKey::from_bytes_unchecked(&u))
+                .is_some();
+            proptest::prop_assert_eq!(
+                AgreementPublicKey::from_bytes(&u).is_ok(),
+                contributes && is_canonical_u(&u)
+            );
+        }
     }
 
     #[test]

@@ -3,14 +3,16 @@
 //! ```text
 //! entropy (128 bits, from the caller's RNG)
 //!   └─ BIP39 English mnemonic, 12 words (the last word carries a 4-bit checksum)
-//!        └─ seed = PBKDF2-HMAC-SHA512(words, "mnemonic" || passphrase, 2048)      (BIP39)
+//!        └─ seed = PBKDF2-HMAC-SHA512(NFKD(words), "mnemonic" || NFKD(passphrase), 2048)   (BIP39)
 //!             ├─ HKDF-SHA512(salt = "cellmesh v1", ikm = seed, info = "cell signing ed25519")   → Ed25519 seed
 //!             └─ HKDF-SHA512(salt = "cellmesh v1", ikm = seed, info = "cell agreement x25519")  → X25519 secret
 //! ```
 //!
 //! The two keys come from one seed with different `info` strings, so neither reveals the
 //! other and both are restored from the same words. The optional passphrase is BIP39's
-//! "25th word": the same words with another passphrase are another cell.
+//! "25th word": the same words with another passphrase are another cell. Both the typed
+//! phrase and the passphrase are NFKD-normalized first, as BIP39 requires, so an accent typed
+//! precomposed on one system and as a combining mark on another restores the same cell.
 
 use std::fmt;
 
@@ -19,6 +21,7 @@ use hkdf::Hkdf;
 use rand_core::CryptoRngCore;
 use sha2::Sha512;
 use thiserror::Error;
+use unicode_normalization::UnicodeNormalization as _;
 use zeroize::Zeroizing;
 
 use crate::id::CellId;
@@ -68,9 +71,10 @@ impl Mnemonic {
         Self(m)
     }
 
-    /// Parses a phrase as typed: any case, any whitespace between words. Verifies the
-    /// checksum.
+    /// Parses a phrase as typed: NFKD-normalized (so fullwidth letters are letters), any
+    /// case, any whitespace between words. Verifies the checksum.
     pub fn parse(phrase: &str) -> Result<Self, MnemonicError> {
+        let phrase = nfkd(phrase);
         let words = Zeroizing::new(
             phrase
                 .split_whitespace()
@@ -106,14 +110,19 @@ impl Mnemonic {
         self.0.words()
     }
 
-    /// Derives the cell's keys. `passphrase` is the optional BIP39 passphrase (empty if none).
+    /// Derives the cell's keys. `passphrase` is the optional BIP39 passphrase (empty if none),
+    /// as typed: it is NFKD-normalized here.
     pub fn derive(&self, passphrase: &str) -> CellSecrets {
         CellSecrets::from_bip39_seed(&self.dangerous_bip39_seed(passphrase))
     }
 
-    /// The 64-byte BIP39 seed (exposed for known-answer tests against BIP39's own vectors).
+    /// The 64-byte BIP39 seed of NFKD(`passphrase`) (exposed for known-answer tests against
+    /// BIP39's own vectors).
     pub fn dangerous_bip39_seed(&self, passphrase: &str) -> Zeroizing<[u8; 64]> {
-        Zeroizing::new(self.0.to_seed_normalized(passphrase))
+        // The words are from the English list, ASCII and so already NFKD; the passphrase is
+        // whatever the user's keyboard produced. bip39's `to_seed` would normalize too, but
+        // into a copy nobody zeroizes.
+        Zeroizing::new(self.0.to_seed_normalized(&nfkd(passphrase)))
     }
 }
 
@@ -121,6 +130,15 @@ impl fmt::Debug for Mnemonic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Mnemonic(..)")
     }
+}
+
+/// NFKD of `s`, in a buffer sized up front: a buffer that grew would leave unzeroized copies
+/// of a secret behind.
+fn nfkd(s: &str) -> Zeroizing<String> {
+    let len = s.nfkd().map(char::len_utf8).sum();
+    let mut out = Zeroizing::new(String::with_capacity(len));
+    out.extend(s.nfkd());
+    out
 }
 
 /// A cell's secret keys: the identity signing key and the agreement key.
@@ -204,6 +222,43 @@ mod tests {
         assert_eq!(m.derive("").cell_id(), m.derive("").cell_id());
         assert_ne!(m.derive("").cell_id(), m.derive("x").cell_id());
         assert_eq!(format!("{m:?}"), "Mnemonic(..)");
+    }
+
+    #[test]
+    fn passphrase_is_nfkd_normalized_so_every_keyboard_restores_the_same_cell() {
+        // `café` typed with a precomposed é (U+00E9) and with e + a combining acute (U+0301):
+        // systems compose accents differently, and BIP39 hashes NFKD(passphrase).
+        let m = Mnemonic::from_entropy(&[0; 16]);
+        let composed = m.derive("caf\u{e9}").cell_id();
+        assert_eq!(composed, m.derive("cafe\u{301}").cell_id());
+        assert_ne!(composed, m.derive("cafe").cell_id());
+        // Compatibility forms fold too (NFKD, not NFD): fullwidth letters are the letters.
+        assert_eq!(
+            m.derive("\u{ff34}\u{ff32}\u{ff25}\u{ff3a}\u{ff2f}\u{ff32}")
+                .cell_id(),
+            m.derive("TREZOR").cell_id()
+        );
+        // The same bytes as bip39's own normalizing path.
+        for p in ["", "TREZOR", "caf\u{e9}", "cafe\u{301}", "\u{334d}\u{30ac}"] {
+            assert_eq!(*m.dangerous_bip39_seed(p), m.0.to_seed(p), "{p:?}");
+        }
+    }
+
+    #[test]
+    fn words_are_nfkd_normalized_before_lookup() {
+        // Fullwidth `ａｂａｎｄｏｎ` (as an IME may type it) and an ideographic space are the
+        // ASCII words under NFKD, as BIP39 reads the sentence.
+        let fullwidth: String = ABANDON
+            .chars()
+            .map(|c| match c {
+                ' ' => '\u{3000}',
+                c => char::from_u32(c as u32 - 0x61 + 0xff41).unwrap(),
+            })
+            .collect();
+        assert_eq!(
+            Mnemonic::parse(&fullwidth).unwrap().phrase().as_str(),
+            ABANDON
+        );
     }
 
     impl PartialEq for Mnemonic {

@@ -23,8 +23,10 @@
 //! Decoding is the only way to get a [`Token`] from bytes, and it rejects anything that is not
 //! the one canonical encoding of some claims: unknown version or kind, flags other than 0/1,
 //! an empty realm, strings that are not UTF-8, attribute keys out of order or repeated,
-//! keys not on the curve, a validity period that ends before it starts, truncated input,
-//! trailing bytes and anything over [`MAX_TOKEN_LEN`].
+//! Ed25519 keys that are not the canonical encoding of a point of large order, an agreement
+//! key that is not the canonical encoding of an X25519 point of large order, a validity period
+//! that ends before it starts, truncated input, trailing bytes and anything over
+//! [`MAX_TOKEN_LEN`].
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -157,6 +159,10 @@ pub enum TokenError {
     /// Only tokens that name a realm can be co-signed.
     #[error("only a token that names a realm can be co-signed")]
     NoRealm,
+    /// The agreement key is of small order or not canonically encoded (possible only through
+    /// [`AgreementPublicKey::from_bytes_unchecked`]); no decoder would accept the token.
+    #[error("the agreement key is not a canonical X25519 key of large order")]
+    InvalidAgreementKey,
 }
 
 /// Why a token was refused by a verifier.
@@ -312,6 +318,11 @@ impl Claims {
         if self.expires_at < self.not_before {
             return Err(TokenError::EmptyValidity);
         }
+        if let Some(key) = &self.agreement_key
+            && AgreementPublicKey::from_bytes(key.as_bytes()).is_err()
+        {
+            return Err(TokenError::InvalidAgreementKey);
+        }
         Ok(())
     }
 
@@ -368,7 +379,10 @@ impl Claims {
         }
         let key = read_key(r, "key")?;
         let agreement_key = if r.flag("agreement flag")? {
-            Some(AgreementPublicKey::from_bytes(r.array()?))
+            Some(
+                AgreementPublicKey::from_bytes(&r.array()?)
+                    .map_err(|_| DecodeError::Invalid("agreement key"))?,
+            )
         } else {
             None
         };

@@ -6,8 +6,11 @@
 //! prints them.
 
 use cellmesh_core::connection::Event;
-use cellmesh_core::testing::{START, TestNode, vector_link};
+use cellmesh_core::keys::AgreementSecret;
+use cellmesh_core::testing::{START, TestNode, VECTOR_SEED, vector_link};
 use cellmesh_core::wire::{FrameType, Message, split_frame};
+use rand_chacha::ChaCha20Rng;
+use rand_core::{RngCore as _, SeedableRng as _};
 
 const HELLO: &str = "000000210135671fcd5231761fa3cc4b79b2693fe30e219552111d94e07a064db5132c4345";
 
@@ -111,4 +114,64 @@ fn the_handshake_hash_is_this_one() {
     // vector_link reruns the handshake through the typed API on the same random draws and
     // asserts it produces the same three messages, so this hash belongs to these frames.
     assert_eq!(hex::encode(vector_link().handshake_hash), HANDSHAKE_HASH);
+}
+
+/// The intermediate values PROTOCOL 12.3 states, so another implementation can rebuild every
+/// random byte of the link: the PCG32-expanded seed, each side's 32-byte Noise seed and the
+/// ephemeral key Noise draws from it, and each test node's keys and token uuids.
+#[test]
+fn the_random_draws_are_the_documented_ones() {
+    let mut link_rng = ChaCha20Rng::seed_from_u64(VECTOR_SEED);
+    assert_eq!(
+        hex::encode(link_rng.get_seed()),
+        "33c89e97cabdd0617756cf6413544f1c6227287ba7b4ac58a89776430e9ba0d7"
+    );
+    let hello = hex::decode(HELLO).unwrap();
+    let response = hex::decode(RESPONSE).unwrap();
+    for (noise_seed, ephemeral, frame) in [
+        (
+            "22ec148010e5aa80fea2d5d3892674a040cb6b70cf63978d36a2ea9bfd4cef3e",
+            "35671fcd5231761fa3cc4b79b2693fe30e219552111d94e07a064db5132c4345",
+            &hello,
+        ),
+        (
+            "332fa28eca69111b4e09c76d77ac068574364632cd2728f60b6cbbf2a1ed388c",
+            "dca64fad27760c269bac067ca6e80b46f01320e67f89a01869d0918d15fabe58",
+            &response,
+        ),
+    ] {
+        let mut seed = [0u8; 32];
+        link_rng.fill_bytes(&mut seed);
+        assert_eq!(hex::encode(seed), noise_seed);
+        let mut secret = [0u8; 32];
+        ChaCha20Rng::from_seed(seed).fill_bytes(&mut secret);
+        let public = AgreementSecret::from_bytes(&secret).public();
+        assert_eq!(hex::encode(public.as_bytes()), ephemeral);
+        // The ephemeral key is the first 32 bytes of the message, after length and type.
+        assert_eq!(&frame[5..37], public.as_bytes());
+    }
+    for (seed, ed25519, x25519, node_uuid, identity_uuid) in [
+        (
+            1,
+            "4d4b18062f8502598de045ca7b69f067f59f93b16e3af8733a988adc2341f5c8",
+            "091e876575795f5fced43ff7ce5ae652db21e3453c6b1ec5d3bd23b1ec410655",
+            "01274dd1ee5216c204fb698daea45b52",
+            "e98b6f0fdd046dcc3a86bb079e36f024",
+        ),
+        (
+            2,
+            "7d177f1e71b490ad0ce380f9578ab12bb0fc00a98de8f6a555c81d48c2039249",
+            "363338ec15815643e6829814055f6a8137e3445accc0545d98f7211f224ec857",
+            "4aca33714d944be16e8a66e255e856ae",
+            "f7560b44a07d92cbc7ae12618b54d5ea",
+        ),
+    ] {
+        let n = TestNode::new(seed, START.timestamp());
+        assert_eq!(hex::encode(n.node.signing.public().as_bytes()), ed25519);
+        assert_eq!(hex::encode(n.node.agreement.public().as_bytes()), x25519);
+        assert_eq!(hex::encode(n.node_token.claims().uuid), node_uuid);
+        assert_eq!(hex::encode(n.identity.claims().uuid), identity_uuid);
+        assert_eq!(n.node_token.claims().subject, "cellmesh node");
+        assert_eq!(n.identity.claims().subject, "cellmesh cell");
+    }
 }

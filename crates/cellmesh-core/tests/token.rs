@@ -2,9 +2,10 @@
 
 use cellmesh_core::Timestamp;
 use cellmesh_core::codec::DecodeError;
-use cellmesh_core::keys::{AgreementPublicKey, SigningSecret};
+use cellmesh_core::keys::{AgreementPublicKey, AgreementSecret, PublicKey, SigningSecret};
 use cellmesh_core::token::{
     Claims, MAX_SKEW, MAX_TOKEN_LEN, Name, RealmAnchor, Token, TokenError, TokenKind, VerifyError,
+    attr,
 };
 use proptest::prelude::*;
 
@@ -47,7 +48,7 @@ prop_compose! {
             not_before: Timestamp(window.0),
             expires_at: Timestamp(window.0 + window.1),
             key: SigningSecret::from_seed(&key_seed).public(),
-            agreement_key: agreement.map(AgreementPublicKey::from_bytes),
+            agreement_key: agreement.map(|a| AgreementSecret::from_bytes(&a).public()),
             attributes: attributes.into_iter().map(|(k, v)| (Name::new(&k).unwrap(), v)).collect(),
         }
     }
@@ -235,6 +236,92 @@ fn issuer_chain_accepted_and_forged_co_signature_refused() {
     ));
 }
 
+/// y = p + 3 (p = 2^255 - 19): a second encoding of the point whose y is 3.
+fn non_canonical_key() -> [u8; 32] {
+    let mut bytes = [0xff; 32];
+    bytes[0] = 0xf0;
+    bytes[31] = 0x7f;
+    bytes
+}
+
+#[test]
+fn non_canonical_key_encodings_are_refused() {
+    let issuer_key = issuer().public();
+    let alias = PublicKey::from_bytes_unchecked(&non_canonical_key());
+    // As the subject's key.
+    let c = Claims::new(
+        TokenKind::Node,
+        issuer_key,
+        alias,
+        NOW,
+        60,
+        &mut rand_core::OsRng,
+    );
+    let bytes = c.sign(&issuer()).unwrap().to_bytes();
+    assert_eq!(
+        Token::decode(&bytes).err(),
+        Some(DecodeError::Invalid("key"))
+    );
+    // As an attribute naming a cell or node: no key.
+    let c = Claims::new(
+        TokenKind::Node,
+        issuer_key,
+        issuer_key,
+        NOW,
+        60,
+        &mut rand_core::OsRng,
+    )
+    .with_attribute(attr::CELL, non_canonical_key().to_vec())
+    .unwrap();
+    let token = Token::decode(&c.sign(&issuer()).unwrap().to_bytes()).unwrap();
+    assert_eq!(token.claims().key_attribute(attr::CELL), None);
+}
+
+/// The u-coordinates of every X25519 point of small order (on the curve or its twist), and
+/// encodings of them and of a real key that are not canonical: none may be a token's
+/// agreement key.
+const BAD_AGREEMENT_KEYS: &[&str] = &[
+    "0000000000000000000000000000000000000000000000000000000000000000", // 0, order 2
+    "0100000000000000000000000000000000000000000000000000000000000000", // 1, order 4
+    "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f", // p - 1, order 4 (twist)
+    "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800", // order 8
+    "5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157", // order 8
+    "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f", // p = 0
+    "eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f", // p + 1 = 1
+    "0000000000000000000000000000000000000000000000000000000000000080", // 0, top bit set
+    "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b880", // order 8, top bit set
+];
+
+#[test]
+fn small_order_and_non_canonical_agreement_keys_are_refused() {
+    let key = issuer().public();
+    let real = AgreementSecret::from_bytes(&[9; 32]).public();
+    let mut c = Claims::new(TokenKind::Node, key, key, NOW, 60, &mut rand_core::OsRng);
+    c.agreement_key = Some(real);
+    let good = c.sign(&issuer()).unwrap().to_bytes();
+    assert!(Token::decode(&good).is_ok());
+    let at = good
+        .windows(32)
+        .position(|w| w == real.as_bytes())
+        .expect("the agreement key is in the encoding");
+    let mut real_high = *real.as_bytes();
+    real_high[31] |= 0x80;
+    for bad in BAD_AGREEMENT_KEYS
+        .iter()
+        .map(|h| hex::decode(h).unwrap())
+        .chain([real_high.to_vec()])
+    {
+        let mut bytes = good.clone();
+        bytes[at..at + 32].copy_from_slice(&bad);
+        assert_eq!(
+            Token::decode(&bytes).err(),
+            Some(DecodeError::Invalid("agreement key")),
+            "{}",
+            hex::encode(&bad)
+        );
+    }
+}
+
 #[test]
 fn local_misuse_is_reported_not_signed() {
     let key = issuer().public();
@@ -254,6 +341,12 @@ fn local_misuse_is_reported_not_signed() {
     assert_eq!(
         backwards.sign(&issuer()).err(),
         Some(TokenError::EmptyValidity)
+    );
+    let mut weak = c.clone();
+    weak.agreement_key = Some(AgreementPublicKey::from_bytes_unchecked(&[0; 32]));
+    assert_eq!(
+        weak.sign(&issuer()).err(),
+        Some(TokenError::InvalidAgreementKey)
     );
     assert!(Name::new("Upper").is_err() && Name::new("").is_err());
     let mut t = c.sign(&issuer()).unwrap();

@@ -45,7 +45,22 @@ const CELLS: &[CellVector] = &[
         x25519: "f66f0467ff76d601a0c694abbad9fcf3438ca20fe6ee8f2b993adc9503356a39",
         cell_id: "cell1rqkt7eter7oqpzyj7v6sq3raf2agf2n376l26esmhpd74nkyrtzcfkud",
     },
+    CellVector {
+        mnemonic: "abandon abandon abandon abandon abandon abandon abandon abandon abandon abandon abandon about",
+        // BIP39's Japanese vectors' passphrase, as published (NFC): `㍍ガバヴァぱばぐゞちぢ十人十色`.
+        passphrase: JAPANESE_PASSPHRASE,
+        ed25519: "998cdf7ea40425187987487687d314dbc9393ff2776ff9ccf27f95655b9fcff0",
+        x25519: "16a24c5a706ba2653f089e098ceada0dc96cc44d96fac6e8561e38192320ac43",
+        cell_id: "cell1tggn67veaqsrq6mhjb3ipuyu3petsp7so5x7tthsp6kwkw47z7yhn22r",
+    },
 ];
+
+/// The passphrase of the BIP39 reference's Japanese vectors (trezor/python-mnemonic
+/// `vectors.json`, from bip32JP), NFC as published. NFKD changes it: `㍍` becomes `メートル`
+/// and every voiced kana splits into kana + U+3099/U+309A.
+const JAPANESE_PASSPHRASE: &str = "\u{334d}\u{30ac}\u{30d0}\u{30f4}\u{30a1}\u{3071}\u{3070}\u{3050}\u{309e}\u{3061}\u{3062}\u{5341}\u{4eba}\u{5341}\u{8272}";
+/// Its NFKD form, which is what PBKDF2 hashes.
+const JAPANESE_PASSPHRASE_NFKD: &str = "\u{30e1}\u{30fc}\u{30c8}\u{30eb}\u{30ab}\u{3099}\u{30cf}\u{3099}\u{30a6}\u{3099}\u{30a1}\u{306f}\u{309a}\u{306f}\u{3099}\u{304f}\u{3099}\u{309d}\u{3099}\u{3061}\u{3061}\u{3099}\u{5341}\u{4eba}\u{5341}\u{8272}";
 
 const TOKEN_HEX: &str = "01020b6578616d706c652e6f72670d63656c6c6d6573682063656c6cd396bfd0fae3ae4a117385e85f5a62aff348ead5ca521957f83f72864bf8a0bd0011111111111111111111111111111111000000006b49d200000000006b49d200000000006d2b0580d396bfd0fae3ae4a117385e85f5a62aff348ead5ca521957f83f72864bf8a0bd01c23712c4446360db2e6bf74048a28ff2a900e9a368f726a1ff944f747ac4495d01046e6f646500202152f8d19b791d24453242e15f2eab6cb7cffa7b6a5ed30097960e069881db12b1b8767e796ebd082db7a123b721bdccd18db9468e598d568bbf9f2bcb212d36f89c14fc5a8d9e641f079a8929d724e0e68f1879063a177a576a46ea7261650b00";
 const TOKEN_FINGERPRINT: &str = "a4e4aac18630005d24a77348f69ad15ece93b4ff157fe50d08b81650d384595e";
@@ -62,6 +77,28 @@ fn bip39_seed_matches_the_bip39_reference_vector() {
     assert_eq!(
         hex(m.dangerous_bip39_seed("TREZOR").as_ref()),
         "c55257c360c07c72029aebc1b53c05ed0362ada38ead3e3e9efa3708e53495531f09a6987599d18264c1e1c92f2cf141630c7a3c4ab7c81b2f001698e7463b04"
+    );
+}
+
+#[test]
+fn bip39_seed_with_a_non_ascii_passphrase_hashes_its_nfkd_form() {
+    // PBKDF2-HMAC-SHA512("abandon ×11 about", "mnemonic" || NFKD(passphrase), 2048), computed
+    // independently with Python's hashlib and unicodedata (which reproduce the reference's
+    // Japanese vectors with this passphrase); no published vector pairs English words with a
+    // non-ASCII passphrase.
+    let m = Mnemonic::parse(CELLS[4].mnemonic).unwrap();
+    let seed = "ba553eedefe76e67e2602dc20184c564010859faada929a090dd2c57aacb204ceefd15404ab50ef3e8dbeae5195aeae64b0def4d2eead1cdc728a33ced520ffd";
+    assert_eq!(
+        hex(m.dangerous_bip39_seed(JAPANESE_PASSPHRASE).as_ref()),
+        seed
+    );
+    assert_eq!(
+        hex(m.dangerous_bip39_seed(JAPANESE_PASSPHRASE_NFKD).as_ref()),
+        seed
+    );
+    assert_eq!(
+        m.derive(JAPANESE_PASSPHRASE_NFKD).cell_id().to_string(),
+        CELLS[4].cell_id
     );
 }
 

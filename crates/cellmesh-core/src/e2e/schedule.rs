@@ -107,7 +107,8 @@ pub(super) fn epoch1(
     salt: &[u8; 32],
     instance: &[u8; 16],
 ) -> Option<(Secret, Secret)> {
-    let shared = ours.diffie_hellman(&AgreementPublicKey::from_bytes(*theirs))?;
+    // Small order is refused by the Diffie-Hellman itself (its result would be all zero).
+    let shared = ours.diffie_hellman(&AgreementPublicKey::from_bytes_unchecked(theirs))?;
     let hk = Hkdf::<Sha256>::new(Some(&salt[..]), &shared[..]);
     let mut okm = Zeroizing::new([0u8; 64]);
     hk.expand_multi_info(&[EPOCH1_INFO, instance], &mut okm[..])
