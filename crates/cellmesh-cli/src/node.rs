@@ -162,16 +162,86 @@ impl Printer {
     }
 }
 
-/// Text from a peer (NACK and CLOSE reasons) with control characters escaped, so it cannot
-/// forge output lines or send terminal escapes. JSON output is escaped by the encoder.
+/// Text from a peer (NACK and CLOSE reasons, message bodies) with control characters,
+/// bidirectional controls and other invisible characters escaped, so it cannot forge output
+/// lines, send terminal escapes, or show one text while holding another (U+202E shows what
+/// follows it backwards). JSON output is escaped by the encoder.
 pub(crate) fn printable(text: &str) -> String {
-    text.chars()
-        .flat_map(|c| {
-            if c.is_control() {
-                c.escape_default().collect::<Vec<_>>()
-            } else {
-                vec![c]
-            }
-        })
-        .collect()
+    let mut shown = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            shown.extend(c.escape_default());
+        } else if invisible(c) {
+            shown.extend(c.escape_unicode());
+        } else {
+            shown.push(c);
+        }
+    }
+    shown
+}
+
+/// The format characters (Unicode general category Cf, as of Unicode 15: the bidirectional
+/// controls, zero-width characters, invisible operators, tags) and the line and paragraph
+/// separators: a terminal shows none of them as itself.
+fn invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{0600}'..='\u{0605}'
+            | '\u{061C}'
+            | '\u{06DD}'
+            | '\u{070F}'
+            | '\u{0890}'..='\u{0891}'
+            | '\u{08E2}'
+            | '\u{180E}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{2028}'..='\u{202E}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{206F}'
+            | '\u{FEFF}'
+            | '\u{FFF9}'..='\u{FFFB}'
+            | '\u{110BD}'
+            | '\u{110CD}'
+            | '\u{13430}'..='\u{1343F}'
+            | '\u{1BCA0}'..='\u{1BCA3}'
+            | '\u{1D173}'..='\u{1D17A}'
+            | '\u{E0001}'
+            | '\u{E0020}'..='\u{E007F}'
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn printable_escapes_controls_bidi_overrides_and_invisible_characters() {
+        assert_eq!(printable("plain text, ünïcödé ✓"), "plain text, ünïcödé ✓");
+        assert_eq!(printable("a\nb\x1b[2Jc\u{7f}"), r"a\nb\u{1b}[2Jc\u{7f}");
+        // Every bidirectional control.
+        for c in [
+            '\u{061C}', '\u{200E}', '\u{200F}', '\u{202A}', '\u{202B}', '\u{202C}', '\u{202D}',
+            '\u{202E}', '\u{2066}', '\u{2067}', '\u{2068}', '\u{2069}',
+        ] {
+            assert_eq!(
+                printable(&format!("x{c}y")),
+                format!("x\\u{{{:x}}}y", c as u32)
+            );
+        }
+        // Other invisible format characters, and the separators that break a line.
+        for c in [
+            '\u{00AD}',
+            '\u{180E}',
+            '\u{200B}',
+            '\u{200D}',
+            '\u{2028}',
+            '\u{2029}',
+            '\u{2060}',
+            '\u{FEFF}',
+            '\u{E0041}',
+        ] {
+            let shown = printable(&c.to_string());
+            assert!(shown.starts_with("\\u{"), "{c:?} shown as {shown:?}");
+        }
+    }
 }
