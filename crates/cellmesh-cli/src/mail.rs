@@ -317,19 +317,34 @@ pub struct Config {
     relay_ca: Option<PathBuf>,
 }
 
+/// The config's name in the home directory.
+const CONFIG_FILE: &str = "config.json";
+
 fn config_path(home: &Home) -> PathBuf {
-    home.dir().join("config.json")
+    home.dir().join(CONFIG_FILE)
 }
 
-fn load_config(home: &Home) -> Option<Config> {
-    let text = std::fs::read_to_string(config_path(home)).ok()?;
-    serde_json::from_str(&text).ok()
+/// The saved config: `None` only when there is no file. A file that cannot be read or does
+/// not parse is an error, never "no config": it may hold the relay's pin.
+fn load_config(home: &Home) -> Result<Option<Config>> {
+    let path = config_path(home);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let config = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{} is damaged (fix it, or remove it and register again with `cellmesh connect-cell --relay ADDR`)",
+            path.display()
+        )
+    })?;
+    Ok(Some(config))
 }
 
 fn save_config(home: &Home, config: &Config) -> Result<()> {
-    let path = config_path(home);
     let text = serde_json::to_string_pretty(config)?;
-    std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))
+    Ok(home.write_file(CONFIG_FILE, text.as_bytes())?)
 }
 
 /// The relay to use, the CA file to trust for it, and the node id to pin when it is the
@@ -341,7 +356,7 @@ struct RelayChoice {
 }
 
 fn relay_of(home: &Home, arg: &RelayAddr) -> Result<RelayChoice> {
-    let saved = load_config(home);
+    let saved = load_config(home)?;
     let relay = match (&arg.relay, &saved) {
         (Some(a), _) => a.clone(),
         (None, Some(c)) => c.relay.clone(),

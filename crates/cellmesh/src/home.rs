@@ -7,6 +7,7 @@
 //!     devices[]                 identity tokens this cell issued that this device knows of
 //!     revocations[]             signed revocations this device knows of
 //!     secrets                   Argon2id parameters, salt, nonce, ChaCha20-Poly1305 ciphertext
+//!   config.json                 (mode 0600, replaced atomically too) the CLI's relay settings
 //! ```
 //!
 //! The mnemonic is never written: it is shown once by `create-cell` and is the only way to
@@ -171,6 +172,14 @@ impl Home {
         let file: KeystoreFile = serde_json::from_str(&text).map_err(|e| corrupt(&path, e))?;
         file.into_keystore()
             .map_err(|reason| corrupt(&path, reason))
+    }
+
+    /// Writes `name` in this home (created mode 0700 if need be) as [`KEYSTORE_FILE`] is
+    /// written: a temporary file in the same directory, mode 0600, synced, renamed over
+    /// `name`, and the directory synced. A crash leaves the old file or the new one, never a
+    /// mixture, and never a file others can read.
+    pub fn write_file(&self, name: &str, bytes: &[u8]) -> Result<(), HomeError> {
+        write_atomic(&self.dir, name, bytes)
     }
 
     /// Whether a keystore exists here.
