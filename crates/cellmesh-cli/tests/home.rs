@@ -65,3 +65,69 @@ fn a_damaged_relay_config_is_an_error_naming_it_never_no_config() {
         );
     }
 }
+
+/// The revocations a home holds are signed statements about other devices: replacing the
+/// home's cell (`--force`) keeps them, its own cell's and those imported from others alike.
+#[test]
+fn replacing_the_cell_with_force_keeps_the_revocations() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let revocations = || -> usize {
+        let stored: Value =
+            serde_json::from_slice(&std::fs::read(home.join("keystore.json")).unwrap()).unwrap();
+        stored["revocations"].as_array().unwrap().len()
+    };
+    // This home's cell revokes its other device ...
+    let created = success(&run(&home, &["create-cell", "--json"], None));
+    let words = created["mnemonic"].as_str().unwrap().to_string();
+    let other_device = dir.path().join("other-device");
+    let (_, lost) = {
+        let v = success(&run(
+            &other_device,
+            &["connect-cell", "--json"],
+            Some(words.as_bytes()),
+        ));
+        (
+            v["cell_id"].clone(),
+            v["node_id"].as_str().unwrap().to_string(),
+        )
+    };
+    success(&run(&home, &["revoke-device", &lost, "--json"], None));
+    // ... and keeps another cell's revocation of one of its devices.
+    let (stranger, stranger2) = (dir.path().join("s"), dir.path().join("s2"));
+    let s = success(&run(&stranger, &["create-cell", "--json"], None));
+    let s2 = success(&run(
+        &stranger2,
+        &["connect-cell", "--json"],
+        Some(s["mnemonic"].as_str().unwrap().as_bytes()),
+    ));
+    let token = success(&run(
+        &stranger,
+        &["revoke-device", s2["node_id"].as_str().unwrap(), "--json"],
+        None,
+    ))["revocation"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    success(&run(&home, &["import-revocation", &token, "--json"], None));
+    assert_eq!(revocations(), 2);
+
+    success(&run(&home, &["create-cell", "--force", "--json"], None));
+    assert_eq!(revocations(), 2, "create-cell --force dropped revocations");
+    // Back to the first cell on a new device key: its revoked device is still shown revoked.
+    success(&run(
+        &home,
+        &["connect-cell", "--force", "--json"],
+        Some(words.as_bytes()),
+    ));
+    assert_eq!(revocations(), 2, "connect-cell --force dropped revocations");
+    let who = success(&run(&home, &["whoami", "--json"], None));
+    assert!(
+        who["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["node_id"] == lost.as_str() && d["revoked"] == true),
+        "{who:#}"
+    );
+}

@@ -190,7 +190,8 @@ impl Home {
     /// Puts the cell of `mnemonic` (with BIP39 passphrase `seed_passphrase`) on this device:
     /// a fresh random node key, an identity token by which the cell certifies it, all sealed
     /// under `passphrase`. If this home already holds the same cell, nothing changes; if it
-    /// holds another, this fails unless `replace` is set.
+    /// holds another, this fails unless `replace` is set. A replaced keystore's revocations
+    /// (those that verify) are kept.
     pub fn create(
         &self,
         mnemonic: &Mnemonic,
@@ -201,6 +202,7 @@ impl Home {
     ) -> Result<Created, HomeError> {
         let cell = mnemonic.derive(seed_passphrase);
         let _lock = self.lock()?;
+        let mut kept = Vec::new();
         match self.load() {
             Ok(existing) if existing.cell == cell.cell_id() && !replace => {
                 return Ok(Created::AlreadyPresent(existing));
@@ -211,7 +213,11 @@ impl Home {
                     cell: existing.cell,
                 });
             }
-            Ok(_) | Err(HomeError::NoCell(_)) => {}
+            // Revocations are signed statements about devices (of the replaced cell, or of
+            // others') that stay true whichever cell this home holds: they are kept.
+            Ok(existing) => kept = existing.valid_revocation_tokens(),
+            Err(HomeError::NoCell(_)) => {}
+            // A damaged keystore is replaced whole.
             Err(e) if replace => drop(e),
             Err(e) => return Err(e),
         }
@@ -222,7 +228,7 @@ impl Home {
         let secrets = DeviceSecrets { cell, node };
         let header = header(secrets.cell.cell_id(), node_id);
         let sealed = keystore::seal(&secrets, passphrase, kdf, &header, &mut OsRng)?;
-        let keystore = Keystore {
+        let mut keystore = Keystore {
             cell: secrets.cell.cell_id(),
             node: node_id,
             created_at: now,
@@ -231,9 +237,10 @@ impl Home {
                 identity: Some(identity),
                 revoked: false,
             }],
-            revocation_tokens: Vec::new(),
+            revocation_tokens: kept,
             sealed,
         };
+        keystore.mark_revoked();
         self.save(&keystore)?;
         Ok(Created::New(keystore))
     }
@@ -348,6 +355,22 @@ impl Keystore {
             }
         }
         set
+    }
+
+    /// The revocation tokens that verify now (a token that does not is no use to a
+    /// verifier), once each.
+    fn valid_revocation_tokens(&self) -> Vec<Token> {
+        let now = crate::now();
+        let mut kept: Vec<Token> = Vec::new();
+        for token in &self.revocation_tokens {
+            let verifies = token
+                .verify(now, DEFAULT_SKEW)
+                .is_ok_and(|v| Revocations::new().insert(&v).is_ok());
+            if verifies && kept.iter().all(|t| t.fingerprint() != token.fingerprint()) {
+                kept.push(token.clone());
+            }
+        }
+        kept
     }
 
     fn mark_revoked(&mut self) {
