@@ -21,6 +21,7 @@ use clap::Args;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::out::OutputError;
 use crate::{PassphraseArgs, Printer};
 
 /// Arguments of `cellmesh relay`.
@@ -491,39 +492,44 @@ pub fn relay(home: &Home, args: &RelayArgs) -> Result<()> {
         let relay = Relay::start(&unlocked, config).await?;
         drop(unlocked);
         let mut events = relay.subscribe();
-        for addr in relay.local_addrs() {
-            out.line(
-                json!({"event": "listening", "addr": addr.to_string(), "tls": tls, "websocket": websocket, "relay_node": relay.node_id().to_string(), "data": data}),
-                format!("listening on {addr}{layers}"),
-            );
-        }
-        out.line(
-            json!({"event": "started", "cell_id": relay.cell().to_string(), "node_id": relay.node_id().to_string()}),
-            format!("relay {} started (store in {})", relay.node_id(), data.display()),
-        );
         // Made once: a signal that came while an event was being printed is not lost.
         let stop = crate::node::shutdown_signal();
         tokio::pin!(stop);
-        loop {
-            tokio::select! {
-                _ = &mut stop => break,
-                ev = events.recv() => match ev {
-                    Ok(ev) => print_relay_event(out, &ev),
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => out.line(
-                        json!({"event": "lagged", "missed": n}),
-                        format!("(missed {n} events)"),
-                    ),
-                    Err(_) => break,
-                },
+        // Runs until stopped, or until a line cannot be printed.
+        let printed: Result<(), OutputError> = async {
+            for addr in relay.local_addrs() {
+                out.line(
+                    json!({"event": "listening", "addr": addr.to_string(), "tls": tls, "websocket": websocket, "relay_node": relay.node_id().to_string(), "data": data}),
+                    format!("listening on {addr}{layers}"),
+                )?;
+            }
+            out.line(
+                json!({"event": "started", "cell_id": relay.cell().to_string(), "node_id": relay.node_id().to_string()}),
+                format!("relay {} started (store in {})", relay.node_id(), data.display()),
+            )?;
+            loop {
+                tokio::select! {
+                    _ = &mut stop => return Ok(()),
+                    ev = events.recv() => match ev {
+                        Ok(ev) => print_relay_event(out, &ev)?,
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => out.line(
+                            json!({"event": "lagged", "missed": n}),
+                            format!("(missed {n} events)"),
+                        )?,
+                        Err(_) => return Ok(()),
+                    },
+                }
             }
         }
+        .await;
         relay.shutdown().await;
-        out.line(json!({"event": "stopped"}), "stopped".to_string());
+        printed?;
+        out.line(json!({"event": "stopped"}), "stopped")?;
         Ok(())
     })
 }
 
-fn print_relay_event(out: Printer, ev: &RelayEvent) {
+fn print_relay_event(out: Printer, ev: &RelayEvent) -> Result<(), OutputError> {
     match ev {
         RelayEvent::Registered { cell, node, addr } => out.line(
             json!({"event": "registered", "cell_id": cell.to_string(), "node_id": node.to_string(), "addr": addr.to_string()}),
@@ -557,7 +563,7 @@ fn print_relay_event(out: Printer, ev: &RelayEvent) {
             json!({"event": "drained", "node_id": node.to_string(), "count": count}),
             format!("handed {count} queued to {}", node.short()),
         ),
-        _ => {}
+        _ => Ok(()),
     }
 }
 
@@ -572,44 +578,48 @@ pub fn listen(home: &Home, args: &ListenArgs) -> Result<()> {
         drop(unlocked);
         // `cellmesh send` from this home goes through this connection (see agent).
         let _served = crate::agent::serve(home.dir(), relay.to_string(), mailbox.sender()).await;
-        out.line(
-            json!({"event": "listening", "relay": relay.to_string(), "cell_id": mailbox.cell().to_string(), "node_id": mailbox.node().to_string()}),
-            format!("listening for {} at relay {relay}", mailbox.cell()),
-        );
         let mut seen = 0u64;
-        let mut stopped = false;
         let stop = crate::node::shutdown_signal();
         tokio::pin!(stop);
-        loop {
-            if args.count.is_some_and(|n| seen >= n) {
-                break;
-            }
-            let msg = tokio::select! {
-                _ = &mut stop => {
-                    stopped = true;
-                    break;
+        // Runs until stopped (true), --count is reached, or a line cannot be printed.
+        let printed: Result<bool> = async {
+            out.line(
+                json!({"event": "listening", "relay": relay.to_string(), "cell_id": mailbox.cell().to_string(), "node_id": mailbox.node().to_string()}),
+                format!("listening for {} at relay {relay}", mailbox.cell()),
+            )?;
+            loop {
+                if args.count.is_some_and(|n| seen >= n) {
+                    return Ok(false);
                 }
-                m = mailbox.recv() => match m {
-                    Some(m) => m,
-                    None => bail!("the mailbox closed"),
-                },
-            };
-            seen += 1;
-            print_message(out, &msg);
+                let msg = tokio::select! {
+                    _ = &mut stop => return Ok(true),
+                    m = mailbox.recv() => match m {
+                        Some(m) => m,
+                        None => bail!("the mailbox closed"),
+                    },
+                };
+                seen += 1;
+                print_message(out, &msg)?;
+            }
         }
-        // Received (so acknowledged) but not taken yet: shown too, never dropped. With
-        // --count, that can be a few more than asked for.
-        for msg in mailbox.close().await {
-            print_message(out, &msg);
+        .await;
+        // Received (so acknowledged) but not taken yet: shown too, unless printing failed.
+        // With --count, that can be a few more than asked for.
+        let rest = mailbox.close().await;
+        let stopped = printed?;
+        for msg in rest {
+            print_message(out, &msg)?;
         }
         if stopped {
-            out.line(json!({"event": "stopped"}), "stopped".to_string());
+            out.line(json!({"event": "stopped"}), "stopped")?;
         }
         Ok(())
     })
 }
 
-fn print_message(out: Printer, msg: &cellmesh::core::e2e::Message) {
+/// Prints one message; returns once its line is written and flushed, so that a caller can
+/// count it as shown. An error means it was not (listen stops).
+fn print_message(out: Printer, msg: &cellmesh::core::e2e::Message) -> Result<(), OutputError> {
     let (body, encoding) = match std::str::from_utf8(&msg.body) {
         Ok(text) => (text.to_string(), None),
         Err(_) => (data_encoding::BASE64.encode(&msg.body), Some("base64")),
@@ -628,7 +638,7 @@ fn print_message(out: Printer, msg: &cellmesh::core::e2e::Message) {
         None => crate::node::printable(&body),
         Some(_) => format!("(base64) {body}"),
     };
-    out.line(obj, format!("{} at {}: {shown}", msg.from_cell, msg.time.0));
+    out.line(obj, format!("{} at {}: {shown}", msg.from_cell, msg.time.0))
 }
 
 pub fn send(home: &Home, args: &SendArgs) -> Result<()> {
@@ -681,7 +691,7 @@ pub fn send(home: &Home, args: &SendArgs) -> Result<()> {
         out.line(
             json!({"status": sent.status.name(), "id": sent.id.to_hex(), "devices": sent.devices, "to": args.to.to_string()}),
             format!("{} {} ({} device{})", sent.status.name(), sent.id, sent.devices, if sent.devices == 1 { "" } else { "s" }),
-        );
+        )?;
         Ok(())
     })
 }

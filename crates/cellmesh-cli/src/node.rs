@@ -12,6 +12,7 @@ use cellmesh::node::{Node, NodeConfig, NodeEvent};
 use clap::Args;
 use serde_json::json;
 
+use crate::out::OutputError;
 use crate::{PassphraseArgs, Printer};
 
 /// Arguments of `cellmesh node`.
@@ -57,43 +58,48 @@ pub fn run(home: &Home, args: &NodeArgs) -> Result<()> {
         drop(unlocked);
         let out = Printer { json: args.json };
         let mut events = node.subscribe();
-        for addr in node.local_addrs() {
-            out.line(
-                json!({"event": "listening", "addr": addr.to_string(),
-                       "cell_id": node.cell().to_string(), "node_id": node.node_id().to_string()}),
-                format!("listening on {addr}  (cell {}, node {})", node.cell(), node.node_id()),
-            );
-        }
-        if node.local_addrs().is_empty() {
-            out.line(
-                json!({"event": "started", "cell_id": node.cell().to_string(), "node_id": node.node_id().to_string()}),
-                format!("started, not listening  (cell {}, node {})", node.cell(), node.node_id()),
-            );
-        }
         let stop = shutdown_signal();
         tokio::pin!(stop);
-        loop {
-            tokio::select! {
-                event = events.recv() => match event {
-                    Ok(e) => out.event(&e),
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                        out.line(json!({"event": "lagged", "missed": n}), format!("({n} events missed)"));
-                    }
-                    Err(_) => break,
-                },
-                msg = node.recv() => match msg {
-                    Some(m) => out.line(
-                        json!({"event": "message", "node_id": m.from.to_string(),
-                               "cell_id": m.cell.to_string(), "bytes": m.data.len()}),
-                        format!("message from {} (cell {}): {} bytes", m.from, m.cell, m.data.len()),
-                    ),
-                    None => break,
-                },
-                _ = &mut stop => break,
+        // Runs until stopped, or until a line cannot be printed.
+        let printed: Result<(), OutputError> = async {
+            for addr in node.local_addrs() {
+                out.line(
+                    json!({"event": "listening", "addr": addr.to_string(),
+                           "cell_id": node.cell().to_string(), "node_id": node.node_id().to_string()}),
+                    format!("listening on {addr}  (cell {}, node {})", node.cell(), node.node_id()),
+                )?;
+            }
+            if node.local_addrs().is_empty() {
+                out.line(
+                    json!({"event": "started", "cell_id": node.cell().to_string(), "node_id": node.node_id().to_string()}),
+                    format!("started, not listening  (cell {}, node {})", node.cell(), node.node_id()),
+                )?;
+            }
+            loop {
+                tokio::select! {
+                    event = events.recv() => match event {
+                        Ok(e) => out.event(&e)?,
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                            out.line(json!({"event": "lagged", "missed": n}), format!("({n} events missed)"))?;
+                        }
+                        Err(_) => return Ok(()),
+                    },
+                    msg = node.recv() => match msg {
+                        Some(m) => out.line(
+                            json!({"event": "message", "node_id": m.from.to_string(),
+                                   "cell_id": m.cell.to_string(), "bytes": m.data.len()}),
+                            format!("message from {} (cell {}): {} bytes", m.from, m.cell, m.data.len()),
+                        )?,
+                        None => return Ok(()),
+                    },
+                    _ = &mut stop => return Ok(()),
+                }
             }
         }
+        .await;
         node.shutdown(Duration::from_secs(2)).await;
-        out.line(json!({"event": "stopped"}), "stopped".to_string());
+        printed?;
+        out.line(json!({"event": "stopped"}), "stopped")?;
         Ok(())
     })
 }
@@ -117,7 +123,7 @@ pub(crate) async fn shutdown_signal() {
 }
 
 impl Printer {
-    fn event(&self, e: &NodeEvent) {
+    fn event(&self, e: &NodeEvent) -> Result<(), OutputError> {
         match e {
             NodeEvent::Joined(p) => self.line(
                 json!({"event": "joined", "node_id": p.node.to_string(), "cell_id": p.cell.to_string(),
@@ -157,7 +163,7 @@ impl Printer {
                 json!({"event": "failed", "addr": addr.to_string(), "reason": reason}),
                 format!("failed  {addr}: {}", printable(reason)),
             ),
-            _ => {}
+            _ => Ok(()),
         }
     }
 }
