@@ -2,7 +2,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
-use std::io::Read as _;
+use std::io::{IsTerminal as _, Read as _};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -293,7 +293,7 @@ pub struct ListenArgs {
 pub struct SendArgs {
     /// The recipient's Cell ID.
     to: CellId,
-    /// The message; `-` or nothing reads it from stdin.
+    /// The message; `-` or nothing reads it from stdin (asking for it, on a terminal).
     message: Option<String>,
     #[command(flatten)]
     relay: RelayAddr,
@@ -647,6 +647,13 @@ pub fn send(home: &Home, args: &SendArgs) -> Result<()> {
     let body = match args.message.as_deref() {
         Some(m) if m != "-" => m.as_bytes().to_vec(),
         _ => {
+            if std::io::stdin().is_terminal() {
+                // Typed where a passphrase prompt may be expected next: say what this is.
+                crate::out::stderr(&format!(
+                    "Message to {} (end it with Ctrl-D on a line of its own):\n",
+                    args.to.short()
+                ))?;
+            }
             let mut buf = Vec::new();
             std::io::stdin()
                 .take(cellmesh::core::e2e::MAX_BODY as u64 + 1)

@@ -280,10 +280,14 @@ impl Pty {
         std::io::Write::write_all(&mut &self.master, keys).unwrap();
     }
 
+    /// The terminal's local modes (echo, line editing, signals from keys).
+    pub fn modes(&self) -> rustix::termios::LocalModes {
+        rustix::termios::tcgetattr(&self.slave).unwrap().local_modes
+    }
+
     /// Whether the terminal echoes what is typed.
     pub fn echoes(&self) -> bool {
-        let modes = rustix::termios::tcgetattr(&self.slave).unwrap().local_modes;
-        modes.contains(rustix::termios::LocalModes::ECHO)
+        self.modes().contains(rustix::termios::LocalModes::ECHO)
     }
 }
 
