@@ -25,6 +25,7 @@ mod demo;
 mod mail;
 mod node;
 mod out;
+mod tty;
 
 /// End-to-end encrypted messaging between cells.
 #[derive(Parser)]
@@ -471,13 +472,12 @@ fn read_stdin(limit: u64, what: &str) -> Result<Zeroizing<String>> {
 }
 
 fn prompt(label: &str) -> Result<Zeroizing<String>> {
-    rpassword::prompt_password(label)
-        .map(Zeroizing::new)
-        .map_err(|e| {
-            anyhow!(
-                "cannot ask on the terminal ({e}): for the passphrase set CELLMESH_PASSPHRASE or pass --passphrase-file FILE; pipe the words on stdin"
-            )
-        })
+    tty::hidden(label).map_err(|e| match e.kind() {
+        io::ErrorKind::Interrupted => anyhow!("interrupted"),
+        _ => anyhow!(
+            "cannot ask on the terminal ({e}): for the passphrase set CELLMESH_PASSPHRASE or pass --passphrase-file FILE; pipe the words on stdin"
+        ),
+    })
 }
 
 fn first_line(path: &Path) -> Result<Zeroizing<String>> {

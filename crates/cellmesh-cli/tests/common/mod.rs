@@ -216,6 +216,8 @@ pub struct Pty {
     master: std::fs::File,
     slave: std::fs::File,
     shown: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    /// Where the last [`Pty::expect`] matched, in `shown`.
+    matched: std::cell::Cell<usize>,
 }
 
 impl Pty {
@@ -234,12 +236,13 @@ impl Pty {
             master,
             slave,
             shown,
+            matched: std::cell::Cell::new(0),
         }
     }
 
     /// `cellmesh ARGS` in `home` on this terminal, with no passphrase in its environment (it
     /// must ask).
-    pub fn spawn(&self, home: &Path, args: &[&str]) -> Child {
+    pub fn spawn(&self, home: &Path, args: &[&str]) -> OnTerminal {
         let stdio = || Stdio::from(self.slave.try_clone().unwrap());
         Command::new("setsid")
             .arg("--ctty")
@@ -254,13 +257,19 @@ impl Pty {
             .stdout(stdio())
             .stderr(stdio())
             .spawn()
+            .map(OnTerminal)
             .expect("util-linux setsid runs")
     }
 
-    /// Waits (10 s at most) until the terminal has shown `text`.
+    /// Waits (10 s at most) until the terminal shows `text` after what earlier calls found.
     pub fn expect(&self, text: &str) {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !self.shown().contains(text) {
+        loop {
+            let from = self.matched.get();
+            if let Some(at) = self.shown()[from..].find(text) {
+                self.matched.set(from + at + text.len());
+                return;
+            }
             assert!(
                 Instant::now() < deadline,
                 "the terminal never showed {text:?}; it shows {:?}",
@@ -288,6 +297,30 @@ impl Pty {
     /// Whether the terminal echoes what is typed.
     pub fn echoes(&self) -> bool {
         self.modes().contains(rustix::termios::LocalModes::ECHO)
+    }
+}
+
+/// A command started on a [`Pty`]; killed if the test ends before it does.
+pub struct OnTerminal(Child);
+
+impl OnTerminal {
+    /// Waits (30 s at most) for it to exit.
+    pub fn wait(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "still running after 30 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for OnTerminal {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
