@@ -25,6 +25,7 @@ mod demo;
 mod mail;
 mod node;
 mod out;
+mod private;
 mod tty;
 
 /// End-to-end encrypted messaging between cells.
@@ -164,30 +165,37 @@ fn run(cli: Cli) -> Result<()> {
             None => Ok(Home::new(Home::default_dir()?)),
         }
     };
+    // For every command that uses the keystore's secrets, writes the keystore or serves the
+    // socket: the home must be the user's own (whoami reads only public data).
+    let private = || -> Result<Home> {
+        let home = home()?;
+        private::check_home(&home)?;
+        Ok(home)
+    };
     match &cli.command {
         Command::CreateCell {
             secrets,
             force,
             json,
-        } => create_cell(&home()?, secrets, *force, *json),
+        } => create_cell(&private()?, secrets, *force, *json),
         Command::ConnectCell {
             secrets,
             force,
             relay,
             json,
-        } => connect_cell(&home()?, secrets, *force, relay.clone(), *json),
+        } => connect_cell(&private()?, secrets, *force, relay.clone(), *json),
         Command::Whoami { json } => whoami(&home()?, *json),
         Command::RevokeDevice {
             node_id,
             secrets,
             force,
             json,
-        } => revoke_device(&home()?, *node_id, secrets, *force, *json),
-        Command::ImportRevocation { token, json } => import_revocation(&home()?, token, *json),
-        Command::Node(args) => node::run(&home()?, args),
-        Command::Relay(args) => mail::relay(&home()?, args),
-        Command::Listen(args) => mail::listen(&home()?, args),
-        Command::Send(args) => mail::send(&home()?, args),
+        } => revoke_device(&private()?, *node_id, secrets, *force, *json),
+        Command::ImportRevocation { token, json } => import_revocation(&private()?, token, *json),
+        Command::Node(args) => node::run(&private()?, args),
+        Command::Relay(args) => mail::relay(&private()?, args),
+        Command::Listen(args) => mail::listen(&private()?, args),
+        Command::Send(args) => mail::send(&private()?, args),
         Command::Demo => demo::run(),
     }
 }

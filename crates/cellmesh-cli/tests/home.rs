@@ -131,3 +131,309 @@ fn replacing_the_cell_with_force_keeps_the_revocations() {
         "{who:#}"
     );
 }
+
+/// `cellmesh ARGS` in `home`, killed after 10 s if it has not exited by then (a command that
+/// should have refused to start may otherwise run until stopped).
+fn run_briefly(home: &Path, args: &[&str]) -> std::process::Output {
+    let mut child = common::command(home)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    child.wait_with_output().unwrap()
+}
+
+/// Every command that uses the keystore's secrets, writes the keystore or serves the socket.
+fn commands_that_need_a_private_home(cell: &str, node: &str) -> Vec<Vec<String>> {
+    [
+        &["create-cell", "--force"][..],
+        &["revoke-device", node, "--force"],
+        &["import-revocation", "AAAA"],
+        &["node"],
+        &["relay", "--listen", "127.0.0.1:0"],
+        &["listen", "--relay", "127.0.0.1:9"],
+        &["send", cell, "hi", "--relay", "127.0.0.1:9"],
+    ]
+    .iter()
+    .map(|a| a.iter().map(|s| s.to_string()).collect())
+    .collect()
+}
+
+fn refused_for(home: &Path, says: &str) {
+    let (cell, node) = {
+        let who = success(&run(home, &["whoami", "--json"], None));
+        (
+            who["cell_id"].as_str().unwrap().to_string(),
+            who["node_id"].as_str().unwrap().to_string(),
+        )
+    };
+    let keystore = std::fs::read(home.join("keystore.json")).unwrap();
+    for args in commands_that_need_a_private_home(&cell, &node) {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let stderr = failed_cleanly(&run_briefly(home, &args));
+        assert!(
+            stderr.contains(&home.display().to_string()) && stderr.contains(says),
+            "{args:?}: {stderr}"
+        );
+    }
+    let words = "abandon ".repeat(11) + "about";
+    let stderr = failed_cleanly(&run(
+        home,
+        &["connect-cell", "--force"],
+        Some(words.as_bytes()),
+    ));
+    assert!(stderr.contains(says), "connect-cell: {stderr}");
+    assert_eq!(std::fs::read(home.join("keystore.json")).unwrap(), keystore);
+    // whoami reads only what is public, and still answers.
+    success(&run(home, &["whoami", "--json"], None));
+}
+
+#[test]
+fn a_home_others_can_write_to_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    create_cell(&home);
+    for mode in [0o770, 0o702] {
+        std::fs::set_permissions(&home, std::fs::Permissions::from_mode(mode)).unwrap();
+        refused_for(&home, "chmod 700");
+    }
+}
+
+#[test]
+fn a_home_owned_by_another_user_is_refused() {
+    if !common::root() {
+        eprintln!("skipped: playing another user (chown) needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    create_cell(&home);
+    std::os::unix::fs::chown(&home, Some(common::STRANGER), None).unwrap();
+    refused_for(&home, &format!("uid {}", common::STRANGER));
+}
+
+/// A Unix socket server run by another user: it binds `paths` as root, then takes uid
+/// STRANGER before it listens (so that is the uid its peers see), and answers every request
+/// with an invented `delivered`, printing what it got.
+const FAKE_AGENT: &str = r#"
+import os, select, socket, sys
+socks = []
+for path in sys.argv[2:]:
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(path)
+    socks.append(s)
+os.seteuid(int(sys.argv[1]))
+for s in socks:
+    s.listen(4)
+print("ready", flush=True)
+while True:
+    for s in select.select(socks, [], [])[0]:
+        c, _ = s.accept()
+        print("got", c.recv(1 << 20).decode(errors="replace").strip(), flush=True)
+        c.sendall(b'{"status":"delivered","id":"' + b"00" * 16 + b'","devices":1}\n')
+        c.close()
+"#;
+
+/// A python3 helper, its stdout lines; killed when dropped.
+struct Helper {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Helper {
+    fn start(script: &str, args: &[&str]) -> Self {
+        let mut child = std::process::Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 runs");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = tx.send(line);
+            }
+        });
+        Self { child, lines }
+    }
+
+    fn line(&self) -> String {
+        self.lines
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("a line from the helper")
+    }
+
+    /// Lines printed so far, after waiting a little for stragglers.
+    fn rest(&self) -> Vec<String> {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        self.lines.try_iter().collect()
+    }
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn agent_dir(home: &Path) -> std::path::PathBuf {
+    home.join("agent")
+}
+
+/// A socket in the home that another user answers on must not take a message: before, a
+/// fake `mailbox.sock` took the body and made `send` print an invented `delivered`.
+#[test]
+fn send_refuses_a_socket_another_user_serves_or_owns() {
+    if !common::root() {
+        eprintln!("skipped: playing another user (seteuid, chown) needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let (cell, _) = create_cell(&home);
+    std::fs::create_dir(agent_dir(&home)).unwrap();
+    std::fs::set_permissions(agent_dir(&home), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let body = "a secret for the recipient";
+
+    // Served by another uid, from a socket file that is ours (bound before the seteuid).
+    // (mailbox.sock in the home itself is where the socket used to be.)
+    let socket = agent_dir(&home).join("mailbox.sock");
+    let old_place = home.join("mailbox.sock");
+    let stranger = common::STRANGER.to_string();
+    let fake = Helper::start(
+        FAKE_AGENT,
+        &[
+            &stranger,
+            socket.to_str().unwrap(),
+            old_place.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(fake.line(), "ready");
+    let out = run(
+        &home,
+        &["send", &cell, body, "--relay", "127.0.0.1:9"],
+        None,
+    );
+    let stderr = failed_cleanly(&out);
+    assert!(
+        stderr.contains(&socket.display().to_string())
+            && stderr.contains(&format!("uid {stranger}")),
+        "{stderr}"
+    );
+    assert!(
+        fake.rest().iter().all(|l| !l.contains(body)),
+        "the body reached the fake socket"
+    );
+    drop(fake);
+    std::fs::remove_file(&socket).unwrap();
+    std::fs::remove_file(&old_place).unwrap();
+
+    // A socket file another user owns is not even connected to.
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    std::os::unix::fs::chown(&socket, Some(common::STRANGER), None).unwrap();
+    let stderr = failed_cleanly(&run(
+        &home,
+        &["send", &cell, body, "--relay", "127.0.0.1:9"],
+        None,
+    ));
+    assert!(
+        stderr.contains(&socket.display().to_string())
+            && stderr.contains(&format!("uid {stranger}")),
+        "{stderr}"
+    );
+    listener.set_nonblocking(true).unwrap();
+    assert!(listener.accept().is_err(), "send connected to it");
+
+    // Nor is one in a directory others could have put it in.
+    std::os::unix::fs::chown(&socket, Some(0), None).unwrap();
+    std::fs::set_permissions(agent_dir(&home), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let stderr = failed_cleanly(&run(
+        &home,
+        &["send", &cell, body, "--relay", "127.0.0.1:9"],
+        None,
+    ));
+    assert!(stderr.contains("chmod 700"), "{stderr}");
+    assert!(listener.accept().is_err(), "send connected to it");
+}
+
+/// A client connecting as another user, as it could if the directory were opened up, gets
+/// no answer from `listen`.
+#[test]
+fn listen_answers_only_its_own_user_on_the_socket() {
+    if !common::root() {
+        eprintln!("skipped: playing another user (seteuid) needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (_relay, addr) = start_relay(dir.path());
+    let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
+    create_cell(&alice);
+    let (bob_cell, _) = create_cell(&bob);
+    let mut listen = common::Proc::start(&alice, "listen", &["--relay", &addr]);
+    listen.expect("listening", |v| v["event"] == "listening");
+    let socket = agent_dir(&alice).join("mailbox.sock");
+    assert_eq!(mode(&agent_dir(&alice)), 0o700);
+    assert_eq!(
+        std::fs::symlink_metadata(&socket)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+
+    // Opened up so that uid STRANGER can reach the socket at all.
+    for (path, m) in [
+        (dir.path(), 0o711),
+        (alice.as_path(), 0o711),
+        (agent_dir(&alice).as_path(), 0o711),
+        (socket.as_path(), 0o666),
+    ] {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(m)).unwrap();
+    }
+    let request = serde_json::json!({
+        "to": bob_cell, "body": "aGk=", "relay": addr,
+    });
+    let client = Helper::start(
+        r#"
+import os, socket, sys
+os.seteuid(int(sys.argv[1]))
+s = socket.socket(socket.AF_UNIX)
+for path in sys.argv[3:]:
+    try:
+        s.connect(path)
+        break
+    except OSError:
+        pass
+try:
+    s.sendall(sys.argv[2].encode() + b"\n")
+    answer = s.recv(4096)
+except OSError:  # closed on us: no answer either
+    answer = b""
+print("answer", repr(answer), flush=True)
+"#,
+        &[
+            &common::STRANGER.to_string(),
+            &request.to_string(),
+            socket.to_str().unwrap(),
+            // Where the socket used to be.
+            alice.join("mailbox.sock").to_str().unwrap(),
+        ],
+    );
+    assert_eq!(client.line(), "answer b''");
+    listen.stop();
+}
