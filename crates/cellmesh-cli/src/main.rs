@@ -3,6 +3,9 @@
 //! (0 success, 1 failure, 2 usage error).
 
 #![forbid(unsafe_code)]
+// Output goes through `out`, whose writes fail as errors: the print macros panic instead.
+#![deny(clippy::print_stdout, clippy::print_stderr, clippy::dbg_macro)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 use std::fs;
 use std::io::{self, IsTerminal as _, Read as _};

@@ -240,3 +240,25 @@ fn listen_and_send_with_nowhere_to_write_stop_cleanly() {
         assert!(stderr.contains(broken.says()), "{broken:?}: {stderr}");
     }
 }
+
+#[test]
+fn node_relay_and_demo_with_nowhere_to_write_stop_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    create_cell(dir.path());
+    for broken in BROKEN {
+        for args in [
+            &["node", "--listen", "127.0.0.1:0"][..],
+            &["node", "--listen", "127.0.0.1:0", "--json"],
+            &["relay", "--listen", "127.0.0.1:0"],
+            &["relay", "--listen", "127.0.0.1:0", "--json"],
+            &["demo"],
+        ] {
+            let out = with_broken_stdout(dir.path(), args, broken);
+            let stderr = failed_cleanly(&out);
+            assert!(
+                stderr.contains(broken.says()),
+                "{broken:?} {args:?}: {stderr}"
+            );
+        }
+    }
+}
