@@ -8,6 +8,7 @@
 //!     revocations[]             signed revocations this device knows of
 //!     secrets                   Argon2id parameters, salt, nonce, ChaCha20-Poly1305 ciphertext
 //!   config.json                 (mode 0600, replaced atomically too) the CLI's relay settings
+//!   agent/mailbox.sock          (directory 0700, socket 0600) served by a running `cellmesh listen`
 //! ```
 //!
 //! The mnemonic is never written: it is shown once by `create-cell` and is the only way to
