@@ -219,75 +219,76 @@ fn a_home_owned_by_another_user_is_refused() {
     refused_for(&home, &format!("uid {}", common::STRANGER));
 }
 
-/// A Unix socket server run by another user: it binds `paths` as root, then takes uid
-/// STRANGER before it listens (so that is the uid its peers see), and answers every request
-/// with an invented `delivered`, printing what it got.
-const FAKE_AGENT: &str = r#"
-import os, select, socket, sys
-socks = []
-for path in sys.argv[2:]:
-    s = socket.socket(socket.AF_UNIX)
-    s.bind(path)
-    socks.append(s)
-os.seteuid(int(sys.argv[1]))
-for s in socks:
-    s.listen(4)
-print("ready", flush=True)
-while True:
-    for s in select.select(socks, [], [])[0]:
-        c, _ = s.accept()
-        print("got", c.recv(1 << 20).decode(errors="replace").strip(), flush=True)
-        c.sendall(b'{"status":"delivered","id":"' + b"00" * 16 + b'","devices":1}\n')
-        c.close()
-"#;
-
-/// A python3 helper, its stdout lines; killed when dropped.
-struct Helper {
-    child: std::process::Child,
-    lines: std::sync::mpsc::Receiver<String>,
-}
-
-impl Helper {
-    fn start(script: &str, args: &[&str]) -> Self {
-        let mut child = std::process::Command::new("python3")
-            .arg("-c")
-            .arg(script)
-            .args(args)
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("python3 runs");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            use std::io::BufRead as _;
-            for line in std::io::BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-            {
-                let _ = tx.send(line);
+/// A Unix socket server run by another user, on a thread of its own: it binds `paths` as
+/// root (so the files are ours), then takes uid STRANGER for this thread only (the kernel's
+/// credentials are per thread) before it listens, so that is the uid its peers see. It
+/// answers every request with an invented `delivered` and reports what it got.
+fn fake_agent(paths: &[&Path]) -> std::sync::mpsc::Receiver<String> {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketType, bind, listen, socket};
+    let sockets: Vec<_> = paths
+        .iter()
+        .map(|path| {
+            let fd = socket(AddressFamily::UNIX, SocketType::STREAM, None).unwrap();
+            bind(&fd, &SocketAddrUnix::new(*path).unwrap()).unwrap();
+            fd
+        })
+        .collect();
+    let (tx, got) = std::sync::mpsc::channel();
+    let (ready_tx, ready) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let stranger = rustix::process::Uid::from_raw(common::STRANGER);
+        rustix::thread::set_thread_res_uid(None, stranger, None).unwrap();
+        let listeners: Vec<std::os::unix::net::UnixListener> = sockets
+            .into_iter()
+            .map(|fd| {
+                listen(&fd, 4).unwrap();
+                fd.into()
+            })
+            .collect();
+        ready_tx.send(()).unwrap();
+        for listener in &listeners {
+            listener.set_nonblocking(true).unwrap();
+        }
+        loop {
+            for listener in &listeners {
+                if let Ok((mut stream, _)) = listener.accept() {
+                    stream.set_nonblocking(false).unwrap();
+                    stream
+                        .set_read_timeout(Some(std::time::Duration::from_secs(2)))
+                        .unwrap();
+                    let mut line = String::new();
+                    let _ = std::io::BufRead::read_line(
+                        &mut std::io::BufReader::new(&stream),
+                        &mut line,
+                    );
+                    let _ = tx.send(line);
+                    let _ = std::io::Write::write_all(
+                        &mut stream,
+                        format!(
+                            r#"{{"status":"delivered","id":"{}","devices":1}}"#,
+                            "00".repeat(16)
+                        )
+                        .as_bytes(),
+                    );
+                    let _ = std::io::Write::write_all(&mut stream, b"\n");
+                }
             }
-        });
-        Self { child, lines }
-    }
-
-    fn line(&self) -> String {
-        self.lines
-            .recv_timeout(std::time::Duration::from_secs(10))
-            .expect("a line from the helper")
-    }
-
-    /// Lines printed so far, after waiting a little for stragglers.
-    fn rest(&self) -> Vec<String> {
-        std::thread::sleep(std::time::Duration::from_millis(300));
-        self.lines.try_iter().collect()
-    }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    });
+    ready.recv().unwrap();
+    got
 }
 
-impl Drop for Helper {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Runs `f` on a thread that acts as uid STRANGER (for this thread only).
+fn as_stranger<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::spawn(move || {
+        let stranger = rustix::process::Uid::from_raw(common::STRANGER);
+        rustix::thread::set_thread_res_uid(None, stranger, None).unwrap();
+        f()
+    })
+    .join()
+    .unwrap()
 }
 
 fn agent_dir(home: &Path) -> std::path::PathBuf {
@@ -299,7 +300,7 @@ fn agent_dir(home: &Path) -> std::path::PathBuf {
 #[test]
 fn send_refuses_a_socket_another_user_serves_or_owns() {
     if !common::root() {
-        eprintln!("skipped: playing another user (seteuid, chown) needs root");
+        eprintln!("skipped: playing another user (setresuid, chown) needs root");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -314,15 +315,7 @@ fn send_refuses_a_socket_another_user_serves_or_owns() {
     let socket = agent_dir(&home).join("mailbox.sock");
     let old_place = home.join("mailbox.sock");
     let stranger = common::STRANGER.to_string();
-    let fake = Helper::start(
-        FAKE_AGENT,
-        &[
-            &stranger,
-            socket.to_str().unwrap(),
-            old_place.to_str().unwrap(),
-        ],
-    );
-    assert_eq!(fake.line(), "ready");
+    let got = fake_agent(&[&socket, &old_place]);
     let out = run(
         &home,
         &["send", &cell, body, "--relay", "127.0.0.1:9"],
@@ -334,11 +327,11 @@ fn send_refuses_a_socket_another_user_serves_or_owns() {
             && stderr.contains(&format!("uid {stranger}")),
         "{stderr}"
     );
+    std::thread::sleep(std::time::Duration::from_millis(300));
     assert!(
-        fake.rest().iter().all(|l| !l.contains(body)),
+        got.try_iter().all(|l| !l.contains(body)),
         "the body reached the fake socket"
     );
-    drop(fake);
     std::fs::remove_file(&socket).unwrap();
     std::fs::remove_file(&old_place).unwrap();
 
@@ -375,7 +368,7 @@ fn send_refuses_a_socket_another_user_serves_or_owns() {
 #[test]
 fn listen_answers_only_its_own_user_on_the_socket() {
     if !common::root() {
-        eprintln!("skipped: playing another user (seteuid) needs root");
+        eprintln!("skipped: playing another user (setresuid) needs root");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -408,32 +401,21 @@ fn listen_answers_only_its_own_user_on_the_socket() {
     let request = serde_json::json!({
         "to": bob_cell, "body": "aGk=", "relay": addr,
     });
-    let client = Helper::start(
-        r#"
-import os, socket, sys
-os.seteuid(int(sys.argv[1]))
-s = socket.socket(socket.AF_UNIX)
-for path in sys.argv[3:]:
-    try:
-        s.connect(path)
-        break
-    except OSError:
-        pass
-try:
-    s.sendall(sys.argv[2].encode() + b"\n")
-    answer = s.recv(4096)
-except OSError:  # closed on us: no answer either
-    answer = b""
-print("answer", repr(answer), flush=True)
-"#,
-        &[
-            &common::STRANGER.to_string(),
-            &request.to_string(),
-            socket.to_str().unwrap(),
-            // Where the socket used to be.
-            alice.join("mailbox.sock").to_str().unwrap(),
-        ],
-    );
-    assert_eq!(client.line(), "answer b''");
+    let paths = [socket.clone(), alice.join("mailbox.sock")];
+    let answer = as_stranger(move || {
+        // (the second is where the socket used to be)
+        let Some(mut stream) = paths
+            .iter()
+            .find_map(|p| std::os::unix::net::UnixStream::connect(p).ok())
+        else {
+            return "no socket to connect to".to_string();
+        };
+        let _ = std::io::Write::write_all(&mut stream, format!("{request}\n").as_bytes());
+        let mut answer = String::new();
+        // Closed on us, or an empty read: no answer either way.
+        let _ = std::io::Read::read_to_string(&mut stream, &mut answer);
+        answer
+    });
+    assert_eq!(answer, "", "another user got an answer");
     listen.stop();
 }
