@@ -4,7 +4,8 @@
 //!
 //! `main` prints an [`OutputError`] as one line on stderr (when stderr still works) and
 //! exits 1; stdout closed by its reader (`cellmesh listen | head -n 1`) exits 1 without a
-//! line. A command that must undo or explain something when its output fails (`create-cell`)
+//! line. That needs SIGPIPE ignored, as Rust's runtime sets it before `main`: keep it so,
+//! or a closed pipe kills the process mid-command instead. A command that must undo or explain something when its output fails (`create-cell`)
 //! makes its own error instead.
 
 use std::fmt;
