@@ -7,6 +7,7 @@
 #![deny(clippy::print_stdout, clippy::print_stderr, clippy::dbg_macro)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+use std::fmt::Write as _;
 use std::fs;
 use std::io::{self, IsTerminal as _, Read as _};
 use std::path::{Path, PathBuf};
@@ -257,10 +258,12 @@ fn show_words(
          It is shown only this once; it is the only way to restore this cell on another\n\
          device, and anyone who has it can act as this cell.\n\n",
     )?;
-    let mut words = Zeroizing::new(String::new());
+    // Room for all of it at once: growing the string would leave copies of words behind.
+    let mut words = Zeroizing::new(String::with_capacity(1024));
     for (i, word) in mnemonic.words().enumerate() {
         let sep = if i % 4 == 3 { "\n" } else { "" };
-        words.push_str(&format!("{:>4}. {word:<10}{sep}", i + 1));
+        // Writing to a String cannot fail.
+        let _ = write!(words, "{:>4}. {word:<10}{sep}", i + 1);
     }
     words.push('\n');
     out::stdout(&words)
