@@ -3,9 +3,9 @@
 //! A device is one node key, and a relay keeps one connection per device: a `send` that
 //! opened a second connection for the device would replace the one `listen` holds (and be
 //! replaced back), and the answers to each would reach the other. So `listen` serves a Unix
-//! socket in the home directory (mode 0600, like ssh-agent's), and `send`, once it has
-//! unlocked the keystore itself, hands its message to that socket when one answers. One
-//! request per connection, one JSON line each way:
+//! socket, `agent/mailbox.sock` in the home directory, and `send`, once it has unlocked the
+//! keystore itself, hands its message to that socket when one answers. One request per
+//! connection, one JSON line each way:
 //!
 //! ```text
 //! send   → listen   {"to": CELL_ID, "body": BASE64, "relay": RELAY}
@@ -15,19 +15,25 @@
 //!
 //! A request for another relay than the one `listen` uses is refused (`send` then connects
 //! itself). Other processes of the same user can send through the socket while `listen`
-//! runs, as they can use an ssh-agent: the home directory is private to the user.
+//! runs, as they can use an ssh-agent. Other users cannot, and cannot pose as a listen, as
+//! with ssh's agent: the socket is made inside a directory of mode 0700 (so it is never
+//! reachable between its bind and its chmod to 0600), `listen` answers only peers of its own
+//! uid (SO_PEERCRED), and `send` refuses a directory or socket file that is not the user's own
+//! or a socket served by another uid, before it writes anything.
 
+use std::os::unix::fs::{DirBuilderExt as _, FileTypeExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context as _, Result, anyhow};
+use anyhow::{Context as _, Result, anyhow, bail};
 use cellmesh::core::id::CellId;
 use cellmesh::mailbox::{MailboxError, MailboxSender, Sent, Status};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
-/// The socket's name in the home directory.
+/// The socket's directory in the home directory (mode 0700), and its name in it.
+const DIR: &str = "agent";
 const SOCKET: &str = "mailbox.sock";
 /// Longest request line: a body of the largest size in base64, and the rest.
 const MAX_REQUEST: u64 = (cellmesh::core::e2e::MAX_BODY as u64).div_ceil(3) * 4 + 1024;
@@ -39,14 +45,15 @@ pub enum Outcome {
     Failed(String),
 }
 
-fn socket_path(home: &Path) -> PathBuf {
-    home.join(SOCKET)
-}
-
 /// Serves `home`'s socket until the returned guard is dropped (which removes the socket).
-/// `None` if another `listen` of this home already serves it, or it cannot be made.
+/// `None` if another `listen` of this home already serves it, or it cannot be made safely.
 pub async fn serve(home: &Path, relay: String, sender: MailboxSender) -> Option<Served> {
-    let path = socket_path(home);
+    let dir = home.join(DIR);
+    if let Err(e) = private_dir(&dir) {
+        tracing::warn!(error = %format!("{e:#}"), "cannot serve sends from this home");
+        return None;
+    }
+    let path = dir.join(SOCKET);
     if UnixStream::connect(&path).await.is_ok() {
         tracing::warn!(path = %path.display(), "another listen serves this home's socket");
         return None;
@@ -60,17 +67,37 @@ pub async fn serve(home: &Path, relay: String, sender: MailboxSender) -> Option<
             return None;
         }
     };
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt as _;
-        let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+    if let Err(e) = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)) {
+        tracing::warn!(path = %path.display(), error = %e, "cannot serve sends from this home");
+        let _ = std::fs::remove_file(&path);
+        return None;
     }
+    let me = crate::private::uid();
     let task = tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(answer(stream, relay.clone(), sender.clone()));
+            // The directory keeps other users out; this holds should it be opened up.
+            match stream.peer_cred() {
+                Ok(peer) if peer.uid() == me => {
+                    tokio::spawn(answer(stream, relay.clone(), sender.clone()));
+                }
+                Ok(peer) => tracing::warn!(uid = peer.uid(), "refused a send from another user"),
+                Err(e) => tracing::warn!(error = %e, "refused a send whose sender is unknown"),
+            }
         }
     });
     Some(Served { path, task })
+}
+
+/// Makes `dir` with mode 0700, or checks that the one there is as private.
+fn private_dir(dir: &Path) -> Result<()> {
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot create {}", dir.display())),
+    }
+    let meta =
+        std::fs::symlink_metadata(dir).with_context(|| format!("cannot read {}", dir.display()))?;
+    crate::private::check_private_dir(dir, &meta)
 }
 
 /// The socket, served while this lives.
@@ -128,11 +155,41 @@ async fn request(line: &str, relay: &str, sender: &MailboxSender) -> Value {
 }
 
 /// Hands the message to a `listen` of this home, if one answers on its socket and uses
-/// `relay`; `None` means `send` should connect itself.
+/// `relay`; `None` means `send` should connect itself. A socket that is not the user's own,
+/// or that another user serves, is an error: nothing is written to it.
 pub async fn send(home: &Path, relay: &str, to: CellId, body: &[u8]) -> Result<Option<Outcome>> {
-    let Ok(mut stream) = UnixStream::connect(socket_path(home)).await else {
+    let refusing = "refusing the socket of a running listen";
+    let dir = home.join(DIR);
+    match std::fs::symlink_metadata(&dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", dir.display())),
+        Ok(meta) => crate::private::check_private_dir(&dir, &meta).context(refusing)?,
+    }
+    let path = dir.join(SOCKET);
+    match std::fs::symlink_metadata(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        Ok(meta) if !meta.file_type().is_socket() => {
+            bail!("{refusing}: {} is not a socket (remove it)", path.display())
+        }
+        Ok(meta) => crate::private::check_owner(&path, &meta).context(refusing)?,
+    }
+    let Ok(mut stream) = UnixStream::connect(&path).await else {
         return Ok(None);
     };
+    // Whoever bound the file, the process answering must be this user's, as ssh checks its
+    // agent: another would take the body and could answer "delivered".
+    let peer = stream
+        .peer_cred()
+        .with_context(|| format!("cannot tell who serves {}", path.display()))?
+        .uid();
+    let me = crate::private::uid();
+    if peer != me {
+        bail!(
+            "{refusing}: {} is served by uid {peer}, not by you (uid {me})",
+            path.display()
+        );
+    }
     let request = json!({
         "to": to.to_string(),
         "body": data_encoding::BASE64.encode(body),

@@ -10,82 +10,89 @@ use cellmesh::home::{Created, Home, HomeError, Unlocked};
 
 const PASSPHRASE: &str = "demo passphrase";
 
+/// One line on stdout, written and flushed; a failed write ends the demo with an error.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        crate::out::stdout(&format!("{}\n", format_args!($($arg)*)))?
+    };
+}
+
 pub fn run() -> Result<()> {
     let tmp = tempfile::tempdir().context("cannot create a temporary directory")?;
     let laptop = Home::new(tmp.path().join("laptop"));
     let phone = Home::new(tmp.path().join("phone"));
     let pass = || Passphrase::new(PASSPHRASE.into());
 
-    step("1. create-cell on the first device (\"laptop\")");
+    step("1. create-cell on the first device (\"laptop\")")?;
     let words = cellmesh::new_mnemonic();
     let a = created(laptop.create(&words, "", &pass(), KdfParams::DEFAULT, false)?);
-    println!("   recovery phrase: {}", words.phrase().as_str());
-    println!("   (a throwaway demo cell; a real cell's words are shown once and never stored)");
-    println!("   cell id  {}", a.cell);
-    println!("   node id  {}  (laptop)", a.node);
+    say!("   recovery phrase: {}", words.phrase().as_str());
+    say!("   (a throwaway demo cell; a real cell's words are shown once and never stored)");
+    say!("   cell id  {}", a.cell);
+    say!("   node id  {}  (laptop)", a.node);
 
-    step("2. connect-cell on a second device (\"phone\") from the same 12 words");
+    step("2. connect-cell on a second device (\"phone\") from the same 12 words")?;
     let typed = Mnemonic::parse(&words.phrase()).context("the words did not parse")?;
     let b = created(phone.create(&typed, "", &pass(), KdfParams::DEFAULT, false)?);
-    println!("   cell id  {}", b.cell);
-    println!("   node id  {}  (phone)", b.node);
+    say!("   cell id  {}", b.cell);
+    say!("   node id  {}  (phone)", b.node);
     if a.cell != b.cell || a.node == b.node {
         bail!("restore did not give the same cell with a new device key");
     }
-    println!("   same Cell ID, a different node key on each device");
+    say!("   same Cell ID, a different node key on each device");
 
-    step("3. each device proves it acts for the cell (node token <-> identity token)");
+    step("3. each device proves it acts for the cell (node token <-> identity token)")?;
     let mut laptop_keys = laptop.unlock(&pass())?;
     let phone_keys = phone.unlock(&pass())?;
     for (name, keys) in [("laptop", &laptop_keys), ("phone", &phone_keys)] {
         let binding = bind(keys, &device::Revocations::new())?;
-        println!(
+        say!(
             "   {name:<6}  {} acts for {}  (both tokens verified)",
             binding.node().short(),
             binding.cell().short()
         );
     }
 
-    step("4. the laptop revokes the phone; verifiers now refuse it");
+    step("4. the laptop revokes the phone; verifiers now refuse it")?;
     let revocation = laptop.revoke(&mut laptop_keys, b.node, false)?;
-    println!(
+    say!(
         "   revocation token {} ({} bytes, signed by the cell)",
         revocation.fingerprint(),
         revocation.encoded_len()
     );
     match bind(&phone_keys, &laptop_keys.keystore.revocations()) {
-        Err(e) => println!("   phone refused: {e}"),
+        Err(e) => say!("   phone refused: {e}"),
         Ok(_) => bail!("a revoked device was accepted"),
     }
     for d in &laptop.load()?.devices {
         let state = if d.revoked { "revoked" } else { "active" };
-        println!("   device {}  {state}", d.node.short());
+        say!("   device {}  {state}", d.node.short());
     }
 
-    step("5. the keystore at rest");
+    step("5. the keystore at rest")?;
     let stored = std::fs::read_to_string(laptop.keystore_path())?;
     let has_words = stored.contains(words.phrase().as_str());
-    println!(
+    say!(
         "   {} bytes, mode {:o}, contains the recovery words: {}",
         stored.len(),
         file_mode(&laptop.keystore_path())?,
         if has_words { "YES" } else { "no" }
     );
     match laptop.unlock(&Passphrase::new("wrong".into())) {
-        Err(HomeError::Keystore(e)) => println!("   wrong passphrase: {e}"),
+        Err(HomeError::Keystore(e)) => say!("   wrong passphrase: {e}"),
         _ => bail!("a wrong passphrase was not refused"),
     }
 
     step(
         "6. a hub and three nodes on loopback: handshake (Noise XX + tokens), join, update, refusal",
-    );
+    )?;
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(mesh(&tmp.path().join("mesh"), &laptop_keys))?;
 
-    step("7. a relay on loopback: two cells, one of them on two devices, sealed end to end");
+    step("7. a relay on loopback: two cells, one of them on two devices, sealed end to end")?;
     runtime.block_on(relayed(&tmp.path().join("relay")))?;
 
-    println!("\nDemo finished; its temporary homes are deleted.");
+    say!("\nDemo finished; its temporary homes are deleted.");
     Ok(())
 }
 
@@ -122,19 +129,19 @@ async fn mesh(dir: &std::path::Path, laptop: &Unlocked) -> Result<()> {
     };
     let mut hub = Node::start(&device("hub")?, hub_config).await?;
     let addr = hub.local_addrs()[0];
-    println!("   hub listening on {addr}, admitting the demo cell and one other");
+    say!("   hub listening on {addr}, admitting the demo cell and one other");
 
     let member = Node::start(laptop, NodeConfig::default()).await?;
     let mut member_events = member.subscribe();
     let peer = member.join(addr).await?;
-    println!(
+    say!(
         "   laptop joined the hub: {} (cell {})",
         peer.node.short(),
         peer.cell.short()
     );
     let office = Node::start(&office, NodeConfig::default()).await?;
     office.join(addr).await?;
-    println!("   office joined the hub");
+    say!("   office joined the hub");
     let learned = tokio::time::timeout(Duration::from_secs(5), async {
         loop {
             if let Ok(NodeEvent::Learned { node, via, .. }) = member_events.recv().await {
@@ -144,7 +151,7 @@ async fn mesh(dir: &std::path::Path, laptop: &Unlocked) -> Result<()> {
     })
     .await
     .context("no update arrived")?;
-    println!(
+    say!(
         "   laptop learned of {} via {} (UPDATE)",
         learned.0.short(),
         learned.1.short()
@@ -153,7 +160,7 @@ async fn mesh(dir: &std::path::Path, laptop: &Unlocked) -> Result<()> {
     let stranger = Node::start(&stranger, NodeConfig::default()).await?;
     match stranger.join(addr).await {
         Err(JoinError::Refused { code, reason, .. }) => {
-            println!("   stranger refused: NACK {} ({reason})", code.name())
+            say!("   stranger refused: NACK {} ({reason})", code.name())
         }
         other => bail!("the stranger was not refused: {other:?}"),
     }
@@ -165,12 +172,12 @@ async fn mesh(dir: &std::path::Path, laptop: &Unlocked) -> Result<()> {
         .await
         .context("no message arrived")?
         .context("hub inbox closed")?;
-    println!(
+    say!(
         "   hub received {:?} from {}",
         String::from_utf8_lossy(&got.data),
         got.from.short()
     );
-    println!("   hub peers: {}", hub.peers().len());
+    say!("   hub peers: {}", hub.peers().len());
     for node in [stranger, office, member, hub] {
         node.shutdown(Duration::from_millis(500)).await;
     }
@@ -207,7 +214,7 @@ async fn relayed(dir: &std::path::Path) -> Result<()> {
     .await?;
     let mut seen = relay.subscribe();
     let addr = relay.local_addrs()[0];
-    println!("   relay {} listening on {addr}", relay.node_id().short());
+    say!("   relay {} listening on {addr}", relay.node_id().short());
     let config = || MailboxConfig {
         relay_node: Some(relay.node_id()),
         ..MailboxConfig::new(addr)
@@ -215,7 +222,7 @@ async fn relayed(dir: &std::path::Path) -> Result<()> {
     let mut a = Mailbox::connect(&alice, config()).await?;
     let mut bd = Mailbox::connect(&desk, config()).await?;
     let mut bp = Mailbox::connect(&phone, config()).await?;
-    println!(
+    say!(
         "   alice ({}) and bob ({}) on desk and phone connected outbound and registered",
         a.cell().short(),
         bd.cell().short()
@@ -236,14 +243,14 @@ async fn relayed(dir: &std::path::Path) -> Result<()> {
         take(&mut bp)
     );
     let sent = sent?;
-    println!(
+    say!(
         "   alice -> bob: {} to {} devices (id {})",
         sent.status.name(),
         sent.devices,
         sent.id
     );
     for (name, got) in [("desk", desk_got?), ("phone", phone_got?)] {
-        println!(
+        say!(
             "     bob's {name:<5} opened {:?} from {}",
             String::from_utf8_lossy(&got.body),
             got.from_cell.short()
@@ -255,7 +262,7 @@ async fn relayed(dir: &std::path::Path) -> Result<()> {
         take(&mut a)
     );
     let (reply, got) = (reply?, got?);
-    println!(
+    say!(
         "   bob -> alice: {}; alice opened {:?}",
         reply.status.name(),
         String::from_utf8_lossy(&got.body)
@@ -270,13 +277,13 @@ async fn relayed(dir: &std::path::Path) -> Result<()> {
     );
     let later = later?;
     desk_got?;
-    println!(
+    say!(
         "   bob's phone is offline; alice -> bob: {} (the desk took it; the relay keeps the phone's copy)",
         later.status.name()
     );
     let mut bp = Mailbox::connect(&phone, config()).await?;
     let caught = take(&mut bp).await?;
-    println!(
+    say!(
         "   phone back online, caught up: {:?}",
         String::from_utf8_lossy(&caught.body)
     );
@@ -286,7 +293,7 @@ async fn relayed(dir: &std::path::Path) -> Result<()> {
     let stats = relay.stats();
     relay.shutdown().await;
 
-    println!("   what the relay saw:");
+    say!("   what the relay saw:");
     let mut shown = 0;
     while let Ok(ev) = seen.try_recv() {
         if let RelayEvent::Forwarded {
@@ -299,7 +306,7 @@ async fn relayed(dir: &std::path::Path) -> Result<()> {
             && shown < 8
         {
             shown += 1;
-            println!(
+            say!(
                 "     {:?} {bytes:>4} sealed bytes {} -> {}",
                 status,
                 from.short(),
@@ -307,9 +314,12 @@ async fn relayed(dir: &std::path::Path) -> Result<()> {
             );
         }
     }
-    println!(
+    say!(
         "     in all: {} pushed, {} queued, {} refused, {} bytes; no key to open any of them",
-        stats.pushed, stats.queued, stats.refused, stats.bytes
+        stats.pushed,
+        stats.queued,
+        stats.refused,
+        stats.bytes
     );
     let stored = std::fs::read(data.join("relay.redb"))?;
     let leaked = [
@@ -319,7 +329,7 @@ async fn relayed(dir: &std::path::Path) -> Result<()> {
     ]
     .iter()
     .any(|p| stored.windows(p.len()).any(|w| w == *p));
-    println!(
+    say!(
         "     its store ({} bytes) contains a message body: {}",
         stored.len(),
         if leaked { "YES" } else { "no" }
@@ -357,8 +367,8 @@ fn created(c: Created) -> cellmesh::home::Keystore {
     }
 }
 
-fn step(title: &str) {
-    println!("\n{title}");
+fn step(title: &str) -> Result<(), crate::out::OutputError> {
+    crate::out::stdout(&format!("\n{title}\n"))
 }
 
 fn file_mode(path: &std::path::Path) -> Result<u32> {

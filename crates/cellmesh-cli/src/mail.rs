@@ -2,7 +2,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
-use std::io::Read as _;
+use std::io::{IsTerminal as _, Read as _};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -21,6 +21,7 @@ use clap::Args;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::out::OutputError;
 use crate::{PassphraseArgs, Printer};
 
 /// Arguments of `cellmesh relay`.
@@ -292,7 +293,7 @@ pub struct ListenArgs {
 pub struct SendArgs {
     /// The recipient's Cell ID.
     to: CellId,
-    /// The message; `-` or nothing reads it from stdin.
+    /// The message; `-` or nothing reads it from stdin (asking for it, on a terminal).
     message: Option<String>,
     #[command(flatten)]
     relay: RelayAddr,
@@ -317,19 +318,34 @@ pub struct Config {
     relay_ca: Option<PathBuf>,
 }
 
+/// The config's name in the home directory.
+const CONFIG_FILE: &str = "config.json";
+
 fn config_path(home: &Home) -> PathBuf {
-    home.dir().join("config.json")
+    home.dir().join(CONFIG_FILE)
 }
 
-fn load_config(home: &Home) -> Option<Config> {
-    let text = std::fs::read_to_string(config_path(home)).ok()?;
-    serde_json::from_str(&text).ok()
+/// The saved config: `None` only when there is no file. A file that cannot be read or does
+/// not parse is an error, never "no config": it may hold the relay's pin.
+fn load_config(home: &Home) -> Result<Option<Config>> {
+    let path = config_path(home);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let config = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{} is damaged (fix it, or remove it and register again with `cellmesh connect-cell --relay ADDR`)",
+            path.display()
+        )
+    })?;
+    Ok(Some(config))
 }
 
 fn save_config(home: &Home, config: &Config) -> Result<()> {
-    let path = config_path(home);
     let text = serde_json::to_string_pretty(config)?;
-    std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))
+    Ok(home.write_file(CONFIG_FILE, text.as_bytes())?)
 }
 
 /// The relay to use, the CA file to trust for it, and the node id to pin when it is the
@@ -341,7 +357,7 @@ struct RelayChoice {
 }
 
 fn relay_of(home: &Home, arg: &RelayAddr) -> Result<RelayChoice> {
-    let saved = load_config(home);
+    let saved = load_config(home)?;
     let relay = match (&arg.relay, &saved) {
         (Some(a), _) => a.clone(),
         (None, Some(c)) => c.relay.clone(),
@@ -476,39 +492,44 @@ pub fn relay(home: &Home, args: &RelayArgs) -> Result<()> {
         let relay = Relay::start(&unlocked, config).await?;
         drop(unlocked);
         let mut events = relay.subscribe();
-        for addr in relay.local_addrs() {
-            out.line(
-                json!({"event": "listening", "addr": addr.to_string(), "tls": tls, "websocket": websocket, "relay_node": relay.node_id().to_string(), "data": data}),
-                format!("listening on {addr}{layers}"),
-            );
-        }
-        out.line(
-            json!({"event": "started", "cell_id": relay.cell().to_string(), "node_id": relay.node_id().to_string()}),
-            format!("relay {} started (store in {})", relay.node_id(), data.display()),
-        );
         // Made once: a signal that came while an event was being printed is not lost.
         let stop = crate::node::shutdown_signal();
         tokio::pin!(stop);
-        loop {
-            tokio::select! {
-                _ = &mut stop => break,
-                ev = events.recv() => match ev {
-                    Ok(ev) => print_relay_event(out, &ev),
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => out.line(
-                        json!({"event": "lagged", "missed": n}),
-                        format!("(missed {n} events)"),
-                    ),
-                    Err(_) => break,
-                },
+        // Runs until stopped, or until a line cannot be printed.
+        let printed: Result<(), OutputError> = async {
+            for addr in relay.local_addrs() {
+                out.line(
+                    json!({"event": "listening", "addr": addr.to_string(), "tls": tls, "websocket": websocket, "relay_node": relay.node_id().to_string(), "data": data}),
+                    format!("listening on {addr}{layers}"),
+                )?;
+            }
+            out.line(
+                json!({"event": "started", "cell_id": relay.cell().to_string(), "node_id": relay.node_id().to_string()}),
+                format!("relay {} started (store in {})", relay.node_id(), data.display()),
+            )?;
+            loop {
+                tokio::select! {
+                    _ = &mut stop => return Ok(()),
+                    ev = events.recv() => match ev {
+                        Ok(ev) => print_relay_event(out, &ev)?,
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => out.line(
+                            json!({"event": "lagged", "missed": n}),
+                            format!("(missed {n} events)"),
+                        )?,
+                        Err(_) => return Ok(()),
+                    },
+                }
             }
         }
+        .await;
         relay.shutdown().await;
-        out.line(json!({"event": "stopped"}), "stopped".to_string());
+        printed?;
+        out.line(json!({"event": "stopped"}), "stopped")?;
         Ok(())
     })
 }
 
-fn print_relay_event(out: Printer, ev: &RelayEvent) {
+fn print_relay_event(out: Printer, ev: &RelayEvent) -> Result<(), OutputError> {
     match ev {
         RelayEvent::Registered { cell, node, addr } => out.line(
             json!({"event": "registered", "cell_id": cell.to_string(), "node_id": node.to_string(), "addr": addr.to_string()}),
@@ -542,7 +563,7 @@ fn print_relay_event(out: Printer, ev: &RelayEvent) {
             json!({"event": "drained", "node_id": node.to_string(), "count": count}),
             format!("handed {count} queued to {}", node.short()),
         ),
-        _ => {}
+        _ => Ok(()),
     }
 }
 
@@ -557,42 +578,47 @@ pub fn listen(home: &Home, args: &ListenArgs) -> Result<()> {
         drop(unlocked);
         // `cellmesh send` from this home goes through this connection (see agent).
         let _served = crate::agent::serve(home.dir(), relay.to_string(), mailbox.sender()).await;
-        out.line(
-            json!({"event": "listening", "relay": relay.to_string(), "cell_id": mailbox.cell().to_string(), "node_id": mailbox.node().to_string()}),
-            format!("listening for {} at relay {relay}", mailbox.cell()),
-        );
         let mut seen = 0u64;
-        let mut stopped = false;
         let stop = crate::node::shutdown_signal();
         tokio::pin!(stop);
-        loop {
-            if args.count.is_some_and(|n| seen >= n) {
-                break;
-            }
-            let msg = tokio::select! {
-                _ = &mut stop => {
-                    stopped = true;
-                    break;
+        // Runs until stopped (true), --count is reached, or a line cannot be printed.
+        let printed: Result<bool> = async {
+            out.line(
+                json!({"event": "listening", "relay": relay.to_string(), "cell_id": mailbox.cell().to_string(), "node_id": mailbox.node().to_string()}),
+                format!("listening for {} at relay {relay}", mailbox.cell()),
+            )?;
+            loop {
+                if args.count.is_some_and(|n| seen >= n) {
+                    return Ok(false);
                 }
-                m = mailbox.recv() => match m {
-                    Some(m) => m,
-                    None => bail!("the mailbox closed"),
-                },
-            };
-            seen += 1;
-            print_message(out, &msg);
+                let msg = tokio::select! {
+                    _ = &mut stop => return Ok(true),
+                    m = mailbox.recv_unacked() => match m {
+                        Some(m) => m,
+                        None => bail!("the mailbox closed"),
+                    },
+                };
+                // Acknowledged only once its line is written and flushed.
+                print_message(out, &msg)?;
+                mailbox.ack();
+                seen += 1;
+            }
         }
-        // What was printed is acknowledged; what arrived and was not printed stays with the
-        // relay for the next listen.
+        .await;
+        // What was printed is acknowledged; what arrived and was not printed (a failed
+        // write, --count reached, a signal) stays with the relay for the next listen.
         mailbox.close().await;
+        let stopped = printed?;
         if stopped {
-            out.line(json!({"event": "stopped"}), "stopped".to_string());
+            out.line(json!({"event": "stopped"}), "stopped")?;
         }
         Ok(())
     })
 }
 
-fn print_message(out: Printer, msg: &cellmesh::core::e2e::Message) {
+/// Prints one message; returns once its line is written and flushed, so that a caller can
+/// count it as shown. An error means it was not (listen stops).
+fn print_message(out: Printer, msg: &cellmesh::core::e2e::Message) -> Result<(), OutputError> {
     let (body, encoding) = match std::str::from_utf8(&msg.body) {
         Ok(text) => (text.to_string(), None),
         Err(_) => (data_encoding::BASE64.encode(&msg.body), Some("base64")),
@@ -611,7 +637,7 @@ fn print_message(out: Printer, msg: &cellmesh::core::e2e::Message) {
         None => crate::node::printable(&body),
         Some(_) => format!("(base64) {body}"),
     };
-    out.line(obj, format!("{} at {}: {shown}", msg.from_cell, msg.time.0));
+    out.line(obj, format!("{} at {}: {shown}", msg.from_cell, msg.time.0))
 }
 
 pub fn send(home: &Home, args: &SendArgs) -> Result<()> {
@@ -620,6 +646,13 @@ pub fn send(home: &Home, args: &SendArgs) -> Result<()> {
     let body = match args.message.as_deref() {
         Some(m) if m != "-" => m.as_bytes().to_vec(),
         _ => {
+            if std::io::stdin().is_terminal() {
+                // Typed where a passphrase prompt may be expected next: say what this is.
+                crate::out::stderr(&format!(
+                    "Message to {} (end it with Ctrl-D on a line of its own):\n",
+                    args.to.short()
+                ))?;
+            }
             let mut buf = Vec::new();
             std::io::stdin()
                 .take(cellmesh::core::e2e::MAX_BODY as u64 + 1)
@@ -664,7 +697,7 @@ pub fn send(home: &Home, args: &SendArgs) -> Result<()> {
         out.line(
             json!({"status": sent.status.name(), "id": sent.id.to_hex(), "devices": sent.devices, "to": args.to.to_string()}),
             format!("{} {} ({} device{})", sent.status.name(), sent.id, sent.devices, if sent.devices == 1 { "" } else { "s" }),
-        );
+        )?;
         Ok(())
     })
 }

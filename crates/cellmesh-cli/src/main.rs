@@ -3,7 +3,11 @@
 //! (0 success, 1 failure, 2 usage error).
 
 #![forbid(unsafe_code)]
+// Output goes through `out`, whose writes fail as errors: the print macros panic instead.
+#![deny(clippy::print_stdout, clippy::print_stderr, clippy::dbg_macro)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+use std::fmt::Write as _;
 use std::fs;
 use std::io::{self, IsTerminal as _, Read as _};
 use std::path::{Path, PathBuf};
@@ -16,13 +20,17 @@ use cellmesh::core::mnemonic::Mnemonic;
 use cellmesh::core::token::attr;
 use cellmesh::home::{Created, Home, Keystore};
 use clap::{Args, Parser, Subcommand};
-use serde_json::{Value, json};
+pub(crate) use out::Printer;
+use serde_json::json;
 use zeroize::Zeroizing;
 
 mod agent;
 mod demo;
 mod mail;
 mod node;
+mod out;
+mod private;
+mod tty;
 
 /// End-to-end encrypted messaging between cells.
 #[derive(Parser)]
@@ -131,6 +139,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(io::stderr)
+        // Its own complaint about a failed write would be an eprintln!, which panics.
+        .log_internal_errors(false)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("CELLMESH_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
@@ -139,7 +149,14 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // A reader that went away (`cellmesh listen | head -n 1`) is not told why.
+            let closed = e
+                .downcast_ref::<out::OutputError>()
+                .is_some_and(out::OutputError::stdout_closed);
+            if !closed {
+                // Nothing more can be done if stderr fails too: the exit code still says it.
+                let _ = out::stderr(&format!("error: {}\n", node::printable(&format!("{e:#}"))));
+            }
             ExitCode::FAILURE
         }
     }
@@ -152,30 +169,37 @@ fn run(cli: Cli) -> Result<()> {
             None => Ok(Home::new(Home::default_dir()?)),
         }
     };
+    // For every command that uses the keystore's secrets, writes the keystore or serves the
+    // socket: the home must be the user's own (whoami reads only public data).
+    let private = || -> Result<Home> {
+        let home = home()?;
+        private::check_home(&home)?;
+        Ok(home)
+    };
     match &cli.command {
         Command::CreateCell {
             secrets,
             force,
             json,
-        } => create_cell(&home()?, secrets, *force, *json),
+        } => create_cell(&private()?, secrets, *force, *json),
         Command::ConnectCell {
             secrets,
             force,
             relay,
             json,
-        } => connect_cell(&home()?, secrets, *force, relay.clone(), *json),
+        } => connect_cell(&private()?, secrets, *force, relay.clone(), *json),
         Command::Whoami { json } => whoami(&home()?, *json),
         Command::RevokeDevice {
             node_id,
             secrets,
             force,
             json,
-        } => revoke_device(&home()?, *node_id, secrets, *force, *json),
-        Command::ImportRevocation { token, json } => import_revocation(&home()?, token, *json),
-        Command::Node(args) => node::run(&home()?, args),
-        Command::Relay(args) => mail::relay(&home()?, args),
-        Command::Listen(args) => mail::listen(&home()?, args),
-        Command::Send(args) => mail::send(&home()?, args),
+        } => revoke_device(&private()?, *node_id, secrets, *force, *json),
+        Command::ImportRevocation { token, json } => import_revocation(&private()?, token, *json),
+        Command::Node(args) => node::run(&private()?, args),
+        Command::Relay(args) => mail::relay(&private()?, args),
+        Command::Listen(args) => mail::listen(&private()?, args),
+        Command::Send(args) => mail::send(&private()?, args),
         Command::Demo => demo::run(),
     }
 }
@@ -191,37 +215,58 @@ fn create_cell(home: &Home, args: &SecretArgs, force: bool, json: bool) -> Resul
     let seed_passphrase = seed_passphrase(args)?;
     let passphrase = keystore_passphrase(&args.keystore, true)?;
     let mnemonic = cellmesh::new_mnemonic();
-    let keystore = match home.create(
-        &mnemonic,
-        &seed_passphrase,
-        &passphrase,
-        KdfParams::DEFAULT,
-        force,
-    )? {
-        Created::New(k) | Created::AlreadyPresent(k) => k,
+    let prepared = home.prepare(&mnemonic, &seed_passphrase, &passphrase, KdfParams::DEFAULT)?;
+    // The words are shown (written and flushed) before the keystore is: a cell whose words
+    // were never shown could not be restored anywhere else.
+    show_words(home, prepared.keystore(), &mnemonic, json).map_err(|e| {
+        anyhow!(
+            "{:#}: the recovery words could not be shown, so no cell was created",
+            anyhow!(e)
+        )
+    })?;
+    let keystore = match home.commit(prepared, force) {
+        Ok(Created::New(k) | Created::AlreadyPresent(k)) => k,
+        Err(e) => {
+            return Err(anyhow!(e).context("the words shown belong to no cell: it was not kept"));
+        }
     };
+    if !json {
+        print_ids(home, &keystore)?;
+    }
+    Ok(())
+}
+
+/// The recovery words of a cell about to be created: one JSON object with the ids, or the
+/// words with a warning on stderr.
+fn show_words(
+    home: &Home,
+    keystore: &Keystore,
+    mnemonic: &Mnemonic,
+    json: bool,
+) -> Result<(), out::OutputError> {
     if json {
-        let out = json!({
+        let shown = json!({
             "cell_id": keystore.cell.to_string(),
             "node_id": keystore.node.to_string(),
             "mnemonic": mnemonic.phrase().as_str(),
             "home": home.dir(),
         });
-        println!("{out}");
-        return Ok(());
+        return out::stdout(&Zeroizing::new(format!("{shown}\n")));
     }
-    eprintln!(
+    out::stderr(
         "Your recovery phrase is below. Write it down and keep it offline.\n\
          It is shown only this once; it is the only way to restore this cell on another\n\
-         device, and anyone who has it can act as this cell.\n"
-    );
+         device, and anyone who has it can act as this cell.\n\n",
+    )?;
+    // Room for all of it at once: growing the string would leave copies of words behind.
+    let mut words = Zeroizing::new(String::with_capacity(1024));
     for (i, word) in mnemonic.words().enumerate() {
         let sep = if i % 4 == 3 { "\n" } else { "" };
-        print!("{:>4}. {word:<10}{sep}", i + 1);
+        // Writing to a String cannot fail.
+        let _ = write!(words, "{:>4}. {word:<10}{sep}", i + 1);
     }
-    println!();
-    print_ids(home, &keystore);
-    Ok(())
+    words.push('\n');
+    out::stdout(&words)
 }
 
 fn connect_cell(
@@ -260,7 +305,7 @@ fn connect_cell(
         _ => None,
     };
     if json {
-        let out = json!({
+        let shown = json!({
             "cell_id": keystore.cell.to_string(),
             "node_id": keystore.node.to_string(),
             "home": home.dir(),
@@ -268,17 +313,23 @@ fn connect_cell(
             "relay": relay_node.as_ref().map(|(a, _)| a.to_string()),
             "relay_node": relay_node.as_ref().map(|(_, n)| n.to_string()),
         });
-        println!("{out}");
+        out::stdout(&format!("{shown}\n"))?;
         return Ok(());
     }
     if fresh {
-        println!("Connected this device to cell {}.", keystore.cell.short());
+        out::stdout(&format!(
+            "Connected this device to cell {}.\n",
+            keystore.cell.short()
+        ))?;
     } else {
-        println!("This device already holds cell {}.", keystore.cell.short());
+        out::stdout(&format!(
+            "This device already holds cell {}.\n",
+            keystore.cell.short()
+        ))?;
     }
-    print_ids(home, &keystore);
+    print_ids(home, &keystore)?;
     if let Some((addr, node)) = relay_node {
-        println!("Registered at relay {addr} ({node}).");
+        out::stdout(&format!("Registered at relay {addr} ({node}).\n"))?;
     }
     Ok(())
 }
@@ -298,17 +349,17 @@ fn whoami(home: &Home, json: bool) -> Result<()> {
                 })
             })
             .collect();
-        let out = json!({
+        let shown = json!({
             "cell_id": k.cell.to_string(),
             "node_id": k.node.to_string(),
             "home": home.dir(),
             "devices": devices,
         });
-        println!("{out}");
+        out::stdout(&format!("{shown}\n"))?;
         return Ok(());
     }
-    print_ids(home, &k);
-    println!("Devices:");
+    let mut text = ids(home, &k);
+    text.push_str("Devices:\n");
     for d in &k.devices {
         let mut notes = Vec::new();
         if d.node == k.node {
@@ -317,8 +368,9 @@ fn whoami(home: &Home, json: bool) -> Result<()> {
         if d.revoked {
             notes.push("revoked");
         }
-        println!("  {}  {}", d.node, notes.join(", "));
+        text.push_str(&format!("  {}  {}\n", d.node, notes.join(", ")));
     }
+    out::stdout(&text)?;
     Ok(())
 }
 
@@ -336,7 +388,7 @@ fn revoke_device(
     Printer { json }.line(
         json!({"revoked": node.to_string(), "revocation": encoded}),
         format!("Revoked {node}.\nRevocation token (base64):\n{encoded}"),
-    );
+    )?;
     Ok(())
 }
 
@@ -362,30 +414,21 @@ fn import_revocation(home: &Home, token: &str, json: bool) -> Result<()> {
     Printer { json }.line(
         json!({"issuer": issuer.to_string(), "revoked": revoked}),
         format!("Kept: {issuer} revoked {revoked}. Nodes started from this home refuse it."),
-    );
+    )?;
     Ok(())
 }
 
-/// Prints one result: a JSON object (`--json`) or a line of text.
-#[derive(Clone, Copy)]
-pub(crate) struct Printer {
-    pub(crate) json: bool,
+fn print_ids(home: &Home, k: &Keystore) -> Result<(), out::OutputError> {
+    out::stdout(&ids(home, k))
 }
 
-impl Printer {
-    pub(crate) fn line(&self, json: Value, text: String) {
-        if self.json {
-            println!("{json}");
-        } else {
-            println!("{text}");
-        }
-    }
-}
-
-fn print_ids(home: &Home, k: &Keystore) {
-    println!("Cell ID:  {}", k.cell);
-    println!("Node ID:  {}  (this device)", k.node);
-    println!("Keystore: {}", home.keystore_path().display());
+fn ids(home: &Home, k: &Keystore) -> String {
+    format!(
+        "Cell ID:  {}\nNode ID:  {}  (this device)\nKeystore: {}\n",
+        k.cell,
+        k.node,
+        home.keystore_path().display()
+    )
 }
 
 /// Unlocks this home's keystore with the passphrase from `args`, which is then dropped.
@@ -443,13 +486,12 @@ fn read_stdin(limit: u64, what: &str) -> Result<Zeroizing<String>> {
 }
 
 fn prompt(label: &str) -> Result<Zeroizing<String>> {
-    rpassword::prompt_password(label)
-        .map(Zeroizing::new)
-        .map_err(|e| {
-            anyhow!(
-                "cannot ask on the terminal ({e}): for the passphrase set CELLMESH_PASSPHRASE or pass --passphrase-file FILE; pipe the words on stdin"
-            )
-        })
+    tty::hidden(label).map_err(|e| match e.kind() {
+        io::ErrorKind::Interrupted => anyhow!("interrupted"),
+        _ => anyhow!(
+            "cannot ask on the terminal ({e}): for the passphrase set CELLMESH_PASSPHRASE or pass --passphrase-file FILE; pipe the words on stdin"
+        ),
+    })
 }
 
 fn first_line(path: &Path) -> Result<Zeroizing<String>> {

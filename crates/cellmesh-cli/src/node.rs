@@ -12,6 +12,7 @@ use cellmesh::node::{Node, NodeConfig, NodeEvent};
 use clap::Args;
 use serde_json::json;
 
+use crate::out::OutputError;
 use crate::{PassphraseArgs, Printer};
 
 /// Arguments of `cellmesh node`.
@@ -57,43 +58,48 @@ pub fn run(home: &Home, args: &NodeArgs) -> Result<()> {
         drop(unlocked);
         let out = Printer { json: args.json };
         let mut events = node.subscribe();
-        for addr in node.local_addrs() {
-            out.line(
-                json!({"event": "listening", "addr": addr.to_string(),
-                       "cell_id": node.cell().to_string(), "node_id": node.node_id().to_string()}),
-                format!("listening on {addr}  (cell {}, node {})", node.cell(), node.node_id()),
-            );
-        }
-        if node.local_addrs().is_empty() {
-            out.line(
-                json!({"event": "started", "cell_id": node.cell().to_string(), "node_id": node.node_id().to_string()}),
-                format!("started, not listening  (cell {}, node {})", node.cell(), node.node_id()),
-            );
-        }
         let stop = shutdown_signal();
         tokio::pin!(stop);
-        loop {
-            tokio::select! {
-                event = events.recv() => match event {
-                    Ok(e) => out.event(&e),
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                        out.line(json!({"event": "lagged", "missed": n}), format!("({n} events missed)"));
-                    }
-                    Err(_) => break,
-                },
-                msg = node.recv() => match msg {
-                    Some(m) => out.line(
-                        json!({"event": "message", "node_id": m.from.to_string(),
-                               "cell_id": m.cell.to_string(), "bytes": m.data.len()}),
-                        format!("message from {} (cell {}): {} bytes", m.from, m.cell, m.data.len()),
-                    ),
-                    None => break,
-                },
-                _ = &mut stop => break,
+        // Runs until stopped, or until a line cannot be printed.
+        let printed: Result<(), OutputError> = async {
+            for addr in node.local_addrs() {
+                out.line(
+                    json!({"event": "listening", "addr": addr.to_string(),
+                           "cell_id": node.cell().to_string(), "node_id": node.node_id().to_string()}),
+                    format!("listening on {addr}  (cell {}, node {})", node.cell(), node.node_id()),
+                )?;
+            }
+            if node.local_addrs().is_empty() {
+                out.line(
+                    json!({"event": "started", "cell_id": node.cell().to_string(), "node_id": node.node_id().to_string()}),
+                    format!("started, not listening  (cell {}, node {})", node.cell(), node.node_id()),
+                )?;
+            }
+            loop {
+                tokio::select! {
+                    event = events.recv() => match event {
+                        Ok(e) => out.event(&e)?,
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                            out.line(json!({"event": "lagged", "missed": n}), format!("({n} events missed)"))?;
+                        }
+                        Err(_) => return Ok(()),
+                    },
+                    msg = node.recv() => match msg {
+                        Some(m) => out.line(
+                            json!({"event": "message", "node_id": m.from.to_string(),
+                                   "cell_id": m.cell.to_string(), "bytes": m.data.len()}),
+                            format!("message from {} (cell {}): {} bytes", m.from, m.cell, m.data.len()),
+                        )?,
+                        None => return Ok(()),
+                    },
+                    _ = &mut stop => return Ok(()),
+                }
             }
         }
+        .await;
         node.shutdown(Duration::from_secs(2)).await;
-        out.line(json!({"event": "stopped"}), "stopped".to_string());
+        printed?;
+        out.line(json!({"event": "stopped"}), "stopped")?;
         Ok(())
     })
 }
@@ -117,7 +123,7 @@ pub(crate) async fn shutdown_signal() {
 }
 
 impl Printer {
-    fn event(&self, e: &NodeEvent) {
+    fn event(&self, e: &NodeEvent) -> Result<(), OutputError> {
         match e {
             NodeEvent::Joined(p) => self.line(
                 json!({"event": "joined", "node_id": p.node.to_string(), "cell_id": p.cell.to_string(),
@@ -157,21 +163,91 @@ impl Printer {
                 json!({"event": "failed", "addr": addr.to_string(), "reason": reason}),
                 format!("failed  {addr}: {}", printable(reason)),
             ),
-            _ => {}
+            _ => Ok(()),
         }
     }
 }
 
-/// Text from a peer (NACK and CLOSE reasons) with control characters escaped, so it cannot
-/// forge output lines or send terminal escapes. JSON output is escaped by the encoder.
+/// Text from a peer (NACK and CLOSE reasons, message bodies) with control characters,
+/// bidirectional controls and other invisible characters escaped, so it cannot forge output
+/// lines, send terminal escapes, or show one text while holding another (U+202E shows what
+/// follows it backwards). JSON output is escaped by the encoder.
 pub(crate) fn printable(text: &str) -> String {
-    text.chars()
-        .flat_map(|c| {
-            if c.is_control() {
-                c.escape_default().collect::<Vec<_>>()
-            } else {
-                vec![c]
-            }
-        })
-        .collect()
+    let mut shown = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            shown.extend(c.escape_default());
+        } else if invisible(c) {
+            shown.extend(c.escape_unicode());
+        } else {
+            shown.push(c);
+        }
+    }
+    shown
+}
+
+/// The format characters (Unicode general category Cf, as of Unicode 15: the bidirectional
+/// controls, zero-width characters, invisible operators, tags) and the line and paragraph
+/// separators: a terminal shows none of them as itself.
+fn invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{0600}'..='\u{0605}'
+            | '\u{061C}'
+            | '\u{06DD}'
+            | '\u{070F}'
+            | '\u{0890}'..='\u{0891}'
+            | '\u{08E2}'
+            | '\u{180E}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{2028}'..='\u{202E}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{206F}'
+            | '\u{FEFF}'
+            | '\u{FFF9}'..='\u{FFFB}'
+            | '\u{110BD}'
+            | '\u{110CD}'
+            | '\u{13430}'..='\u{1343F}'
+            | '\u{1BCA0}'..='\u{1BCA3}'
+            | '\u{1D173}'..='\u{1D17A}'
+            | '\u{E0001}'
+            | '\u{E0020}'..='\u{E007F}'
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn printable_escapes_controls_bidi_overrides_and_invisible_characters() {
+        assert_eq!(printable("plain text, ünïcödé ✓"), "plain text, ünïcödé ✓");
+        assert_eq!(printable("a\nb\x1b[2Jc\u{7f}"), r"a\nb\u{1b}[2Jc\u{7f}");
+        // Every bidirectional control.
+        for c in [
+            '\u{061C}', '\u{200E}', '\u{200F}', '\u{202A}', '\u{202B}', '\u{202C}', '\u{202D}',
+            '\u{202E}', '\u{2066}', '\u{2067}', '\u{2068}', '\u{2069}',
+        ] {
+            assert_eq!(
+                printable(&format!("x{c}y")),
+                format!("x\\u{{{:x}}}y", c as u32)
+            );
+        }
+        // Other invisible format characters, and the separators that break a line.
+        for c in [
+            '\u{00AD}',
+            '\u{180E}',
+            '\u{200B}',
+            '\u{200D}',
+            '\u{2028}',
+            '\u{2029}',
+            '\u{2060}',
+            '\u{FEFF}',
+            '\u{E0041}',
+        ] {
+            let shown = printable(&c.to_string());
+            assert!(shown.starts_with("\\u{"), "{c:?} shown as {shown:?}");
+        }
+    }
 }

@@ -7,6 +7,8 @@
 //!     devices[]                 identity tokens this cell issued that this device knows of
 //!     revocations[]             signed revocations this device knows of
 //!     secrets                   Argon2id parameters, salt, nonce, ChaCha20-Poly1305 ciphertext
+//!   config.json                 (mode 0600, replaced atomically too) the CLI's relay settings
+//!   agent/mailbox.sock          (directory 0700, socket 0600) served by a running `cellmesh listen`
 //! ```
 //!
 //! The mnemonic is never written: it is shown once by `create-cell` and is the only way to
@@ -100,6 +102,19 @@ pub enum Created {
     AlreadyPresent(Keystore),
 }
 
+/// A keystore made by [`Home::prepare`]: sealed, in memory, not written yet.
+#[derive(Debug)]
+pub struct Prepared {
+    keystore: Keystore,
+}
+
+impl Prepared {
+    /// Its public part: the cell and the new device's node id.
+    pub fn keystore(&self) -> &Keystore {
+        &self.keystore
+    }
+}
+
 /// The public part of a keystore: readable without the passphrase.
 #[derive(Clone, Debug)]
 pub struct Keystore {
@@ -173,6 +188,14 @@ impl Home {
             .map_err(|reason| corrupt(&path, reason))
     }
 
+    /// Writes `name` in this home (created mode 0700 if need be) as [`KEYSTORE_FILE`] is
+    /// written: a temporary file in the same directory, mode 0600, synced, renamed over
+    /// `name`, and the directory synced. A crash leaves the old file or the new one, never a
+    /// mixture, and never a file others can read.
+    pub fn write_file(&self, name: &str, bytes: &[u8]) -> Result<(), HomeError> {
+        write_atomic(&self.dir, name, bytes)
+    }
+
     /// Whether a keystore exists here.
     pub fn exists(&self) -> bool {
         self.keystore_path().exists()
@@ -181,7 +204,9 @@ impl Home {
     /// Puts the cell of `mnemonic` (with BIP39 passphrase `seed_passphrase`) on this device:
     /// a fresh random node key, an identity token by which the cell certifies it, all sealed
     /// under `passphrase`. If this home already holds the same cell, nothing changes; if it
-    /// holds another, this fails unless `replace` is set.
+    /// holds another, this fails unless `replace` is set. A replaced keystore's revocations
+    /// (those that verify) are kept. [`Home::prepare`] and [`Home::commit`] do the same in
+    /// two steps.
     pub fn create(
         &self,
         mnemonic: &Mnemonic,
@@ -190,22 +215,33 @@ impl Home {
         kdf: KdfParams,
         replace: bool,
     ) -> Result<Created, HomeError> {
-        let cell = mnemonic.derive(seed_passphrase);
-        let _lock = self.lock()?;
+        // Checked before the slow sealing too; commit checks again under the lock.
+        let cell = mnemonic.derive(seed_passphrase).cell_id();
         match self.load() {
-            Ok(existing) if existing.cell == cell.cell_id() && !replace => {
+            Ok(existing) if existing.cell == cell && !replace => {
                 return Ok(Created::AlreadyPresent(existing));
             }
-            Ok(existing) if !replace => {
-                return Err(HomeError::CellExists {
-                    path: self.keystore_path(),
-                    cell: existing.cell,
-                });
-            }
-            Ok(_) | Err(HomeError::NoCell(_)) => {}
-            Err(e) if replace => drop(e),
+            Ok(existing) if !replace => return Err(self.cell_exists(existing.cell)),
+            Err(HomeError::NoCell(_)) | Ok(_) => {}
+            Err(_) if replace => {}
             Err(e) => return Err(e),
         }
+        let prepared = self.prepare(mnemonic, seed_passphrase, passphrase, kdf)?;
+        self.commit(prepared, replace)
+    }
+
+    /// The first step of [`Home::create`]: makes the keystore (a fresh random node key, the
+    /// cell's identity token for it, all sealed under `passphrase`) in memory and writes
+    /// nothing, so that the caller can show the recovery words before the cell exists on
+    /// disk. [`Home::commit`] writes it; dropping it leaves no trace.
+    pub fn prepare(
+        &self,
+        mnemonic: &Mnemonic,
+        seed_passphrase: &str,
+        passphrase: &Passphrase,
+        kdf: KdfParams,
+    ) -> Result<Prepared, HomeError> {
+        let cell = mnemonic.derive(seed_passphrase);
         let node = KeyPair::generate(&mut OsRng);
         let node_id = NodeId::from_key(node.signing.public());
         let now = crate::now();
@@ -225,8 +261,40 @@ impl Home {
             revocation_tokens: Vec::new(),
             sealed,
         };
+        Ok(Prepared { keystore })
+    }
+
+    /// The second step of [`Home::create`]: writes `prepared`, with the checks of `create`
+    /// made under the home's lock. If this home holds the same cell and `replace` is not set,
+    /// nothing is written and the keystore here is returned.
+    pub fn commit(&self, prepared: Prepared, replace: bool) -> Result<Created, HomeError> {
+        let mut keystore = prepared.keystore;
+        let _lock = self.lock()?;
+        match self.load() {
+            Ok(existing) if existing.cell == keystore.cell && !replace => {
+                return Ok(Created::AlreadyPresent(existing));
+            }
+            Ok(existing) if !replace => return Err(self.cell_exists(existing.cell)),
+            // Revocations are signed statements about devices (of the replaced cell, or of
+            // others') that stay true whichever cell this home holds: they are kept.
+            Ok(existing) => {
+                keystore.revocation_tokens = existing.valid_revocation_tokens();
+                keystore.mark_revoked();
+            }
+            Err(HomeError::NoCell(_)) => {}
+            // A damaged keystore is replaced whole.
+            Err(e) if replace => drop(e),
+            Err(e) => return Err(e),
+        }
         self.save(&keystore)?;
         Ok(Created::New(keystore))
+    }
+
+    fn cell_exists(&self, cell: CellId) -> HomeError {
+        HomeError::CellExists {
+            path: self.keystore_path(),
+            cell,
+        }
     }
 
     /// Decrypts the secrets. A wrong passphrase fails with
@@ -339,6 +407,22 @@ impl Keystore {
             }
         }
         set
+    }
+
+    /// The revocation tokens that verify now (a token that does not is no use to a
+    /// verifier), once each.
+    fn valid_revocation_tokens(&self) -> Vec<Token> {
+        let now = crate::now();
+        let mut kept: Vec<Token> = Vec::new();
+        for token in &self.revocation_tokens {
+            let verifies = token
+                .verify(now, DEFAULT_SKEW)
+                .is_ok_and(|v| Revocations::new().insert(&v).is_ok());
+            if verifies && kept.iter().all(|t| t.fingerprint() != token.fingerprint()) {
+                kept.push(token.clone());
+            }
+        }
+        kept
     }
 
     fn mark_revoked(&mut self) {
@@ -617,6 +701,29 @@ mod tests {
         assert!(reloaded.revocations().is_revoked(ka.cell, kb.node));
         // Still unlockable after the rewrite.
         a.unlock(&pass("pw")).unwrap();
+    }
+
+    #[test]
+    fn prepare_writes_nothing_and_commit_checks_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = Home::new(dir.path().join("h"));
+        let words = Mnemonic::generate(&mut OsRng);
+        let prepared = home.prepare(&words, "", &pass("pw"), FAST).unwrap();
+        assert!(!home.exists(), "prepare wrote the keystore");
+        let ids = (prepared.keystore().cell, prepared.keystore().node);
+        // Another cell arrived meanwhile: commit refuses to replace it unless asked.
+        let other = fresh(&home);
+        assert!(matches!(
+            home.commit(prepared, false),
+            Err(HomeError::CellExists { cell, .. }) if cell == other.cell
+        ));
+        let prepared = home.prepare(&words, "", &pass("pw"), FAST).unwrap();
+        let Created::New(k) = home.commit(prepared, true).unwrap() else {
+            panic!("expected a new keystore")
+        };
+        assert_eq!(k.cell, ids.0);
+        assert_eq!(home.load().unwrap().node, k.node);
+        home.unlock(&pass("pw")).unwrap();
     }
 
     #[test]

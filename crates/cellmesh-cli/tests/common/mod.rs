@@ -161,3 +161,191 @@ pub fn create_cell(home: &Path) -> (String, String) {
         v["node_id"].as_str().unwrap().to_string(),
     )
 }
+
+/// The binary with `home`, the passphrase and no relay settings from outside, to be given
+/// arguments and stdio by the test.
+pub fn command(home: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cellmesh"));
+    cmd.env("CELLMESH_HOME", home)
+        .env("CELLMESH_PASSPHRASE", PASS)
+        .env_remove("CELLMESH_RELAY")
+        .env_remove("CELLMESH_RELAY_CA")
+        .env_remove("CELLMESH_SEED_PASSPHRASE");
+    cmd
+}
+
+/// A relay on a free loopback port, its home and store under `dir`: the process and its
+/// address.
+pub fn start_relay(dir: &Path) -> (Proc, String) {
+    let home = dir.join("relay");
+    create_cell(&home);
+    let data = dir.join("relay-data");
+    let mut relay = Proc::start(
+        &home,
+        "relay",
+        &["--listen", "127.0.0.1:0", "--data", data.to_str().unwrap()],
+    );
+    let addr = relay.expect("listening", |v| v["event"] == "listening")["addr"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    (relay, addr)
+}
+
+/// Checks that a command failed the way a user can act on: exit 1 (not a panic's 101, not
+/// a signal), no panic message. Returns its stderr.
+pub fn failed_cleanly(out: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{}: {stderr}", out.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    stderr
+}
+
+/// Whether the tests run as root: those that play another user (with chown) need it.
+pub fn root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// A uid that is not ours, for files another user owns.
+pub const STRANGER: u32 = 12345;
+
+/// A pseudo-terminal, as in a terminal window: a child started with [`Pty::spawn`] has it as
+/// its controlling terminal and stdio (through util-linux `setsid --ctty`); the test types on
+/// the master side and reads what the child shows there.
+pub struct Pty {
+    master: std::fs::File,
+    slave: std::fs::File,
+    shown: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    /// Where the last [`Pty::expect`] matched, in `shown`.
+    matched: std::cell::Cell<usize>,
+}
+
+impl Pty {
+    pub fn open() -> Self {
+        let (master, slave) = pty_pair();
+        let shown = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (mut reader, sink) = (master.try_clone().unwrap(), shown.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            // Ends with EIO once no slave side is open, or with the test.
+            while let Ok(n @ 1..) = std::io::Read::read(&mut reader, &mut buf) {
+                sink.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        Self {
+            master,
+            slave,
+            shown,
+            matched: std::cell::Cell::new(0),
+        }
+    }
+
+    /// `cellmesh ARGS` in `home` on this terminal, with no passphrase in its environment (it
+    /// must ask).
+    pub fn spawn(&self, home: &Path, args: &[&str]) -> OnTerminal {
+        let stdio = || Stdio::from(self.slave.try_clone().unwrap());
+        Command::new("setsid")
+            .arg("--ctty")
+            .arg(env!("CARGO_BIN_EXE_cellmesh"))
+            .args(args)
+            .env("CELLMESH_HOME", home)
+            .env_remove("CELLMESH_PASSPHRASE")
+            .env_remove("CELLMESH_RELAY")
+            .env_remove("CELLMESH_RELAY_CA")
+            .env_remove("CELLMESH_SEED_PASSPHRASE")
+            .stdin(stdio())
+            .stdout(stdio())
+            .stderr(stdio())
+            .spawn()
+            .map(OnTerminal)
+            .expect("util-linux setsid runs")
+    }
+
+    /// Waits (10 s at most) until the terminal shows `text` after what earlier calls found.
+    pub fn expect(&self, text: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let from = self.matched.get();
+            if let Some(at) = self.shown()[from..].find(text) {
+                self.matched.set(from + at + text.len());
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the terminal never showed {text:?}; it shows {:?}",
+                self.shown()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// What the terminal has shown so far.
+    pub fn shown(&self) -> String {
+        String::from_utf8_lossy(&self.shown.lock().unwrap()).into_owned()
+    }
+
+    /// Keys typed on the terminal.
+    pub fn type_keys(&self, keys: &[u8]) {
+        std::io::Write::write_all(&mut &self.master, keys).unwrap();
+    }
+
+    /// The terminal's local modes (echo, line editing, signals from keys).
+    pub fn modes(&self) -> rustix::termios::LocalModes {
+        rustix::termios::tcgetattr(&self.slave).unwrap().local_modes
+    }
+
+    /// Whether the terminal echoes what is typed.
+    pub fn echoes(&self) -> bool {
+        self.modes().contains(rustix::termios::LocalModes::ECHO)
+    }
+}
+
+/// A command started on a [`Pty`]; killed if the test ends before it does.
+pub struct OnTerminal(Child);
+
+impl OnTerminal {
+    /// Waits (30 s at most) for it to exit.
+    pub fn wait(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "still running after 30 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for OnTerminal {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The terminal side of a pseudo-terminal whose other side is closed, as after its window
+/// was closed: every write to it fails with EIO.
+pub fn dead_terminal() -> std::fs::File {
+    let (master, slave) = pty_pair();
+    drop(master);
+    slave
+}
+
+/// A new pseudo-terminal: (master, slave).
+fn pty_pair() -> (std::fs::File, std::fs::File) {
+    use rustix::pty::{OpenptFlags, grantpt, openpt, ptsname, unlockpt};
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY).unwrap();
+    grantpt(&master).unwrap();
+    unlockpt(&master).unwrap();
+    let name = ptsname(&master, Vec::new()).unwrap();
+    let slave = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        // Not the test's controlling terminal: it belongs to the child that asks for it.
+        .custom_flags(rustix::fs::OFlags::NOCTTY.bits() as i32)
+        .open(name.to_str().unwrap())
+        .unwrap();
+    (std::fs::File::from(master), slave)
+}
