@@ -8,13 +8,16 @@
 //! connection, one JSON line each way:
 //!
 //! ```text
-//! send   → listen   {"to": CELL_ID, "body": BASE64, "relay": RELAY}
+//! send   → listen   {"to": CELL_ID, "body": BASE64, "id": HEX, "relay": RELAY | null}
 //! listen → send     {"status": "delivered"|"queued", "id": HEX, "devices": N}
+//!                 | {"status": "unknown"|"refused", "code": TEXT}
 //!                 | {"error": TEXT, "unknown_cell": bool}
 //! ```
 //!
-//! A request for another relay than the one `listen` uses is refused (`send` then connects
-//! itself). Other processes of the same user can send through the socket while `listen`
+//! `relay` is the relay the send named itself (`--relay`, `CELLMESH_RELAY`), `null` when it
+//! would use the saved one: the device has one connection, so a send that names another
+//! relay than the listen's is refused with a clear error, never sent over a second
+//! connection that would fight the listen's. Other processes of the same user can send through the socket while `listen`
 //! runs, as they can use an ssh-agent. Other users cannot, and cannot pose as a listen, as
 //! with ssh's agent: the socket is made inside a directory of mode 0700 (so it is never
 //! reachable between its bind and its chmod to 0600), `listen` answers only peers of its own
@@ -27,7 +30,8 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use cellmesh::core::id::CellId;
-use cellmesh::mailbox::{MailboxError, MailboxSender, Sent, Status};
+use cellmesh::core::relay::MsgId;
+use cellmesh::mailbox::{MailboxError, MailboxSender, SendError, Sent, Status};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -38,11 +42,48 @@ const SOCKET: &str = "mailbox.sock";
 /// Longest request line: a body of the largest size in base64, and the rest.
 const MAX_REQUEST: u64 = (cellmesh::core::e2e::MAX_BODY as u64).div_ceil(3) * 4 + 1024;
 
-/// What `send` gets back from a `listen` that took its message.
+/// How a send ended, through a `listen` or on its own connection.
 pub enum Outcome {
     Sent(Sent),
+    /// No acknowledgement, and the relay did not say it stored it: it may still arrive.
+    Unknown,
+    /// The relay refused it (the code's name).
+    Refused(String),
     UnknownCell(CellId),
     Failed(String),
+}
+
+impl From<Result<Sent, MailboxError>> for Outcome {
+    fn from(result: Result<Sent, MailboxError>) -> Self {
+        match result {
+            Ok(sent) => Self::Sent(sent),
+            Err(MailboxError::Send(SendError::Unknown(_))) => Self::Unknown,
+            Err(MailboxError::Send(SendError::Refused(code))) => {
+                Self::Refused(code.name().to_string())
+            }
+            Err(MailboxError::Send(SendError::UnknownCell(c))) => Self::UnknownCell(c),
+            Err(e) => Self::Failed(e.to_string()),
+        }
+    }
+}
+
+impl Outcome {
+    /// The answer a listen writes back.
+    fn to_json(&self) -> Value {
+        match self {
+            Self::Sent(sent) => json!({
+                "status": sent.status.name(),
+                "id": sent.id.to_hex(),
+                "devices": sent.devices,
+            }),
+            Self::Unknown => json!({"status": "unknown"}),
+            Self::Refused(code) => json!({"status": "refused", "code": code}),
+            Self::UnknownCell(c) => {
+                json!({"error": format!("unknown cell {c}"), "unknown_cell": true})
+            }
+            Self::Failed(e) => json!({"error": e}),
+        }
+    }
 }
 
 /// Serves `home`'s socket until the returned guard is dropped (which removes the socket).
@@ -133,31 +174,76 @@ async fn request(line: &str, relay: &str, sender: &MailboxSender) -> Value {
         let body = data_encoding::BASE64
             .decode(v["body"].as_str()?.as_bytes())
             .ok()?;
-        Some((to, body, v["relay"].as_str()? == relay))
+        let id = parse_id(v["id"].as_str()?)?;
+        let named = match &v["relay"] {
+            Value::Null => None,
+            other => Some(other.as_str()?.to_string()),
+        };
+        Some((to, body, id, named))
     })();
-    let Some((to, body, same_relay)) = parsed else {
+    let Some((to, body, id, named)) = parsed else {
         return json!({"error": "bad request"});
     };
-    if !same_relay {
-        return json!({"error": format!("this listen uses relay {relay}")});
+    if let Some(named) = named
+        && !same_relay(&named, relay).await
+    {
+        return json!({"error": format!(
+            "this device is connected to relay {relay} through a running `cellmesh listen`: stop it to send through {named}"
+        )});
     }
-    match sender.send(to, cellmesh::Bytes::from(body)).await {
-        Ok(sent) => json!({
-            "status": sent.status.name(),
-            "id": sent.id.to_hex(),
-            "devices": sent.devices,
-        }),
-        Err(MailboxError::Send(cellmesh::mailbox::SendError::UnknownCell(c))) => {
-            json!({"error": format!("unknown cell {c}"), "unknown_cell": true})
-        }
-        Err(e) => json!({"error": e.to_string()}),
+    let sent = match sender
+        .submit_as(to, cellmesh::Bytes::from(body), Some(id))
+        .await
+    {
+        Ok(ticket) => ticket.await,
+        Err(e) => Err(e),
+    };
+    Outcome::from(sent).to_json()
+}
+
+/// Whether two relay addresses, as users wrote them, name the same relay: the same way of
+/// reaching it (TCP, TLS, WebSocket) at an address they share.
+async fn same_relay(a: &str, b: &str) -> bool {
+    if a == b {
+        return true;
     }
+    let (Ok(a), Ok(b)) = (
+        a.parse::<crate::mail::RelayTarget>(),
+        b.parse::<crate::mail::RelayTarget>(),
+    ) else {
+        return false;
+    };
+    if !a.same_kind(&b) {
+        return false;
+    }
+    match (a.resolve().await, b.resolve().await) {
+        (Ok(x), Ok(y)) => x.iter().any(|addr| y.contains(addr)),
+        _ => false,
+    }
+}
+
+fn parse_id(hex: &str) -> Option<MsgId> {
+    let bytes = data_encoding::HEXLOWER.decode(hex.as_bytes()).ok()?;
+    Some(MsgId(bytes.try_into().ok()?))
+}
+
+/// Whether a `listen` of this home answers on its socket.
+pub async fn running(home: &Path) -> bool {
+    UnixStream::connect(home.join(DIR).join(SOCKET))
+        .await
+        .is_ok()
 }
 
 /// Hands the message to a `listen` of this home, if one answers on its socket and uses
 /// `relay`; `None` means `send` should connect itself. A socket that is not the user's own,
 /// or that another user serves, is an error: nothing is written to it.
-pub async fn send(home: &Path, relay: &str, to: CellId, body: &[u8]) -> Result<Option<Outcome>> {
+pub async fn send(
+    home: &Path,
+    relay: Option<&str>,
+    to: CellId,
+    body: &[u8],
+    id: MsgId,
+) -> Result<Option<Outcome>> {
     let refusing = "refusing the socket of a running listen";
     let dir = home.join(DIR);
     match std::fs::symlink_metadata(&dir) {
@@ -193,6 +279,7 @@ pub async fn send(home: &Path, relay: &str, to: CellId, body: &[u8]) -> Result<O
     let request = json!({
         "to": to.to_string(),
         "body": data_encoding::BASE64.encode(body),
+        "id": id.to_hex(),
         "relay": relay,
     });
     stream
@@ -210,9 +297,6 @@ pub async fn send(home: &Path, relay: &str, to: CellId, body: &[u8]) -> Result<O
     .context("the running listen did not answer")?;
     let v: Value = serde_json::from_str(&line).context("the running listen answered nonsense")?;
     if let Some(error) = v["error"].as_str() {
-        if error.starts_with("this listen uses relay") {
-            return Ok(None);
-        }
         if v["unknown_cell"].as_bool() == Some(true) {
             return Ok(Some(Outcome::UnknownCell(to)));
         }
@@ -221,16 +305,20 @@ pub async fn send(home: &Path, relay: &str, to: CellId, body: &[u8]) -> Result<O
     let status = match v["status"].as_str() {
         Some("delivered") => Status::Delivered,
         Some("queued") => Status::Queued,
+        Some("unknown") => return Ok(Some(Outcome::Unknown)),
+        Some("refused") => {
+            let code = v["code"].as_str().unwrap_or("other").to_string();
+            return Ok(Some(Outcome::Refused(code)));
+        }
         _ => return Err(anyhow!("the running listen answered nonsense: {line}")),
     };
     let id = v["id"]
         .as_str()
-        .and_then(|h| data_encoding::HEXLOWER.decode(h.as_bytes()).ok())
-        .and_then(|b| <[u8; 16]>::try_from(b).ok())
+        .and_then(parse_id)
         .ok_or_else(|| anyhow!("the running listen answered nonsense: {line}"))?;
     let devices = v["devices"].as_u64().unwrap_or(0) as usize;
     Ok(Some(Outcome::Sent(Sent {
-        id: cellmesh::core::relay::MsgId(id),
+        id,
         status,
         devices,
     })))

@@ -11,10 +11,12 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use cellmesh::core::id::{CellId, NodeId};
+use cellmesh::core::relay::MsgId;
 use cellmesh::home::{Home, Unlocked};
-use cellmesh::mailbox::{Mailbox, MailboxConfig, MailboxError};
+use cellmesh::mailbox::{Mailbox, MailboxConfig, MailboxError, SendError};
 use cellmesh::node::{JoinError, Transport};
 use cellmesh::relay::{Relay, RelayConfig, RelayEvent};
+use cellmesh::state::StateError;
 use cellmesh::tls::{ClientConfig, ServerName, TlsFailure};
 use cellmesh::ws::WsRequest;
 use clap::Args;
@@ -260,8 +262,13 @@ impl RelayTarget {
         self.port.unwrap_or(default)
     }
 
+    /// Whether `other` is reached the same way (scheme and, for WebSocket, path).
+    pub(crate) fn same_kind(&self, other: &Self) -> bool {
+        self.scheme == other.scheme && self.path == other.path
+    }
+
     /// Its addresses (a name may have several, IPv6 and IPv4).
-    async fn resolve(&self) -> Result<Vec<SocketAddr>> {
+    pub(crate) async fn resolve(&self) -> Result<Vec<SocketAddr>> {
         let addrs: Vec<SocketAddr> = tokio::net::lookup_host((self.host.as_str(), self.port()))
             .await
             .with_context(|| format!("relay {self}: cannot resolve {}", self.host))?
@@ -297,11 +304,24 @@ pub struct SendArgs {
     message: Option<String>,
     #[command(flatten)]
     relay: RelayAddr,
-    /// Print one JSON object (`status`, `id`, `devices`).
+    /// The message's id (32 hex digits) [default: a random one]: sending again under the id of
+    /// a send whose outcome was `unknown` delivers it at most once.
+    #[arg(long, value_name = "HEX", value_parser = parse_id)]
+    id: Option<MsgId>,
+    /// Print one JSON object (`status`: delivered, queued, unknown or refused; `id`, `devices`).
     #[arg(long)]
     json: bool,
     #[command(flatten)]
     secrets: PassphraseArgs,
+}
+
+fn parse_id(text: &str) -> Result<MsgId, String> {
+    let bytes = data_encoding::HEXLOWER_PERMISSIVE
+        .decode(text.trim().as_bytes())
+        .map_err(|_| format!("{text:?} is not hex"))?;
+    <[u8; 16]>::try_from(bytes)
+        .map(MsgId)
+        .map_err(|b| format!("an id is 32 hex digits (16 bytes), not {}", 2 * b.len()))
 }
 
 /// What `connect-cell --relay` remembers in the home directory.
@@ -376,26 +396,85 @@ fn relay_of(home: &Home, arg: &RelayAddr) -> Result<RelayChoice> {
     Ok(RelayChoice { relay, ca, pin })
 }
 
-/// Connects to the relay: each of its addresses in turn until one answers.
-async fn open_mailbox(unlocked: &Unlocked, choice: &RelayChoice) -> Result<Mailbox> {
+/// What a mailbox of the CLI is for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Use {
+    /// `listen`: it takes the device's messages.
+    Receive,
+    /// `send`, `connect-cell --relay`: it only sends, and leaves the device's messages to the
+    /// relay for the next `listen`.
+    Send,
+}
+
+/// Connects to the relay as this home's device (each of the relay's addresses in turn until
+/// one answers), carrying on from the device's state in the home. One process at a time is
+/// the device: a mailbox that only sends waits (up to 30 s) for another one to finish.
+async fn open_mailbox(
+    home: &Home,
+    unlocked: &Unlocked,
+    choice: &RelayChoice,
+    purpose: Use,
+) -> Result<Mailbox> {
+    let patience = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match try_open(home, unlocked, choice, purpose).await {
+            Err(Opening::Busy(path))
+                if purpose == Use::Send && tokio::time::Instant::now() < patience =>
+            {
+                tracing::debug!(path = %path.display(), "the device is busy; waiting");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(Opening::Busy(path)) => {
+                bail!(
+                    "another process of this device is running ({} is in use): {}",
+                    path.display(),
+                    match purpose {
+                        Use::Receive =>
+                            "is a `cellmesh listen` of this home running already? One listen per home",
+                        Use::Send => "it did not finish within 30 s",
+                    }
+                )
+            }
+            Err(Opening::Failed(e)) => return Err(e),
+            Ok(mailbox) => return Ok(mailbox),
+        }
+    }
+}
+
+enum Opening {
+    Busy(PathBuf),
+    Failed(anyhow::Error),
+}
+
+async fn try_open(
+    home: &Home,
+    unlocked: &Unlocked,
+    choice: &RelayChoice,
+    purpose: Use,
+) -> Result<Mailbox, Opening> {
     let relay = &choice.relay;
-    let transport = relay.transport(choice.ca.as_deref())?;
+    let transport = relay
+        .transport(choice.ca.as_deref())
+        .map_err(Opening::Failed)?;
     let mut unreachable = None;
-    for addr in relay.resolve().await? {
+    for addr in relay.resolve().await.map_err(Opening::Failed)? {
         let mut config = MailboxConfig::new(addr);
         config.relay_node = choice.pin;
         config.transport = transport.clone();
         config.node.revocations = unlocked.keystore.revocations();
+        config.state = Some(home.dir().to_path_buf());
+        config.receive = purpose == Use::Receive;
         match Mailbox::connect(unlocked, config).await {
             Ok(mailbox) => return Ok(mailbox),
+            Err(MailboxError::State(StateError::Busy { path })) => return Err(Opening::Busy(path)),
             Err(MailboxError::Relay(e @ JoinError::Connect { .. })) => unreachable = Some(e),
-            Err(e) => return Err(explain(relay, e)),
+            Err(e) => return Err(Opening::Failed(explain(relay, e))),
         }
     }
-    Err(match unreachable {
+    Err(Opening::Failed(match unreachable {
         Some(e) => explain(relay, MailboxError::Relay(e)),
         None => anyhow!("relay {relay} unreachable"),
-    })
+    }))
 }
 
 /// One line a user can act on.
@@ -443,7 +522,7 @@ pub fn register(home: &Home, unlocked: &Unlocked, relay: &RelayTarget) -> Result
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     let relay_node = runtime.block_on(async {
-        let mailbox = open_mailbox(unlocked, &choice).await?;
+        let mailbox = open_mailbox(home, unlocked, &choice, Use::Send).await?;
         let node = mailbox.relay_node();
         mailbox.close().await;
         Ok::<_, anyhow::Error>(node)
@@ -574,7 +653,12 @@ pub fn listen(home: &Home, args: &ListenArgs) -> Result<()> {
     let out = Printer { json: args.json };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {
-        let mut mailbox = open_mailbox(&unlocked, &choice).await?;
+        if crate::agent::running(home.dir()).await {
+            bail!(
+                "a `cellmesh listen` of this home is running already: one listen per home (a `send` from this home goes through it)"
+            );
+        }
+        let mut mailbox = open_mailbox(home, &unlocked, &choice, Use::Receive).await?;
         drop(unlocked);
         // `cellmesh send` from this home goes through this connection (see agent).
         let _served = crate::agent::serve(home.dir(), relay.to_string(), mailbox.sender()).await;
@@ -671,35 +755,82 @@ pub fn send(home: &Home, args: &SendArgs) -> Result<()> {
     let out = Printer { json: args.json };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {
-        let unknown = |c| anyhow!("unknown cell {c}: no device of it is registered at relay {relay}");
+        // One-shot sends always travel alone under an id of their own, so that a retry
+        // with --id after an unknown outcome is recognised by the recipient.
+        let id = args.id.unwrap_or_else(cellmesh::mailbox::random_id);
+        let named = args.relay.relay.as_ref().map(ToString::to_string);
         // A `cellmesh listen` of this home holds the device's connection: send through it.
-        let lent = crate::agent::send(home.dir(), &relay.to_string(), args.to, &body).await?;
-        let sent = match lent {
-            Some(crate::agent::Outcome::Sent(sent)) => sent,
-            Some(crate::agent::Outcome::UnknownCell(c)) => return Err(unknown(c)),
-            Some(crate::agent::Outcome::Failed(e)) => bail!("{e}"),
-            None => {
-                let mailbox = open_mailbox(&unlocked, &choice).await?;
-                let sent = tokio::time::timeout(
-                    Duration::from_secs(30),
-                    mailbox.send(args.to, cellmesh::Bytes::from(body)),
-                )
-                .await
-                .map_err(|_| anyhow!("no answer from relay {relay} within 30 s"))?;
-                mailbox.close().await;
-                sent.map_err(|e| match e {
-                    MailboxError::Send(cellmesh::mailbox::SendError::UnknownCell(c)) => unknown(c),
-                    other => anyhow!(other),
-                })?
-            }
-        };
+        let outcome =
+            match crate::agent::send(home.dir(), named.as_deref(), args.to, &body, id).await? {
+                Some(outcome) => outcome,
+                None => {
+                    let mailbox = open_mailbox(home, &unlocked, &choice, Use::Send).await?;
+                    let body = cellmesh::Bytes::from(body);
+                    let sent = match mailbox.submit_as(args.to, body, Some(id)).await {
+                        Ok(ticket) => tokio::time::timeout(Duration::from_secs(30), ticket)
+                            .await
+                            .unwrap_or(Err(MailboxError::Send(SendError::Unknown(id)))),
+                        Err(e) => Err(e),
+                    };
+                    mailbox.close().await;
+                    crate::agent::Outcome::from(sent)
+                }
+            };
         drop(unlocked);
-        out.line(
-            json!({"status": sent.status.name(), "id": sent.id.to_hex(), "devices": sent.devices, "to": args.to.to_string()}),
-            format!("{} {} ({} device{})", sent.status.name(), sent.id, sent.devices, if sent.devices == 1 { "" } else { "s" }),
-        )?;
-        Ok(())
+        report(out, args.to, id, &relay, outcome)
     })
+}
+
+/// Prints a send's outcome; an error (after the line, for --json) unless it is delivered or
+/// queued.
+fn report(
+    out: Printer,
+    to: CellId,
+    id: MsgId,
+    relay: &RelayTarget,
+    outcome: crate::agent::Outcome,
+) -> Result<()> {
+    use crate::agent::Outcome;
+    let to_text = to.to_string();
+    match outcome {
+        Outcome::Sent(sent) => {
+            let devices = sent.devices;
+            out.line(
+                json!({"status": sent.status.name(), "id": sent.id.to_hex(), "devices": devices, "to": to_text}),
+                format!(
+                    "{} {} ({devices} device{})",
+                    sent.status.name(),
+                    sent.id,
+                    if devices == 1 { "" } else { "s" }
+                ),
+            )?;
+            Ok(())
+        }
+        Outcome::Unknown => {
+            if out.json {
+                out.line(
+                    json!({"status": "unknown", "id": id.to_hex(), "to": to_text}),
+                    String::new(),
+                )?;
+            }
+            bail!(
+                "unknown: no device acknowledged message {id} in time, and the relay did not say it stored it; it may still be delivered. Sending it again with `--id {id}` delivers it at most once"
+            )
+        }
+        Outcome::Refused(code) => {
+            if out.json {
+                out.line(
+                    json!({"status": "refused", "id": id.to_hex(), "code": code, "to": to_text}),
+                    String::new(),
+                )?;
+            }
+            bail!("refused: the relay refused message {id}: {code}")
+        }
+        Outcome::UnknownCell(c) => {
+            bail!("unknown cell {c}: no device of it is registered at relay {relay}")
+        }
+        Outcome::Failed(e) => bail!("{e}"),
+    }
 }
 
 #[cfg(test)]

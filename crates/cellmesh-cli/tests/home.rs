@@ -37,7 +37,15 @@ fn the_relay_config_is_private_and_written_whole() {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         names.sort();
-        assert_eq!(names, ["config.json", "keystore.json", "keystore.lock"]);
+        assert_eq!(
+            names,
+            [
+                "config.json",
+                "keystore.json",
+                "keystore.lock",
+                "state.redb"
+            ]
+        );
     }
 }
 

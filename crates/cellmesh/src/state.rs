@@ -53,7 +53,10 @@ const SEEN: TableDefinition<&[u8; 24], &[u8]> = TableDefinition::new("seen");
 const FLOORS: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("floors");
 const SENDS: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("sends");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// "device" → a keyed hash of the node id the state belongs to.
+const OWNER: TableDefinition<&str, &[u8; 16]> = TableDefinition::new("owner");
 const FORMAT: u64 = 1;
+const OTHER_DEVICE: &str = "it belongs to another device";
 const NONCE: usize = 24;
 
 /// The state could not be opened, read or written.
@@ -124,8 +127,30 @@ impl DeviceState {
 
     /// [`DeviceState::open`] with the keys already derived (they hold no more than the
     /// state needs, so they can go to a blocking task where the keystore's secrets need not).
+    ///
+    /// A state file left by another device of this home (its keystore was replaced, by
+    /// `create-cell --force` or a new `connect-cell`) is deleted and a new one begun: it
+    /// could only be read with that device's node secrets, which went with its keystore.
     pub fn open_with(dir: &Path, keys: StateKeys) -> Result<Self, StateError> {
         let path = dir.join(STATE_FILE);
+        match Self::open_file(&path, keys.clone()) {
+            Err(StateError::Corrupt {
+                what: OTHER_DEVICE, ..
+            }) => {
+                std::fs::remove_file(&path).map_err(|source| StateError::Io {
+                    action: "remove",
+                    path: path.clone(),
+                    source: Arc::new(source),
+                })?;
+                tracing::warn!(path = %path.display(), "the device state belonged to an earlier device of this home; begun anew");
+                Self::open_file(&path, keys)
+            }
+            other => other,
+        }
+    }
+
+    fn open_file(path: &Path, keys: StateKeys) -> Result<Self, StateError> {
+        let path = path.to_path_buf();
         create_file(&path)?;
         let db = match redb::Builder::new().create(&path) {
             Ok(db) => db,
@@ -150,6 +175,21 @@ impl DeviceState {
                 txn.open_table(t).map_err(state.err("open a table"))?;
             }
             txn.open_table(SEEN).map_err(state.err("open a table"))?;
+            let mut owner = txn.open_table(OWNER).map_err(state.err("open a table"))?;
+            let me = state.mac(&[b"device"]);
+            let known = owner
+                .get("device")
+                .map_err(state.err("read the owner"))?
+                .map(|v| *v.value());
+            match known {
+                Some(o) if o == me => {}
+                Some(_) => return Err(state.corrupt(OTHER_DEVICE)),
+                None => {
+                    owner
+                        .insert("device", &me)
+                        .map_err(state.err("write the owner"))?;
+                }
+            }
             let format = meta
                 .get("format")
                 .map_err(state.err("read the format"))?
@@ -350,6 +390,7 @@ impl DeviceState {
 
 /// The keys of a device's state: for sealing values and for the keyed hashes of keys, both
 /// derived from the device's node secrets.
+#[derive(Clone)]
 pub struct StateKeys {
     seal: XChaCha20Poly1305,
     mac: Zeroizing<[u8; 32]>,
