@@ -277,3 +277,27 @@ fn exit_codes_and_help() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("must not be empty"));
 }
+
+/// The README's first command: the whole system in a temporary directory, exiting by itself.
+#[test]
+fn the_demo_runs_to_its_end_and_shows_every_part() {
+    let dir = tempfile::tempdir().unwrap();
+    let started = std::time::Instant::now();
+    let out = cellmesh(dir.path(), &["demo"], "");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for part in [
+        "same Cell ID",
+        "phone refused",
+        "contains the recovery words: no",
+        "stranger refused: NACK unauthorized",
+        "alice -> bob: delivered to 2 devices",
+        "bob -> alice: delivered",
+        "phone back online, caught up",
+        "contains a message body: no",
+        "Demo finished",
+    ] {
+        assert!(text.contains(part), "no {part:?} in:\n{text}");
+    }
+    assert!(started.elapsed() < std::time::Duration::from_secs(60));
+}

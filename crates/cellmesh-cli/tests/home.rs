@@ -217,7 +217,7 @@ fn a_home_others_can_write_to_is_refused() {
 #[test]
 fn a_home_owned_by_another_user_is_refused() {
     if !common::root() {
-        eprintln!("skipped: playing another user (chown) needs root");
+        common::skip("this test", "playing another user (chown) needs root");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -308,7 +308,10 @@ fn agent_dir(home: &Path) -> std::path::PathBuf {
 #[test]
 fn send_refuses_a_socket_another_user_serves_or_owns() {
     if !common::root() {
-        eprintln!("skipped: playing another user (setresuid, chown) needs root");
+        common::skip(
+            "this test",
+            "playing another user (setresuid, chown) needs root",
+        );
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -376,7 +379,7 @@ fn send_refuses_a_socket_another_user_serves_or_owns() {
 #[test]
 fn listen_answers_only_its_own_user_on_the_socket() {
     if !common::root() {
-        eprintln!("skipped: playing another user (setresuid) needs root");
+        common::skip("this test", "playing another user (setresuid) needs root");
         return;
     }
     let dir = tempfile::tempdir().unwrap();

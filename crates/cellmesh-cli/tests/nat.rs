@@ -14,9 +14,11 @@
 //! parallel runs do not collide and deleting the namespaces (in a drop guard, also on failure)
 //! removes everything. Needs root, `ip` (iproute2), `nft` (nftables), `bash` and `timeout`;
 //! where the machine lacks them or forbids namespaces the test prints
-//! `SKIPPED nat test: <reason>` on stderr and passes.
+//! `SKIPPED nat test: <reason>` on stderr and passes; under `CI=true` it fails instead.
 
-use std::io::{BufRead as _, BufReader, Write as _};
+mod common;
+
+use std::io::{BufRead as _, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{Arc, Mutex, mpsc};
@@ -51,16 +53,9 @@ table inet cellmesh_nat {
 }
 "#;
 
-/// Says so on the real stderr: `eprintln!` would be captured by the test harness, and a skip
-/// must be seen in CI's log even though the test passes.
+/// Says so on the real stderr (a skip must be seen in CI's log), or, under `CI=true`, fails.
 fn skip(reason: &str) {
-    let banner = format!(
-        "\n\
-         ************************************************************\n\
-         SKIPPED nat test: {reason}\n\
-         ************************************************************\n"
-    );
-    let _ = std::io::stderr().write_all(banner.as_bytes());
+    common::skip("nat test", reason);
 }
 
 /// Why this machine cannot run the test, if it cannot.
