@@ -200,6 +200,8 @@ impl Relay {
         let store = Arc::new(store);
         config.node.listen = config.listen.clone();
         config.node.tls = config.tls.clone();
+        // Devices need no list of each other, and a join must not cost every device a message.
+        config.node.announce_joins = false;
         if let Some(allow) = &config.allow {
             config.node.policy = JoinPolicy {
                 authenticate: None,
