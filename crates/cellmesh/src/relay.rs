@@ -214,7 +214,7 @@ impl Relay {
         let stats = Arc::new(Mutex::new(RelayStats::default()));
         let stop = Arc::new(Notify::new());
         let mut registry = HashMap::new();
-        for (cell, device) in store.registered()? {
+        for (cell, device, _) in store.registered()? {
             registry.insert(device, cell);
         }
         let relay = Self {
@@ -430,7 +430,10 @@ impl Loop {
             peer.binding.node_token().token().to_bytes(),
             peer.binding.identity().token().to_bytes(),
         );
-        let put = tokio::task::spawn_blocking(move || store.put_device(cell, node, &nt, &id)).await;
+        let put = tokio::task::spawn_blocking(move || {
+            store.put_device(cell, node, &nt, &id, crate::now())
+        })
+        .await;
         if !matches!(put, Ok(Ok(()))) {
             tracing::warn!(%node, "could not record device in the directory");
         }
@@ -827,7 +830,8 @@ async fn drain(
         backlog.notified().await;
         let st = Arc::clone(&store);
         let Ok(Ok(pending)) =
-            tokio::task::spawn_blocking(move || st.pending(node, crate::now(), 1024)).await
+            tokio::task::spawn_blocking(move || st.pending(node, crate::now(), 1024, usize::MAX))
+                .await
         else {
             continue;
         };
