@@ -832,6 +832,11 @@ impl Node {
         self.shared.queued.load(Ordering::Relaxed)
     }
 
+    /// The count behind [`Node::queued_bytes`], for a task that watches it without the node.
+    pub(crate) fn queued_counter(&self) -> Arc<AtomicUsize> {
+        Arc::clone(&self.shared.queued)
+    }
+
     /// Sends `data` to the joined peer `node`, waiting while its send buffer is full.
     pub async fn send(&self, node: NodeId, data: Bytes) -> Result<(), SendError> {
         self.sender(node)?.send(data).await

@@ -39,7 +39,8 @@
 //! Every method that writes does so in one redb write transaction and commits it before it
 //! returns. redb commits with [`redb::Durability::Immediate`] by default: when `commit` returns
 //! the data has been flushed to disk (`fsync`), and a crash at any point leaves either the whole
-//! transaction or none of it. This store never lowers that. So when [`Store::enqueue`] returns
+//! transaction or none of it. Queue writes never lower that (registrations do, see
+//! [`Store::put_device`]). So when [`Store::enqueue`] returns
 //! `Ok(Enqueued::Stored)` for a message, it survives a crash or power loss. Batching many
 //! FORWARDs into one call pays for one `fsync` instead of one each, which is where the
 //! throughput comes from.
@@ -332,7 +333,8 @@ impl Store {
     }
 
     /// Registers device `node` of `cell` with its node token and identity token, seen at
-    /// `now`, replacing any earlier registration of the same pair.
+    /// `now`, replacing any earlier registration of the same pair. Committed without an
+    /// `fsync` (a crash may lose it; the device registers again when it joins again).
     pub fn put_device(
         &self,
         cell: CellId,
@@ -350,10 +352,7 @@ impl Store {
         value.extend_from_slice(node_token);
         value.extend_from_slice(identity);
 
-        let txn = self
-            .db
-            .begin_write()
-            .map_err(db_error("begin a transaction"))?;
+        let txn = self.registration_txn()?;
         {
             let mut devices = txn.open_table(DEVICES).map_err(db_error("open a table"))?;
             devices
@@ -393,10 +392,7 @@ impl Store {
         if devices.is_empty() {
             return Ok(());
         }
-        let txn = self
-            .db
-            .begin_write()
-            .map_err(db_error("begin a transaction"))?;
+        let txn = self.registration_txn()?;
         {
             let mut table = txn.open_table(DEVICES).map_err(db_error("open a table"))?;
             for &(cell, node) in devices {
@@ -667,6 +663,20 @@ impl Store {
         lock(&self.usage)
             .get(device.key().as_bytes())
             .map_or((0, 0), |u| (u.count, u.bytes))
+    }
+
+    /// A write transaction for registrations, committed without waiting for the disk: a
+    /// device registers again at every join (every device joins again after a restart), so
+    /// a registration lost in a crash costs nothing, and a join is not held up by an `fsync`.
+    /// The next durable commit (any queue write) takes it to disk too.
+    fn registration_txn(&self) -> Result<redb::WriteTransaction, StoreError> {
+        let mut txn = self
+            .db
+            .begin_write()
+            .map_err(db_error("begin a transaction"))?;
+        txn.set_durability(redb::Durability::None)
+            .map_err(db_error("set the durability"))?;
+        Ok(txn)
     }
 
     /// The body of [`Store::enqueue`]: any error aborts the whole batch.
@@ -1491,7 +1501,7 @@ mod tests {
             [(b"token3".to_vec(), b"identity3".to_vec())]
         );
         assert!(store.devices(cell(12)).unwrap().is_empty());
-        let mut pairs = vec![(c, node(1)), (c, node(2)), (c, node(4)), (other, node(3))];
+        let mut pairs = [(c, node(1)), (c, node(2)), (c, node(4)), (other, node(3))];
         pairs.sort_by_key(|(c, n)| (*c.key().as_bytes(), *n.key().as_bytes()));
         let with_time: Vec<_> = pairs.iter().map(|&(c, n)| (c, n, T0)).collect();
         assert_eq!(store.registered().unwrap(), with_time);
