@@ -110,11 +110,11 @@ pub struct RelayConfig {
     /// with every byte written for devices that their links have not taken (outboxes and
     /// the links' command queues): past it, envelopes go to the store, queued envelopes wait
     /// in the store, and the device with the most waiting is disconnected. Defaults (see
-    /// [`RelayConfig::fit_memory`]): 16 MiB, 64 MiB, 256 MiB.
+    /// [`RelayConfig::fit_memory`]): 128 MiB, 128 MiB, 256 MiB.
     pub memory: ByteLimits,
     /// Bytes written for an online device that its link has not taken yet, beyond which new
     /// envelopes for it go to the store; a device with twice this waiting (its answers keep
-    /// coming but it does not read) is disconnected. Default 16 MiB.
+    /// coming but it does not read) is disconnected. Default 64 MiB.
     pub outlet_bytes: usize,
     /// Devices registered per cell and in all (a new device past them is refused with NACK
     /// `busy`), and how long a device may stay away before its registration and its queue
@@ -171,18 +171,22 @@ impl RelayConfig {
     /// plus some 40 MiB (the binary, its runtime, allocator slack) plus its connections'
     /// transport buffers (typically tens of KiB each; up to about 5 MiB for a peer that
     /// neither reads nor completes its frames): [`RelayConfig::memory`] gets `total` =
-    /// `bytes`/2, `per_cell` = `bytes`/8 and `per_device` = `bytes`/32; `outlet_bytes`,
-    /// the node's inbox and the store's cache `bytes`/16 each (twice the inbox: a batch
-    /// being handled and the next arriving); none of the last five above its default (64,
-    /// 16, 16, 32 and 32 MiB).
+    /// `bytes`/2, `per_cell` and `per_device` `bytes`/4; `outlet_bytes` `bytes`/8; the
+    /// node's inbox and the store's cache `bytes`/16 each (twice the inbox: a batch being
+    /// handled and the next arriving); none of the last five above its default (128, 128,
+    /// 64, 32 and 32 MiB).
+    ///
+    /// A device's bounds are its share of the relay's throughput: what a fast sender keeps
+    /// in flight to it (up to the mailbox's `max_in_flight` messages) beyond them goes to the
+    /// store, which is durable but slower (`docs/BENCHMARKS.md`).
     pub fn fit_memory(&mut self, bytes: usize) {
         let part = |div: usize, max: usize| (bytes / div).clamp(1 << 20, max);
         self.memory = ByteLimits {
             total: (bytes / 2).max(1 << 20),
-            per_cell: part(8, 64 << 20),
-            per_device: part(32, 16 << 20),
+            per_cell: part(4, 128 << 20),
+            per_device: part(4, 128 << 20),
         };
-        self.outlet_bytes = part(16, 16 << 20);
+        self.outlet_bytes = part(8, 64 << 20);
         self.node.inbox_bytes = part(16, 32 << 20);
         self.limits.cache_bytes = part(16, 32 << 20);
     }
