@@ -120,8 +120,8 @@ pub struct RelayConfig {
     /// `busy`), and how long a device may stay away before its registration and its queue
     /// are dropped. Defaults 64 (as many as a DIRECTORY lists), 100,000, 30 days.
     pub registrations: RegistrationLimits,
-    /// Make [`RelayEvent::Forwarded`] events, one per envelope, naming its sending and
-    /// receiving devices: a record of who talks to whom. Default false.
+    /// Make [`RelayEvent::Forwarded`] and [`RelayEvent::Refused`] events, one per envelope,
+    /// naming its sending and receiving devices: a record of who talks to whom. Default false.
     pub envelope_events: bool,
     /// How often to make a [`RelayEvent::Summary`] of counts; `None`: never. Default 60 s.
     pub summary_every: Option<Duration>,
@@ -237,7 +237,8 @@ pub enum RelayEvent {
         /// Pushed or queued.
         status: Accepted,
     },
-    /// A FORWARD was refused.
+    /// A FORWARD was refused. Made only with [`RelayConfig::envelope_events`] (the summary
+    /// counts refusals by code).
     Refused {
         /// Sending device.
         from: NodeId,
@@ -1216,7 +1217,9 @@ impl Loop {
             .entry(code.code())
             .or_insert((code, 0))
             .1 += 1;
-        let _ = self.events.send(RelayEvent::Refused { from, id, code });
+        if self.watched {
+            let _ = self.events.send(RelayEvent::Refused { from, id, code });
+        }
         out.push(from, &Record::Refused { to, id, code });
     }
 
