@@ -207,11 +207,11 @@ async fn relayed(dir: &std::path::Path) -> Result<()> {
     );
 
     let data = dir.join("relay-data");
-    let relay = Relay::start(
-        &relay_keys,
-        RelayConfig::new(vec!["127.0.0.1:0".parse()?], data.clone()),
-    )
-    .await?;
+    // The demo shows what the relay saw, envelope by envelope: it asks for the events that
+    // a relay does not make by default (they record who talks to whom).
+    let mut relay_config = RelayConfig::new(vec!["127.0.0.1:0".parse()?], data.clone());
+    relay_config.envelope_events = true;
+    let relay = Relay::start(&relay_keys, relay_config).await?;
     let mut seen = relay.subscribe();
     let addr = relay.local_addrs()[0];
     say!("   relay {} listening on {addr}", relay.node_id().short());

@@ -38,6 +38,22 @@ pub struct RelayArgs {
     /// Only these cells may register and send (repeatable; default: any cell).
     #[arg(long, value_name = "CELL_ID")]
     allow: Vec<CellId>,
+    /// Memory to size the relay for, in MiB: what it holds for devices and its buffers stay
+    /// within about this plus 40 MiB and its connections' buffers.
+    #[arg(long, value_name = "MIB", default_value_t = cellmesh::relay::DEFAULT_MEMORY >> 20)]
+    memory: usize,
+    /// Drop a device's registration, and its queue, after this many days without it.
+    #[arg(long, value_name = "DAYS", default_value_t = 30)]
+    registration_days: u64,
+    /// Print a summary of counts (no device or message named) every SECS seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    summary_secs: u64,
+    /// Also print a line for every envelope forwarded or refused (its sending and receiving
+    /// devices, id and size), every connection with its address, departure and queue
+    /// drained. THIS LOGS METADATA: who talks to whom, when and how much, which the relay
+    /// otherwise keeps nowhere.
+    #[arg(long)]
+    log_metadata: bool,
     /// Serve TLS with this PEM certificate chain (leaf first), for standard ports such as 443;
     /// devices then use `tls://HOST:PORT`. Needs --tls-key.
     #[arg(long, value_name = "FILE", requires = "tls_key")]
@@ -565,6 +581,11 @@ pub fn relay(home: &Home, args: &RelayArgs) -> Result<()> {
     if !args.allow.is_empty() {
         config.allow = Some(args.allow.iter().copied().collect::<BTreeSet<_>>());
     }
+    config.fit_memory(args.memory.max(1).saturating_mul(1 << 20));
+    config.registrations.ttl_secs = args.registration_days.saturating_mul(24 * 3600);
+    config.summary_every = (args.summary_secs > 0).then(|| Duration::from_secs(args.summary_secs));
+    config.envelope_events = args.log_metadata;
+    let metadata = args.log_metadata;
     let out = Printer { json: args.json };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {
@@ -590,7 +611,7 @@ pub fn relay(home: &Home, args: &RelayArgs) -> Result<()> {
                 tokio::select! {
                     _ = &mut stop => return Ok(()),
                     ev = events.recv() => match ev {
-                        Ok(ev) => print_relay_event(out, &ev)?,
+                        Ok(ev) => print_relay_event(out, &ev, metadata)?,
                         Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => out.line(
                             json!({"event": "lagged", "missed": n}),
                             format!("(missed {n} events)"),
@@ -608,12 +629,78 @@ pub fn relay(home: &Home, args: &RelayArgs) -> Result<()> {
     })
 }
 
-fn print_relay_event(out: Printer, ev: &RelayEvent) -> Result<(), OutputError> {
+/// Prints what the relay did. By default: new registrations (device and cell, both in the
+/// store's directory anyway, but not the address, which is kept nowhere), refused joins,
+/// disconnected devices, expired registrations and the periodic summary. With `metadata`,
+/// also every join with its address, departure, forwarded or refused envelope and drain.
+fn print_relay_event(out: Printer, ev: &RelayEvent, metadata: bool) -> Result<(), OutputError> {
     match ev {
-        RelayEvent::Registered { cell, node, addr } => out.line(
-            json!({"event": "registered", "cell_id": cell.to_string(), "node_id": node.to_string(), "addr": addr.to_string()}),
+        RelayEvent::Registered {
+            cell,
+            node,
+            addr,
+            new,
+        } if metadata => out.line(
+            json!({"event": "registered", "cell_id": cell.to_string(), "node_id": node.to_string(), "addr": addr.to_string(), "new": new}),
             format!("registered {} of {} from {addr}", node.short(), cell.short()),
         ),
+        RelayEvent::Registered {
+            cell,
+            node,
+            new: true,
+            ..
+        } => out.line(
+            json!({"event": "registered", "cell_id": cell.to_string(), "node_id": node.to_string(), "new": true}),
+            format!("registered {} of {}", node.short(), cell.short()),
+        ),
+        RelayEvent::JoinRefused {
+            cell,
+            node,
+            code,
+            reason,
+        } => out.line(
+            json!({"event": "join_refused", "cell_id": cell.to_string(), "node_id": node.to_string(), "code": code.name(), "reason": reason}),
+            format!("refused the join of {} of {}: {} ({reason})", node.short(), cell.short(), code.name()),
+        ),
+        RelayEvent::Disconnected { node, reason } => out.line(
+            json!({"event": "disconnected", "node_id": node.to_string(), "reason": reason}),
+            format!("disconnected {}: {reason}", node.short()),
+        ),
+        RelayEvent::Expired { devices, messages } => out.line(
+            json!({"event": "expired", "devices": devices, "messages": messages}),
+            format!("dropped {devices} registrations not seen for their time to live ({messages} queued envelopes)"),
+        ),
+        RelayEvent::Summary(s) => {
+            let refusals: serde_json::Map<String, serde_json::Value> = s
+                .refusals
+                .iter()
+                .map(|(code, n)| (code.name().to_string(), json!(n)))
+                .collect();
+            let by_code: Vec<String> = s
+                .refusals
+                .iter()
+                .map(|(code, n)| format!("{n} {}", code.name()))
+                .collect();
+            let refused = if by_code.is_empty() {
+                "0 refused".to_string()
+            } else {
+                format!("refused {}", by_code.join(", "))
+            };
+            let st = &s.stats;
+            out.line(
+                json!({"event": "summary", "period_secs": s.period.as_secs_f64(),
+                       "pushed": st.pushed, "queued": st.queued, "refused": st.refused, "bytes": st.bytes,
+                       "refusals": refusals, "joins": s.joins, "new_devices": s.new_devices,
+                       "joins_refused": s.joins_refused, "online": s.online, "registered": s.registered,
+                       "in_flight_bytes": s.in_flight_bytes, "waiting_bytes": s.waiting_bytes}),
+                format!(
+                    "in {:.0} s: {} pushed, {} queued, {refused}, {} bytes; {} joins ({} new, {} refused); {} online, {} registered; {} bytes held",
+                    s.period.as_secs_f64(), st.pushed, st.queued, st.bytes, s.joins, s.new_devices,
+                    s.joins_refused, s.online, s.registered, s.in_flight_bytes + s.waiting_bytes
+                ),
+            )
+        }
+        _ if !metadata => Ok(()),
         RelayEvent::Offline { node } => out.line(
             json!({"event": "offline", "node_id": node.to_string()}),
             format!("offline {}", node.short()),

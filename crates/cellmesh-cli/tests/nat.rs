@@ -476,6 +476,8 @@ fn devices_behind_nat_reach_each_other_through_a_relay() {
             RELAY_ADDR,
             "--data",
             relay_data.to_str().unwrap(),
+            // What this test follows, device by device.
+            "--log-metadata",
             "--json",
         ],
     );

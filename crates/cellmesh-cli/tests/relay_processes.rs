@@ -95,7 +95,7 @@ fn two_cells_talk_through_a_relay_that_restarts_without_losing_what_it_queued() 
     let mut relay = Proc::start(
         &relay_home,
         "relay",
-        &["--listen", &addr, "--data", data_arg],
+        &["--listen", &addr, "--data", data_arg, "--log-metadata"],
     );
     relay.expect("listening", |v| v["event"] == "listening");
     let mut bob_listen = Proc::start(&bob, "listen", &["--relay", &addr, "--count", "1"]);
@@ -136,10 +136,17 @@ fn send_from_a_home_whose_listen_is_running_goes_through_it() {
     let (alice_cell, _) = create_cell(&alice);
     let (bob_cell, _) = create_cell(&bob);
     let data = dir.path().join("relay-data");
+    // Joins and envelopes, device by device, are shown only with --log-metadata.
     let mut relay = Proc::start(
         &relay_home,
         "relay",
-        &["--listen", "127.0.0.1:0", "--data", data.to_str().unwrap()],
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--data",
+            data.to_str().unwrap(),
+            "--log-metadata",
+        ],
     );
     let addr = relay.expect("listening", |v| v["event"] == "listening")["addr"]
         .as_str()
@@ -184,4 +191,82 @@ fn send_from_a_home_whose_listen_is_running_goes_through_it() {
     let queued = send(&alice, &bob_cell, "after you left", Some(&addr));
     assert_eq!(queued["status"], "queued");
     relay.stop();
+}
+
+/// Issue 10, finding 13: by default the relay printed a line for every envelope, naming its
+/// sending and receiving devices, its id and size. Now it prints its start, new
+/// registrations, refusals of joins and a summary of counts, and names no envelope.
+#[test]
+fn by_default_the_relay_logs_no_envelope_and_who_sent_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (relay_home, alice, bob) = (
+        dir.path().join("relay"),
+        dir.path().join("alice"),
+        dir.path().join("bob"),
+    );
+    create_cell(&relay_home);
+    let (_, alice_node) = create_cell(&alice);
+    let (bob_cell, bob_node) = create_cell(&bob);
+    let data = dir.path().join("relay-data");
+    let mut relay = Proc::start(
+        &relay_home,
+        "relay",
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--data",
+            data.to_str().unwrap(),
+            "--summary-secs",
+            "1",
+        ],
+    );
+    let addr = relay.expect("listening", |v| v["event"] == "listening")["addr"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut bob_listen = Proc::start(&bob, "listen", &["--relay", &addr, "--count", "2"]);
+    bob_listen.expect("listening", |v| v["event"] == "listening");
+    let sent = send(&alice, &bob_cell, "first", Some(&addr));
+    assert_eq!(sent["status"], "delivered");
+    // Alice's device joins again for this one: no second registration line.
+    let again = send(&alice, &bob_cell, "second", Some(&addr));
+    assert_eq!(again["status"], "delivered");
+    bob_listen.finish();
+    let summary = relay.expect("a summary with the sends", |v| {
+        v["event"] == "summary" && v["pushed"].as_u64().is_some_and(|n| n > 0)
+    });
+    assert!(summary["online"].is_u64() && summary["registered"].is_u64());
+    let queued = send(&alice, &bob_cell, "while away", Some(&addr));
+    assert_eq!(queued["status"], "queued");
+    relay.expect("a summary with the queued one", |v| {
+        v["event"] == "summary" && v["queued"].as_u64().is_some_and(|n| n > 0)
+    });
+    let seen = relay.seen().to_vec();
+    relay.stop();
+
+    let text = serde_json::to_string(&seen).unwrap();
+    for id in [&sent["id"], &again["id"], &queued["id"]] {
+        assert!(
+            !text.contains(id.as_str().unwrap()),
+            "an envelope id was logged: {text}"
+        );
+    }
+    for ev in &seen {
+        let kind = ev["event"].as_str().unwrap();
+        assert!(
+            ["listening", "started", "registered", "summary"].contains(&kind),
+            "a {kind} line by default: {ev}"
+        );
+        assert!(
+            ev.get("addr").is_none() || kind == "listening",
+            "an address logged: {ev}"
+        );
+    }
+    let registered: Vec<&str> = seen
+        .iter()
+        .filter(|v| v["event"] == "registered")
+        .filter_map(|v| v["node_id"].as_str())
+        .collect();
+    assert_eq!(registered.len(), 2, "one line per new device: {seen:#?}");
+    assert!(registered.contains(&alice_node.as_str()) && registered.contains(&bob_node.as_str()));
 }

@@ -146,6 +146,10 @@ pub struct ConnectionConfig {
     pub max_bad_frames: u32,
     /// Rekeying.
     pub session: SessionConfig,
+    /// Whether UPDATEs from peers are verified and reported ([`Event::Update`]). When false
+    /// they are ignored unread, at no cost: for a node that has no use for them (a device on
+    /// a relay).
+    pub accept_updates: bool,
 }
 
 impl ConnectionConfig {
@@ -163,6 +167,7 @@ impl ConnectionConfig {
             idle_timeout_ms: 60_000,
             max_bad_frames: 4,
             session: SessionConfig::default(),
+            accept_updates: true,
         }
     }
 }
@@ -251,6 +256,7 @@ pub struct Connection {
     ping: u64,
     seen_updates: VecDeque<(Fingerprint, Fingerprint)>,
     update_budget: Budget,
+    admission: Option<Check>,
 }
 
 /// UPDATEs remembered per connection, so replays are ignored.
@@ -357,7 +363,17 @@ impl Connection {
             seen_updates: VecDeque::new(),
             // 256 at once (a hub's peer list), then 20 a second.
             update_budget: Budget::new(256, 50, now),
+            admission: None,
         }
+    }
+
+    /// Adds a last check on the peer's JOIN, run after the policy's (responder only): for
+    /// limits that depend on this connection (its address) or on the node's other
+    /// connections, which the shared configuration cannot know. A check that takes something
+    /// (a slot) must give it back itself if the connection ends; passing it means the peer is
+    /// joined.
+    pub fn set_admission(&mut self, check: Check) {
+        self.admission = Some(check);
     }
 
     /// Feeds bytes received from the transport.
@@ -643,6 +659,7 @@ impl Connection {
                 });
                 self.finish(CloseCode::Normal, format!("join refused: {reason}"), true);
             }
+            (Message::Update { .. }, true, _) if !self.config.accept_updates => {}
             (Message::Update { node, identity }, true, _) => {
                 if !self.update_budget.take(now) {
                     return self.violation("UPDATE flood".into(), now);
@@ -712,7 +729,7 @@ impl Connection {
     }
 
     /// The checks on a JOIN (responder) or an ACK (initiator): every identity check, then
-    /// the policy's authenticate and authorize.
+    /// the policy's authenticate and authorize, then (on a JOIN) the connection's admission.
     fn admit(
         &self,
         peer: &AuthenticatedPeer,
@@ -721,6 +738,11 @@ impl Connection {
     ) -> Result<DeviceBinding, Refusal> {
         let binding = self.check_identity(peer.token(), identity, now)?;
         self.config.policy.check(&binding)?;
+        // An initiator checks its responder's ACK here too; the admission is for joiners.
+        let responder = matches!(&self.state, State::Live(l) if !l.initiator);
+        if let Some(admit) = self.admission.as_ref().filter(|_| responder) {
+            admit(&binding)?;
+        }
         Ok(binding)
     }
 

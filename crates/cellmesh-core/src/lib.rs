@@ -30,6 +30,7 @@ pub mod handshake;
 pub mod id;
 pub mod keys;
 pub mod keystore;
+pub mod limits;
 pub mod mailbox;
 pub mod mnemonic;
 pub mod peers;

@@ -627,3 +627,75 @@ fn a_pinned_initiator_refuses_another_responder_before_revealing_itself() {
     p.drive();
     assert!(joined(&p.a_events) && joined(&p.b_events));
 }
+
+#[test]
+fn a_node_that_takes_no_updates_ignores_them_however_many() {
+    let hub = TestNode::new(1, t0());
+    let b = TestNode::new(2, t0());
+    let c = TestNode::new(3, t0());
+    let mut device = b.config();
+    device.accept_updates = false;
+    let mut p = Pair::new(device, hub.config(), 93);
+    p.drive();
+    let verified = |t: &Token| t.verify(t0(), 60).unwrap();
+    let about_c = device::bind(
+        &verified(&c.node_token),
+        &verified(&c.identity),
+        &Revocations::new(),
+    )
+    .unwrap();
+    // More than a flood's worth: nothing reported, and the link stays up.
+    for _ in 0..300 {
+        p.b.send_update(&about_c, p.now).unwrap();
+    }
+    p.drive();
+    assert!(!p.a_events.iter().any(|e| matches!(e, Event::Update(_))));
+    assert!(closed(&p.a_events).is_none() && !p.a.is_closed());
+    p.send(Side::B, b"still here");
+    p.drive();
+    assert_eq!(p.received(Side::A), vec![b"still here".to_vec()]);
+}
+
+#[test]
+fn a_connection_admission_refuses_a_join_after_the_policy_and_only_for_joiners() {
+    let (a, b) = nodes();
+    let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let check = |asked: &Arc<std::sync::atomic::AtomicUsize>| -> Check {
+        let asked = Arc::clone(asked);
+        Arc::new(move |_| {
+            asked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Err(Refusal::new(NackCode::Busy, "at capacity"))
+        })
+    };
+    let mut p = Pair::new(a.config(), b.config(), 14);
+    p.b.set_admission(check(&asked));
+    p.drive();
+    assert!(p.a_events.iter().any(|e| matches!(
+        e,
+        Event::JoinRefused { code: NackCode::Busy, reason, by_peer: true, .. } if reason == "at capacity"
+    )));
+    assert!(p.a.is_closed() && p.b.is_closed() && p.b.peer().is_none());
+    assert_eq!(asked.load(std::sync::atomic::Ordering::Relaxed), 1);
+
+    // A policy refusal comes first: the admission is not asked.
+    let mut config = b.config();
+    config.policy.authorize = Authorization::AllowCells(BTreeSet::from([b.cell_id()]));
+    let mut p = Pair::new(a.config(), config, 15);
+    p.b.set_admission(check(&asked));
+    p.drive();
+    assert!(p.a_events.iter().any(|e| matches!(
+        e,
+        Event::JoinRefused {
+            code: NackCode::Unauthorized,
+            ..
+        }
+    )));
+    assert_eq!(asked.load(std::sync::atomic::Ordering::Relaxed), 1);
+
+    // An initiator's admission is not asked about its responder's ACK.
+    let mut p = Pair::new(a.config(), b.config(), 16);
+    p.a.set_admission(check(&asked));
+    p.drive();
+    assert!(joined(&p.a_events) && joined(&p.b_events));
+    assert_eq!(asked.load(std::sync::atomic::Ordering::Relaxed), 1);
+}

@@ -85,11 +85,13 @@ async fn run(per_trial: Duration, sizes: Vec<usize>) {
     let mut subscriber = connect(device(dir.path(), "subscriber")).await;
     let to = subscriber.cell();
     // Warm the directory cache and the session (its first flight carries HPKE and tokens).
-    publisher
-        .send(to, Bytes::from_static(b"warm up"))
-        .await
-        .expect("warm-up send");
-    subscriber.recv().await.expect("warm-up message");
+    // (A send is delivered once the subscriber's application takes it: both at once.)
+    let (sent, got) = tokio::join!(
+        publisher.send(to, Bytes::from_static(b"warm up")),
+        subscriber.recv()
+    );
+    sent.expect("warm-up send");
+    got.expect("warm-up message");
 
     println!("size     msgs/s     MB/s at receiver   (median of 3; range)");
     for size in sizes {

@@ -261,6 +261,8 @@ impl Mailbox {
         let mut node_config = config.node.clone();
         node_config.listen.clear();
         node_config.bootstrap.clear();
+        // Its only peer is the relay, which announces nothing a device acts on.
+        node_config.learn_updates = false;
         let node = Node::start(unlocked, node_config).await?;
         let events = node.subscribe();
         let relay = node

@@ -3,7 +3,8 @@
 //! ```text
 //!  TcpListener ──accept──► limits ─[TLS]─[WS?]─► driver task ───────────────────────┐
 //!  Node::join ───dial────► limits ─[TLS]─[WS]──► driver task ───────────────────────┤
-//!    limits: connections, unauthenticated, per IP; TLS, WebSocket when configured   │
+//!    limits: connections, unauthenticated, per address; TLS, WebSocket when set     │
+//!    at JOIN (inbound): join rates, joined per cell and per address, `admit`        │
 //!                                                                                   │
 //!  driver task (one per connection; owns the socket and the core Connection):       │
 //!    socket bytes ─► Connection::handle_input ─► events ─► peer table / NodeEvent / inbox
@@ -17,8 +18,13 @@
 //! limits. Writing is a `select!` branch next to reading, so two peers that both send faster
 //! than the other reads cannot deadlock; commands are taken only while the write backlog is
 //! under a high-water mark, which is the back-pressure an application feels through
-//! [`PeerSender::send`]. Received data goes to a bounded inbox: an application that does not
-//! read stops its peers' connections from being read, and TCP pushes back on them.
+//! [`PeerSender::send`]. Received data goes to an inbox bounded in messages and in bytes: an
+//! application that does not read stops its peers' connections from being read, and TCP
+//! pushes back on them. What waits in each connection's command queue is counted in bytes
+//! ([`PeerSender::queued_bytes`], [`Node::queued_bytes`]), for callers that bound memory.
+//!
+//! Per-address limits count an IPv4 address, or an IPv6 /64, as one address
+//! ([`AddrGroup`]): one subscriber holds a whole /64.
 //!
 //! TLS ([`NodeConfig::tls`], [`Transport::Tls`]) and WebSocket ([`NodeConfig::websocket`],
 //! [`Transport::WebSocket`], see [`crate::ws`]) are optional outer layers for standard ports;
@@ -31,16 +37,17 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
-use cellmesh_core::connection::{Connection, ConnectionConfig, Event, JoinPolicy};
+use cellmesh_core::connection::{Check, Connection, ConnectionConfig, Event, JoinPolicy, Refusal};
 use cellmesh_core::device::{BindError, DeviceBinding, Revocations};
 use cellmesh_core::id::{CellId, NodeId};
 use cellmesh_core::keystore::DeviceSecrets;
+use cellmesh_core::limits::{AddrGroup, Buckets, Rate, Slots, TokenBucket};
 use cellmesh_core::peers::PeerTable;
 use cellmesh_core::token::{RealmAnchor, Token, VerifiedToken};
 use cellmesh_core::wire::{CloseCode, MAX_PAYLOAD, NackCode};
@@ -87,8 +94,30 @@ pub struct NodeConfig {
     pub max_connections: usize,
     /// Most connections that have not completed handshake and join.
     pub max_unauthenticated: usize,
-    /// Most such connections from one IP address, so one host cannot hold every slot.
+    /// Most such connections from one IPv4 address or IPv6 /64, so one host cannot hold
+    /// every slot.
     pub max_unauthenticated_per_ip: usize,
+    /// Most joined inbound connections of one cell (beyond: NACK `busy`). A device joining
+    /// again while its old connection lingers is let in; the old one is replaced.
+    pub max_joined_per_cell: usize,
+    /// Most joined inbound connections from one IPv4 address or IPv6 /64 (beyond: NACK
+    /// `busy`). Many users behind one carrier-grade NAT share an IPv4 address: set it high
+    /// enough for them.
+    pub max_joined_per_ip: usize,
+    /// Inbound joins accepted from one IPv4 address or IPv6 /64 (beyond: NACK `busy`).
+    pub join_rate_per_ip: Rate,
+    /// Inbound joins accepted from everyone together (beyond: NACK `busy`).
+    pub join_rate: Rate,
+    /// A last check on every inbound join, after the node's own limits (a relay's
+    /// registrations); a refusal gives the slots back.
+    pub admit: Option<JoinCheck>,
+    /// Tell joined peers of each node that joins this one (UPDATE, PROTOCOL 10): the mesh's
+    /// peer exchange, shown as `learned` by `cellmesh node`. A relay turns it off: its devices
+    /// need no list of each other, and each join would cost every one of them a message.
+    pub announce_joins: bool,
+    /// Verify UPDATEs from peers and report them ([`NodeEvent::Learned`]). When false they
+    /// are ignored unread (a device on a relay has no use for them).
+    pub learn_updates: bool,
     /// Deadline from connect to joined.
     pub setup_timeout: Duration,
     /// Keepalive interval.
@@ -97,6 +126,10 @@ pub struct NodeConfig {
     pub idle_timeout: Duration,
     /// Received messages buffered before the node stops reading from its peers.
     pub inbox_capacity: usize,
+    /// Bytes of received messages buffered before the node stops reading from its peers
+    /// (counted until [`Node::recv`] or [`Node::recv_many`] takes them). A message larger
+    /// than this counts as this much.
+    pub inbox_bytes: usize,
     /// Commands buffered per connection before senders wait.
     pub send_capacity: usize,
     /// How often the node re-mints its node token (valid for a day) and identity token.
@@ -122,15 +155,33 @@ impl Default for NodeConfig {
             max_connections: 1024,
             max_unauthenticated: 64,
             max_unauthenticated_per_ip: 8,
+            max_joined_per_cell: 64,
+            max_joined_per_ip: 256,
+            join_rate_per_ip: Rate::new(20, 100),
+            join_rate: Rate::new(500, 1000),
+            admit: None,
+            announce_joins: true,
+            learn_updates: true,
             setup_timeout: Duration::from_secs(10),
             keepalive: Duration::from_secs(15),
             idle_timeout: Duration::from_secs(60),
             inbox_capacity: 8192,
+            inbox_bytes: 64 << 20,
             send_capacity: 8192,
             token_renewal: Duration::from_secs(12 * 3600),
             tls: None,
             websocket: false,
         }
+    }
+}
+
+/// A check on inbound joins ([`NodeConfig::admit`]): the core's [`Check`], named for `Debug`.
+#[derive(Clone)]
+pub struct JoinCheck(pub Check);
+
+impl std::fmt::Debug for JoinCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JoinCheck(..)")
     }
 }
 
@@ -345,6 +396,8 @@ type JoinReply = oneshot::Sender<Result<PeerInfo, JoinError>>;
 
 struct ConnEntry {
     tx: mpsc::Sender<Cmd>,
+    /// Bytes of `Cmd::Send` in `tx`'s queue.
+    queued: Arc<AtomicUsize>,
     /// Closing does not queue behind commands: a peer that does not read keeps the command
     /// queue full, and it is the one most likely to be closed.
     close: watch::Sender<Option<(CloseCode, &'static str)>>,
@@ -364,12 +417,35 @@ impl ConnEntry {
     }
 }
 
-#[derive(Default)]
 struct State {
     table: PeerTable<ConnId>,
     conns: HashMap<ConnId, ConnEntry>,
-    unauthenticated_by_ip: HashMap<IpAddr, usize>,
+    unauthenticated_by_ip: HashMap<AddrGroup, usize>,
+    /// Joined inbound connections, per cell and per address.
+    joined_cells: Slots<CellId>,
+    joined_addrs: Slots<AddrGroup>,
+    joins_by_addr: Buckets<AddrGroup>,
+    joins: TokenBucket,
     shutting_down: bool,
+}
+
+/// Addresses whose join rate is tracked at once; beyond, joins from new addresses are
+/// refused until older buckets fill up again (the node-wide rate still applies).
+const MAX_JOIN_BUCKETS: usize = 65_536;
+
+impl State {
+    fn new(config: &NodeConfig) -> Self {
+        Self {
+            table: PeerTable::default(),
+            conns: HashMap::new(),
+            unauthenticated_by_ip: HashMap::new(),
+            joined_cells: Slots::new(config.max_joined_per_cell, usize::MAX),
+            joined_addrs: Slots::new(config.max_joined_per_ip, usize::MAX),
+            joins_by_addr: Buckets::new(config.join_rate_per_ip, MAX_JOIN_BUCKETS),
+            joins: TokenBucket::full(config.join_rate, now()),
+            shutting_down: false,
+        }
+    }
 }
 
 /// A connection's place among those not yet joined: a slot of the node-wide limit and one of
@@ -377,11 +453,11 @@ struct State {
 struct UnauthSlot {
     _permit: OwnedSemaphorePermit,
     shared: Arc<Shared>,
-    ip: IpAddr,
+    ip: AddrGroup,
 }
 
 impl UnauthSlot {
-    fn take(shared: &Arc<Shared>, ip: IpAddr) -> Option<Self> {
+    fn take(shared: &Arc<Shared>, ip: AddrGroup) -> Option<Self> {
         let permit = Arc::clone(&shared.unauth_limit).try_acquire_owned().ok()?;
         let mut state = shared.state();
         let count = state.unauthenticated_by_ip.entry(ip).or_insert(0);
@@ -410,6 +486,78 @@ impl Drop for UnauthSlot {
     }
 }
 
+/// The joined-connection slots an inbound connection holds once its JOIN passed the node's
+/// limits (see [`admission`]); given back when the connection, which owns the check holding
+/// this, is dropped.
+struct JoinSlot {
+    shared: Arc<Shared>,
+    addr: AddrGroup,
+    held: Mutex<Option<CellId>>,
+}
+
+impl Drop for JoinSlot {
+    fn drop(&mut self) {
+        let held = self.held.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(cell) = held {
+            let mut state = self.shared.state();
+            state.joined_cells.release(cell);
+            state.joined_addrs.release(self.addr);
+        }
+    }
+}
+
+/// The check an inbound connection from `addr` runs last on its JOIN: the join rates (the
+/// address's, then everyone's), the joined-connection caps of its cell and address (waived for
+/// a device already joined, whose old connection the new one replaces), then the node's
+/// `admit`. Passing takes the slots, which the connection holds until it is dropped.
+fn admission(shared: &Arc<Shared>, addr: AddrGroup) -> Check {
+    let slot = Arc::new(JoinSlot {
+        shared: Arc::clone(shared),
+        addr,
+        held: Mutex::new(None),
+    });
+    Arc::new(move |binding: &DeviceBinding| {
+        let shared = &slot.shared;
+        let config = &shared.node_config;
+        let busy = |reason: &str| Err(Refusal::new(NackCode::Busy, reason));
+        let cell = binding.cell();
+        {
+            let t = now();
+            let mut state = shared.state();
+            if !state.joins_by_addr.take(addr, t) {
+                return busy("too many joins from this address; try again later");
+            }
+            let rate = config.join_rate;
+            if !state.joins.take(rate, t) {
+                return busy("too many joins; try again later");
+            }
+            let replacing = state.table.get(&binding.node()).is_some();
+            if !replacing {
+                if state.joined_cells.held(cell) >= config.max_joined_per_cell {
+                    return busy("this cell has the most connections this node takes");
+                }
+                if state.joined_addrs.held(addr) >= config.max_joined_per_ip {
+                    return busy("this address has the most connections this node takes");
+                }
+            }
+            state.joined_cells.add(cell);
+            state.joined_addrs.add(addr);
+            *slot.held.lock().unwrap_or_else(|p| p.into_inner()) = Some(cell);
+        }
+        if let Some(JoinCheck(check)) = &config.admit
+            && let Err(refusal) = check(binding)
+        {
+            if let Some(cell) = slot.held.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                let mut state = shared.state();
+                state.joined_cells.release(cell);
+                state.joined_addrs.release(addr);
+            }
+            return Err(refusal);
+        }
+        Ok(())
+    })
+}
+
 struct Shared {
     /// The configuration new connections start with; replaced when tokens are renewed or
     /// revocations added. Connections keep the one they started with.
@@ -421,6 +569,10 @@ struct Shared {
     state: Mutex<State>,
     events: broadcast::Sender<NodeEvent>,
     inbox: mpsc::Sender<Incoming>,
+    /// Bytes the inbox may still take (see [`inbox_cost`]).
+    inbox_room: Semaphore,
+    /// Bytes of `Cmd::Send` in every connection's command queue.
+    queued: Arc<AtomicUsize>,
     conn_limit: Arc<Semaphore>,
     unauth_limit: Arc<Semaphore>,
     next_id: AtomicU64,
@@ -507,8 +659,10 @@ impl Node {
             revocations: Mutex::new(config.revocations.clone()),
             conn_limit: Arc::new(Semaphore::new(config.max_connections)),
             unauth_limit: Arc::new(Semaphore::new(config.max_unauthenticated)),
+            inbox_room: Semaphore::new(inbox_limit(&config)),
+            queued: Arc::new(AtomicUsize::new(0)),
+            state: Mutex::new(State::new(&config)),
             node_config: config,
-            state: Mutex::new(State::default()),
             events,
             inbox: inbox_tx,
             next_id: AtomicU64::new(1),
@@ -664,13 +818,23 @@ impl Node {
             .get(&node)
             .ok_or(SendError::UnknownPeer(node))?
             .conn;
-        let tx = state
-            .conns
-            .get(&conn)
-            .ok_or(SendError::UnknownPeer(node))?
-            .tx
-            .clone();
-        Ok(PeerSender { tx })
+        let entry = state.conns.get(&conn).ok_or(SendError::UnknownPeer(node))?;
+        Ok(PeerSender {
+            tx: entry.tx.clone(),
+            queued: Arc::clone(&entry.queued),
+            total: Arc::clone(&self.shared.queued),
+        })
+    }
+
+    /// Bytes given to every connection's [`PeerSender`] and not yet taken by its driver (the
+    /// command queues; what a driver took waits in its write buffer, at most about 2 MiB).
+    pub fn queued_bytes(&self) -> usize {
+        self.shared.queued.load(Ordering::Relaxed)
+    }
+
+    /// The count behind [`Node::queued_bytes`], for a task that watches it without the node.
+    pub(crate) fn queued_counter(&self) -> Arc<AtomicUsize> {
+        Arc::clone(&self.shared.queued)
     }
 
     /// Sends `data` to the joined peer `node`, waiting while its send buffer is full.
@@ -680,12 +844,24 @@ impl Node {
 
     /// The next message from any peer; `None` after shutdown.
     pub async fn recv(&mut self) -> Option<Incoming> {
-        self.inbox.recv().await
+        let msg = self.inbox.recv().await?;
+        self.shared
+            .inbox_room
+            .add_permits(inbox_cost(&self.shared.node_config, msg.data.len()));
+        Some(msg)
     }
 
     /// Up to `limit` messages at once (at least one, waiting for it); 0 after shutdown.
     pub async fn recv_many(&mut self, buf: &mut Vec<Incoming>, limit: usize) -> usize {
-        self.inbox.recv_many(buf, limit).await
+        let start = buf.len();
+        let n = self.inbox.recv_many(buf, limit).await;
+        let config = &self.shared.node_config;
+        let freed: usize = buf[start..]
+            .iter()
+            .map(|m| inbox_cost(config, m.data.len()))
+            .sum();
+        self.shared.inbox_room.add_permits(freed);
+        n
     }
 
     /// Stops accepting, closes every connection with a CLOSE, and waits (at most `grace`)
@@ -727,6 +903,9 @@ impl Drop for Node {
 #[derive(Clone, Debug)]
 pub struct PeerSender {
     tx: mpsc::Sender<Cmd>,
+    /// Bytes in this connection's command queue, and in every connection's.
+    queued: Arc<AtomicUsize>,
+    total: Arc<AtomicUsize>,
 }
 
 impl PeerSender {
@@ -735,10 +914,12 @@ impl PeerSender {
         if data.len() > MAX_PAYLOAD {
             return Err(SendError::TooLarge(data.len()));
         }
-        self.tx
-            .send(Cmd::Send(data))
-            .await
-            .map_err(|_| SendError::Closed)
+        // Counted before it is queued, so the driver never takes away more than was added.
+        let len = self.count(data.len());
+        self.tx.send(Cmd::Send(data)).await.map_err(|_| {
+            self.uncount(len);
+            SendError::Closed
+        })
     }
 
     /// Queues `data` if the connection's buffer has room now. Never waits.
@@ -746,10 +927,30 @@ impl PeerSender {
         if data.len() > MAX_PAYLOAD {
             return Err(TrySendError::TooLarge(data.len()));
         }
-        self.tx.try_send(Cmd::Send(data)).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(Cmd::Send(data)) => TrySendError::Full(data),
-            _ => TrySendError::Closed,
+        let len = self.count(data.len());
+        self.tx.try_send(Cmd::Send(data)).map_err(|e| {
+            self.uncount(len);
+            match e {
+                mpsc::error::TrySendError::Full(Cmd::Send(data)) => TrySendError::Full(data),
+                _ => TrySendError::Closed,
+            }
         })
+    }
+
+    /// Bytes given to this connection and not yet taken by its driver.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+
+    fn count(&self, len: usize) -> usize {
+        self.queued.fetch_add(len, Ordering::Relaxed);
+        self.total.fetch_add(len, Ordering::Relaxed);
+        len
+    }
+
+    fn uncount(&self, len: usize) {
+        self.queued.fetch_sub(len, Ordering::Relaxed);
+        self.total.fetch_sub(len, Ordering::Relaxed);
     }
 }
 
@@ -912,6 +1113,7 @@ fn build_config(
     cc.setup_timeout_ms = millis(config.setup_timeout);
     cc.keepalive_ms = millis(config.keepalive);
     cc.idle_timeout_ms = millis(config.idle_timeout);
+    cc.accept_updates = config.learn_updates;
     Ok(cc)
 }
 
@@ -951,7 +1153,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
         let permits = Arc::clone(&shared.conn_limit)
             .try_acquire_owned()
             .ok()
-            .zip(UnauthSlot::take(&shared, addr.ip()));
+            .zip(UnauthSlot::take(&shared, addr.ip().into()));
         let Some((conn_permit, unauth)) = permits else {
             tracing::debug!(%addr, "connection refused: at a limit");
             shared.emit(NodeEvent::Failed {
@@ -963,7 +1165,8 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
         let _ = stream.set_nodelay(true);
         // Made before any TLS or WebSocket handshake, so that it counts against the setup
         // deadline.
-        let conn = Connection::accept(shared.connection_config(), now());
+        let mut conn = Connection::accept(shared.connection_config(), now());
+        conn.set_admission(admission(&shared, addr.ip().into()));
         let job = (conn, (conn_permit, Some(unauth)), None);
         if tls.is_none() && !websocket {
             let (rd, wr) = stream.into_split();
@@ -1145,11 +1348,13 @@ async fn drive<R, W>(
     let (mut conn, (_conn_permit, mut unauth), reply) = job;
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
     let (tx, mut rx) = mpsc::channel(shared.node_config.send_capacity.max(1));
+    let queued = Arc::new(AtomicUsize::new(0));
     let (close, mut closing) = watch::channel(None);
     shared.state().conns.insert(
         id,
         ConnEntry {
             tx,
+            queued: Arc::clone(&queued),
             close,
             peer: None,
         },
@@ -1210,8 +1415,11 @@ async fn drive<R, W>(
                 }
                 Err(e) => { ended = format!("write failed: {e}"); break; }
             },
-            permit = shared.inbox.reserve(), if undelivered.is_some() => match (permit, undelivered.take()) {
-                (Ok(permit), Some(msg)) => permit.send(msg),
+            permit = inbox_place(&shared, undelivered.as_ref().map_or(0, |m| m.data.len())), if undelivered.is_some() => match (permit, undelivered.take()) {
+                (Some((room, place)), Some(msg)) => {
+                    room.forget();
+                    place.send(msg);
+                }
                 _ => { ended = "node stopped".into(); break; }
             },
             r = rd.read(&mut rbuf), if reading => match r {
@@ -1234,7 +1442,7 @@ async fn drive<R, W>(
             cmd = rx.recv(), if backlog < HIGH_WATER && !conn.is_closed() => {
                 let t = now();
                 match cmd {
-                    Some(cmd) => apply(&mut conn, cmd, t),
+                    Some(cmd) => apply(&mut conn, took(&shared, &queued, cmd), t),
                     None => conn.close(CloseCode::Shutdown, "node shutting down", t),
                 }
                 // Take what else is queued, up to the high-water mark: one write for many.
@@ -1243,7 +1451,7 @@ async fn drive<R, W>(
                         break;
                     }
                     match rx.try_recv() {
-                        Ok(cmd) => apply(&mut conn, cmd, t),
+                        Ok(cmd) => apply(&mut conn, took(&shared, &queued, cmd), t),
                         Err(_) => break,
                     }
                 }
@@ -1259,7 +1467,43 @@ async fn drive<R, W>(
     // Under TLS this also sends close_notify and flushes, which a peer that does not read
     // could hold up.
     let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
+    // Senders now fail; what they had queued is no longer waiting.
+    rx.close();
+    while let Ok(cmd) = rx.try_recv() {
+        took(&shared, &queued, cmd);
+    }
     finish(&shared, id, addr, outcome, ended);
+}
+
+/// Takes a command out of a connection's queue, and its bytes out of the counts.
+fn took(shared: &Shared, queued: &AtomicUsize, cmd: Cmd) -> Cmd {
+    if let Cmd::Send(data) = &cmd {
+        queued.fetch_sub(data.len(), Ordering::Relaxed);
+        shared.queued.fetch_sub(data.len(), Ordering::Relaxed);
+    }
+    cmd
+}
+
+/// The inbox's room in bytes, as semaphore permits (which count in `u32` at a time).
+fn inbox_limit(config: &NodeConfig) -> usize {
+    config.inbox_bytes.clamp(1, u32::MAX as usize)
+}
+
+/// What a message of `len` bytes counts against the inbox: a message larger than the whole
+/// room counts as all of it, so it still gets in once the inbox is empty.
+fn inbox_cost(config: &NodeConfig, len: usize) -> usize {
+    len.min(inbox_limit(config))
+}
+
+/// Waits for room for a message of `len` bytes, then for a place in the inbox.
+async fn inbox_place(
+    shared: &Shared,
+    len: usize,
+) -> Option<(tokio::sync::SemaphorePermit<'_>, mpsc::Permit<'_, Incoming>)> {
+    let cost = inbox_cost(&shared.node_config, len) as u32;
+    let room = shared.inbox_room.acquire_many(cost).await.ok()?;
+    let place = shared.inbox.reserve().await.ok()?;
+    Some((room, place))
 }
 
 /// Writes some of `buf`, or when it is empty flushes what the writer buffered; returns how
@@ -1300,9 +1544,15 @@ fn on_event(
                 cell: peer.cell,
                 data,
             };
+            let cost = inbox_cost(&shared.node_config, msg.data.len()) as u32;
+            let Ok(room) = shared.inbox_room.try_acquire_many(cost) else {
+                return Some(msg);
+            };
             match shared.inbox.try_send(msg) {
+                // The room goes back with the permit.
                 Err(mpsc::error::TrySendError::Full(msg)) => return Some(msg),
-                Err(mpsc::error::TrySendError::Closed(_)) | Ok(()) => {}
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+                Ok(()) => room.forget(),
             }
         }
         Event::Joined(binding) => {
@@ -1320,7 +1570,12 @@ fn on_event(
                 if let Some(entry) = state.conns.get_mut(&id) {
                     entry.peer = Some(info.clone());
                 }
-                for other in joined.notify {
+                let notify = if shared.node_config.announce_joins {
+                    joined.notify
+                } else {
+                    Vec::new()
+                };
+                for other in notify {
                     if let Some(c) = state.conns.get(&other)
                         && c.tx.try_send(Cmd::Update(binding.clone())).is_err()
                     {

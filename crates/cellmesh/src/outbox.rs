@@ -4,7 +4,9 @@
 //! the two sides could wait on each other. An [`Outbox`] writes each payload straight into the
 //! link's queue while that has room and nothing of the outbox is still waiting, so the common
 //! case costs no hand-off between tasks; otherwise the payload waits, in order, for a task
-//! that writes it as room appears. The caller bounds what waits (see [`Outbox::waiting`]).
+//! that writes it as room appears. The caller bounds what waits (see [`Outbox::waiting`] and
+//! [`Outbox::backlog`]), and may count it, with other outboxes', in a shared total
+//! ([`Outbox::counted`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -44,16 +46,52 @@ pub(crate) fn batch_payloads(records: impl IntoIterator<Item = Record>) -> Vec<B
 pub(crate) struct Outbox {
     link: PeerSender,
     queue: mpsc::UnboundedSender<Bytes>,
-    /// Bytes given to the task and not yet taken by the link.
-    waiting: Arc<AtomicUsize>,
+    /// Bytes given to the task and not yet taken by the link: this outbox's, and the total
+    /// of every outbox sharing it.
+    waiting: Arc<Counts>,
     task: Option<JoinHandle<()>>,
+}
+
+/// What an outbox's task has not handed to the link yet.
+#[derive(Debug, Default)]
+struct Counts {
+    mine: AtomicUsize,
+    total: Option<Arc<AtomicUsize>>,
+}
+
+impl Counts {
+    fn add(&self, n: usize) -> usize {
+        if let Some(t) = &self.total {
+            t.fetch_add(n, Ordering::AcqRel);
+        }
+        self.mine.fetch_add(n, Ordering::AcqRel) + n
+    }
+
+    fn sub(&self, n: usize) {
+        if let Some(t) = &self.total {
+            t.fetch_sub(n, Ordering::AcqRel);
+        }
+        self.mine.fetch_sub(n, Ordering::AcqRel);
+    }
 }
 
 impl Outbox {
     /// An outbox for `link` (it spawns the task that writes what has to wait).
     pub(crate) fn new(link: PeerSender) -> Self {
+        Self::start(link, None)
+    }
+
+    /// An outbox for `link` that also counts what waits in `total`, shared with others.
+    pub(crate) fn counted(link: PeerSender, total: Arc<AtomicUsize>) -> Self {
+        Self::start(link, Some(total))
+    }
+
+    fn start(link: PeerSender, total: Option<Arc<AtomicUsize>>) -> Self {
         let (queue, rx) = mpsc::unbounded_channel();
-        let waiting = Arc::new(AtomicUsize::new(0));
+        let waiting = Arc::new(Counts {
+            mine: AtomicUsize::new(0),
+            total,
+        });
         let task = tokio::spawn(write_waiting(link.clone(), rx, Arc::clone(&waiting)));
         Self {
             link,
@@ -68,7 +106,7 @@ impl Outbox {
     pub(crate) fn send(&self, payload: Bytes) -> usize {
         // Zero means the task has handed everything earlier to the link: writing straight
         // into the link keeps the order.
-        let payload = if self.waiting.load(Ordering::Acquire) == 0 {
+        let payload = if self.waiting.mine.load(Ordering::Acquire) == 0 {
             match self.link.try_send(payload) {
                 Ok(()) => return 0,
                 Err(TrySendError::Full(payload)) => payload,
@@ -81,16 +119,22 @@ impl Outbox {
             payload
         };
         let len = payload.len();
-        let waiting = self.waiting.fetch_add(len, Ordering::AcqRel) + len;
+        let waiting = self.waiting.add(len);
         if self.queue.send(payload).is_err() {
-            self.waiting.fetch_sub(len, Ordering::AcqRel);
+            self.waiting.sub(len);
         }
         waiting
     }
 
     /// Bytes written but not yet taken by the link.
     pub(crate) fn waiting(&self) -> usize {
-        self.waiting.load(Ordering::Acquire)
+        self.waiting.mine.load(Ordering::Acquire)
+    }
+
+    /// Bytes written and not yet taken by the link's driver: what waits here and what waits
+    /// in the link's command queue.
+    pub(crate) fn backlog(&self) -> usize {
+        self.waiting() + self.link.queued_bytes()
     }
 
     /// Waits up to `patience` for what is waiting to reach the link, then stops.
@@ -113,21 +157,39 @@ impl Drop for Outbox {
     }
 }
 
-async fn write_waiting(
-    link: PeerSender,
-    mut rx: mpsc::UnboundedReceiver<Bytes>,
-    waiting: Arc<AtomicUsize>,
-) {
-    while let Some(payload) = rx.recv().await {
+/// Gives back, when the task ends however it ends (an abort included), what it still held.
+struct Unwritten {
+    rx: mpsc::UnboundedReceiver<Bytes>,
+    waiting: Arc<Counts>,
+    /// A payload taken from `rx` and not yet in the link.
+    holding: usize,
+}
+
+impl Drop for Unwritten {
+    fn drop(&mut self) {
+        self.rx.close();
+        let mut left = std::mem::take(&mut self.holding);
+        while let Ok(p) = self.rx.try_recv() {
+            left += p.len();
+        }
+        self.waiting.sub(left);
+    }
+}
+
+async fn write_waiting(link: PeerSender, rx: mpsc::UnboundedReceiver<Bytes>, waiting: Arc<Counts>) {
+    let mut u = Unwritten {
+        rx,
+        waiting,
+        holding: 0,
+    };
+    while let Some(payload) = u.rx.recv().await {
         let len = payload.len();
+        u.holding = len;
         let sent = link.send(payload).await;
-        waiting.fetch_sub(len, Ordering::AcqRel);
+        u.holding = 0;
+        u.waiting.sub(len);
         if sent.is_err() {
-            // The link closed: what waits would go nowhere.
-            rx.close();
-            while let Some(p) = rx.recv().await {
-                waiting.fetch_sub(p.len(), Ordering::AcqRel);
-            }
+            // The link closed: what waits would go nowhere (given back as `u` drops).
             return;
         }
     }

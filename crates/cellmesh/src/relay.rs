@@ -3,48 +3,66 @@
 //!
 //! ```text
 //!  device A ──link──► Node ──inbox──► relay loop ──► outbox(B) ──link──► device B (online)
-//!                                        │                  ▲
-//!                                        ▼                  │ drain(B): on connect, after a spill
-//!                                      Store (redb): directory, queues (device B offline)
+//!                       │ JOIN: rates, caps,    │                  ▲
+//!                       │ registrations          ▼                  │ drain(B): on connect, after a spill
+//!                       └────────────────►     Store (redb): directory, queues (device B offline)
 //! ```
 //!
 //! - **Registration** is the join itself: the link already verified the device's node token
 //!   and its cell's identity token, and the relay records both in its directory, which any
-//!   device can query by cell id (LOOKUP). Askers check the tokens against the id.
+//!   device can query by cell id (LOOKUP). Askers check the tokens against the id. A join
+//!   that would take a cell or the relay past its bound of registrations is refused (NACK
+//!   `busy`), as are joins past the node's rates and connection caps; a device not seen for
+//!   the registrations' time to live is dropped, with its queue.
 //! - **Forwarding.** A FORWARD to an online device is batched with the other records for it
 //!   from the same inbox batch and written to its link. Until the device says DELIVERED, the
-//!   relay keeps the envelope in memory; if the device leaves first, the envelope moves to the
-//!   store. A FORWARD to an offline device, or to one that has too much pushed and not taken
-//!   (see Back-pressure), is stored durably (one redb transaction per batch) before the sender
+//!   relay keeps a copy of the envelope in memory; if the device leaves first, the copy moves
+//!   to the store. A FORWARD to an offline device, or to one with too much pushed and not
+//!   taken (see Memory), is stored durably (one redb transaction per batch) before the sender
 //!   hears ACCEPTED(queued).
 //! - **Answers.** Every FORWARD gets exactly one ACCEPTED or REFUSED. Nothing accepted is
 //!   dropped silently: a store at its bound refuses with QUEUE_FULL, a sender over its rate
-//!   with RATE_LIMITED.
+//!   with RATE_LIMITED. A LOOKUP over its cell's rate waits (bounded) for its turn.
+//! - **Memory** is bounded in bytes ([`RelayConfig::memory`]): pushed envelopes not yet
+//!   DELIVERED, per device, per cell and for the whole relay together with everything written
+//!   for devices that their links have not taken. Past a bound, envelopes go to the store.
 //! - **Back-pressure.** The relay's loop never waits on a device's link: what it writes goes
 //!   straight into the link while that has room, and otherwise waits, in order, in the
 //!   device's outbox. Deliveries to a device with `outlet_bytes` waiting spill to the store;
-//!   a device with twice that waiting (answers to its own FORWARDs that it does not read) is
-//!   disconnected.
+//!   a device with twice that waiting (answers to its own FORWARDs that it does not read), or
+//!   with the most waiting when the whole relay is over its bound, is disconnected.
+//! - **Events** ([`RelayEvent`]) say what the relay did. Per-envelope events, which name who
+//!   sends to whom, are made only when [`RelayConfig::envelope_events`] asks for them.
+//!
+//! The decisions on limits are the core's pure structures ([`cellmesh_core::limits`]), fed the
+//! time by this loop.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use bytes::Bytes;
-use cellmesh_core::connection::{Authorization, JoinPolicy};
+use cellmesh_core::connection::{Authorization, JoinPolicy, Refusal};
 use cellmesh_core::id::{CellId, NodeId};
+use cellmesh_core::limits::{
+    Buckets, ByteBudget, ByteLimits, Rate, Registered, RegistrationLimits, Registrations,
+};
 use cellmesh_core::relay::{
     Accepted, DirectoryEntry, MAX_ENVELOPE, MsgId, Record, RefuseCode, put_record, records,
 };
 use cellmesh_core::token::Token;
+use cellmesh_core::wire::NackCode;
 use thiserror::Error;
 use tokio::sync::{Notify, broadcast};
 use tokio::task::JoinHandle;
 
 use crate::home::Unlocked;
-use crate::node::{Incoming, Node, NodeConfig, NodeEvent, PeerInfo, PeerSender, StartError};
+use crate::node::{
+    Incoming, JoinCheck, Node, NodeConfig, NodeEvent, PeerInfo, PeerSender, StartError,
+};
 use crate::outbox::{MAX_BATCH, Outbox, batch_payloads};
 use crate::store::{Enqueued, NewMessage, Store, StoreError, StoreLimits};
 
@@ -52,11 +70,20 @@ use crate::store::{Enqueued, NewMessage, Store, StoreError, StoreLimits};
 /// (already in the inbox) is handled first.
 const LEAVE_GRACE: Duration = Duration::from_millis(200);
 
-/// Most envelopes pushed to one online device and not yet DELIVERED; beyond it they queue.
-const MAX_IN_FLIGHT: usize = 65_536;
+/// What one pushed envelope costs in memory beyond its bytes (its map entry and allocation),
+/// counted against [`RelayConfig::memory`] so that tiny envelopes are bounded too.
+const IN_FLIGHT_OVERHEAD: usize = 128;
 
 /// Most devices remembered as disconnected for misbehaving (see `Loop::dropped`).
 const MAX_DROPPED: usize = 1024;
+
+/// LOOKUPs over their cell's rate that wait for their turn: per device, and in all. A device
+/// past either is disconnected (it sends them again when it reconnects).
+const MAX_DEFERRED_PER_DEVICE: usize = 256;
+const MAX_DEFERRED: usize = 16_384;
+
+/// The default of [`RelayConfig::fit_memory`]: a relay that fits a 1 GiB host.
+pub const DEFAULT_MEMORY: usize = 512 << 20;
 
 /// How a relay runs.
 #[derive(Clone, Debug)]
@@ -69,34 +96,99 @@ pub struct RelayConfig {
     pub allow: Option<BTreeSet<CellId>>,
     /// Bounds of each device's queue, and the messages' time to live.
     pub limits: StoreLimits,
-    /// FORWARDs per second each sending cell may make (sustained).
+    /// FORWARDs per second each sending cell may make (sustained). Default 200,000.
     pub rate_per_cell: u32,
-    /// FORWARDs a sending cell may make in a burst.
+    /// FORWARDs a sending cell may make in a burst. Default 400,000.
     pub burst_per_cell: u32,
+    /// LOOKUPs each asking cell may make; one over the rate waits for its turn (a device with
+    /// more than 256 waiting is disconnected). A DIRECTORY answers up to 64 devices' tokens,
+    /// about 34 KB for a 41-byte question. Default 50 a second, bursts of 500.
+    pub lookup_rate: Rate,
+    /// Bytes held in memory for devices. `per_device` and `per_cell` bound the envelopes
+    /// pushed to online devices and not yet DELIVERED (each counts its size plus 128 bytes);
+    /// past them, envelopes for the device go to the store. `total` bounds those together
+    /// with every byte written for devices that their links have not taken (outboxes and
+    /// the links' command queues): past it, envelopes go to the store, queued envelopes wait
+    /// in the store, and the device with the most waiting is disconnected. Defaults (see
+    /// [`RelayConfig::fit_memory`]): 128 MiB, 128 MiB, 256 MiB.
+    pub memory: ByteLimits,
     /// Bytes written for an online device that its link has not taken yet, beyond which new
     /// envelopes for it go to the store; a device with twice this waiting (its answers keep
-    /// coming but it does not read) is disconnected.
+    /// coming but it does not read) is disconnected. Default 64 MiB.
     pub outlet_bytes: usize,
+    /// Devices registered per cell and in all (a new device past them is refused with NACK
+    /// `busy`), and how long a device may stay away before its registration and its queue
+    /// are dropped. Defaults 64 (as many as a DIRECTORY lists), 100,000, 30 days.
+    pub registrations: RegistrationLimits,
+    /// Make [`RelayEvent::Forwarded`] and [`RelayEvent::Refused`] events, one per envelope,
+    /// naming its sending and receiving devices: a record of who talks to whom. Default false.
+    pub envelope_events: bool,
+    /// How often to make a [`RelayEvent::Summary`] of counts; `None`: never. Default 60 s.
+    pub summary_every: Option<Duration>,
     /// TLS on every listener (see [`crate::tls::server_config`]), for standard ports.
     pub tls: Option<Arc<rustls::ServerConfig>>,
-    /// The node underneath (its `listen`, `policy` and `tls` are set from the fields above).
+    /// The node underneath (its `listen`, `policy`, `tls`, `admit` and `announce_joins` are
+    /// set from the fields above). [`RelayConfig::new`] gives it a relay's limits: an inbox of
+    /// 32 MiB, joins at 20 a second (bursts of 100) per IPv4 address or IPv6 /64 and 500 a
+    /// second (bursts of 1,000) in all, at most 64 joined connections per cell and 256 per
+    /// address, 1,024 in all.
     pub node: NodeConfig,
 }
 
 impl RelayConfig {
-    /// A relay on `listen` storing into `data`, open to all, with default bounds.
+    /// A relay on `listen` storing into `data`, open to all, with default bounds: those of
+    /// [`RelayConfig::fit_memory`] for [`DEFAULT_MEMORY`].
     pub fn new(listen: Vec<SocketAddr>, data: PathBuf) -> Self {
-        Self {
+        let mut config = Self {
             listen,
             data,
             allow: None,
             limits: StoreLimits::default(),
             rate_per_cell: 200_000,
             burst_per_cell: 400_000,
-            outlet_bytes: 16 << 20,
+            lookup_rate: Rate::new(50, 500),
+            memory: ByteLimits {
+                per_device: 0,
+                per_cell: 0,
+                total: 0,
+            },
+            outlet_bytes: 0,
+            registrations: RegistrationLimits {
+                per_cell: cellmesh_core::relay::MAX_DEVICES,
+                total: 100_000,
+                ttl_secs: 30 * 24 * 3600,
+            },
+            envelope_events: false,
+            summary_every: Some(Duration::from_secs(60)),
             tls: None,
             node: NodeConfig::default(),
-        }
+        };
+        config.fit_memory(DEFAULT_MEMORY);
+        config
+    }
+
+    /// Sizes what the relay holds in memory so that the process stays within about `bytes`
+    /// plus some 40 MiB (the binary, its runtime, allocator slack) plus its connections'
+    /// transport buffers (typically tens of KiB each; up to about 5 MiB for a peer that
+    /// neither reads nor completes its frames): [`RelayConfig::memory`] gets `total` =
+    /// `bytes`/2, `per_cell` and `per_device` `bytes`/4; `outlet_bytes` `bytes`/8; the
+    /// node's inbox and the store's cache `bytes`/16 each (twice the inbox: a batch being
+    /// handled and the next arriving); none of the last five above its default (128, 128,
+    /// 64, 32 and 32 MiB).
+    ///
+    /// A device's bounds are its share of the relay's throughput: what a fast sender keeps
+    /// in flight to it (up to the mailbox's `max_in_flight` messages) beyond them goes to the
+    /// store, which is durable but slower (`docs/BENCHMARKS.md`).
+    pub fn fit_memory(&mut self, bytes: usize) {
+        let part = |div: usize, max: usize| (bytes / div).clamp(1 << 20, max);
+        self.memory = ByteLimits {
+            total: (bytes / 2).max(1 << 20),
+            per_cell: part(4, 128 << 20),
+            per_device: part(4, 128 << 20),
+        };
+        self.outlet_bytes = part(8, 64 << 20);
+        self.node.inbox_bytes = part(16, 32 << 20);
+        self.limits.cache_bytes = part(16, 32 << 20);
     }
 }
 
@@ -104,7 +196,7 @@ impl RelayConfig {
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum RelayEvent {
-    /// A device joined and was recorded in the directory.
+    /// A device joined (and, if it was not registered, was recorded in the directory).
     Registered {
         /// Its cell.
         cell: CellId,
@@ -112,13 +204,27 @@ pub enum RelayEvent {
         node: NodeId,
         /// Its address.
         addr: SocketAddr,
+        /// Whether it was not registered before.
+        new: bool,
+    },
+    /// A join was refused (NACK), by the relay's limits or its allow-list.
+    JoinRefused {
+        /// The cell the device claimed.
+        cell: CellId,
+        /// The device.
+        node: NodeId,
+        /// The NACK code.
+        code: NackCode,
+        /// Why.
+        reason: String,
     },
     /// A device went offline.
     Offline {
         /// The device.
         node: NodeId,
     },
-    /// An envelope was accepted: pushed to its online device, or queued.
+    /// An envelope was accepted: pushed to its online device, or queued. Made only with
+    /// [`RelayConfig::envelope_events`].
     Forwarded {
         /// Sending device.
         from: NodeId,
@@ -131,7 +237,8 @@ pub enum RelayEvent {
         /// Pushed or queued.
         status: Accepted,
     },
-    /// A FORWARD was refused.
+    /// A FORWARD was refused. Made only with [`RelayConfig::envelope_events`] (the summary
+    /// counts refusals by code).
     Refused {
         /// Sending device.
         from: NodeId,
@@ -147,6 +254,47 @@ pub enum RelayEvent {
         /// How many.
         count: usize,
     },
+    /// A device was disconnected for misbehaving or for holding too much of the relay.
+    Disconnected {
+        /// The device.
+        node: NodeId,
+        /// Why.
+        reason: &'static str,
+    },
+    /// Registrations not seen for their time to live were dropped, with their queues.
+    Expired {
+        /// Devices.
+        devices: usize,
+        /// Queued envelopes that went with them.
+        messages: usize,
+    },
+    /// Counts since the last summary (see [`RelayConfig::summary_every`]).
+    Summary(RelaySummary),
+}
+
+/// Counts over one period, for [`RelayEvent::Summary`]: no device or message is named.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RelaySummary {
+    /// The period's length.
+    pub period: Duration,
+    /// Envelopes pushed, queued and refused in the period, and the bytes accepted.
+    pub stats: RelayStats,
+    /// The period's refusals by code (codes with none left out).
+    pub refusals: Vec<(RefuseCode, u64)>,
+    /// Joins in the period.
+    pub joins: u64,
+    /// Devices registered for the first time in the period.
+    pub new_devices: u64,
+    /// Joins refused in the period.
+    pub joins_refused: u64,
+    /// Devices online now.
+    pub online: usize,
+    /// Devices registered now.
+    pub registered: usize,
+    /// Bytes held now for pushed envelopes not yet DELIVERED.
+    pub in_flight_bytes: usize,
+    /// Bytes written now for devices that their links have not taken.
+    pub waiting_bytes: usize,
 }
 
 /// Starting a relay failed.
@@ -177,6 +325,15 @@ pub struct RelayStats {
     pub bytes: u64,
 }
 
+impl RelayStats {
+    fn add(&mut self, t: &RelayStats) {
+        self.pushed += t.pushed;
+        self.queued += t.queued;
+        self.refused += t.refused;
+        self.bytes += t.bytes;
+    }
+}
+
 /// A running relay.
 #[derive(Debug)]
 pub struct Relay {
@@ -198,8 +355,19 @@ impl Relay {
             .await
             .map_err(|e| RelayError::Task(e.to_string()))??;
         let store = Arc::new(store);
+        let mut registrations = Registrations::new(config.registrations);
+        for (cell, device, last_seen) in store.registered()? {
+            registrations.load(cell, device, last_seen);
+        }
+        let registrations = Arc::new(Mutex::new(Directory {
+            registrations,
+            fresh: HashSet::new(),
+        }));
         config.node.listen = config.listen.clone();
         config.node.tls = config.tls.clone();
+        // Devices need no list of each other, and a join must not cost every device a message.
+        config.node.announce_joins = false;
+        config.node.admit = Some(registrar(Arc::clone(&registrations)));
         if let Some(allow) = &config.allow {
             config.node.policy = JoinPolicy {
                 authenticate: None,
@@ -211,10 +379,6 @@ impl Relay {
         let (events, _) = broadcast::channel(4096);
         let stats = Arc::new(Mutex::new(RelayStats::default()));
         let stop = Arc::new(Notify::new());
-        let mut registry = HashMap::new();
-        for (cell, device) in store.registered()? {
-            registry.insert(device, cell);
-        }
         let relay = Self {
             local_addrs: node.local_addrs().to_vec(),
             node: node.node_id(),
@@ -224,16 +388,31 @@ impl Relay {
             stop: Arc::clone(&stop),
             task: tokio::spawn(async move {}),
         };
+        let now = crate::node::now();
         let state = Loop {
+            memory: Memory {
+                waiting: Arc::new(AtomicUsize::new(0)),
+                queued: node.queued_counter(),
+                in_flight: Arc::new(AtomicUsize::new(0)),
+                total: config.memory.total,
+            },
             node,
             store,
-            registry,
-            online: HashMap::new(),
-            buckets: HashMap::new(),
+            registrations,
+            online: HashMap::default(),
+            forwards: Buckets::new(
+                Rate::new(config.rate_per_cell, config.burst_per_cell),
+                config.registrations.total.max(1024),
+            ),
+            lookups: Buckets::new(config.lookup_rate, config.registrations.total.max(1024)),
+            deferred: VecDeque::new(),
+            deferred_by: HashMap::new(),
+            budget: ByteBudget::new(config.memory),
             events,
             stats,
             tally: RelayStats::default(),
-            now: Instant::now(),
+            period: Period::default(),
+            now,
             watched: false,
             leaving: Vec::new(),
             dropped: HashSet::new(),
@@ -278,9 +457,39 @@ impl Relay {
     }
 }
 
-/// An online device: its link's outbox, the pushed envelopes it has not acknowledged, and
-/// the task that hands it what the store holds for it.
+/// The relay's registrations as the join check and the loop share them.
+struct Directory {
+    registrations: Registrations,
+    /// Devices the join check registered for the first time, until the loop has seen them
+    /// join (to say so in [`RelayEvent::Registered`]).
+    fresh: HashSet<NodeId>,
+}
+
+/// The node's last check on a join: the device must be registered, or fit as a new one.
+fn registrar(directory: Arc<Mutex<Directory>>) -> JoinCheck {
+    JoinCheck(Arc::new(move |binding| {
+        let now = crate::now();
+        let mut d = lock(&directory);
+        match d.registrations.join(binding.cell(), binding.node(), now) {
+            Ok(Registered::New) => {
+                d.fresh.insert(binding.node());
+                Ok(())
+            }
+            Ok(Registered::Known) => Ok(()),
+            Err(e) => Err(Refusal::new(NackCode::Busy, e.to_string())),
+        }
+    }))
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// An online device: its cell, its link's outbox, the pushed envelopes it has not
+/// acknowledged (copies, each with its sender), and the task that hands it what the store
+/// holds for it.
 struct Online {
+    cell: CellId,
     outbox: Outbox,
     in_flight: HashMap<MsgId, (NodeId, Bytes), foldhash::fast::RandomState>,
     backlog: Arc<Notify>,
@@ -297,13 +506,16 @@ struct Outgoing {
 }
 
 impl Outgoing {
-    fn push(&mut self, r: &Record) {
-        if !self.buf.is_empty() && self.buf.len() + 4 + r.encoded_len() > MAX_BATCH {
+    /// Encodes `r`; returns the bytes it added.
+    fn push(&mut self, r: &Record) -> usize {
+        let len = 4 + r.encoded_len();
+        if !self.buf.is_empty() && self.buf.len() + len > MAX_BATCH {
             self.full += self.buf.len();
             self.payloads
                 .push(Bytes::from(std::mem::take(&mut self.buf)));
         }
         put_record(&mut self.buf, r);
+        len
     }
 
     fn len(&self) -> usize {
@@ -318,26 +530,86 @@ impl Outgoing {
     }
 }
 
-type Out = HashMap<NodeId, Outgoing, foldhash::fast::RandomState>;
+/// What one batch writes, per device, and how many bytes that is in all.
+#[derive(Default)]
+struct Out {
+    to: HashMap<NodeId, Outgoing, foldhash::fast::RandomState>,
+    bytes: usize,
+}
 
-struct Bucket {
-    tokens: f64,
-    at: Instant,
+impl Out {
+    fn push(&mut self, to: NodeId, r: &Record) {
+        self.bytes += self.to.entry(to).or_default().push(r);
+    }
+}
+
+/// The bytes the relay holds for devices outside its [`ByteBudget`], read by the loop and
+/// by the drains.
+#[derive(Clone)]
+struct Memory {
+    /// In every device's outbox.
+    waiting: Arc<AtomicUsize>,
+    /// In the links' command queues (the node's count).
+    queued: Arc<AtomicUsize>,
+    /// The budget's total, as of the loop's last batch (for the drains).
+    in_flight: Arc<AtomicUsize>,
+    /// [`ByteLimits::total`].
+    total: usize,
+}
+
+impl Memory {
+    /// Written for devices and not taken by their links.
+    fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed) + self.queued.load(Ordering::Relaxed)
+    }
+
+    /// Whether the relay holds its whole bound or more.
+    fn full(&self) -> bool {
+        self.waiting() + self.in_flight.load(Ordering::Relaxed) >= self.total
+    }
+}
+
+/// A LOOKUP waiting for its cell's rate.
+struct Deferred {
+    from: NodeId,
+    from_cell: CellId,
+    request: u32,
+    cell: CellId,
+}
+
+/// Counts for the next [`RelaySummary`].
+#[derive(Default)]
+struct Period {
+    started: Option<cellmesh_core::Instant>,
+    stats: RelayStats,
+    refusals: HashMap<u8, (RefuseCode, u64)>,
+    joins: u64,
+    new_devices: u64,
+    joins_refused: u64,
 }
 
 struct Loop {
     node: Node,
     store: Arc<Store>,
-    registry: HashMap<NodeId, CellId>,
-    online: HashMap<NodeId, Online>,
-    buckets: HashMap<CellId, Bucket>,
+    registrations: Arc<Mutex<Directory>>,
+    online: HashMap<NodeId, Online, foldhash::fast::RandomState>,
+    /// FORWARDs and LOOKUPs per sending cell.
+    forwards: Buckets<CellId>,
+    lookups: Buckets<CellId>,
+    /// LOOKUPs over their rate, in arrival order, and how many each device has there.
+    deferred: VecDeque<Deferred>,
+    deferred_by: HashMap<NodeId, usize>,
+    /// Pushed envelopes not yet DELIVERED.
+    budget: ByteBudget,
+    memory: Memory,
     events: broadcast::Sender<RelayEvent>,
     stats: Arc<Mutex<RelayStats>>,
     /// Counted during one batch, added to `stats` at its end.
     tally: RelayStats,
-    /// The monotonic clock, read once per batch.
-    now: Instant,
-    /// Whether anyone subscribed to events, read once per batch (it takes a lock).
+    period: Period,
+    /// The clock, read once per batch.
+    now: cellmesh_core::Instant,
+    /// Whether per-envelope events are made in this batch (asked for, and someone listens).
     watched: bool,
     /// Devices that left, handled after LEAVE_GRACE (in order of leaving).
     leaving: Vec<(tokio::time::Instant, NodeId)>,
@@ -361,6 +633,18 @@ impl Loop {
     async fn run(mut self, mut node_events: broadcast::Receiver<NodeEvent>, stop: Arc<Notify>) {
         let mut batch = Vec::with_capacity(256);
         let mut expiry = tokio::time::interval(Duration::from_secs(60));
+        // Registrations are swept a few times per time to live, at most hourly.
+        let sweep_every = Duration::from_secs(self.config.registrations.ttl_secs / 4)
+            .clamp(Duration::from_secs(1), Duration::from_secs(3600));
+        let mut sweep = tokio::time::interval(sweep_every);
+        sweep.tick().await;
+        let every = self
+            .config
+            .summary_every
+            .unwrap_or(Duration::from_secs(3600));
+        let mut summary = tokio::time::interval(every.max(Duration::from_millis(10)));
+        summary.tick().await;
+        self.period.started = Some(crate::node::now());
         loop {
             tokio::select! {
                 // Joins before records: a device's join is announced before its ACK is sent,
@@ -373,6 +657,10 @@ impl Loop {
                     // last DELIVERED above all): they are handled first.
                     Ok(NodeEvent::Left { peer, .. }) => {
                         self.leaving.push((tokio::time::Instant::now() + LEAVE_GRACE, peer.node));
+                    }
+                    Ok(NodeEvent::JoinRefused { node, cell, code, reason, by_peer: false, .. }) => {
+                        self.period.joins_refused += 1;
+                        let _ = self.events.send(RelayEvent::JoinRefused { cell, node, code, reason });
                     }
                     Ok(_) => {}
                     Err(broadcast::error::RecvError::Lagged(n)) => {
@@ -396,6 +684,12 @@ impl Loop {
                     }
                     self.handle(&mut batch).await;
                 }
+                _ = tokio::time::sleep(Duration::from_millis(20)), if !self.deferred.is_empty() => {
+                    self.now = crate::node::now();
+                    let mut out = Out::default();
+                    self.answer_deferred(&mut out).await;
+                    self.write_out(out);
+                }
                 _ = expiry.tick() => {
                     let store = Arc::clone(&self.store);
                     let now = crate::now();
@@ -405,6 +699,8 @@ impl Loop {
                         _ => {}
                     }
                 }
+                _ = sweep.tick() => self.sweep_registrations().await,
+                _ = summary.tick(), if self.config.summary_every.is_some() => self.summarise(),
             }
         }
         let devices: Vec<NodeId> = self.online.keys().copied().collect();
@@ -421,6 +717,18 @@ impl Loop {
         if self.dropped.remove(&node) {
             self.dropped_order.retain(|n| *n != node);
         }
+        self.period.joins += 1;
+        // The join's check registered it (or found it registered). A peer that got in
+        // without it (one the relay dialed) is registered here if there is room.
+        let now = crate::now();
+        let new = {
+            let mut d = lock(&self.registrations);
+            d.fresh.remove(&node)
+                || matches!(d.registrations.join(cell, node, now), Ok(Registered::New))
+        };
+        if new {
+            self.period.new_devices += 1;
+        }
         // Recorded from the event, which carries the tokens: the device may have left
         // already, and must still be known.
         let store = Arc::clone(&self.store);
@@ -428,17 +736,17 @@ impl Loop {
             peer.binding.node_token().token().to_bytes(),
             peer.binding.identity().token().to_bytes(),
         );
-        let put = tokio::task::spawn_blocking(move || store.put_device(cell, node, &nt, &id)).await;
+        let put =
+            tokio::task::spawn_blocking(move || store.put_device(cell, node, &nt, &id, now)).await;
         if !matches!(put, Ok(Ok(()))) {
             tracing::warn!(%node, "could not record device in the directory");
         }
-        self.registry.insert(node, cell);
         let Ok(sender) = self.node.sender(node) else {
             return;
         };
         if let Some(old) = self.online.remove(&node) {
             old.drain.abort();
-            self.persist_in_flight(node, old.in_flight).await;
+            self.persist_in_flight(node, old.cell, old.in_flight).await;
         }
         let backlog = Arc::new(Notify::new());
         backlog.notify_one();
@@ -448,25 +756,35 @@ impl Loop {
             Arc::clone(&self.store),
             Arc::clone(&backlog),
             self.events.clone(),
+            self.memory.clone(),
+            self.config.outlet_bytes,
         ));
         self.online.insert(
             node,
             Online {
-                outbox: Outbox::new(sender),
+                cell,
+                outbox: Outbox::counted(sender, Arc::clone(&self.memory.waiting)),
                 in_flight: HashMap::default(),
                 backlog,
                 drain,
             },
         );
-        let _ = self
-            .events
-            .send(RelayEvent::Registered { cell, node, addr });
+        let _ = self.events.send(RelayEvent::Registered {
+            cell,
+            node,
+            addr,
+            new,
+        });
     }
 
     async fn left(&mut self, node: NodeId) {
         if let Some(online) = self.online.remove(&node) {
             online.drain.abort();
-            self.persist_in_flight(node, online.in_flight).await;
+            lock(&self.registrations)
+                .registrations
+                .seen(node, crate::now());
+            self.persist_in_flight(node, online.cell, online.in_flight)
+                .await;
             let _ = self.events.send(RelayEvent::Offline { node });
         }
     }
@@ -475,12 +793,21 @@ impl Loop {
     async fn persist_in_flight(
         &mut self,
         node: NodeId,
+        cell: CellId,
         in_flight: HashMap<MsgId, (NodeId, Bytes), foldhash::fast::RandomState>,
     ) {
         let items: Vec<(MsgId, (NodeId, Bytes))> = in_flight.into_iter().collect();
         if items.is_empty() {
             return;
         }
+        let held: usize = items
+            .iter()
+            .map(|(_, (_, e))| e.len() + IN_FLIGHT_OVERHEAD)
+            .sum();
+        self.budget.release(node, cell, held);
+        self.memory
+            .in_flight
+            .store(self.budget.total(), Ordering::Relaxed);
         let store = Arc::clone(&self.store);
         let n = items.len();
         let done = tokio::task::spawn_blocking(move || {
@@ -507,11 +834,14 @@ impl Loop {
         let mut out = Out::default();
         for ((id, (from, _)), result) in items.into_iter().zip(results) {
             if result.is_ok() && self.online.contains_key(&from) {
-                out.entry(from).or_default().push(&Record::Accepted {
-                    to: node,
-                    id,
-                    status: Accepted::Queued,
-                });
+                out.push(
+                    from,
+                    &Record::Accepted {
+                        to: node,
+                        id,
+                        status: Accepted::Queued,
+                    },
+                );
             }
         }
         self.write_out(out);
@@ -535,9 +865,69 @@ impl Loop {
         }
     }
 
+    /// Drops registrations not seen for their time to live (and their queues), after
+    /// recording that every online device was seen now.
+    async fn sweep_registrations(&mut self) {
+        let now = crate::now();
+        let online: Vec<(CellId, NodeId)> = self.online.iter().map(|(n, o)| (o.cell, *n)).collect();
+        let expired = {
+            let mut d = lock(&self.registrations);
+            let regs = &mut d.registrations;
+            for (_, n) in &online {
+                regs.seen(*n, now);
+            }
+            let expired = regs.expired(now, |n| self.online.contains_key(&n));
+            for (_, n) in &expired {
+                regs.remove(*n);
+            }
+            // A join the loop never saw (its event lost) leaves nothing behind for long.
+            d.fresh.clear();
+            expired
+        };
+        let store = Arc::clone(&self.store);
+        let devices = expired.len();
+        let done = tokio::task::spawn_blocking(move || {
+            store.touch_devices(&online, now)?;
+            store.forget_devices(&expired)
+        })
+        .await;
+        match done {
+            Ok(Ok(messages)) if devices > 0 => {
+                let _ = self.events.send(RelayEvent::Expired { devices, messages });
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "sweeping registrations failed"),
+            Err(e) => tracing::error!(error = %e, "store task failed"),
+        }
+    }
+
+    fn summarise(&mut self) {
+        let now = crate::node::now();
+        let p = std::mem::take(&mut self.period);
+        self.period.started = Some(now);
+        let period = p.started.map_or(Duration::ZERO, |s| {
+            Duration::from_millis(now.millis_since(s))
+        });
+        let mut refusals: Vec<(RefuseCode, u64)> = p.refusals.into_values().collect();
+        refusals.sort_by_key(|(c, _)| c.code());
+        let summary = RelaySummary {
+            period,
+            stats: p.stats,
+            refusals,
+            joins: p.joins,
+            new_devices: p.new_devices,
+            joins_refused: p.joins_refused,
+            online: self.online.len(),
+            registered: lock(&self.registrations).registrations.len(),
+            in_flight_bytes: self.budget.total(),
+            waiting_bytes: self.memory.waiting(),
+        };
+        let _ = self.events.send(RelayEvent::Summary(summary));
+    }
+
     async fn handle(&mut self, batch: &mut Vec<Incoming>) {
-        self.now = Instant::now();
-        self.watched = self.events.receiver_count() > 0;
+        self.now = crate::node::now();
+        self.watched = self.config.envelope_events && self.events.receiver_count() > 0;
         let mut out = Out::default();
         let mut to_store = Vec::new();
         for incoming in batch.drain(..) {
@@ -561,12 +951,12 @@ impl Loop {
             self.store_batch(to_store, &mut out).await;
         }
         self.write_out(out);
+        self.memory
+            .in_flight
+            .store(self.budget.total(), Ordering::Relaxed);
         let t = std::mem::take(&mut self.tally);
-        let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
-        s.pushed += t.pushed;
-        s.queued += t.queued;
-        s.refused += t.refused;
-        s.bytes += t.bytes;
+        self.period.stats.add(&t);
+        lock(&self.stats).add(&t);
     }
 
     async fn record(
@@ -579,33 +969,25 @@ impl Loop {
     ) {
         match record {
             Record::Lookup { request, cell } => {
-                let store = Arc::clone(&self.store);
-                let devices = tokio::task::spawn_blocking(move || store.devices(cell))
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-                    .unwrap_or_default()
-                    .into_iter()
-                    .filter_map(|(nt, id)| {
-                        Some(DirectoryEntry {
-                            node_token: Token::decode(&nt).ok()?,
-                            identity: Token::decode(&id).ok()?,
-                        })
-                    })
-                    .take(cellmesh_core::relay::MAX_DEVICES)
-                    .collect();
-                out.entry(from).or_default().push(&Record::Directory {
+                let d = Deferred {
+                    from,
+                    from_cell,
                     request,
                     cell,
-                    devices,
-                });
+                };
+                if self.lookups.take(from_cell, self.now) {
+                    self.lookup(d, out).await;
+                } else {
+                    self.defer(d);
+                }
             }
             Record::Forward { to, id, envelope } => {
+                let online = self.online.contains_key(&to);
                 let refuse = if envelope.len() > MAX_ENVELOPE {
                     Some(RefuseCode::TooLarge)
-                } else if !self.registry.contains_key(&to) {
+                } else if !online && !lock(&self.registrations).registrations.contains(to) {
                     Some(RefuseCode::UnknownDevice)
-                } else if !self.take_token(from_cell) {
+                } else if !self.forwards.take(from_cell, self.now) {
                     Some(RefuseCode::RateLimited)
                 } else {
                     None
@@ -615,22 +997,43 @@ impl Loop {
                     return;
                 }
                 let bytes = envelope.len();
-                // A device is pushed at most MAX_IN_FLIGHT envelopes it has not said
-                // DELIVERED for, and at most `outlet_bytes` its link has not taken: the rest
-                // go to its (bounded) queue.
+                // Pushed only within the device's outlet and the memory bounds (the copy kept
+                // until DELIVERED, against the device, its cell and the relay, with all that
+                // waits for links); the rest go to the (bounded) queue.
+                let elsewhere = self.memory.waiting() + out.bytes;
                 if let Some(online) = self.online.get_mut(&to) {
-                    let outgoing = out.entry(to).or_default();
-                    if online.in_flight.len() < MAX_IN_FLIGHT
-                        && online.outbox.waiting() + outgoing.len() < self.config.outlet_bytes
-                    {
-                        outgoing.push(&Record::Deliver {
-                            from,
-                            id,
-                            envelope: envelope.clone(),
-                        });
-                        online.in_flight.insert(id, (from, envelope));
-                        self.accepted(from, to, id, bytes, Accepted::Pushed, out);
-                        return;
+                    let outgoing = out.to.entry(to).or_default();
+                    match online.in_flight.get(&id) {
+                        // A retry of one still in flight: it is on its way already.
+                        Some((sender, _)) if *sender == from => {
+                            self.accepted(from, to, id, bytes, Accepted::Pushed, out);
+                            return;
+                        }
+                        // The same id from another sender waits in the store.
+                        Some(_) => {}
+                        None if online.outbox.backlog() + outgoing.len()
+                            < self.config.outlet_bytes
+                            && self.budget.charge(
+                                to,
+                                online.cell,
+                                bytes + IN_FLIGHT_OVERHEAD,
+                                elsewhere,
+                            ) =>
+                        {
+                            out.bytes += outgoing.push(&Record::Deliver {
+                                from,
+                                id,
+                                envelope: envelope.clone(),
+                            });
+                            // A copy: the envelope shares the buffer of the whole frame it
+                            // came in, which the relay must not keep for it.
+                            online
+                                .in_flight
+                                .insert(id, (from, Bytes::copy_from_slice(&envelope)));
+                            self.accepted(from, to, id, bytes, Accepted::Pushed, out);
+                            return;
+                        }
+                        None => {}
                     }
                     online.backlog.notify_one();
                 }
@@ -643,9 +1046,13 @@ impl Loop {
             }
             Record::Delivered(ids) => {
                 if let Some(online) = self.online.get_mut(&from) {
+                    let mut freed = 0;
                     for id in &ids {
-                        online.in_flight.remove(id);
+                        if let Some((_, env)) = online.in_flight.remove(id) {
+                            freed += env.len() + IN_FLIGHT_OVERHEAD;
+                        }
                     }
+                    self.budget.release(from, online.cell, freed);
                 }
                 if self.store.queued(from).0 > 0 {
                     let store = Arc::clone(&self.store);
@@ -666,6 +1073,77 @@ impl Loop {
                 self.drop_device(from, "relay-only record");
             }
         }
+    }
+
+    /// Queues a LOOKUP over its cell's rate, or disconnects its device if it has too many
+    /// waiting (or the relay does).
+    fn defer(&mut self, d: Deferred) {
+        let mine = self.deferred_by.entry(d.from).or_insert(0);
+        if *mine >= MAX_DEFERRED_PER_DEVICE || self.deferred.len() >= MAX_DEFERRED {
+            let from = d.from;
+            tracing::info!(%from, "too many LOOKUPs waiting; disconnecting the device");
+            self.drop_device(from, "too many LOOKUPs");
+            return;
+        }
+        *mine += 1;
+        self.deferred.push_back(d);
+    }
+
+    /// Answers the waiting LOOKUPs whose cells have a token now, in order.
+    async fn answer_deferred(&mut self, out: &mut Out) {
+        let mut keep = VecDeque::with_capacity(self.deferred.len());
+        // A cell out of tokens stays out for this pass: its later LOOKUPs keep their order.
+        let mut out_of_tokens: HashSet<CellId> = HashSet::new();
+        while let Some(d) = self.deferred.pop_front() {
+            if self.dropped.contains(&d.from) || !self.online.contains_key(&d.from) {
+                self.undefer(d.from);
+                continue;
+            }
+            if out_of_tokens.contains(&d.from_cell) || !self.lookups.take(d.from_cell, self.now) {
+                out_of_tokens.insert(d.from_cell);
+                keep.push_back(d);
+                continue;
+            }
+            self.undefer(d.from);
+            self.lookup(d, out).await;
+        }
+        self.deferred = keep;
+    }
+
+    fn undefer(&mut self, from: NodeId) {
+        if let Some(n) = self.deferred_by.get_mut(&from) {
+            *n -= 1;
+            if *n == 0 {
+                self.deferred_by.remove(&from);
+            }
+        }
+    }
+
+    async fn lookup(&mut self, d: Deferred, out: &mut Out) {
+        let store = Arc::clone(&self.store);
+        let cell = d.cell;
+        let devices = tokio::task::spawn_blocking(move || store.devices(cell))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(nt, id)| {
+                Some(DirectoryEntry {
+                    node_token: Token::decode(&nt).ok()?,
+                    identity: Token::decode(&id).ok()?,
+                })
+            })
+            .take(cellmesh_core::relay::MAX_DEVICES)
+            .collect();
+        out.push(
+            d.from,
+            &Record::Directory {
+                request: d.request,
+                cell,
+                devices,
+            },
+        );
     }
 
     async fn store_batch(&mut self, items: Vec<ToStore>, out: &mut Out) {
@@ -729,34 +1207,38 @@ impl Loop {
                 status,
             });
         }
-        out.entry(from)
-            .or_default()
-            .push(&Record::Accepted { to, id, status });
+        out.push(from, &Record::Accepted { to, id, status });
     }
 
     fn refused(&mut self, from: NodeId, to: NodeId, id: MsgId, code: RefuseCode, out: &mut Out) {
         self.tally.refused += 1;
-        let _ = self.events.send(RelayEvent::Refused { from, id, code });
-        out.entry(from)
-            .or_default()
-            .push(&Record::Refused { to, id, code });
+        self.period
+            .refusals
+            .entry(code.code())
+            .or_insert((code, 0))
+            .1 += 1;
+        if self.watched {
+            let _ = self.events.send(RelayEvent::Refused { from, id, code });
+        }
+        out.push(from, &Record::Refused { to, id, code });
     }
 
     /// Writes what one batch produced, device by device, without waiting: an online device
     /// gets it through its outbox (straight into its link when that has room). A device with
-    /// more than twice `outlet_bytes` waiting is not reading what it asked for: it is
-    /// disconnected, and its departure keeps what was pushed to it.
+    /// more than twice `outlet_bytes` waiting is not reading what it asked for, and when the
+    /// relay holds more than its bound the device with the most waiting is the one to go:
+    /// either is disconnected, and its departure keeps what was pushed to it.
     fn write_out(&mut self, out: Out) {
-        for (to, outgoing) in out {
+        for (to, outgoing) in out.to {
             let payloads = outgoing.finish();
             if payloads.is_empty() {
                 continue;
             }
             if let Some(online) = self.online.get(&to) {
-                let mut waiting = 0;
                 for p in payloads {
-                    waiting = online.outbox.send(p);
+                    online.outbox.send(p);
                 }
+                let waiting = online.outbox.backlog();
                 if waiting > 2 * self.config.outlet_bytes {
                     tracing::warn!(%to, waiting, "device does not read what it is sent; disconnecting");
                     self.drop_device(to, "does not read what it is sent");
@@ -774,11 +1256,29 @@ impl Loop {
                 });
             }
         }
+        let over = self.memory.waiting() + self.budget.total();
+        if over > self.memory.total + self.config.outlet_bytes {
+            let heaviest = self
+                .online
+                .iter()
+                .filter(|(n, _)| !self.dropped.contains(n))
+                .max_by_key(|(_, o)| o.outbox.backlog())
+                .map(|(n, o)| (*n, o.outbox.backlog()));
+            if let Some((node, waiting)) = heaviest
+                && waiting > 0
+            {
+                tracing::warn!(%node, waiting, held = over, "relay over its memory bound; disconnecting the device with most waiting");
+                self.drop_device(node, "the relay is over its memory bound");
+            }
+        }
     }
 
     /// Disconnects a misbehaving device (see `dropped`).
     fn drop_device(&mut self, node: NodeId, reason: &'static str) {
-        self.node.disconnect(node, reason);
+        if !self.node.disconnect(node, reason) {
+            return;
+        }
+        let _ = self.events.send(RelayEvent::Disconnected { node, reason });
         if self.dropped.insert(node) {
             self.dropped_order.push_back(node);
             if self.dropped_order.len() > MAX_DROPPED
@@ -788,53 +1288,43 @@ impl Loop {
             }
         }
     }
-
-    fn take_token(&mut self, cell: CellId) -> bool {
-        let (rate, burst) = (
-            f64::from(self.config.rate_per_cell),
-            f64::from(self.config.burst_per_cell),
-        );
-        let now = self.now;
-        let b = self.buckets.entry(cell).or_insert(Bucket {
-            tokens: burst,
-            at: now,
-        });
-        b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * rate).min(burst);
-        b.at = now;
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
 }
 
 /// Hands one online device what the store holds for it whenever told there is a backlog,
-/// 1,024 envelopes at a time, waiting for room on its link (what it drains needs no order
-/// with what is pushed live).
+/// up to 1,024 envelopes and a quarter of `outlet` at a time, and only while its link has
+/// taken most of what it was given and the relay is within its memory bound (what it drains
+/// needs no order with what is pushed live).
 async fn drain(
     node: NodeId,
     sender: PeerSender,
     store: Arc<Store>,
     backlog: Arc<Notify>,
     events: broadcast::Sender<RelayEvent>,
+    memory: Memory,
+    outlet: usize,
 ) {
-    let mut drained: BTreeSet<MsgId> = BTreeSet::new();
+    let mut drained: BTreeSet<(MsgId, NodeId)> = BTreeSet::new();
+    let chunk = (outlet / 4).max(1);
     loop {
         backlog.notified().await;
+        while sender.queued_bytes() >= outlet / 2 || memory.full() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let st = Arc::clone(&store);
         let Ok(Ok(pending)) =
-            tokio::task::spawn_blocking(move || st.pending(node, crate::now(), 1024)).await
+            tokio::task::spawn_blocking(move || st.pending(node, crate::now(), 1024, chunk)).await
         else {
             continue;
         };
-        // Only ids still queued are remembered: the set stays as small as the queue.
-        drained.retain(|id| pending.iter().any(|q| q.id == *id));
+        let more = pending.len() == 1024
+            || pending.iter().map(|q| q.envelope.len()).sum::<usize>() >= chunk;
+        // Only those still queued are remembered: the set stays as small as the queue.
+        drained.retain(|k| pending.iter().any(|q| (q.id, q.from) == *k));
         let fresh: Vec<_> = pending
             .into_iter()
-            .filter(|q| drained.insert(q.id))
+            .filter(|q| drained.insert((q.id, q.from)))
             .collect();
+        // Nothing new: what was read waits for DELIVERED, which wakes this again.
         if fresh.is_empty() {
             continue;
         }
@@ -850,7 +1340,7 @@ async fn drain(
             }
         }
         let _ = events.send(RelayEvent::Drained { node, count });
-        if count == 1024 {
+        if more {
             backlog.notify_one();
         }
     }

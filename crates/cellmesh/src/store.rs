@@ -7,9 +7,9 @@
 //!
 //! ```text
 //! table     key                                  value
-//! devices   cell:[32] node:[32]                  token_len:u16 node_token identity
+//! devices   cell:[32] node:[32]                  last_seen:u64 token_len:u16 node_token identity
 //! queue     device:[32] seq:u64                  id:[16] from:[32] expires_at:u64 envelope
-//! index     device:[32] id:[16]                  seq:u64
+//! by_id     device:[32] id:[16] from:[32]        seq:u64
 //! expiry    expires_at:u64 device:[32] seq:u64   ()
 //! meta      "format" | "next_seq"                u64
 //! ```
@@ -18,19 +18,29 @@
 //! `queue` yields its messages oldest first, and a scan of `expiry` up to `now` finds every
 //! expired message without reading the others. `seq` comes from one counter for the whole
 //! store, kept in `meta` and only ever increased, so insertion order survives restarts.
-//! `index` makes a retried FORWARD (same device, same id) a no-op and lets DELIVERED remove
-//! messages by id.
+//! `by_id` makes a retried FORWARD (same device, same id, same sender) a no-op, so that one
+//! sender's id never hides another's message, and lets DELIVERED (which names ids only)
+//! remove every message with an id by one range scan. `last_seen` (Unix seconds) is when the
+//! device last joined, or was seen online by [`Store::touch_devices`].
 //!
 //! Data flows in three steps: [`Store::enqueue`] writes a batch of FORWARDs, [`Store::pending`]
 //! reads what a reconnecting device should be sent, and [`Store::remove`] deletes what it
-//! acknowledged; [`Store::expire`], run periodically, deletes what outlived the time to live.
+//! acknowledged; [`Store::expire`], run periodically, deletes what outlived the time to live,
+//! and [`Store::forget_devices`] drops registrations that expired, with their queues.
+//!
+//! # Formats
+//!
+//! `meta.format` is 2. A format-1 file (index keyed by device and id, devices without
+//! `last_seen`) is migrated when opened, in one transaction: the index is rebuilt from the
+//! queue and every device gets `last_seen` = the time of opening. Any other format is refused.
 //!
 //! # Durability
 //!
 //! Every method that writes does so in one redb write transaction and commits it before it
 //! returns. redb commits with [`redb::Durability::Immediate`] by default: when `commit` returns
 //! the data has been flushed to disk (`fsync`), and a crash at any point leaves either the whole
-//! transaction or none of it. This store never lowers that. So when [`Store::enqueue`] returns
+//! transaction or none of it. Queue writes never lower that (registrations do, see
+//! [`Store::put_device`]). So when [`Store::enqueue`] returns
 //! `Ok(Enqueued::Stored)` for a message, it survives a crash or power loss. Batching many
 //! FORWARDs into one call pays for one `fsync` instead of one each, which is where the
 //! throughput comes from.
@@ -85,6 +95,8 @@ pub struct StoreLimits {
     /// How long a queued message is kept before [`Store::expire`] deletes it. Default 7 days;
     /// counted in whole seconds.
     pub ttl: Duration,
+    /// Memory the database may use for its page cache and write buffer. Default 32 MiB.
+    pub cache_bytes: usize,
 }
 
 impl Default for StoreLimits {
@@ -93,6 +105,7 @@ impl Default for StoreLimits {
             max_messages_per_device: 10_000,
             max_bytes_per_device: 64 * 1024 * 1024,
             ttl: Duration::from_secs(7 * 24 * 60 * 60),
+            cache_bytes: 32 << 20,
         }
     }
 }
@@ -226,29 +239,35 @@ impl Store {
     ///
     /// Fails with [`StoreError::Db`] if another process has the file open.
     pub fn open(path: &Path, limits: StoreLimits) -> Result<Self, StoreError> {
+        Self::open_at(path, limits, crate::now())
+    }
+
+    /// [`Store::open`], with `now` the time a migration records as every device's `last_seen`.
+    fn open_at(path: &Path, limits: StoreLimits, now: Timestamp) -> Result<Self, StoreError> {
         create_file(path)?;
         let db = redb::Builder::new()
             .set_check_integrity_on_open(true)
+            .set_cache_size(limits.cache_bytes)
             .create(path)
             .map_err(db_error("open the database"))?;
 
         let txn = db.begin_write().map_err(db_error("begin a transaction"))?;
         let (usage, next_seq) = {
             let mut meta = txn.open_table(META).map_err(db_error("open a table"))?;
-            // Opening a table creates it, so that read transactions later find all of them.
-            txn.open_table(DEVICES).map_err(db_error("open a table"))?;
-            txn.open_table(INDEX).map_err(db_error("open a table"))?;
-            txn.open_table(EXPIRY).map_err(db_error("open a table"))?;
-            let queue = txn.open_table(QUEUE).map_err(db_error("open a table"))?;
-
             let format = meta
                 .get(FORMAT_KEY)
                 .map_err(db_error("read the format"))?
                 .map(|v| v.value());
             match format {
                 Some(FORMAT) => {}
+                Some(1) => {
+                    migrate_from_1(&txn, now)?;
+                    meta.insert(FORMAT_KEY, FORMAT)
+                        .map_err(db_error("write the format"))?;
+                }
                 Some(_) => return Err(StoreError::Corrupt("unknown store format")),
                 None => {
+                    let queue = txn.open_table(QUEUE).map_err(db_error("open a table"))?;
                     if !queue.is_empty().map_err(db_error("read the queue"))? {
                         return Err(StoreError::Corrupt("queue without a format"));
                     }
@@ -256,6 +275,11 @@ impl Store {
                         .map_err(db_error("write the format"))?;
                 }
             }
+            // Opening a table creates it, so that read transactions later find all of them.
+            txn.open_table(DEVICES).map_err(db_error("open a table"))?;
+            txn.open_table(INDEX).map_err(db_error("open a table"))?;
+            txn.open_table(EXPIRY).map_err(db_error("open a table"))?;
+            let queue = txn.open_table(QUEUE).map_err(db_error("open a table"))?;
             let stored_next = meta
                 .get(NEXT_SEQ_KEY)
                 .map_err(db_error("read the sequence"))?
@@ -280,8 +304,9 @@ impl Store {
         })
     }
 
-    /// Every registered (cell, device) pair, for a relay to know its devices after a restart.
-    pub fn registered(&self) -> Result<Vec<(CellId, NodeId)>, StoreError> {
+    /// Every registered (cell, device) pair and when the device was last seen, for a relay to
+    /// know its devices after a restart.
+    pub fn registered(&self) -> Result<Vec<(CellId, NodeId, Timestamp)>, StoreError> {
         let txn = self
             .db
             .begin_read()
@@ -289,7 +314,8 @@ impl Store {
         let devices = txn.open_table(DEVICES).map_err(db_error("open a table"))?;
         let mut out = Vec::new();
         for entry in devices.iter().map_err(db_error("read devices"))? {
-            let (key, _) = entry.map_err(db_error("read devices"))?;
+            let (key, value) = entry.map_err(db_error("read devices"))?;
+            let last_seen = device_last_seen(value.value())?;
             let key = key.value();
             let part = |range: std::ops::Range<usize>| {
                 let mut b = [0u8; 32];
@@ -300,32 +326,33 @@ impl Store {
             out.push((
                 CellId::from_key(part(0..32)?),
                 NodeId::from_key(part(32..64)?),
+                last_seen,
             ));
         }
         Ok(out)
     }
 
-    /// Registers device `node` of `cell` with its node token and identity token, replacing any
-    /// earlier registration of the same pair.
+    /// Registers device `node` of `cell` with its node token and identity token, seen at
+    /// `now`, replacing any earlier registration of the same pair. Committed without an
+    /// `fsync` (a crash may lose it; the device registers again when it joins again).
     pub fn put_device(
         &self,
         cell: CellId,
         node: NodeId,
         node_token: &[u8],
         identity: &[u8],
+        now: Timestamp,
     ) -> Result<(), StoreError> {
         let len = u16::try_from(node_token.len()).map_err(|_| StoreError::TokenTooLong {
             len: node_token.len(),
         })?;
-        let mut value = Vec::with_capacity(2 + node_token.len() + identity.len());
+        let mut value = Vec::with_capacity(8 + 2 + node_token.len() + identity.len());
+        value.extend_from_slice(&now.0.to_be_bytes());
         value.extend_from_slice(&len.to_be_bytes());
         value.extend_from_slice(node_token);
         value.extend_from_slice(identity);
 
-        let txn = self
-            .db
-            .begin_write()
-            .map_err(db_error("begin a transaction"))?;
+        let txn = self.registration_txn()?;
         {
             let mut devices = txn.open_table(DEVICES).map_err(db_error("open a table"))?;
             devices
@@ -353,6 +380,90 @@ impl Store {
             out.push(decode_device(value.value())?);
         }
         Ok(out)
+    }
+
+    /// Sets `last_seen` of these registered devices to `now` (in one transaction); pairs not
+    /// registered are ignored.
+    pub fn touch_devices(
+        &self,
+        devices: &[(CellId, NodeId)],
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        if devices.is_empty() {
+            return Ok(());
+        }
+        let txn = self.registration_txn()?;
+        {
+            let mut table = txn.open_table(DEVICES).map_err(db_error("open a table"))?;
+            for &(cell, node) in devices {
+                let key = device_key(cell, node);
+                let Some(mut value) = table
+                    .get(&key)
+                    .map_err(db_error("read devices"))?
+                    .map(|v| v.value().to_vec())
+                else {
+                    continue;
+                };
+                if value.len() < 8 {
+                    return Err(StoreError::Corrupt("device record too short"));
+                }
+                value[..8].copy_from_slice(&now.0.to_be_bytes());
+                table
+                    .insert(&key, value.as_slice())
+                    .map_err(db_error("write a device"))?;
+            }
+        }
+        txn.commit().map_err(db_error("commit"))
+    }
+
+    /// Drops these registrations and everything queued for their devices, in one transaction;
+    /// returns how many messages went with them.
+    pub fn forget_devices(&self, devices: &[(CellId, NodeId)]) -> Result<usize, StoreError> {
+        if devices.is_empty() {
+            return Ok(0);
+        }
+        let _writer = lock(&self.writer);
+        let txn = self
+            .db
+            .begin_write()
+            .map_err(db_error("begin a transaction"))?;
+        let mut dropped = 0;
+        let mut emptied = Vec::new();
+        {
+            let mut table = txn.open_table(DEVICES).map_err(db_error("open a table"))?;
+            let mut tables = WriteTables::open(&txn)?;
+            for &(cell, node) in devices {
+                table
+                    .remove(&device_key(cell, node))
+                    .map_err(db_error("remove a device"))?;
+                let device = *node.key().as_bytes();
+                let low = queue_key(&device, 0);
+                let high = queue_key(&device, u64::MAX);
+                let seqs = tables
+                    .queue
+                    .range::<&[u8; QUEUE_KEY_LEN]>(&low..=&high)
+                    .map_err(db_error("read the queue"))?
+                    .map(|entry| entry.map(|(key, _)| split_queue_key(key.value()).1))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(db_error("read the queue"))?;
+                for seq in seqs {
+                    if let Some(record) = tables.remove_message(&device, seq)? {
+                        tables
+                            .index
+                            .remove(&index_key(&device, record.id, &record.from))
+                            .map_err(db_error("remove a message"))?;
+                        dropped += 1;
+                    }
+                }
+                emptied.push(device);
+            }
+        }
+        txn.commit().map_err(db_error("commit"))?;
+        let mut usage = lock(&self.usage);
+        for device in emptied {
+            usage.remove(&device);
+        }
+        Ok(dropped)
     }
 
     /// Removes the registration of `node` in `cell`; returns whether there was one. Messages
@@ -400,17 +511,20 @@ impl Store {
         }
     }
 
-    /// Up to `limit` messages queued for `device` that have not expired at `now`, oldest first.
+    /// Up to `limit` messages queued for `device` that have not expired at `now`, oldest
+    /// first, and no more once their envelopes reach `max_bytes` (always at least one).
     pub fn pending(
         &self,
         device: NodeId,
         now: Timestamp,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<Vec<Queued>, StoreError> {
         let mut out = Vec::new();
         if limit == 0 {
             return Ok(out);
         }
+        let mut bytes = 0usize;
         let mut senders = HashMap::new();
         let txn = self
             .db
@@ -429,16 +543,18 @@ impl Store {
             if is_expired(record.expires_at, now) {
                 continue;
             }
+            bytes = bytes.saturating_add(record.envelope.len());
             out.push(record.to_queued(&mut senders)?);
-            if out.len() == limit {
+            if out.len() == limit || bytes >= max_bytes {
                 break;
             }
         }
         Ok(out)
     }
 
-    /// Deletes the messages with these ids from `device`'s queue, in one transaction; returns
-    /// how many were queued. Ids not queued (already removed, never stored) are ignored.
+    /// Deletes the messages with these ids, from any sender, from `device`'s queue, in one
+    /// transaction; returns how many were queued. Ids not queued (already removed, never
+    /// stored) are ignored.
     pub fn remove(&self, device: NodeId, ids: &[MsgId]) -> Result<usize, StoreError> {
         let _writer = lock(&self.writer);
         let device = *device.key().as_bytes();
@@ -450,16 +566,23 @@ impl Store {
         {
             let mut tables = WriteTables::open(&txn)?;
             for &id in ids {
-                let seq = match tables
+                let low = index_key(&device, id, &[0; KEY_LEN]);
+                let high = index_key(&device, id, &[0xff; KEY_LEN]);
+                let found = tables
                     .index
-                    .remove(&index_key(&device, id))
-                    .map_err(db_error("remove a message"))?
-                {
-                    Some(seq) => seq.value(),
-                    None => continue,
-                };
-                if let Some(record) = tables.remove_message(&device, seq)? {
-                    freed.add(record.envelope_len);
+                    .range::<&[u8; INDEX_KEY_LEN]>(&low..=&high)
+                    .map_err(db_error("read the index"))?
+                    .map(|entry| entry.map(|(key, seq)| (*key.value(), seq.value())))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(db_error("read the index"))?;
+                for (key, seq) in found {
+                    tables
+                        .index
+                        .remove(&key)
+                        .map_err(db_error("remove a message"))?;
+                    if let Some(record) = tables.remove_message(&device, seq)? {
+                        freed.add(record.envelope_len);
+                    }
                 }
             }
         }
@@ -504,7 +627,7 @@ impl Store {
                     if let Some(record) = tables.remove_message(&device, seq)? {
                         tables
                             .index
-                            .remove(&index_key(&device, record.id))
+                            .remove(&index_key(&device, record.id, &record.from))
                             .map_err(db_error("remove a message"))?;
                         freed.entry(device).or_default().add(record.envelope_len);
                     } else {
@@ -542,6 +665,20 @@ impl Store {
             .map_or((0, 0), |u| (u.count, u.bytes))
     }
 
+    /// A write transaction for registrations, committed without waiting for the disk: a
+    /// device registers again at every join (every device joins again after a restart), so
+    /// a registration lost in a crash costs nothing, and a join is not held up by an `fsync`.
+    /// The next durable commit (any queue write) takes it to disk too.
+    fn registration_txn(&self) -> Result<redb::WriteTransaction, StoreError> {
+        let mut txn = self
+            .db
+            .begin_write()
+            .map_err(db_error("begin a transaction"))?;
+        txn.set_durability(redb::Durability::None)
+            .map_err(db_error("set the durability"))?;
+        Ok(txn)
+    }
+
     /// The body of [`Store::enqueue`]: any error aborts the whole batch.
     fn enqueue_in_transaction(
         &self,
@@ -563,7 +700,7 @@ impl Store {
             let mut value = Vec::new();
             for msg in batch {
                 let device = *msg.to.key().as_bytes();
-                let index_key = index_key(&device, msg.id);
+                let index_key = index_key(&device, msg.id, msg.from.key().as_bytes());
                 if tables
                     .index
                     .get(&index_key)
@@ -651,20 +788,22 @@ impl fmt::Debug for Store {
 
 const DEVICES: TableDefinition<&[u8; DEVICE_KEY_LEN], &[u8]> = TableDefinition::new("devices");
 const QUEUE: TableDefinition<&[u8; QUEUE_KEY_LEN], &[u8]> = TableDefinition::new("queue");
-const INDEX: TableDefinition<&[u8; INDEX_KEY_LEN], u64> = TableDefinition::new("index");
+const INDEX: TableDefinition<&[u8; INDEX_KEY_LEN], u64> = TableDefinition::new("by_id");
+/// Format 1's index, keyed by device and id only; deleted by the migration.
+const INDEX_1: TableDefinition<&[u8; KEY_LEN + ID_LEN], u64> = TableDefinition::new("index");
 const EXPIRY: TableDefinition<&[u8; EXPIRY_KEY_LEN], ()> = TableDefinition::new("expiry");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 const FORMAT_KEY: &str = "format";
 const NEXT_SEQ_KEY: &str = "next_seq";
-/// The layout above; a file with another value is refused.
-const FORMAT: u64 = 1;
+/// The layout above; format 1 is migrated, any other refused.
+const FORMAT: u64 = 2;
 
 const KEY_LEN: usize = 32;
 const ID_LEN: usize = 16;
 const DEVICE_KEY_LEN: usize = 2 * KEY_LEN;
 const QUEUE_KEY_LEN: usize = KEY_LEN + 8;
-const INDEX_KEY_LEN: usize = KEY_LEN + ID_LEN;
+const INDEX_KEY_LEN: usize = KEY_LEN + ID_LEN + KEY_LEN;
 const EXPIRY_KEY_LEN: usize = 8 + KEY_LEN + 8;
 /// `id ‖ from ‖ expires_at` before the envelope in a queue value.
 const RECORD_HEADER_LEN: usize = ID_LEN + KEY_LEN + 8;
@@ -802,6 +941,7 @@ impl<'a> Record<'a> {
 /// What a removal needs of a queue value: no copy of the envelope.
 struct RecordHeader {
     id: MsgId,
+    from: DeviceKey,
     expires_at: Timestamp,
     envelope_len: u64,
 }
@@ -811,10 +951,45 @@ impl RecordHeader {
         let record = Record::decode(value)?;
         Ok(Self {
             id: record.id,
+            from: *record.from,
             expires_at: record.expires_at,
             envelope_len: record.envelope.len() as u64,
         })
     }
+}
+
+/// Turns a format-1 file into this format within `txn`: the index rebuilt from the queue
+/// with senders in its keys, and `last_seen` = `now` put before every device's tokens.
+fn migrate_from_1(txn: &redb::WriteTransaction, now: Timestamp) -> Result<(), StoreError> {
+    txn.delete_table(INDEX_1)
+        .map_err(db_error("delete the old index"))?;
+    let mut index = txn.open_table(INDEX).map_err(db_error("open a table"))?;
+    let queue = txn.open_table(QUEUE).map_err(db_error("open a table"))?;
+    for entry in queue.iter().map_err(db_error("read the queue"))? {
+        let (key, value) = entry.map_err(db_error("read the queue"))?;
+        let (device, seq) = split_queue_key(key.value());
+        let record = RecordHeader::decode(value.value())?;
+        index
+            .insert(&index_key(&device, record.id, &record.from), seq)
+            .map_err(db_error("write the index"))?;
+    }
+    let mut devices = txn.open_table(DEVICES).map_err(db_error("open a table"))?;
+    let old = devices
+        .iter()
+        .map_err(db_error("read devices"))?
+        .map(|entry| entry.map(|(k, v)| (*k.value(), v.value().to_vec())))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db_error("read devices"))?;
+    for (key, value) in old {
+        let mut v = Vec::with_capacity(8 + value.len());
+        v.extend_from_slice(&now.0.to_be_bytes());
+        v.extend_from_slice(&value);
+        devices
+            .insert(&key, v.as_slice())
+            .map_err(db_error("write a device"))?;
+    }
+    tracing::info!("relay store migrated from format 1 to {FORMAT}");
+    Ok(())
 }
 
 /// Reads the whole queue: what each device has queued, and the first `seq` above all in use.
@@ -866,10 +1041,11 @@ fn split_queue_key(key: &[u8; QUEUE_KEY_LEN]) -> (DeviceKey, u64) {
     (to_array(device), u64::from_be_bytes(to_array(seq)))
 }
 
-fn index_key(device: &DeviceKey, id: MsgId) -> [u8; INDEX_KEY_LEN] {
+fn index_key(device: &DeviceKey, id: MsgId, from: &DeviceKey) -> [u8; INDEX_KEY_LEN] {
     let mut key = [0; INDEX_KEY_LEN];
     key[..KEY_LEN].copy_from_slice(device);
-    key[KEY_LEN..].copy_from_slice(&id.0);
+    key[KEY_LEN..KEY_LEN + ID_LEN].copy_from_slice(&id.0);
+    key[KEY_LEN + ID_LEN..].copy_from_slice(from);
     key
 }
 
@@ -896,9 +1072,18 @@ fn to_array<const N: usize>(bytes: &[u8]) -> [u8; N] {
     out
 }
 
+/// The `last_seen` of a `devices` value.
+fn device_last_seen(value: &[u8]) -> Result<Timestamp, StoreError> {
+    let (seen, _) = value
+        .split_first_chunk::<8>()
+        .ok_or(StoreError::Corrupt("device record too short"))?;
+    Ok(Timestamp(u64::from_be_bytes(*seen)))
+}
+
 /// Splits a `devices` value into `(node_token, identity)`.
 fn decode_device(value: &[u8]) -> Result<TokenPair, StoreError> {
     const SHORT: StoreError = StoreError::Corrupt("device record too short");
+    let (_, value) = value.split_first_chunk::<8>().ok_or(SHORT)?;
     let (len, rest) = value.split_first_chunk::<2>().ok_or(SHORT)?;
     let len = usize::from(u16::from_be_bytes(*len));
     if rest.len() < len {
@@ -1015,7 +1200,7 @@ mod tests {
         }
 
         let store = open(&dir, StoreLimits::default());
-        let pending = store.pending(a, T0.plus(2), 100).unwrap();
+        let pending = store.pending(a, T0.plus(2), 100, usize::MAX).unwrap();
         assert_eq!(ids(&pending), [id(1), id(2), id(3)]);
         assert_eq!(pending[0].envelope, Bytes::from_static(b"one"));
         assert_eq!(pending[2].envelope, Bytes::from_static(b"three"));
@@ -1030,14 +1215,19 @@ mod tests {
         // nor sorts before it.
         let r = store.enqueue(T0.plus(3), &[msg(a, id(4), b"four")]);
         assert!(matches!(r[..], [Ok(Enqueued::Stored)]));
-        let pending = store.pending(a, T0.plus(3), 100).unwrap();
+        let pending = store.pending(a, T0.plus(3), 100, usize::MAX).unwrap();
         assert_eq!(ids(&pending), [id(1), id(2), id(3), id(4)]);
         assert_eq!(
-            ids(&store.pending(a, T0.plus(3), 2).unwrap()),
+            ids(&store.pending(a, T0.plus(3), 2, usize::MAX).unwrap()),
             [id(1), id(2)]
         );
-        assert!(store.pending(a, T0, 0).unwrap().is_empty());
-        assert!(store.pending(node(3), T0, 10).unwrap().is_empty());
+        assert!(store.pending(a, T0, 0, usize::MAX).unwrap().is_empty());
+        assert!(
+            store
+                .pending(node(3), T0, 10, usize::MAX)
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]
@@ -1064,11 +1254,44 @@ mod tests {
         let r = store.enqueue(T0, &[msg(a, id(1), b"retry")]);
         assert!(matches!(r[..], [Ok(Enqueued::Duplicate)]));
 
-        let pending = store.pending(a, T0, 10).unwrap();
+        let pending = store.pending(a, T0, 10, usize::MAX).unwrap();
         assert_eq!(ids(&pending), [id(1)]);
         assert_eq!(pending[0].envelope, Bytes::from_static(b"first"));
         assert_eq!(store.queued(a), (1, 5));
-        assert_eq!(store.pending(b, T0, 10).unwrap().len(), 1);
+        assert_eq!(store.pending(b, T0, 10, usize::MAX).unwrap().len(), 1);
+    }
+
+    /// Issue 10, finding 12: the duplicate index was keyed by (recipient, id), so a sender that
+    /// learned or guessed another's id could have that sender's message answered `queued`
+    /// and never stored.
+    #[test]
+    fn the_same_id_from_two_senders_is_two_messages() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir, StoreLimits::default());
+        let a = node(1);
+        let from = |sender: u8, envelope: &'static [u8]| NewMessage {
+            to: a,
+            id: id(1),
+            from: node(sender),
+            envelope,
+        };
+        let r = store.enqueue(T0, &[from(200, b"first"), from(201, b"second")]);
+        assert!(matches!(
+            r[..],
+            [Ok(Enqueued::Stored), Ok(Enqueued::Stored)]
+        ));
+        let r = store.enqueue(T0, &[from(201, b"retry")]);
+        assert!(matches!(r[..], [Ok(Enqueued::Duplicate)]));
+        let pending = store.pending(a, T0, 10, usize::MAX).unwrap();
+        let got: Vec<_> = pending.iter().map(|q| (q.from, &q.envelope[..])).collect();
+        assert_eq!(
+            got,
+            [(node(200), &b"first"[..]), (node(201), &b"second"[..])]
+        );
+        assert_eq!(store.queued(a), (2, 11));
+        // DELIVERED names ids only: it takes every message with that id.
+        assert_eq!(store.remove(a, &[id(1)]).unwrap(), 2);
+        assert_eq!(store.queued(a), (0, 0));
     }
 
     #[test]
@@ -1093,7 +1316,10 @@ mod tests {
         assert!(matches!(r[1], Ok(Enqueued::Stored)));
         assert!(matches!(&r[2], Err(StoreError::QueueFull { device }) if *device == a));
         assert!(matches!(r[3], Ok(Enqueued::Stored)));
-        assert_eq!(ids(&store.pending(a, T0, 10).unwrap()), [id(1), id(2)]);
+        assert_eq!(
+            ids(&store.pending(a, T0, 10, usize::MAX).unwrap()),
+            [id(1), id(2)]
+        );
         assert_eq!(store.queued(a), (2, 2));
         assert_eq!(store.queued(b), (1, 1));
 
@@ -1104,7 +1330,10 @@ mod tests {
         assert_eq!(store.remove(a, &[id(1)]).unwrap(), 1);
         let r = store.enqueue(T0, &[msg(a, id(3), b"x")]);
         assert!(matches!(r[..], [Ok(Enqueued::Stored)]));
-        assert_eq!(ids(&store.pending(a, T0, 10).unwrap()), [id(2), id(3)]);
+        assert_eq!(
+            ids(&store.pending(a, T0, 10, usize::MAX).unwrap()),
+            [id(2), id(3)]
+        );
     }
 
     #[test]
@@ -1137,8 +1366,11 @@ mod tests {
         );
         assert_eq!(store.queued(a), (2, 100));
         assert_eq!(store.queued(b), (1, 100));
-        assert_eq!(ids(&store.pending(a, T0, 10).unwrap()), [id(1), id(3)]);
-        assert_eq!(ids(&store.pending(b, T0, 10).unwrap()), [id(4)]);
+        assert_eq!(
+            ids(&store.pending(a, T0, 10, usize::MAX).unwrap()),
+            [id(1), id(3)]
+        );
+        assert_eq!(ids(&store.pending(b, T0, 10, usize::MAX).unwrap()), [id(4)]);
     }
 
     #[test]
@@ -1155,11 +1387,19 @@ mod tests {
             store.enqueue(T0.plus(5), &[msg(a, id(2), b"new")]);
 
             assert_eq!(
-                ids(&store.pending(a, T0.plus(9), 10).unwrap()),
+                ids(&store.pending(a, T0.plus(9), 10, usize::MAX).unwrap()),
                 [id(1), id(2)]
             );
-            assert_eq!(ids(&store.pending(a, T0.plus(10), 10).unwrap()), [id(2)]);
-            assert!(store.pending(a, T0.plus(15), 10).unwrap().is_empty());
+            assert_eq!(
+                ids(&store.pending(a, T0.plus(10), 10, usize::MAX).unwrap()),
+                [id(2)]
+            );
+            assert!(
+                store
+                    .pending(a, T0.plus(15), 10, usize::MAX)
+                    .unwrap()
+                    .is_empty()
+            );
             // Skipped, not deleted: still counted until expire runs.
             assert_eq!(store.queued(a), (2, 6));
 
@@ -1168,17 +1408,26 @@ mod tests {
             assert_eq!(store.expire(T0.plus(10)).unwrap(), 0);
             assert_eq!(store.queued(a), (1, 3));
             assert_eq!(store.queued(b), (0, 0));
-            assert_eq!(ids(&store.pending(a, T0.plus(10), 10).unwrap()), [id(2)]);
+            assert_eq!(
+                ids(&store.pending(a, T0.plus(10), 10, usize::MAX).unwrap()),
+                [id(2)]
+            );
         }
         let store = open(&dir, limits);
         assert_eq!(store.queued(a), (1, 3));
         assert_eq!(store.queued(b), (0, 0));
-        assert_eq!(ids(&store.pending(a, T0.plus(10), 10).unwrap()), [id(2)]);
+        assert_eq!(
+            ids(&store.pending(a, T0.plus(10), 10, usize::MAX).unwrap()),
+            [id(2)]
+        );
         // The expired id left the index too: the same id can be queued again.
         let r = store.enqueue(T0.plus(20), &[msg(a, id(1), b"resent")]);
         assert!(matches!(r[..], [Ok(Enqueued::Stored)]));
         assert_eq!(store.expire(T0.plus(15)).unwrap(), 1);
-        assert_eq!(ids(&store.pending(a, T0.plus(20), 10).unwrap()), [id(1)]);
+        assert_eq!(
+            ids(&store.pending(a, T0.plus(20), 10, usize::MAX).unwrap()),
+            [id(1)]
+        );
     }
 
     #[test]
@@ -1201,13 +1450,13 @@ mod tests {
             assert_eq!(store.remove(a, &[]).unwrap(), 0);
             assert_eq!(store.queued(a), (1, 2));
             assert_eq!(store.queued(b), (1, 1));
-            assert_eq!(ids(&store.pending(a, T0, 10).unwrap()), [id(2)]);
+            assert_eq!(ids(&store.pending(a, T0, 10, usize::MAX).unwrap()), [id(2)]);
         }
         let store = open(&dir, StoreLimits::default());
         assert_eq!(store.queued(a), (1, 2));
         assert_eq!(store.queued(b), (1, 1));
-        assert_eq!(ids(&store.pending(a, T0, 10).unwrap()), [id(2)]);
-        assert_eq!(ids(&store.pending(b, T0, 10).unwrap()), [id(1)]);
+        assert_eq!(ids(&store.pending(a, T0, 10, usize::MAX).unwrap()), [id(2)]);
+        assert_eq!(ids(&store.pending(b, T0, 10, usize::MAX).unwrap()), [id(1)]);
         // A removed id is no longer a duplicate; expire finds nothing left of the removed ones.
         let r = store.enqueue(T0, &[msg(a, id(1), b"again")]);
         assert!(matches!(r[..], [Ok(Enqueued::Stored)]));
@@ -1225,18 +1474,18 @@ mod tests {
         {
             let store = open(&dir, StoreLimits::default());
             store
-                .put_device(c, node(2), b"token2", b"identity2")
+                .put_device(c, node(2), b"token2", b"identity2", T0)
                 .unwrap();
             store
-                .put_device(c, node(1), b"token1", b"identity1")
+                .put_device(c, node(1), b"token1", b"identity1", T0)
                 .unwrap();
             store
-                .put_device(other, node(3), b"token3", b"identity3")
+                .put_device(other, node(3), b"token3", b"identity3", T0)
                 .unwrap();
             store
-                .put_device(c, node(2), b"token2b", b"identity2b")
+                .put_device(c, node(2), b"token2b", b"identity2b", T0)
                 .unwrap();
-            store.put_device(c, node(4), b"", b"").unwrap();
+            store.put_device(c, node(4), b"", b"", T0).unwrap();
         }
         let store = open(&dir, StoreLimits::default());
         let mut expected = vec![
@@ -1252,9 +1501,10 @@ mod tests {
             [(b"token3".to_vec(), b"identity3".to_vec())]
         );
         assert!(store.devices(cell(12)).unwrap().is_empty());
-        let mut pairs = vec![(c, node(1)), (c, node(2)), (c, node(4)), (other, node(3))];
+        let mut pairs = [(c, node(1)), (c, node(2)), (c, node(4)), (other, node(3))];
         pairs.sort_by_key(|(c, n)| (*c.key().as_bytes(), *n.key().as_bytes()));
-        assert_eq!(store.registered().unwrap(), pairs);
+        let with_time: Vec<_> = pairs.iter().map(|&(c, n)| (c, n, T0)).collect();
+        assert_eq!(store.registered().unwrap(), with_time);
 
         assert!(store.remove_device(c, node(2)).unwrap());
         assert!(!store.remove_device(c, node(2)).unwrap());
@@ -1267,11 +1517,11 @@ mod tests {
             .collect();
         assert_eq!(left.len(), 2);
         assert!(!left.contains(&b"token2b".to_vec()));
-        assert!(!store.registered().unwrap().contains(&(c, node(2))));
+        assert!(!store.registered().unwrap().contains(&(c, node(2), T0)));
 
         let long = vec![0; usize::from(u16::MAX) + 1];
         assert!(matches!(
-            store.put_device(c, node(5), &long, b""),
+            store.put_device(c, node(5), &long, b"", T0),
             Err(StoreError::TokenTooLong { len }) if len == long.len()
         ));
     }
@@ -1290,7 +1540,7 @@ mod tests {
         assert!(r.iter().all(|r| matches!(r, Ok(Enqueued::Stored))));
         assert_eq!(store.queued(a), (750, 750 * 64));
         assert_eq!(store.queued(b), (250, 250 * 64));
-        let pending = store.pending(a, T0, 2000).unwrap();
+        let pending = store.pending(a, T0, 2000, usize::MAX).unwrap();
         let expected: Vec<_> = (0..1000u16).filter(|n| n % 4 != 0).map(id).collect();
         assert_eq!(ids(&pending), expected);
         assert!(pending.iter().all(|q| q.envelope[..] == envelope));
@@ -1329,15 +1579,192 @@ mod tests {
             Err(StoreError::Corrupt(_))
         ));
 
+        let seen = [0, 0, 0, 0, 0, 0, 0, 7];
+        let device = |rest: &[u8]| [&seen[..], rest].concat();
         assert!(matches!(decode_device(&[]), Err(StoreError::Corrupt(_))));
-        assert!(matches!(decode_device(&[0]), Err(StoreError::Corrupt(_))));
         assert!(matches!(
-            decode_device(&[0, 3, 1, 2]),
+            decode_device(&seen[..7]),
+            Err(StoreError::Corrupt(_))
+        ));
+        assert!(matches!(
+            device_last_seen(&seen[..7]),
+            Err(StoreError::Corrupt(_))
+        ));
+        assert!(matches!(
+            decode_device(&device(&[0])),
+            Err(StoreError::Corrupt(_))
+        ));
+        assert!(matches!(
+            decode_device(&device(&[0, 3, 1, 2])),
             Err(StoreError::Corrupt(_))
         ));
         assert_eq!(
-            decode_device(&[0, 2, 1, 2, 9]).unwrap(),
+            decode_device(&device(&[0, 2, 1, 2, 9])).unwrap(),
             (vec![1, 2], vec![9])
         );
+        assert_eq!(device_last_seen(&seen).unwrap(), Timestamp(7));
+    }
+
+    #[test]
+    fn pending_stops_at_its_byte_bound_but_gives_at_least_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir, StoreLimits::default());
+        let a = node(1);
+        let batch: Vec<_> = (0..10u16).map(|n| msg(a, id(n), &[0; 100])).collect();
+        store.enqueue(T0, &batch);
+        assert_eq!(store.pending(a, T0, 100, 250).unwrap().len(), 3);
+        assert_eq!(store.pending(a, T0, 100, 300).unwrap().len(), 3);
+        assert_eq!(store.pending(a, T0, 100, 1).unwrap().len(), 1);
+        assert_eq!(store.pending(a, T0, 2, usize::MAX).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn forgotten_devices_leave_the_directory_with_their_queues() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, a, b) = (cell(10), node(1), node(2));
+        {
+            let store = open(&dir, StoreLimits::default());
+            store.put_device(c, a, b"ta", b"ia", T0).unwrap();
+            store.put_device(c, b, b"tb", b"ib", T0).unwrap();
+            store.enqueue(
+                T0,
+                &[
+                    msg(a, id(1), b"one"),
+                    msg(a, id(2), b"two"),
+                    msg(b, id(1), b"b"),
+                ],
+            );
+            store
+                .touch_devices(&[(c, b), (cell(11), a)], T0.plus(60))
+                .unwrap();
+            assert_eq!(store.forget_devices(&[(c, a)]).unwrap(), 2);
+            assert_eq!(store.forget_devices(&[(c, a)]).unwrap(), 0);
+            assert_eq!(store.queued(a), (0, 0));
+            assert!(store.pending(a, T0, 10, usize::MAX).unwrap().is_empty());
+        }
+        let store = open(&dir, StoreLimits::default());
+        assert_eq!(store.registered().unwrap(), [(c, b, T0.plus(60))]);
+        assert_eq!(
+            store.devices(c).unwrap(),
+            [(b"tb".to_vec(), b"ib".to_vec())]
+        );
+        assert_eq!(store.queued(a), (0, 0));
+        assert_eq!(store.queued(b), (1, 1));
+        // Nothing of a's is left behind: its ids are free, and expiry finds only b's.
+        let r = store.enqueue(T0, &[msg(a, id(1), b"again")]);
+        assert!(matches!(r[..], [Ok(Enqueued::Stored)]));
+        let ttl = StoreLimits::default().ttl.as_secs();
+        assert_eq!(store.expire(T0.plus(ttl)).unwrap(), 2);
+    }
+
+    /// Writes a store as format 1 laid it out: index keyed by (device, id), devices without
+    /// `last_seen`.
+    fn write_format_1(
+        path: &Path,
+        messages: &[(NodeId, MsgId, NodeId, &[u8])],
+        devices: &[(CellId, NodeId, &[u8], &[u8])],
+    ) {
+        create_file(path).unwrap();
+        let db = redb::Database::create(path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut meta = txn.open_table(META).unwrap();
+            meta.insert(FORMAT_KEY, 1).unwrap();
+            meta.insert(NEXT_SEQ_KEY, messages.len() as u64).unwrap();
+            let mut queue = txn.open_table(QUEUE).unwrap();
+            let mut index = txn.open_table(INDEX_1).unwrap();
+            let mut expiry = txn.open_table(EXPIRY).unwrap();
+            let mut value = Vec::new();
+            let expires = T0.plus(100);
+            for (seq, &(to, id, from, envelope)) in messages.iter().enumerate() {
+                let device = *to.key().as_bytes();
+                Record::encode(&mut value, id, from, expires, envelope);
+                queue
+                    .insert(&queue_key(&device, seq as u64), value.as_slice())
+                    .unwrap();
+                let mut key = [0; KEY_LEN + ID_LEN];
+                key[..KEY_LEN].copy_from_slice(&device);
+                key[KEY_LEN..].copy_from_slice(&id.0);
+                index.insert(&key, seq as u64).unwrap();
+                expiry
+                    .insert(&expiry_key(expires, &device, seq as u64), ())
+                    .unwrap();
+            }
+            let mut table = txn.open_table(DEVICES).unwrap();
+            for &(c, n, token, identity) in devices {
+                let value = [&(token.len() as u16).to_be_bytes()[..], token, identity].concat();
+                table.insert(&device_key(c, n), value.as_slice()).unwrap();
+            }
+        }
+        txn.commit().unwrap();
+    }
+
+    #[test]
+    fn a_format_1_store_is_migrated_when_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.redb");
+        let (a, c) = (node(1), cell(10));
+        write_format_1(
+            &path,
+            &[(a, id(1), node(200), b"one"), (a, id(2), node(201), b"two")],
+            &[(c, a, b"token", b"identity")],
+        );
+        let now = T0.plus(5);
+        {
+            let store = Store::open_at(&path, StoreLimits::default(), now).unwrap();
+            assert_eq!(store.queued(a), (2, 6));
+            assert_eq!(store.registered().unwrap(), [(c, a, now)]);
+            assert_eq!(
+                store.devices(c).unwrap(),
+                [(b"token".to_vec(), b"identity".to_vec())]
+            );
+            // The rebuilt index knows each message's sender: a retry is a duplicate, the same
+            // id from someone else is not.
+            let r = store.enqueue(
+                T0,
+                &[
+                    NewMessage {
+                        to: a,
+                        id: id(1),
+                        from: node(200),
+                        envelope: b"retry",
+                    },
+                    NewMessage {
+                        to: a,
+                        id: id(1),
+                        from: node(202),
+                        envelope: b"other",
+                    },
+                ],
+            );
+            assert!(matches!(
+                r[..],
+                [Ok(Enqueued::Duplicate), Ok(Enqueued::Stored)]
+            ));
+            assert_eq!(store.remove(a, &[id(2)]).unwrap(), 1);
+        }
+        // Opened again, it is format 2 already.
+        let store = Store::open_at(&path, StoreLimits::default(), T0.plus(99)).unwrap();
+        assert_eq!(store.registered().unwrap(), [(c, a, now)]);
+        let pending = store.pending(a, T0, 10, usize::MAX).unwrap();
+        assert_eq!(ids(&pending), [id(1), id(1)]);
+        assert_eq!(store.expire(T0.plus(100)).unwrap(), 1);
+    }
+
+    #[test]
+    fn a_store_of_an_unknown_format_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.redb");
+        create_file(&path).unwrap();
+        {
+            let db = redb::Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(META).unwrap().insert(FORMAT_KEY, 3).unwrap();
+            txn.commit().unwrap();
+        }
+        assert!(matches!(
+            Store::open(&path, StoreLimits::default()),
+            Err(StoreError::Corrupt("unknown store format"))
+        ));
     }
 }

@@ -69,6 +69,11 @@ impl Proc {
         panic!("no {what} line; saw {:#?}", self.seen);
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The lines read so far.
     pub fn seen(&self) -> &[Value] {
         &self.seen
