@@ -64,6 +64,8 @@ mod envelope;
 mod schedule;
 mod seen;
 mod session;
+#[cfg(any(test, feature = "testing"))]
+mod trace;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -84,6 +86,8 @@ use crate::{Instant, Timestamp};
 pub use directory::{Directory, DirectoryError, LocalDevice, RemoteDevice};
 pub use seen::{SEEN_PER_CELL, SEEN_TOTAL, Seen, SeenChange, Verdict};
 pub use session::LEASE;
+#[cfg(any(test, feature = "testing"))]
+pub use trace::{KeyTrace, dangerous_key_trace};
 
 use envelope::{
     Header, INIT, MSG, PLAIN_ACK, PLAIN_BUNDLE, PLAIN_MESSAGE, REPLY, RESET, SealKey, binding,
