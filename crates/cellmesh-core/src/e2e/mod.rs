@@ -916,7 +916,7 @@ impl Endpoint {
             // The initiator has our ephemeral: stop announcing it.
             changed = true;
         }
-        // The saved form need not follow every message: once a day is enough for expiry.
+        // The saved form need not follow every message: once an hour is enough for expiry.
         let time_now = now.timestamp();
         if time_now.0 >= inbound.last_used.0.saturating_add(3600) {
             inbound.last_used = time_now;
