@@ -1,7 +1,7 @@
 //! Prints the end-to-end envelope vectors `docs/PROTOCOL.md` publishes (section 14.9): one
 //! message from the device of `TestNode::new(1, ..)` to the device of `TestNode::new(2, ..)`,
 //! the acknowledgement it gets back, a second message, which the acknowledgement moved to
-//! epoch 1, and a bundle of two messages.
+//! epoch 1, and a bundle of two messages; then the key schedule's values in between.
 //!
 //! `cargo run -p cellmesh-core --features testing --example e2e_vectors`
 
@@ -40,4 +40,21 @@ fn main() {
     println!("second ({} bytes):\n{}", v.second.len(), wrapped(&v.second));
     println!("bundle id:      {}", "33".repeat(16));
     println!("bundle ({} bytes):\n{}", v.bundle.len(), wrapped(&v.bundle));
+    let k = &v.keys;
+    println!();
+    for (name, value) in [
+        ("session id", &k.session.0[..]),
+        ("enc", &k.enc[..]),
+        ("i2r[0]", &k.i2r0[..]),
+        ("reply base", &k.reply_base[..]),
+        ("salt", &k.salt[..]),
+        ("E_i", &k.e_i[..]),
+        ("instance", &k.instance[..]),
+        ("r2i[0]", &k.r2i0[..]),
+        ("E_r", &k.e_r[..]),
+        ("i2r[1]", &k.i2r1[..]),
+        ("r2i[1]", &k.r2i1[..]),
+    ] {
+        println!("{:<12}{}", format!("{name}:"), hex::encode(value));
+    }
 }

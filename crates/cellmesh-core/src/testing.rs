@@ -391,11 +391,15 @@ pub struct E2eVector {
     pub second: Bytes,
     /// A bundle (envelope id 0x33…) of "one" (id 0x44…) and "two" (id 0x55…), in epoch 1.
     pub bundle: Bytes,
+    /// The key schedule's values in between, re-derived from the same random draws.
+    pub keys: crate::e2e::KeyTrace,
 }
 
 /// One message from `TestNode::new(1, ..)`'s device to `TestNode::new(2, ..)`'s, the
 /// acknowledgement it gets back, and a second message, which the acknowledgement moved to
 /// epoch 1; every random draw from `ChaCha20Rng::from_seed([7; 32])`, at time 1_800_000_100.
+/// The draws, in order: session id (16), HPKE ephemeral (32), `e_i` (32), then at the
+/// recipient its instance (16) and `e_r` (32), then the acknowledgement's envelope id (16).
 pub fn vector_e2e() -> E2eVector {
     use crate::e2e::Opened;
     use crate::relay::MsgId;
@@ -440,6 +444,20 @@ pub fn vector_e2e() -> E2eVector {
     let got = bodies(bob.open(a.node_id(), id3, &bundle, now, &none, &mut rng));
     let got: Vec<_> = got.messages.into_iter().map(|m| (m.id, m.body)).collect();
     assert_eq!(got, messages);
+    // The same draws again, through the key schedule alone: the values in between.
+    let keys = crate::e2e::dangerous_key_trace(
+        &a.local(),
+        &b.local(),
+        &mut ChaCha20Rng::from_seed([7; 32]),
+    )
+    .expect("both sides derive the same keys");
+    assert_eq!(&envelope[2..18], &keys.session.0, "the INIT's session id");
+    assert_eq!(&envelope[18..50], &keys.enc, "the INIT's enc");
+    assert_eq!(
+        &ack.envelope[18..34],
+        &keys.instance,
+        "the REPLY's instance"
+    );
     E2eVector {
         alice: a,
         bob: b,
@@ -447,5 +465,6 @@ pub fn vector_e2e() -> E2eVector {
         ack,
         second,
         bundle,
+        keys,
     }
 }

@@ -159,3 +159,217 @@ fn end_to_end_envelopes_match_the_published_vectors() {
         "0202f400927857aaf64114f561baacb37970000000010000000000000001000000006b49d2648fc79c01bb6f31436526b431c4b12ba1cb643c35ab8f634aff28131d403d130decfed014e0535316713314fd37d779d8723f9b7e64bc8a73f1ae10ed75587aa1b425"
     );
 }
+
+/// The values in between of PROTOCOL.md section 14.9, and that they are what sections 14.2,
+/// 14.3 and 14.5 say: each recomputed here from the published inputs with the primitives
+/// themselves (HPKE, HKDF, X25519 and AES-256-GCM, not the endpoint's code), and each key
+/// opens its envelope to the published plaintext.
+#[test]
+fn end_to_end_key_schedule_matches_the_published_values() {
+    use hkdf::Hkdf;
+    use hpke::{Deserializable as _, Kem as _, Serializable as _};
+    use rand_core::{RngCore as _, SeedableRng as _};
+    use ring::aead;
+    use sha2::Sha256;
+
+    type Kem = hpke::kem::X25519HkdfSha256;
+
+    let v = cellmesh_core::testing::vector_e2e();
+    let k = &v.keys;
+    let published = [
+        (
+            "session id",
+            &k.session.0[..],
+            "f400927857aaf64114f561baacb37970",
+        ),
+        (
+            "enc",
+            &k.enc[..],
+            "7fe038829fc2a9fce958db99f1a65b4dd5c63272dae5c9788c594d2d62c0f705",
+        ),
+        (
+            "i2r[0]",
+            &k.i2r0[..],
+            "589722c8a29a6b9fd391c06c5e8198e94d4195ece3049f2df3bb053b460fd8c8",
+        ),
+        (
+            "reply base",
+            &k.reply_base[..],
+            "c9aa561c6ab8b2583ce691abef1ce64ce456161cd8d22a8a9d4b52436270e77d",
+        ),
+        (
+            "salt",
+            &k.salt[..],
+            "c940e65c6414165c3fc2f2b0687466fb7016d515adf86659f9177479c429bb2d",
+        ),
+        (
+            "E_i",
+            &k.e_i[..],
+            "d463ae9c75e166f8e011e7ede47241bdf03ca3a4f4e9e80873b5c9facb7b916e",
+        ),
+        (
+            "instance",
+            &k.instance[..],
+            "b6ea14d411fcc53dea4f44c9bb4d7408",
+        ),
+        (
+            "r2i[0]",
+            &k.r2i0[..],
+            "6231accd134dccc9e16c12986ba73c4c6f3bd3020cf4b38d61f7b758d2bcef40",
+        ),
+        (
+            "E_r",
+            &k.e_r[..],
+            "a9e8e1563c3056fdc47cb0e4f33c8d88b345986cdedb96a780b5f531abc8fd7a",
+        ),
+        (
+            "i2r[1]",
+            &k.i2r1[..],
+            "df3e23cd049aaec614af8f7fc0aaaab7b279f33ec205c14c9651720db061b4a8",
+        ),
+        (
+            "r2i[1]",
+            &k.r2i1[..],
+            "19b1ccb96a4ab99709b381d897b0cdb9ad9e12e39d3f553b9c20e0dfa20a7d4b",
+        ),
+    ];
+    for (name, value, hex_value) in published {
+        assert_eq!(hex::encode(value), hex_value, "{name}");
+    }
+
+    // The random draws, in the published order.
+    let mut rng = rand_chacha::ChaCha20Rng::from_seed([7; 32]);
+    let mut draw = |n: usize| {
+        let mut b = vec![0u8; n];
+        rng.fill_bytes(&mut b);
+        b
+    };
+    let (session, hpke_ikm, e_i, instance, e_r, ack_id) =
+        (draw(16), draw(32), draw(32), draw(16), draw(32), draw(16));
+    assert_eq!(session, k.session.0);
+    assert_eq!(instance, k.instance);
+    assert_eq!(hex::encode(&ack_id), v.ack.id.to_hex());
+    let (_, eph) = Kem::derive_keypair(&hpke_ikm);
+    assert_eq!(
+        eph.to_bytes()[..],
+        k.enc,
+        "enc = DeriveKeyPair(32 drawn bytes)"
+    );
+
+    // 14.2: HPKE Auth mode, the recipient's side, and the exports.
+    let (alice, bob) = (&v.alice, &v.bob);
+    let binding = [
+        alice.cell_id().key().as_bytes().as_slice(),
+        alice.node_id().key().as_bytes(),
+        bob.cell_id().key().as_bytes(),
+        bob.node_id().key().as_bytes(),
+    ]
+    .concat();
+    let info = [b"cellmesh e2e v2 session".as_slice(), &session, &binding].concat();
+    assert_eq!(info.len(), 167);
+    let ctx = hpke::setup_receiver::<hpke::aead::ExportOnlyAead, hpke::kdf::HkdfSha256, Kem>(
+        &hpke::OpModeR::Auth(
+            <Kem as hpke::Kem>::PublicKey::from_bytes(alice.node.agreement.public().as_bytes())
+                .unwrap(),
+        ),
+        &<Kem as hpke::Kem>::PrivateKey::from_bytes(&bob.node.agreement.dangerous_bytes()[..])
+            .unwrap(),
+        &<Kem as hpke::Kem>::EncappedKey::from_bytes(&k.enc).unwrap(),
+        &info,
+    )
+    .unwrap();
+    let mut keys = [0u8; 64];
+    ctx.export(b"cellmesh e2e v2 keys", &mut keys).unwrap();
+    let mut salt = [0u8; 32];
+    ctx.export(b"cellmesh e2e v2 ratchet", &mut salt).unwrap();
+    assert_eq!(keys[..32], k.i2r0);
+    assert_eq!(keys[32..], k.reply_base);
+    assert_eq!(salt, k.salt);
+
+    // The instance's reply key.
+    let mut r2i0 = [0u8; 32];
+    Hkdf::<Sha256>::new(Some(&instance), &k.reply_base)
+        .expand(b"cellmesh e2e v2 reply", &mut r2i0)
+        .unwrap();
+    assert_eq!(r2i0, k.r2i0);
+
+    // 14.3: epoch 1 from the two ephemerals (clamped drawn bytes), mixed with the instance.
+    let secret = |b: &[u8]| x25519_dalek::StaticSecret::from(<[u8; 32]>::try_from(b).unwrap());
+    let (e_i, e_r) = (secret(&e_i), secret(&e_r));
+    assert_eq!(x25519_dalek::PublicKey::from(&e_i).as_bytes(), &k.e_i);
+    assert_eq!(x25519_dalek::PublicKey::from(&e_r).as_bytes(), &k.e_r);
+    let shared = e_i.diffie_hellman(&x25519_dalek::PublicKey::from(k.e_r));
+    assert_eq!(
+        shared.as_bytes(),
+        e_r.diffie_hellman(&x25519_dalek::PublicKey::from(k.e_i))
+            .as_bytes()
+    );
+    let mut okm = [0u8; 64];
+    Hkdf::<Sha256>::new(Some(&k.salt), shared.as_bytes())
+        .expand_multi_info(&[b"cellmesh e2e v2 epoch 1", &instance], &mut okm)
+        .unwrap();
+    assert_eq!(okm[..32], k.i2r1);
+    assert_eq!(okm[32..], k.r2i1);
+
+    // 14.5: each key opens its envelope (nonce = epoch ‖ counter; aad = label ‖ the clear
+    // bytes ‖ sender cell, node ‖ recipient cell, node ‖ envelope id) to the published text.
+    let reversed = [&binding[64..], &binding[..64]].concat();
+    let open = |key: &[u8; 32], envelope: &[u8], sealed_at: usize, binding: &[u8], id: [u8; 16]| {
+        let key = aead::LessSafeKey::new(aead::UnboundKey::new(&aead::AES_256_GCM, key).unwrap());
+        let mut nonce = [0u8; 12];
+        nonce.copy_from_slice(&envelope[sealed_at - 20..sealed_at - 8]);
+        let aad = [
+            b"cellmesh e2e v2".as_slice(),
+            &envelope[..sealed_at],
+            binding,
+            &id,
+        ]
+        .concat();
+        let mut buf = envelope[sealed_at..].to_vec();
+        let plain = key
+            .open_in_place(
+                aead::Nonce::assume_unique_for_key(nonce),
+                aead::Aad::from(&aad),
+                &mut buf,
+            )
+            .expect("the published key opens its envelope");
+        (aad.len(), plain.to_vec())
+    };
+    let tokens = 4 + alice.node_token.to_bytes().len() + alice.identity.to_bytes().len();
+    let (aad_len, init) = open(
+        &k.i2r0,
+        &v.envelope,
+        18 + 32 + tokens + 20,
+        &binding,
+        [0x11; 16],
+    );
+    assert_eq!(aad_len, 753, "the INIT's aad");
+    assert_eq!(
+        init,
+        [&[1][..], &k.e_i, &[1, 0, 0, 0, 5], b"hello"].concat()
+    );
+    let (aad_len, ack) = open(
+        &k.r2i0,
+        &v.ack.envelope,
+        18 + 16 + 20,
+        &reversed,
+        v.ack.id.0,
+    );
+    assert_eq!(aad_len, 213, "a REPLY's aad");
+    assert_eq!(ack, [&[1][..], &k.e_r, &[2, 0, 1], &[0x11; 16]].concat());
+    let (aad_len, second) = open(&k.i2r1, &v.second, 18 + 20, &binding, [0x22; 16]);
+    assert_eq!(aad_len, 197, "a MSG's aad");
+    assert_eq!(second, [&[0, 1, 0, 0, 0, 5][..], b"again"].concat());
+    let (_, bundle) = open(&k.i2r1, &v.bundle, 18 + 20, &binding, [0x33; 16]);
+    let bundle_plain = [
+        &[0, 3, 0, 2][..],
+        &[0x44; 16],
+        &[0, 0, 0, 3],
+        b"one",
+        &[0x55; 16],
+        &[0, 0, 0, 3],
+        b"two",
+    ]
+    .concat();
+    assert_eq!(bundle, bundle_plain);
+}

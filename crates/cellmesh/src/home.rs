@@ -8,6 +8,8 @@
 //!     revocations[]             signed revocations this device knows of
 //!     secrets                   Argon2id parameters, salt, nonce, ChaCha20-Poly1305 ciphertext
 //!   config.json                 (mode 0600, replaced atomically too) the CLI's relay settings
+//!   state.redb                  (mode 0600) the device's state: sessions, duplicate memory,
+//!                               unacknowledged sends (crate::state)
 //!   agent/mailbox.sock          (directory 0700, socket 0600) served by a running `cellmesh listen`
 //! ```
 //!

@@ -11,18 +11,22 @@
 //! floors    mac(cell)[16]                          sealed(cell[32] ‖ floor:u64)
 //! sends     mac(id)[16]                            sealed(record)
 //! meta      "format"                               u64
+//! owner     "device"                               mac("device")[16]
 //! ```
 //!
 //! # At rest
 //!
-//! Everything but the receive times of remembered envelopes is sealed: XChaCha20-Poly1305
+//! Every value of `sessions`, `seen`, `floors` and `sends` is sealed: XChaCha20-Poly1305
 //! under a key derived from the device's node secrets (so only someone who has unlocked the
 //! keystore can read or forge it), a random 192-bit nonce per value, and the table name and
 //! key as associated data (a value cannot be moved to another place). Random nonces of 192
 //! bits never repeat in practice (the chance after 2^48 values is about 2^-96), and unlike a
 //! counter they stay unique when the file is restored from a backup or a snapshot. Keys are
-//! keyed BLAKE2b hashes, so the file shows neither ids nor cells. The sessions hold the keys
-//! of live sessions: see SECURITY.md for what that costs forward secrecy.
+//! keyed BLAKE2b hashes, so the file shows neither ids nor cells; in clear are only the
+//! times of remembered envelopes (their senders' clocks, first in `seen` keys so that expired
+//! entries go by range), the format number and the owner's keyed hash. The sessions hold the
+//! keys of live sessions: see SECURITY.md for what that costs forward secrecy, and why the
+//! file must never be rolled back (a restored session would repeat its counters).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

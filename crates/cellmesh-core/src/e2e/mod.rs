@@ -6,11 +6,11 @@
 //!
 //! # Construction
 //!
-//! - **Directory** ([`directory`]). The sender checks each (node token, identity token) pair a
+//! - **Directory** (`directory`). The sender checks each (node token, identity token) pair a
 //!   relay lists against the cell id it asked for: the identity token must be signed by the
 //!   cell key the id *is*, and name the node; the node token must be signed by that node and
 //!   carry its X25519 key. A relay can withhold devices, never invent or swap one.
-//! - **Session setup: HPKE** (RFC 9180) in Auth mode ([`schedule`]). The sender's key is its
+//! - **Session setup: HPKE** (RFC 9180) in Auth mode (`schedule`). The sender's key is its
 //!   own device's X25519 key, the recipient's its device key; `info` binds both cells and both
 //!   devices. The context exports the initiator's epoch-0 key, the base of the replies' keys
 //!   and a salt for epoch 1.
@@ -24,7 +24,7 @@
 //!   erase the ephemeral secrets. Epoch 0 is like 0-RTT data: readable by whoever later steals
 //!   the recipient device's key. Sessions are retired after [`SESSION_LIFETIME`].
 //! - **Messages** are AES-256-GCM under the key of their epoch and direction, nonce = epoch ‖
-//!   counter, counters handed out under leases that survive restarts ([`session`]). The
+//!   counter, counters handed out under leases that survive restarts (`session`). The
 //!   associated data binds the protocol version, the clear header, both cells and devices and
 //!   the envelope id.
 //! - **Bundles.** Several messages to one device can share an envelope, each with its own id
@@ -64,6 +64,8 @@ mod envelope;
 mod schedule;
 mod seen;
 mod session;
+#[cfg(any(test, feature = "testing"))]
+mod trace;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -84,6 +86,8 @@ use crate::{Instant, Timestamp};
 pub use directory::{Directory, DirectoryError, LocalDevice, RemoteDevice};
 pub use seen::{SEEN_PER_CELL, SEEN_TOTAL, Seen, SeenChange, Verdict};
 pub use session::LEASE;
+#[cfg(any(test, feature = "testing"))]
+pub use trace::{KeyTrace, dangerous_key_trace};
 
 use envelope::{
     Header, INIT, MSG, PLAIN_ACK, PLAIN_BUNDLE, PLAIN_MESSAGE, REPLY, RESET, SealKey, binding,
@@ -912,7 +916,7 @@ impl Endpoint {
             // The initiator has our ephemeral: stop announcing it.
             changed = true;
         }
-        // The saved form need not follow every message: once a day is enough for expiry.
+        // The saved form need not follow every message: once an hour is enough for expiry.
         let time_now = now.timestamp();
         if time_now.0 >= inbound.last_used.0.saturating_add(3600) {
             inbound.last_used = time_now;
