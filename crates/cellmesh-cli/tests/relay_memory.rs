@@ -61,9 +61,13 @@ fn msg_id(tag: u8, n: u64) -> MsgId {
     MsgId(id)
 }
 
+/// A raw device joined to the relay whose link takes messages (it says RECEIVE).
 async fn joined(keys: &Unlocked, relay: SocketAddr) -> Node {
     let node = Node::start(keys, NodeConfig::default()).await.unwrap();
-    node.join(relay).await.unwrap();
+    let peer = node.join(relay).await.unwrap();
+    node.send(peer.node, payload(&Record::Receive))
+        .await
+        .unwrap();
     node
 }
 

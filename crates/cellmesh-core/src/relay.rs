@@ -15,6 +15,7 @@
 //!   0x20 LOOKUP     request:u32 cell:[32]
 //!   0x21 FORWARD    to_node:[32] id:[16] envelope:rest          envelope ≤ MAX_ENVELOPE
 //!   0x22 DELIVERED  count:u16 id:[16]*count                     1 ≤ count ≤ MAX_IDS
+//!   0x23 RECEIVE                                                this link takes messages
 //!   relay → device
 //!   0x30 DIRECTORY  request:u32 cell:[32] count:u8 { node_token:bytes16 identity:bytes16 }*
 //!   0x31 ACCEPTED   to_node:[32] id:[16] status:u8              1 pushed, 2 queued
@@ -188,6 +189,10 @@ pub enum Record {
     },
     /// Device → relay: these messages were taken; delete them.
     Delivered(Vec<MsgId>),
+    /// Device → relay: this link takes messages from now on (a link that never says so, as a
+    /// one-shot send's, is handed only answers to what it sent: acknowledgements and
+    /// RESETs; messages for the device wait in its queue).
+    Receive,
     /// Relay → device: the answer to a LOOKUP (empty when the cell is unknown).
     Directory {
         /// The LOOKUP's request number.
@@ -229,6 +234,7 @@ pub enum Record {
 const LOOKUP: u8 = 0x20;
 const FORWARD: u8 = 0x21;
 const DELIVERED: u8 = 0x22;
+const RECEIVE: u8 = 0x23;
 const DIRECTORY: u8 = 0x30;
 const ACCEPTED: u8 = 0x31;
 const REFUSED: u8 = 0x32;
@@ -241,6 +247,7 @@ impl Record {
             Self::Lookup { .. } => 4 + 32,
             Self::Forward { envelope, .. } => 32 + 16 + envelope.len(),
             Self::Delivered(ids) => 2 + 16 * ids.len(),
+            Self::Receive => 0,
             Self::Directory { devices, .. } => {
                 4 + 32
                     + 1
@@ -268,6 +275,7 @@ impl Record {
                 out.extend_from_slice(&id.0);
                 out.extend_from_slice(envelope);
             }
+            Self::Receive => out.push(RECEIVE),
             Self::Delivered(ids) => {
                 out.push(DELIVERED);
                 out.extend_from_slice(&(ids.len() as u16).to_be_bytes());
@@ -342,6 +350,10 @@ impl Record {
                         envelope,
                     }
                 }
+            }
+            RECEIVE => {
+                r.finish()?;
+                Self::Receive
             }
             DELIVERED => {
                 let n = r.u16()? as usize;

@@ -124,6 +124,7 @@ fn record() -> impl Strategy<Value = Record> {
             envelope
         }),
         vec(msg_id(), 1..20).prop_map(Record::Delivered),
+        Just(Record::Receive),
         (
             any::<u32>(),
             cell_id(),

@@ -490,6 +490,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// holds for it.
 struct Online {
     cell: CellId,
+    /// Whether the link said RECEIVE: until then it is handed only answers (REPLY, RESET)
+    /// and its queue is not drained to it.
+    receiving: bool,
     outbox: Outbox,
     in_flight: HashMap<MsgId, (NodeId, Bytes), foldhash::fast::RandomState>,
     backlog: Arc<Notify>,
@@ -748,8 +751,8 @@ impl Loop {
             old.drain.abort();
             self.persist_in_flight(node, old.cell, old.in_flight).await;
         }
+        // Drained once the link says RECEIVE.
         let backlog = Arc::new(Notify::new());
-        backlog.notify_one();
         let drain = tokio::spawn(drain(
             node,
             sender.clone(),
@@ -763,6 +766,7 @@ impl Loop {
             node,
             Online {
                 cell,
+                receiving: false,
                 outbox: Outbox::counted(sender, Arc::clone(&self.memory.waiting)),
                 in_flight: HashMap::default(),
                 backlog,
@@ -1001,13 +1005,40 @@ impl Loop {
                 // until DELIVERED, against the device, its cell and the relay, with all that
                 // waits for links); the rest go to the (bounded) queue.
                 let elsewhere = self.memory.waiting() + out.bytes;
-                if let Some(online) = self.online.get_mut(&to) {
+                // A link that takes no messages (a one-shot send) is handed only answers to
+                // what it sent; a message for its device waits in the queue.
+                let takes = |o: &Online| o.receiving || cellmesh_core::e2e::is_answer(&envelope);
+                if let Some(online) = self.online.get_mut(&to).filter(|o| takes(o)) {
                     let outgoing = out.to.entry(to).or_default();
                     match online.in_flight.get(&id) {
                         // A retry of one still in flight: it is on its way already.
-                        Some((sender, _)) if *sender == from => {
+                        Some((sender, copy)) if *sender == from && copy[..] == envelope[..] => {
                             self.accepted(from, to, id, bytes, Accepted::Pushed, out);
                             return;
+                        }
+                        // Sealed again (its device lost the session of the copy in flight):
+                        // this one is pushed too, and kept in its place.
+                        Some((sender, copy)) if *sender == from => {
+                            let freed = copy.len() + IN_FLIGHT_OVERHEAD;
+                            self.budget.release(to, online.cell, freed);
+                            online.in_flight.remove(&id);
+                            if self.budget.charge(
+                                to,
+                                online.cell,
+                                bytes + IN_FLIGHT_OVERHEAD,
+                                elsewhere,
+                            ) {
+                                out.bytes += outgoing.push(&Record::Deliver {
+                                    from,
+                                    id,
+                                    envelope: envelope.clone(),
+                                });
+                                online
+                                    .in_flight
+                                    .insert(id, (from, Bytes::copy_from_slice(&envelope)));
+                                self.accepted(from, to, id, bytes, Accepted::Pushed, out);
+                                return;
+                            }
                         }
                         // The same id from another sender waits in the store.
                         Some(_) => {}
@@ -1035,7 +1066,9 @@ impl Loop {
                         }
                         None => {}
                     }
-                    online.backlog.notify_one();
+                    if online.receiving {
+                        online.backlog.notify_one();
+                    }
                 }
                 to_store.push(ToStore {
                     from,
@@ -1043,6 +1076,14 @@ impl Loop {
                     id,
                     envelope,
                 });
+            }
+            Record::Receive => {
+                if let Some(online) = self.online.get_mut(&from)
+                    && !online.receiving
+                {
+                    online.receiving = true;
+                    online.backlog.notify_one();
+                }
             }
             Record::Delivered(ids) => {
                 if let Some(online) = self.online.get_mut(&from) {
@@ -1062,6 +1103,7 @@ impl Loop {
                         tracing::warn!(%from, "could not delete acknowledged envelopes");
                     }
                     if let Some(online) = self.online.get(&from)
+                        && online.receiving
                         && self.store.queued(from).0 > 0
                     {
                         online.backlog.notify_one();
@@ -1173,9 +1215,9 @@ impl Loop {
         };
         for (m, result) in items.into_iter().zip(results) {
             match result {
-                Ok(Enqueued::Stored | Enqueued::Duplicate) => {
+                Ok(Enqueued::Stored | Enqueued::Duplicate | Enqueued::Replaced) => {
                     self.accepted(m.from, m.to, m.id, m.envelope.len(), Accepted::Queued, out);
-                    if let Some(online) = self.online.get(&m.to) {
+                    if let Some(online) = self.online.get(&m.to).filter(|o| o.receiving) {
                         online.backlog.notify_one();
                     }
                 }
@@ -1303,7 +1345,9 @@ async fn drain(
     memory: Memory,
     outlet: usize,
 ) {
-    let mut drained: BTreeSet<(MsgId, NodeId)> = BTreeSet::new();
+    // By id, sender and the envelope's last 16 bytes (its AEAD tag): a copy sealed anew that
+    // took an old one's place in the queue is handed too.
+    let mut drained: BTreeSet<(MsgId, NodeId, [u8; 16])> = BTreeSet::new();
     let chunk = (outlet / 4).max(1);
     loop {
         backlog.notified().await;
@@ -1319,10 +1363,16 @@ async fn drain(
         let more = pending.len() == 1024
             || pending.iter().map(|q| q.envelope.len()).sum::<usize>() >= chunk;
         // Only those still queued are remembered: the set stays as small as the queue.
-        drained.retain(|k| pending.iter().any(|q| (q.id, q.from) == *k));
+        let key = |q: &crate::store::Queued| {
+            let mut tag = [0u8; 16];
+            let tail = &q.envelope[q.envelope.len().saturating_sub(16)..];
+            tag[..tail.len()].copy_from_slice(tail);
+            (q.id, q.from, tag)
+        };
+        drained.retain(|k| pending.iter().any(|q| key(q) == *k));
         let fresh: Vec<_> = pending
             .into_iter()
-            .filter(|q| drained.insert((q.id, q.from)))
+            .filter(|q| drained.insert(key(q)))
             .collect();
         // Nothing new: what was read waits for DELIVERED, which wakes this again.
         if fresh.is_empty() {

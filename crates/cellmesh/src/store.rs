@@ -217,8 +217,12 @@ impl fmt::Debug for NewMessage<'_> {
 pub enum Enqueued {
     /// Written durably.
     Stored,
-    /// That id is already queued for that device (a retried FORWARD); nothing was written.
+    /// That id from that sender is already queued for that device, byte for byte (a retried
+    /// FORWARD); nothing was written.
     Duplicate,
+    /// That id from that sender was queued for that device with another envelope (sealed
+    /// again, after the device lost its session): the new one took its place, durably.
+    Replaced,
 }
 
 /// The relay's durable store; see the [module docs](self) for the layout and guarantees.
@@ -695,25 +699,60 @@ impl Store {
         // What each device touched by the batch will have queued once it commits.
         let mut after: HashMap<DeviceKey, Usage> = HashMap::new();
         let mut next_seq = writer.next_seq;
+        let mut wrote = false;
         {
             let mut tables = WriteTables::open(&txn)?;
             let mut value = Vec::new();
             for msg in batch {
                 let device = *msg.to.key().as_bytes();
                 let index_key = index_key(&device, msg.id, msg.from.key().as_bytes());
-                if tables
-                    .index
-                    .get(&index_key)
-                    .map_err(db_error("read the index"))?
-                    .is_some()
-                {
-                    results.push(Ok(Enqueued::Duplicate));
-                    continue;
-                }
                 let usage = after
                     .entry(device)
                     .or_insert_with(|| lock(&self.usage).get(&device).copied().unwrap_or_default());
                 let len = msg.envelope.len() as u64;
+                let known = tables
+                    .index
+                    .get(&index_key)
+                    .map_err(db_error("read the index"))?
+                    .map(|v| v.value());
+                if let Some(seq) = known {
+                    // The same envelope again is a retry; another one (sealed again for a
+                    // device that lost its session) takes the old one's place, keeping its
+                    // position and its expiry: the old one could never be opened.
+                    let key = queue_key(&device, seq);
+                    let (same, old_len, expires) = {
+                        let old = tables
+                            .queue
+                            .get(&key)
+                            .map_err(db_error("read a message"))?
+                            .ok_or(StoreError::Corrupt("index without its message"))?;
+                        let old = Record::decode(old.value())?;
+                        (
+                            old.envelope == msg.envelope,
+                            old.envelope.len() as u64,
+                            old.expires_at,
+                        )
+                    };
+                    if same {
+                        results.push(Ok(Enqueued::Duplicate));
+                        continue;
+                    }
+                    if usage.bytes.saturating_sub(old_len).saturating_add(len)
+                        > self.limits.max_bytes_per_device
+                    {
+                        results.push(Err(StoreError::QueueFull { device: msg.to }));
+                        continue;
+                    }
+                    Record::encode(&mut value, msg.id, msg.from, expires, msg.envelope);
+                    tables
+                        .queue
+                        .insert(&key, value.as_slice())
+                        .map_err(db_error("write a message"))?;
+                    usage.bytes = usage.bytes - old_len + len;
+                    wrote = true;
+                    results.push(Ok(Enqueued::Replaced));
+                    continue;
+                }
                 if usage.count >= self.limits.max_messages_per_device
                     || usage.bytes.saturating_add(len) > self.limits.max_bytes_per_device
                 {
@@ -741,7 +780,7 @@ impl Store {
                 usage.add(len);
                 results.push(Ok(Enqueued::Stored));
             }
-            if next_seq == writer.next_seq {
+            if next_seq == writer.next_seq && !wrote {
                 // Nothing to write: skip the commit and its flush.
                 return Ok(results);
             }
@@ -1239,7 +1278,7 @@ mod tests {
             T0,
             &[
                 msg(a, id(1), b"first"),
-                msg(a, id(1), b"again"),
+                msg(a, id(1), b"first"),
                 msg(b, id(1), b"same id, other device"),
             ],
         );
@@ -1251,7 +1290,7 @@ mod tests {
                 Ok(Enqueued::Stored)
             ]
         ));
-        let r = store.enqueue(T0, &[msg(a, id(1), b"retry")]);
+        let r = store.enqueue(T0, &[msg(a, id(1), b"first")]);
         assert!(matches!(r[..], [Ok(Enqueued::Duplicate)]));
 
         let pending = store.pending(a, T0, 10, usize::MAX).unwrap();
@@ -1259,6 +1298,29 @@ mod tests {
         assert_eq!(pending[0].envelope, Bytes::from_static(b"first"));
         assert_eq!(store.queued(a), (1, 5));
         assert_eq!(store.pending(b, T0, 10, usize::MAX).unwrap().len(), 1);
+    }
+
+    /// An envelope sealed again under its id (its device lost the session the first was
+    /// sealed in) takes the first one's place: otherwise the device would get only the copy
+    /// it cannot open, and tell the relay it took it.
+    #[test]
+    fn an_envelope_sealed_again_replaces_the_queued_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir, StoreLimits::default());
+        let a = node(1);
+        store.enqueue(T0, &[msg(a, id(1), b"old session"), msg(a, id(2), b"next")]);
+        let r = store.enqueue(T0.plus(5), &[msg(a, id(1), b"new session!")]);
+        assert!(matches!(r[..], [Ok(Enqueued::Replaced)]), "{r:?}");
+        let pending = store.pending(a, T0, 10, usize::MAX).unwrap();
+        assert_eq!(ids(&pending), [id(1), id(2)], "in its place");
+        assert_eq!(pending[0].envelope, Bytes::from_static(b"new session!"));
+        assert_eq!(store.queued(a), (2, 12 + 4));
+        // Durable, as anything answered queued.
+        drop(store);
+        let store = open(&dir, StoreLimits::default());
+        let pending = store.pending(a, T0, 10, usize::MAX).unwrap();
+        assert_eq!(pending[0].envelope, Bytes::from_static(b"new session!"));
+        assert_eq!(store.queued(a), (2, 16));
     }
 
     /// Issue 10, finding 12: the duplicate index was keyed by (recipient, id), so a sender that
@@ -1280,7 +1342,7 @@ mod tests {
             r[..],
             [Ok(Enqueued::Stored), Ok(Enqueued::Stored)]
         ));
-        let r = store.enqueue(T0, &[from(201, b"retry")]);
+        let r = store.enqueue(T0, &[from(201, b"second")]);
         assert!(matches!(r[..], [Ok(Enqueued::Duplicate)]));
         let pending = store.pending(a, T0, 10, usize::MAX).unwrap();
         let got: Vec<_> = pending.iter().map(|q| (q.from, &q.envelope[..])).collect();
@@ -1727,7 +1789,7 @@ mod tests {
                         to: a,
                         id: id(1),
                         from: node(200),
-                        envelope: b"retry",
+                        envelope: b"one",
                     },
                     NewMessage {
                         to: a,

@@ -404,15 +404,20 @@ impl LyingRelay {
         self.node.local_addrs()[0]
     }
 
-    /// The next record a device sent, and which device.
+    /// The next record a device sent (but RECEIVE, which every mailbox says first), and
+    /// which device.
     async fn next(&mut self) -> (cellmesh::core::id::NodeId, cellmesh::core::relay::Record) {
         loop {
             let incoming = tokio::time::timeout(Duration::from_secs(10), self.node.recv())
                 .await
                 .unwrap()
                 .unwrap();
-            if let Some(Ok(r)) = cellmesh::core::relay::records(incoming.data).next() {
-                return (incoming.from, r);
+            let from = incoming.from;
+            let first = cellmesh::core::relay::records(incoming.data)
+                .flatten()
+                .find(|r| !matches!(r, cellmesh::core::relay::Record::Receive));
+            if let Some(r) = first {
+                return (from, r);
             }
         }
     }

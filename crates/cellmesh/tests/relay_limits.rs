@@ -296,8 +296,20 @@ async fn registrations_expire_with_their_queues() {
     let gone_node = try_join(&gone, addr).await.unwrap();
     let gone_id = gone_node.node_id();
     let gone_cell = gone_node.cell();
+    // Online at the relay (it takes the join in a moment after the device has it)...
+    tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let Ok(RelayEvent::Registered { node, .. }) = events.recv().await
+                && node == gone_id
+            {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the relay saw the device join");
     gone_node.shutdown(Duration::from_millis(100)).await;
-    // Offline at the relay (it handles a departure a moment after the link closes).
+    // ... then offline (it handles a departure a moment after the link closes).
     tokio::time::timeout(Duration::from_secs(5), async {
         loop {
             if let Ok(RelayEvent::Offline { node }) = events.recv().await

@@ -1049,6 +1049,13 @@ enum Heard {
     Other,
 }
 
+/// Whether `envelope` answers a message (an acknowledgement or a RESET) rather than carrying
+/// one, as its clear header says: what a relay hands even to a link that takes no messages
+/// (PROTOCOL 13.3). Anything of another version counts as a message.
+pub fn is_answer(envelope: &[u8]) -> bool {
+    matches!(envelope, [E2E_VERSION, REPLY | RESET, ..])
+}
+
 /// The plaintext size of a bundle of messages of these lengths, from its count on (what
 /// [`Endpoint::seal_bundle`] holds to [`MAX_BODY`]).
 pub fn bundle_len(bodies: impl IntoIterator<Item = usize>) -> usize {

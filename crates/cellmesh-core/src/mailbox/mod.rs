@@ -80,6 +80,11 @@ pub const HAND_OVER: usize = 256;
 pub const MAX_BATCH: usize = 64 * 1024;
 /// How often sessions and the duplicate memory are swept of what has expired. Milliseconds.
 const SWEEP_MS: u64 = 3600 * 1000;
+/// How long an envelope answered with RESET is left with the relay (not told DELIVERED) for
+/// its sender's copy sealed anew to take its place. Milliseconds.
+pub const RESET_HOLD_MS: u64 = 10 * 60 * 1000;
+/// Most envelopes held so at once; past it they are told DELIVERED at once.
+const MAX_RESET_HOLDS: usize = 65_536;
 
 /// How a mailbox behaves.
 #[derive(Clone, Debug)]
@@ -298,6 +303,10 @@ pub struct Mailbox {
     handed: u64,
     taken: u64,
     to_app: Vec<Message>,
+    /// Envelopes answered with RESET, left with the relay until their sender's copy sealed
+    /// anew replaces them there (or the hold ends): telling DELIVERED for the copy that
+    /// cannot be opened would delete the new one with it.
+    reset_holds: BTreeMap<MsgId, Instant>,
     // Output.
     out: Vec<Record>,
     /// Records that leave only once the commit numbered `.0` is durable.
@@ -360,6 +369,7 @@ impl Mailbox {
             handed: 0,
             taken: 0,
             to_app: Vec::new(),
+            reset_holds: BTreeMap::new(),
             out: Vec::new(),
             held_out: VecDeque::new(),
             delivered_wait: VecDeque::new(),
@@ -416,9 +426,13 @@ impl Mailbox {
         let sends = &self.sends;
         self.out.retain(|r| match r {
             Record::Forward { id, .. } => !sends.contains(id),
-            Record::Lookup { .. } => false,
+            Record::Lookup { .. } | Record::Receive => false,
             _ => true,
         });
+        // A link takes messages only once it says so: one that only sends never does.
+        if self.config.receive {
+            self.out.insert(0, Record::Receive);
+        }
         let mut cells = Vec::new();
         for send in self.sends.iter_mut() {
             for dev in &mut send.devices {
@@ -544,6 +558,8 @@ impl Mailbox {
     /// An envelope whose messages the application has: acknowledged now, remembered in the
     /// next commit, told DELIVERED after it.
     fn take_envelope(&mut self, key: (CellId, MsgId), ack: AckHandle, time: Timestamp) {
+        // Its DELIVERED (after the commit) also tells the relay of a copy answered RESET.
+        self.reset_holds.remove(&key.1);
         self.endpoint.ack(ack);
         self.seen.insert(key.0, key.1, time);
         let needs = self.needs_next_commit();
@@ -660,6 +676,17 @@ impl Mailbox {
             self.deadlines.pop_front();
             self.outcome_due(id);
         }
+        let ended: Vec<MsgId> = self
+            .reset_holds
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &ended {
+            self.reset_holds.remove(id);
+        }
+        // No copy sealed anew came: the relay may forget the one that cannot be opened.
+        self.push_delivered(ended);
         let time = now.timestamp();
         while let Some(&(at, id)) = self.expiries.front() {
             if at > time && self.sends.contains(&id) {
@@ -792,7 +819,8 @@ impl Mailbox {
             .expiries
             .front()
             .map(|(at, _)| Instant(at.0.saturating_mul(1000)));
-        [retry, deadline, expiry, Some(self.next_sweep)]
+        let hold = self.reset_holds.values().min().copied();
+        [retry, deadline, expiry, hold, Some(self.next_sweep)]
             .into_iter()
             .flatten()
             .min()
@@ -1162,11 +1190,19 @@ impl Mailbox {
                 }
             }
             Ok(Opened::Reset { from }) => self.resend_to(from),
-            Ok(Opened::Unknown { reply }) => self.out.push(Record::Forward {
-                to: reply.to,
-                id: reply.id,
-                envelope: reply.envelope,
-            }),
+            Ok(Opened::Unknown { reply }) => {
+                self.out.push(Record::Forward {
+                    to: reply.to,
+                    id: reply.id,
+                    envelope: reply.envelope,
+                });
+                if self.reset_holds.len() < MAX_RESET_HOLDS {
+                    self.reset_holds
+                        .entry(id)
+                        .or_insert(now.plus_millis(RESET_HOLD_MS));
+                    return None;
+                }
+            }
             // Not now: the relay keeps it and hands it again on the next connection.
             Err(OpenError::RateLimited(_)) => return None,
             // Answers to a session of an earlier process of this device, forgeries, junk:
@@ -1194,6 +1230,7 @@ impl Mailbox {
         match self.seen.check(r.from_cell, r.id, r.time) {
             Verdict::Seen => {
                 self.endpoint.ack(r.ack);
+                self.reset_holds.remove(&r.id);
                 return Some(r.id);
             }
             Verdict::TooOld => return Some(r.id),

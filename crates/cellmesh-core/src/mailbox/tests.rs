@@ -105,6 +105,10 @@ impl Device {
 struct Relay {
     directory: BTreeMap<CellId, Vec<(NodeId, DirectoryEntry)>>,
     online: BTreeSet<NodeId>,
+    /// Online devices whose link said RECEIVE.
+    receiving: BTreeSet<NodeId>,
+    /// How much of its queue a device is handed when it says RECEIVE (all, if absent).
+    first_drain: BTreeMap<NodeId, usize>,
     /// Pushed and not yet DELIVERED, by device.
     pushed: BTreeMap<NodeId, Vec<(NodeId, MsgId, Bytes)>>,
     queued: BTreeMap<NodeId, Vec<(NodeId, MsgId, Bytes)>>,
@@ -127,8 +131,23 @@ impl Relay {
 
     fn connect(&mut self, node: NodeId) {
         self.online.insert(node);
+    }
+
+    /// Connects `node`, to be handed only the first `n` of its queue when it says RECEIVE
+    /// (the rest later, as a relay draining a long queue in chunks does).
+    fn connect_some(&mut self, node: NodeId, n: usize) {
+        self.first_drain.insert(node, n);
+        self.connect(node);
+    }
+
+    /// Hands `node` the rest of its queue.
+    fn drain(&mut self, node: NodeId) {
         let queued = self.queued.remove(&node).unwrap_or_default();
-        for (from, id, envelope) in queued {
+        self.hand(node, queued);
+    }
+
+    fn hand(&mut self, node: NodeId, envelopes: Vec<(NodeId, MsgId, Bytes)>) {
+        for (from, id, envelope) in envelopes {
             self.pushed
                 .entry(node)
                 .or_default()
@@ -139,6 +158,7 @@ impl Relay {
 
     fn disconnect(&mut self, node: NodeId) {
         self.online.remove(&node);
+        self.receiving.remove(&node);
         self.outgoing.remove(&node);
         let pushed = self.pushed.remove(&node).unwrap_or_default();
         self.queued.entry(node).or_default().extend(pushed);
@@ -168,21 +188,41 @@ impl Relay {
                 }
                 Record::Forward { to, id, envelope } => {
                     self.log.push((to, from, id, envelope.clone()));
-                    let status = if self.online.contains(&to) {
-                        self.pushed
-                            .entry(to)
-                            .or_default()
-                            .push((from, id, envelope.clone()));
+                    let queued_copy = self
+                        .queued
+                        .get_mut(&to)
+                        .and_then(|q| q.iter_mut().find(|(f, i, _)| (*f, *i) == (from, id)));
+                    // As the relay does: a copy sealed anew takes the queued one's place.
+                    let status = if let Some(copy) = queued_copy {
+                        copy.2 = envelope;
+                        Accepted::Queued
+                    } else if self.receiving.contains(&to)
+                        || (self.online.contains(&to) && crate::e2e::is_answer(&envelope))
+                    {
+                        let pushed = self.pushed.entry(to).or_default();
+                        pushed.retain(|(f, i, _)| (*f, *i) != (from, id));
+                        pushed.push((from, id, envelope.clone()));
                         self.send(to, Record::Deliver { from, id, envelope });
                         Accepted::Pushed
                     } else {
-                        let q = self.queued.entry(to).or_default();
-                        if !q.iter().any(|(f, i, _)| (*f, *i) == (from, id)) {
-                            q.push((from, id, envelope));
-                        }
+                        self.queued
+                            .entry(to)
+                            .or_default()
+                            .push((from, id, envelope));
                         Accepted::Queued
                     };
                     self.send(from, Record::Accepted { to, id, status });
+                }
+                Record::Receive => {
+                    self.receiving.insert(from);
+                    let mut queued = self.queued.remove(&from).unwrap_or_default();
+                    if let Some(n) = self.first_drain.remove(&from) {
+                        let rest = queued.split_off(n.min(queued.len()));
+                        if !rest.is_empty() {
+                            self.queued.insert(from, rest);
+                        }
+                    }
+                    self.hand(from, queued);
                 }
                 Record::Delivered(ids) => {
                     for list in [self.pushed.get_mut(&from), self.queued.get_mut(&from)]
@@ -653,4 +693,73 @@ fn envelopes_under_a_new_lease_wait_for_its_commit() {
     );
     mb.handle_committed(id);
     assert!(mb.poll_transmit(now, &mut dev.rng).is_some());
+}
+
+/// A device that lost its sessions while several epoch-1 messages were queued for it: the
+/// first it gets is answered RESET, its sender seals them all anew, and the copies that
+/// cannot be opened are not told DELIVERED (which would delete the new ones with them).
+#[test]
+fn every_queued_message_arrives_after_the_recipient_lost_its_sessions() {
+    let mut w = world_of(false);
+    w.start(ALICE);
+    w.start(BOB);
+    let bob_cell = w.cell(BOB);
+    w.send(ALICE, bob_cell, b"first");
+    w.stop(BOB);
+    for n in 0..3u8 {
+        w.send(ALICE, bob_cell, &[b'a' + n]);
+    }
+    w.devices[BOB].disk = Disk::default();
+    w.devices[BOB].got.clear();
+    // Bob's new run gets one of the three, answers RESET; Alice seals all three anew (each
+    // replaces its queued copy), then Bob gets the rest of his queue.
+    let bob = w.devices[BOB].node();
+    let dev = &mut w.devices[BOB];
+    dev.mailbox = Some(Mailbox::new(
+        dev.id.local(),
+        w.relay_node,
+        dev.config.clone(),
+        dev.disk.saved(),
+        Revocations::new(),
+        w.now,
+        &mut dev.rng,
+    ));
+    dev.handed = 0;
+    dev.taken = 0;
+    let alice = w.devices[ALICE].node();
+    let old: Vec<(MsgId, Bytes)> = w
+        .relay
+        .log
+        .iter()
+        .filter(|l| l.0 == bob && l.1 == alice)
+        .map(|l| (l.2, l.3.clone()))
+        .collect();
+    w.relay.connect_some(bob, 1);
+    w.devices[BOB].mb().handle_connected();
+    w.settle();
+    // A drain that read the queue before the copies sealed anew replaced it hands Bob an
+    // old one now: he cannot open it, and must not tell the relay he took it.
+    let (id, envelope) = old.last().cloned().unwrap();
+    w.relay.send(
+        bob,
+        Record::Deliver {
+            from: alice,
+            id,
+            envelope,
+        },
+    );
+    w.settle();
+    w.relay.drain(bob);
+    w.settle();
+    let mut got = w.bodies(BOB);
+    got.sort();
+    assert_eq!(got, vec![&b"a"[..], b"b", b"c"]);
+    assert_eq!(
+        w.relay.waiting_for(bob),
+        0,
+        "the relay holds nothing more for Bob"
+    );
+    // And the copies answered RESET are let go of by Bob's hold, not kept forever.
+    w.advance(RESET_HOLD_MS);
+    assert!(w.devices[BOB].mb().reset_holds.is_empty());
 }
