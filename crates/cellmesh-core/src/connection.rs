@@ -38,6 +38,7 @@ use crate::handshake::{
     ResponderSent,
 };
 use crate::id::{CellId, Fingerprint, NodeId};
+use crate::limits::{Rate, TokenBucket};
 use crate::session::{Session, SessionConfig};
 use crate::token::{DEFAULT_SKEW, RealmAnchor, Token, TokenKind, VerifiedToken, VerifyError};
 use crate::wire::{self, CloseCode, FrameType, MAX_PAYLOAD, Message, NackCode};
@@ -255,49 +256,16 @@ pub struct Connection {
     bad_frames: u32,
     ping: u64,
     seen_updates: VecDeque<(Fingerprint, Fingerprint)>,
-    update_budget: Budget,
+    /// UPDATEs this peer may still send (each costs two or three signature verifications).
+    update_budget: TokenBucket,
     admission: Option<Check>,
 }
 
+/// UPDATEs a peer may send: bursts of 256, then 20 a second.
+const UPDATE_RATE: Rate = Rate::every(50, 256);
+
 /// UPDATEs remembered per connection, so replays are ignored.
 const SEEN_UPDATES: usize = 256;
-
-/// A token bucket: `burst` at once, then one per `every_ms`. Bounds the token verification
-/// work (two or three Ed25519 verifies per UPDATE) one peer can ask of this node.
-#[derive(Debug)]
-struct Budget {
-    tokens: u32,
-    burst: u32,
-    every_ms: u64,
-    last: Instant,
-}
-
-impl Budget {
-    fn new(burst: u32, every_ms: u64, now: Instant) -> Self {
-        Self {
-            tokens: burst,
-            burst,
-            every_ms,
-            last: now,
-        }
-    }
-
-    fn take(&mut self, now: Instant) -> bool {
-        let refill = now.millis_since(self.last) / self.every_ms.max(1);
-        if refill > 0 {
-            self.tokens = self.burst.min(
-                self.tokens
-                    .saturating_add(u32::try_from(refill).unwrap_or(u32::MAX)),
-            );
-            self.last = now;
-        }
-        if self.tokens == 0 {
-            return false;
-        }
-        self.tokens -= 1;
-        true
-    }
-}
 
 impl std::fmt::Debug for Connection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -362,7 +330,7 @@ impl Connection {
             ping: 0,
             seen_updates: VecDeque::new(),
             // 256 at once (a hub's peer list), then 20 a second.
-            update_budget: Budget::new(256, 50, now),
+            update_budget: TokenBucket::full(UPDATE_RATE, now),
             admission: None,
         }
     }
@@ -661,7 +629,7 @@ impl Connection {
             }
             (Message::Update { .. }, true, _) if !self.config.accept_updates => {}
             (Message::Update { node, identity }, true, _) => {
-                if !self.update_budget.take(now) {
+                if !self.update_budget.take(UPDATE_RATE, now) {
                     return self.violation("UPDATE flood".into(), now);
                 }
                 let key = (node.fingerprint(), identity.fingerprint());

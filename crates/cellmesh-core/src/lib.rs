@@ -34,7 +34,6 @@ pub mod limits;
 pub mod mailbox;
 pub mod mnemonic;
 pub mod peers;
-pub mod rate;
 pub mod relay;
 pub mod session;
 #[cfg(any(test, feature = "testing"))]

@@ -5,7 +5,8 @@
 //!
 //! Nothing here reads a clock or touches a socket: every method that depends on time takes the
 //! current [`Instant`] or [`Timestamp`], so the runtime, tests and a simulator drive the same
-//! code. Every structure is bounded: keyed maps forget what no longer matters (a full bucket, a
+//! code. Ordered maps only, so the same inputs give the same outputs in the same order (the
+//! simulator replays histories by seed). Every structure is bounded: keyed maps forget what no longer matters (a full bucket, a
 //! count of zero) and refuse to grow past a size when nothing can be forgotten.
 //!
 //! ```text
@@ -14,49 +15,79 @@
 //!  FORWARD to an online device ─► ByteBudget (device, cell, relay) ─► pushed, or else queued
 //! ```
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::fmt;
-use std::hash::Hash;
 use std::net::{IpAddr, Ipv6Addr};
 
 use crate::id::{CellId, NodeId};
 use crate::{Instant, Timestamp};
 
-/// A rate: `per_second` events sustained, `burst` at once.
+/// A rate: so many events a second sustained (in thousandths, so that slow rates, one every
+/// ten seconds, are exact too), `burst` at once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Rate {
-    /// Events per second, sustained.
-    pub per_second: u32,
+    /// Events per 1,000 seconds, sustained.
+    milli_per_second: u64,
     /// Events at once (the bucket's size).
-    pub burst: u32,
+    burst: u32,
 }
 
 impl Rate {
-    /// No limit worth the name (`u32::MAX` both ways).
+    /// No limit worth the name.
     pub const UNLIMITED: Self = Self {
-        per_second: u32::MAX,
+        milli_per_second: u32::MAX as u64 * 1000,
         burst: u32::MAX,
     };
 
     /// `per_second` sustained, `burst` at once.
     pub const fn new(per_second: u32, burst: u32) -> Self {
-        Self { per_second, burst }
+        Self {
+            milli_per_second: per_second as u64 * 1000,
+            burst,
+        }
+    }
+
+    /// One event every `ms` milliseconds sustained (0 counts as 1), `burst` at once.
+    pub const fn every(ms: u64, burst: u32) -> Self {
+        let ms = if ms == 0 { 1 } else { ms };
+        Self {
+            milli_per_second: 1_000_000 / ms,
+            burst,
+        }
+    }
+
+    /// Events a second, sustained (rounded down).
+    pub const fn per_second(self) -> u64 {
+        self.milli_per_second / 1000
+    }
+
+    /// Events at once.
+    pub const fn burst(self) -> u32 {
+        self.burst
     }
 }
 
-/// A token bucket: `burst` tokens when made, refilled at `per_second`, one taken per event.
+/// A token bucket: `burst` tokens when made, refilled at the rate, one taken per event.
 /// The rate is passed to each call rather than kept, so a map of buckets stores only this.
-#[derive(Clone, Copy, Debug, PartialEq)]
+///
+/// The one rate limiter of the core (link UPDATEs, new end-to-end sessions, a relay's
+/// FORWARDs, LOOKUPs and joins). Integer arithmetic in millionths of a token: a millisecond
+/// adds exactly the rate's thousandths per second, so refill is exact however often it is
+/// asked, and the same inputs always give the same answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TokenBucket {
-    tokens: f64,
+    /// Millionths of a token.
+    micro: u64,
     at: Instant,
 }
+
+const MICRO: u64 = 1_000_000;
 
 impl TokenBucket {
     /// A full bucket at `now`.
     pub fn full(rate: Rate, now: Instant) -> Self {
         Self {
-            tokens: f64::from(rate.burst),
+            micro: u64::from(rate.burst) * MICRO,
             at: now,
         }
     }
@@ -64,8 +95,8 @@ impl TokenBucket {
     /// Takes one token if there is one at `now`.
     pub fn take(&mut self, rate: Rate, now: Instant) -> bool {
         self.refill(rate, now);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        if self.micro >= MICRO {
+            self.micro -= MICRO;
             true
         } else {
             false
@@ -76,26 +107,29 @@ impl TokenBucket {
     pub fn wait_ms(&self, rate: Rate, now: Instant) -> u64 {
         let mut b = *self;
         b.refill(rate, now);
-        if b.tokens >= 1.0 || rate.per_second == 0 {
-            return if b.tokens >= 1.0 { 0 } else { u64::MAX };
+        if b.micro >= MICRO {
+            return 0;
         }
-        let missing = 1.0 - b.tokens;
+        if rate.milli_per_second == 0 {
+            return u64::MAX;
+        }
         // Rounded up: asking again after this long finds the token.
-        (missing * 1000.0 / f64::from(rate.per_second)).ceil() as u64
+        (MICRO - b.micro).div_ceil(rate.milli_per_second)
     }
 
     /// Whether the bucket is full at `now` (it then says nothing a fresh one would not).
     pub fn is_full(&self, rate: Rate, now: Instant) -> bool {
         let mut b = *self;
         b.refill(rate, now);
-        b.tokens >= f64::from(rate.burst)
+        b.micro >= u64::from(rate.burst) * MICRO
     }
 
     fn refill(&mut self, rate: Rate, now: Instant) {
         let ms = now.millis_since(self.at);
         if ms > 0 {
-            let added = ms as f64 * f64::from(rate.per_second) / 1000.0;
-            self.tokens = (self.tokens + added).min(f64::from(rate.burst));
+            let cap = u64::from(rate.burst) * MICRO;
+            let added = ms.saturating_mul(rate.milli_per_second);
+            self.micro = self.micro.saturating_add(added).min(cap);
             self.at = now;
         }
     }
@@ -108,16 +142,16 @@ impl TokenBucket {
 pub struct Buckets<K> {
     rate: Rate,
     max_keys: usize,
-    map: HashMap<K, TokenBucket>,
+    map: BTreeMap<K, TokenBucket>,
 }
 
-impl<K: Eq + Hash + Copy> Buckets<K> {
+impl<K: Ord + Copy> Buckets<K> {
     /// Buckets at `rate`, for at most `max_keys` keys at once.
     pub fn new(rate: Rate, max_keys: usize) -> Self {
         Self {
             rate,
             max_keys: max_keys.max(1),
-            map: HashMap::new(),
+            map: BTreeMap::new(),
         }
     }
 
@@ -219,17 +253,17 @@ pub enum Full {
 pub struct Slots<K> {
     per_key: usize,
     total_cap: usize,
-    held: HashMap<K, usize>,
+    held: BTreeMap<K, usize>,
     total: usize,
 }
 
-impl<K: Eq + Hash + Copy> Slots<K> {
+impl<K: Ord + Copy> Slots<K> {
     /// At most `per_key` for one key and `total` in all.
     pub fn new(per_key: usize, total: usize) -> Self {
         Self {
             per_key,
             total_cap: total,
-            held: HashMap::new(),
+            held: BTreeMap::new(),
             total: 0,
         }
     }
@@ -294,8 +328,8 @@ pub struct ByteLimits {
 #[derive(Clone, Debug)]
 pub struct ByteBudget {
     limits: ByteLimits,
-    devices: HashMap<NodeId, usize>,
-    cells: HashMap<CellId, usize>,
+    devices: BTreeMap<NodeId, usize>,
+    cells: BTreeMap<CellId, usize>,
     total: usize,
 }
 
@@ -304,8 +338,8 @@ impl ByteBudget {
     pub fn new(limits: ByteLimits) -> Self {
         Self {
             limits,
-            devices: HashMap::new(),
-            cells: HashMap::new(),
+            devices: BTreeMap::new(),
+            cells: BTreeMap::new(),
             total: 0,
         }
     }
@@ -336,7 +370,7 @@ impl ByteBudget {
 
     /// Releases `bytes` held for `device` of `cell` (never below zero).
     pub fn release(&mut self, device: NodeId, cell: CellId, bytes: usize) {
-        fn sub<K: Eq + Hash>(map: &mut HashMap<K, usize>, key: K, bytes: usize) -> usize {
+        fn sub<K: Ord>(map: &mut BTreeMap<K, usize>, key: K, bytes: usize) -> usize {
             let Some(held) = map.get_mut(&key) else {
                 return 0;
             };
@@ -405,8 +439,8 @@ pub enum RegistrationRefused {
 #[derive(Clone, Debug)]
 pub struct Registrations {
     limits: RegistrationLimits,
-    devices: HashMap<NodeId, Registration>,
-    per_cell: HashMap<CellId, usize>,
+    devices: BTreeMap<NodeId, Registration>,
+    per_cell: BTreeMap<CellId, usize>,
 }
 
 /// One registered device.
@@ -423,8 +457,8 @@ impl Registrations {
     pub fn new(limits: RegistrationLimits) -> Self {
         Self {
             limits,
-            devices: HashMap::new(),
-            per_cell: HashMap::new(),
+            devices: BTreeMap::new(),
+            per_cell: BTreeMap::new(),
         }
     }
 
@@ -575,6 +609,37 @@ mod tests {
         let mut b = TokenBucket::full(none, T);
         assert!(b.take(none, T));
         assert_eq!(b.wait_ms(none, T), u64::MAX);
+    }
+
+    #[test]
+    fn slow_rates_are_exact_and_refill_keeps_the_remainder() {
+        // One every ten seconds, asked every six: the leftover four count.
+        let rate = Rate::every(10_000, 1);
+        let mut b = TokenBucket::full(rate, T);
+        assert!(b.take(rate, T));
+        assert!(!b.take(rate, T.plus_millis(6_000)));
+        assert!(b.take(rate, T.plus_millis(10_000)));
+        assert_eq!(b.wait_ms(rate, T.plus_millis(10_000)), 10_000);
+        assert_eq!(rate.per_second(), 0);
+        assert_eq!(Rate::every(50, 256).per_second(), 20);
+    }
+
+    proptest::proptest! {
+        /// Over any schedule, no more than burst + elapsed × rate tokens are handed out.
+        #[test]
+        fn never_more_than_the_rate(steps in proptest::collection::vec(0u64..500, 1..200), burst in 1u32..10, per_second in 1u32..300) {
+            let rate = Rate::new(per_second, burst);
+            let mut b = TokenBucket::full(rate, Instant(0));
+            let mut now = Instant(0);
+            let mut taken = 0u64;
+            for s in steps {
+                now = now.plus_millis(s);
+                while b.take(rate, now) {
+                    taken += 1;
+                }
+            }
+            proptest::prop_assert!(taken <= u64::from(burst) + now.0 * u64::from(per_second) / 1000);
+        }
     }
 
     #[test]

@@ -78,7 +78,7 @@ use crate::codec::{DecodeError, Reader, put_bytes16};
 use crate::device::Revocations;
 use crate::id::{CellId, NodeId};
 use crate::keys::KEY_LEN;
-use crate::rate::TokenBucket;
+use crate::limits::{Buckets, Rate};
 use crate::relay::MsgId;
 use crate::token::{MAX_TOKEN_LEN, Token};
 use crate::{Instant, Timestamp};
@@ -356,7 +356,7 @@ pub struct Endpoint {
     /// Inbound sessions per sending cell.
     per_cell: BTreeMap<CellId, usize>,
     /// New inbound sessions per sending cell.
-    new_sessions: BTreeMap<CellId, TokenBucket>,
+    new_sessions: Buckets<CellId>,
     pending_acks: Vec<AckHandle>,
     dirty: BTreeSet<SessionKey>,
     gone: BTreeSet<SessionKey>,
@@ -373,7 +373,10 @@ impl Endpoint {
             retired: BTreeMap::new(),
             inbound: BTreeMap::new(),
             per_cell: BTreeMap::new(),
-            new_sessions: BTreeMap::new(),
+            new_sessions: Buckets::new(
+                Rate::every(NEW_SESSION_EVERY_MS, NEW_SESSION_BURST as u32),
+                MAX_SESSIONS,
+            ),
             pending_acks: Vec::new(),
             dirty: BTreeSet::new(),
             gone: BTreeSet::new(),
@@ -604,10 +607,7 @@ impl Endpoint {
                 check_age(time, now)?;
                 let parsed = Parsed::new(id, plain)?;
                 let cell = inbound.peer.cell();
-                let bucket = self.new_sessions.entry(cell).or_insert_with(|| {
-                    TokenBucket::new(NEW_SESSION_BURST, NEW_SESSION_EVERY_MS, now)
-                });
-                if !bucket.take(now) {
+                if !self.new_sessions.take(cell, now) {
                     return Err(OpenError::RateLimited(cell));
                 }
                 self.remember_inbound(key, inbound);
@@ -722,7 +722,6 @@ impl Endpoint {
         for k in idle {
             self.drop_inbound(k);
         }
-        self.new_sessions.retain(|_, b| !b.is_full(now));
     }
 
     /// What changed since the last call: sessions to save and to delete, and whether they
