@@ -147,7 +147,7 @@ pub fn seal(
     let mut nonce = [0u8; NONCE_LEN];
     rng.fill_bytes(&mut salt);
     rng.fill_bytes(&mut nonce);
-    let key = stretch(passphrase, &salt, params)?;
+    let key = stretch(&normalize(passphrase), &salt, params)?;
     let mut buf = encode_secrets(secrets);
     key.seal_in_place_append_tag(
         aead::Nonce::assume_unique_for_key(nonce),
@@ -170,16 +170,33 @@ pub fn open(
     passphrase: &Passphrase,
     header: &[u8],
 ) -> Result<DeviceSecrets, KeystoreError> {
-    let key = stretch(passphrase, &sealed.salt, sealed.params)?;
-    let mut buf = Zeroizing::new(sealed.ciphertext.clone());
-    let plain = key
-        .open_in_place(
+    let normalized = normalize(passphrase);
+    // Sealed before passphrases were normalized: the text as typed, if that differs.
+    let earlier = (normalized[..] != *passphrase.0.as_bytes()).then(|| passphrase.0.as_bytes());
+    for text in std::iter::once(&normalized[..]).chain(earlier) {
+        let key = stretch(text, &sealed.salt, sealed.params)?;
+        let mut buf = Zeroizing::new(sealed.ciphertext.clone());
+        if let Ok(plain) = key.open_in_place(
             aead::Nonce::assume_unique_for_key(sealed.nonce),
             aead::Aad::from(aad(header)),
             &mut buf,
-        )
-        .map_err(|_| KeystoreError::WrongPassphraseOrCorrupt)?;
-    decode_secrets(plain)
+        ) {
+            return decode_secrets(plain);
+        }
+    }
+    Err(KeystoreError::WrongPassphraseOrCorrupt)
+}
+
+/// The passphrase as it is stretched: NFKD-normalized UTF-8, as BIP39 treats its own, so that
+/// one typed with an accent opens the keystore whichever way a keyboard composes it.
+fn normalize(passphrase: &Passphrase) -> Zeroizing<Vec<u8>> {
+    use unicode_normalization::UnicodeNormalization as _;
+    let mut out = Zeroizing::new(Vec::with_capacity(passphrase.0.len()));
+    let mut buf = [0u8; 4];
+    for c in passphrase.0.nfkd() {
+        out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+    }
+    out
 }
 
 fn aad(header: &[u8]) -> Vec<u8> {
@@ -187,7 +204,7 @@ fn aad(header: &[u8]) -> Vec<u8> {
 }
 
 fn stretch(
-    passphrase: &Passphrase,
+    passphrase: &[u8],
     salt: &[u8; SALT_LEN],
     p: KdfParams,
 ) -> Result<aead::LessSafeKey, KeystoreError> {
@@ -202,7 +219,7 @@ fn stretch(
     let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
     let mut key = Zeroizing::new([0u8; KEY_LEN]);
     argon
-        .hash_password_into(passphrase.0.as_bytes(), salt, key.as_mut())
+        .hash_password_into(passphrase, salt, key.as_mut())
         .map_err(|_| KeystoreError::BadParams)?;
     let unbound = aead::UnboundKey::new(&aead::CHACHA20_POLY1305, key.as_ref())
         .map_err(|_| KeystoreError::BadParams)?;
@@ -257,6 +274,40 @@ mod tests {
             cell: Mnemonic::generate(rng).derive(""),
             node: KeyPair::generate(rng),
         }
+    }
+
+    /// A passphrase with an accent opens the keystore whichever way it was composed, and a
+    /// keystore sealed under the text as typed (before passphrases were normalized) still
+    /// opens.
+    #[test]
+    fn passphrases_are_normalized_and_old_keystores_still_open() {
+        let mut rng = ChaCha20Rng::from_seed([4; 32]);
+        let s = secrets(&mut rng);
+        let composed = Passphrase::new("caf\u{e9} au lait".into());
+        let decomposed = Passphrase::new("cafe\u{301} au lait".into());
+        let sealed = seal(&s, &composed, FAST, b"hdr", &mut rng).unwrap();
+        assert!(open(&sealed, &decomposed, b"hdr").is_ok());
+        assert!(open(&sealed, &composed, b"hdr").is_ok());
+        // As an earlier version sealed it: the raw bytes of the composed form.
+        let key = stretch("caf\u{e9} au lait".as_bytes(), &sealed.salt, FAST).unwrap();
+        let mut buf = encode_secrets(&s).to_vec();
+        let tag = key
+            .seal_in_place_separate_tag(
+                aead::Nonce::assume_unique_for_key(sealed.nonce),
+                aead::Aad::from(aad(b"hdr")),
+                &mut buf,
+            )
+            .unwrap();
+        buf.extend_from_slice(tag.as_ref());
+        let old = Sealed {
+            ciphertext: buf,
+            ..sealed.clone()
+        };
+        assert!(open(&old, &composed, b"hdr").is_ok());
+        assert_eq!(
+            open(&old, &Passphrase::new("other".into()), b"hdr").err(),
+            Some(KeystoreError::WrongPassphraseOrCorrupt)
+        );
     }
 
     #[test]
