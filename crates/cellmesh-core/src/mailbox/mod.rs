@@ -487,27 +487,30 @@ impl Mailbox {
             return self.report(token, Err(SealError::TooLarge(body.len()).into()));
         }
         if let Some(id) = id
-            && let Some(send) = self.sends.get_mut(&id)
+            && let Some(envelope) = self.sends.envelope_of(&id)
+            && let Some(send) = self.sends.get_mut(&envelope)
         {
-            // Sent before and still kept: its outcome is this one's.
+            // Sent before (in a bundle perhaps) and still kept: its outcome is this one's.
             let devices = send.devices.len();
-            match send.told {
-                Told::Delivered | Told::Queued => {
-                    let status = if send.told == Told::Delivered {
-                        Status::Delivered
-                    } else {
-                        Status::Queued
-                    };
-                    self.report(
-                        token,
-                        Ok(Sent {
-                            id,
-                            status,
-                            devices,
-                        }),
-                    );
+            let settled = send.devices.iter().all(|d| d.state.settled());
+            let status = match send.told {
+                Told::Delivered => Some(Status::Delivered),
+                Told::Queued => Some(Status::Queued),
+                Told::Nothing | Told::Unknown => None,
+            };
+            match status {
+                Some(status) => self.report(
+                    token,
+                    Ok(Sent {
+                        id,
+                        status,
+                        devices,
+                    }),
+                ),
+                None if settled => {
+                    self.report(token, Err(SendError::Refused(RefuseCode::Other(0))))
                 }
-                Told::Nothing | Told::Unknown => send.tokens.push((token, id)),
+                None => send.tokens.push((token, id)),
             }
             return;
         }
@@ -1331,12 +1334,21 @@ impl Mailbox {
             )))
         };
         if settled {
-            if send.saved {
-                self.ops.push(StoreOp::DeleteSend(id));
-            }
+            let told_unknown = send.told == Told::Unknown;
             if let Some(outcome) = outcome {
                 let events = resolve(send, outcome);
                 self.events.extend(events);
+            }
+            if told_unknown {
+                // The application was told it did not know: it may send this again under its
+                // id, from this run or another. Kept (and saved) until it expires, so that such
+                // a retry learns the outcome instead of sending it twice.
+                self.ops.push(StoreOp::PutSend(id, send.save()));
+                send.saved = true;
+                return;
+            }
+            if send.saved {
+                self.ops.push(StoreOp::DeleteSend(id));
             }
             self.sends.remove(&id);
             return;
@@ -1378,9 +1390,12 @@ impl Mailbox {
             );
             return;
         }
-        // Kept, and tried again on reconnects while this run lasts: no promise made.
+        // Kept, and tried again on reconnects: no promise made, but saved, so that the
+        // application may send it again under its id in a later run and be told its outcome.
         let events = resolve(send, Err(SendError::Unknown(id)));
         self.events.extend(events);
+        self.ops.push(StoreOp::PutSend(id, send.save()));
+        send.saved = true;
     }
 }
 

@@ -142,12 +142,15 @@ impl PendingSend {
         }
         let n = r.u8()? as usize;
         let mut devices = Vec::with_capacity(n);
-        let mut acked = false;
+        let (mut acked, mut queued) = (false, false);
         for _ in 0..n {
             let node = NodeId::from_key(PublicKey::from_bytes_unchecked(&r.array()?));
             let state = match r.u8()? {
                 0 => DevState::Unsealed,
-                1 => DevState::Queued,
+                1 => {
+                    queued = true;
+                    DevState::Queued
+                }
                 2 => {
                     acked = true;
                     DevState::Acked
@@ -172,7 +175,15 @@ impl PendingSend {
             messages,
             devices,
             tokens: Vec::new(),
-            told: if acked { Told::Delivered } else { Told::Queued },
+            // What the application was told follows from the devices: a send saved when its
+            // outcome was unknown has neither an acknowledgement nor a queued copy.
+            told: if acked {
+                Told::Delivered
+            } else if queued {
+                Told::Queued
+            } else {
+                Told::Unknown
+            },
             saved: true,
             created,
         })
@@ -203,6 +214,9 @@ pub(super) struct Sends {
     old: BTreeMap<u64, PendingSend>,
     /// Sends under ids this mailbox did not make.
     foreign: BTreeMap<MsgId, PendingSend>,
+    /// The envelope of each message of a kept bundle, by the message's id (an application
+    /// that sends a message again under its id finds the bundle it went in).
+    by_message: BTreeMap<MsgId, MsgId>,
     len: usize,
 }
 
@@ -216,6 +230,7 @@ impl Sends {
             base: 0,
             old: BTreeMap::new(),
             foreign: BTreeMap::new(),
+            by_message: BTreeMap::new(),
             len: 0,
         }
     }
@@ -255,6 +270,9 @@ impl Sends {
     /// Keeps `send`: under its position if its id is [`Sends::next_id`], else aside.
     pub(super) fn insert(&mut self, send: PendingSend) {
         self.len += 1;
+        for (m, _) in send.messages.iter().filter(|(m, _)| *m != send.id) {
+            self.by_message.insert(*m, send.id);
+        }
         if send.id != self.next_id() {
             self.foreign.insert(send.id, send);
             return;
@@ -299,7 +317,25 @@ impl Sends {
         self.get(id).is_some()
     }
 
+    /// The envelope id of the kept send that carries message `id` (itself, or a bundle).
+    pub(super) fn envelope_of(&self, id: &MsgId) -> Option<MsgId> {
+        if self.contains(id) {
+            return Some(*id);
+        }
+        self.by_message.get(id).copied()
+    }
+
     pub(super) fn remove(&mut self, id: &MsgId) -> Option<PendingSend> {
+        let removed = self.remove_kept(id);
+        if let Some(send) = &removed {
+            for (m, _) in &send.messages {
+                self.by_message.remove(m);
+            }
+        }
+        removed
+    }
+
+    fn remove_kept(&mut self, id: &MsgId) -> Option<PendingSend> {
         let removed = match self.seq(id) {
             None => self.foreign.remove(id),
             Some(seq) if seq < self.base => self.old.remove(&seq),
