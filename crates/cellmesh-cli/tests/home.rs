@@ -243,49 +243,61 @@ fn fake_agent(paths: &[&Path]) -> std::sync::mpsc::Receiver<String> {
         .collect();
     let (tx, got) = std::sync::mpsc::channel();
     let (ready_tx, ready) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let stranger = rustix::process::Uid::from_raw(common::STRANGER);
-        rustix::thread::set_thread_res_uid(None, stranger, None).unwrap();
-        let listeners: Vec<std::os::unix::net::UnixListener> = sockets
-            .into_iter()
-            .map(|fd| {
-                listen(&fd, 4).unwrap();
-                fd.into()
-            })
-            .collect();
-        ready_tx.send(()).unwrap();
-        for listener in &listeners {
-            listener.set_nonblocking(true).unwrap();
-        }
-        loop {
-            for listener in &listeners {
-                if let Ok((mut stream, _)) = listener.accept() {
-                    stream.set_nonblocking(false).unwrap();
-                    stream
-                        .set_read_timeout(Some(std::time::Duration::from_secs(2)))
-                        .unwrap();
-                    let mut line = String::new();
-                    let _ = std::io::BufRead::read_line(
-                        &mut std::io::BufReader::new(&stream),
-                        &mut line,
-                    );
-                    let _ = tx.send(line);
-                    let _ = std::io::Write::write_all(
-                        &mut stream,
-                        format!(
-                            r#"{{"status":"delivered","id":"{}","devices":1}}"#,
-                            "00".repeat(16)
-                        )
-                        .as_bytes(),
-                    );
-                    let _ = std::io::Write::write_all(&mut stream, b"\n");
-                }
+    for fd in sockets {
+        let (tx, ready_tx) = (tx.clone(), ready_tx.clone());
+        // One thread a socket, taking its connections in the order they were made.
+        std::thread::spawn(move || {
+            let stranger = rustix::process::Uid::from_raw(common::STRANGER);
+            rustix::thread::set_thread_res_uid(None, stranger, None).unwrap();
+            listen(&fd, 4).unwrap();
+            let listener = std::os::unix::net::UnixListener::from(fd);
+            ready_tx.send(()).unwrap();
+            for mut stream in listener.incoming().map_while(Result::ok) {
+                stream
+                    .set_read_timeout(Some(std::time::Duration::from_secs(2)))
+                    .unwrap();
+                let mut line = String::new();
+                let _ =
+                    std::io::BufRead::read_line(&mut std::io::BufReader::new(&stream), &mut line);
+                let _ = tx.send(line);
+                let _ = std::io::Write::write_all(
+                    &mut stream,
+                    format!(
+                        r#"{{"status":"delivered","id":"{}","devices":1}}"#,
+                        "00".repeat(16)
+                    )
+                    .as_bytes(),
+                );
+                let _ = std::io::Write::write_all(&mut stream, b"\n");
             }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-    });
-    ready.recv().unwrap();
+        });
+    }
+    for _ in paths {
+        ready.recv().unwrap();
+    }
     got
+}
+
+/// Every line the sockets at `paths` of [`fake_agent`] got (through `got`) before a last one
+/// sent to each now: what anyone sent them earlier, they read first.
+fn lines_until_now(paths: &[&Path], got: &std::sync::mpsc::Receiver<String>) -> Vec<String> {
+    const LAST: &str = "(the test's last line)";
+    for path in paths {
+        let mut stream = std::os::unix::net::UnixStream::connect(path).unwrap();
+        std::io::Write::write_all(&mut stream, format!("{LAST}\n").as_bytes()).unwrap();
+    }
+    let (mut lines, mut last) = (Vec::new(), 0);
+    while last < paths.len() {
+        let line = got
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the fake agent reads its sockets");
+        if line.trim_end() == LAST {
+            last += 1;
+        } else {
+            lines.push(line);
+        }
+    }
+    lines
 }
 
 /// Runs `f` on a thread that acts as uid STRANGER (for this thread only).
@@ -338,9 +350,10 @@ fn send_refuses_a_socket_another_user_serves_or_owns() {
             && stderr.contains(&format!("uid {stranger}")),
         "{stderr}"
     );
-    std::thread::sleep(std::time::Duration::from_millis(300));
     assert!(
-        got.try_iter().all(|l| !l.contains(body)),
+        lines_until_now(&[&socket, &old_place], &got)
+            .iter()
+            .all(|l| !l.contains(body)),
         "the body reached the fake socket"
     );
     std::fs::remove_file(&socket).unwrap();

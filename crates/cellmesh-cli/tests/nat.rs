@@ -271,6 +271,8 @@ struct Proc {
     lines: mpsc::Receiver<Value>,
     seen: Vec<Value>,
     stderr: Arc<Mutex<String>>,
+    /// The thread reading stderr, which ends once the process and its children are gone.
+    stderr_reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Proc {
@@ -315,7 +317,7 @@ impl Proc {
         let stderr = Arc::new(Mutex::new(String::new()));
         let (errout, buf) = (child.stderr.take().unwrap(), stderr.clone());
         let tag = name.to_string();
-        std::thread::spawn(move || {
+        let stderr_reader = std::thread::spawn(move || {
             for line in BufReader::new(errout).lines().map_while(Result::ok) {
                 eprintln!("[{tag} stderr] {line}");
                 let mut buf = buf.lock().unwrap();
@@ -329,6 +331,7 @@ impl Proc {
             lines,
             seen: Vec::new(),
             stderr,
+            stderr_reader: Some(stderr_reader),
         }
     }
 
@@ -391,7 +394,10 @@ impl Proc {
         while let Ok(v) = self.lines.recv_timeout(WAIT) {
             self.seen.push(v);
         }
-        std::thread::sleep(Duration::from_millis(50)); // let the stderr thread catch up
+        // All of stderr read too (its end of file came with the process's exit).
+        if let Some(reader) = self.stderr_reader.take() {
+            reader.join().unwrap();
+        }
         assert!(
             status.success(),
             "{}: exited with {status}; stdout: {:#?}\nstderr:\n{}",

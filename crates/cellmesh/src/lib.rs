@@ -14,6 +14,7 @@
 //! - [`ws`]: WebSocket around a relay's links, for networks that pass only web traffic.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+#![doc(test(attr(deny(warnings))))]
 #![cfg_attr(
     not(test),
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
@@ -48,3 +49,8 @@ pub fn new_mnemonic() -> Mnemonic {
 pub fn now() -> Timestamp {
     clock::timestamp()
 }
+
+/// The README's examples, compiled as this crate's doctests so that they stay true to the API.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;

@@ -190,12 +190,20 @@ async fn a_socket_that_says_nothing_is_closed_and_limits_hold() {
     let hub = Node::start(&device(dir.path(), "hub"), config)
         .await
         .unwrap();
+    let mut events = hub.subscribe();
+    // The listener takes connections in the order they were made, and the first one's slot
+    // before it takes the next.
     let mut silent = TcpStream::connect(addr(&hub)).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    // Over the unauthenticated limit for 127.0.0.1: closed at once.
+    // Over the unauthenticated limit for 127.0.0.1: refused, and closed at once.
     let mut second = TcpStream::connect(addr(&hub)).await.unwrap();
+    let from = second.local_addr().unwrap();
+    let refused = next_matching(&mut events, |e| matches!(e, NodeEvent::Failed { .. })).await;
+    assert!(
+        matches!(&refused, NodeEvent::Failed { addr, reason } if *addr == from && reason.contains("limit")),
+        "{refused:?}"
+    );
     let mut buf = [0u8; 16];
-    let n = tokio::time::timeout(Duration::from_millis(200), second.read(&mut buf)).await;
+    let n = tokio::time::timeout(Duration::from_secs(2), second.read(&mut buf)).await;
     assert!(
         matches!(n, Ok(Ok(0)) | Ok(Err(_))),
         "second connection not closed: {n:?}"
@@ -294,12 +302,12 @@ async fn a_node_refuses_a_device_its_home_holds_a_revocation_for() {
 #[tokio::test]
 async fn a_full_inbox_pauses_reading_but_not_the_connection() {
     let dir = tempfile::tempdir().unwrap();
-    // The hub never reads its one-slot inbox.
+    // The hub's inbox has room for one byte of messages.
     let config = NodeConfig {
-        inbox_capacity: 1,
+        inbox_bytes: 1,
         ..listening()
     };
-    let hub = Node::start(&device(dir.path(), "hub"), config)
+    let mut hub = Node::start(&device(dir.path(), "hub"), config)
         .await
         .unwrap();
     let b = Node::start(&device(dir.path(), "b"), NodeConfig::default())
@@ -307,12 +315,17 @@ async fn a_full_inbox_pauses_reading_but_not_the_connection() {
         .unwrap();
     let mut b_events = b.subscribe();
     b.join(addr(&hub)).await.unwrap();
-    for _ in 0..100 {
-        b.send(hub.node_id(), Bytes::from_static(b"x"))
-            .await
-            .unwrap();
+    // An empty message (it takes no room), then two of one byte, queued without a pause so
+    // that B's driver writes them at once and the hub reads them in one go: it hands the
+    // first two to its inbox, which is then full, and keeps the third.
+    let link = b.sender(hub.node_id()).unwrap();
+    for data in [&b""[..], b"x", b"y"] {
+        link.try_send(Bytes::from_static(data)).unwrap();
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // So once the empty one is out of the inbox, the hub has stopped reading; taking it
+    // frees no room (this test runs on one thread: the hub's driver went as far as it could
+    // before this task runs again).
+    assert!(hub.recv().await.unwrap().data.is_empty());
     // The hub's driver for B still takes commands: shutdown's CLOSE reaches B.
     hub.shutdown(Duration::from_secs(2)).await;
     let reason = left_reason(&mut b_events).await;
@@ -330,9 +343,16 @@ async fn tokens_are_renewed_and_joins_keep_working() {
         .await
         .unwrap();
     let first = hub.node_token().fingerprint();
-    tokio::time::sleep(Duration::from_millis(350)).await;
-    let later = hub.node_token();
-    assert_ne!(later.fingerprint(), first);
+    // Polled (within 5 s): a renewal makes no event.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let later = loop {
+        let token = hub.node_token();
+        if token.fingerprint() != first {
+            break token;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never renewed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(later.claims().key, hub.node_id().key());
     let b = Node::start(&device(dir.path(), "b"), NodeConfig::default())
         .await

@@ -15,9 +15,9 @@ use cellmesh::core::relay::{MsgId, Record, RefuseCode, put_record, records};
 use cellmesh::core::wire::NackCode;
 use cellmesh::home::Unlocked;
 use cellmesh::mailbox::{Mailbox, MailboxConfig, Status};
-use cellmesh::node::{JoinError, Node, NodeConfig};
+use cellmesh::node::{JoinError, Node, NodeConfig, NodeEvent};
 use cellmesh::relay::{Relay, RelayConfig, RelayEvent};
-use common::{device, recv, tap};
+use common::{device, offline, recv, registered, tap};
 use rand_core::{OsRng, RngCore as _};
 
 mod common;
@@ -65,8 +65,14 @@ async fn three_hundred_joins_leave_a_mailbox_connected_and_told_nothing() {
     let other = mailbox(&device(dir.path(), "other"), addr).await;
     // Both registered, and the watched one's directory entry known to the other.
     other.lookup(watched.cell()).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let before = down.lock().unwrap().len();
+    // How many bytes the relay's answer to the watched mailbox's LOOKUP takes on its link.
+    // Asked again after the joins, the same answer comes down that link after whatever the
+    // relay sent it for them (both wait in the link's one queue).
+    let down_len = || down.lock().unwrap().len();
+    let at = down_len();
+    watched.lookup(other.cell()).await.unwrap();
+    let answer = down_len() - at;
+    let before = down_len();
 
     // 300 fresh identities, eight joins at a time (the relay admits eight connections from one
     // address before they have joined), each staying joined.
@@ -87,13 +93,17 @@ async fn three_hundred_joins_leave_a_mailbox_connected_and_told_nothing() {
         }
     }
     let took = started.elapsed();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    watched
+        .lookup(other.cell())
+        .await
+        .expect("the watched mailbox is still there");
 
-    let grew = down.lock().unwrap().len() - before;
+    let grew = (down_len() - before).saturating_sub(answer);
     // An UPDATE carries two tokens, hundreds of bytes; a keepalive is a few dozen.
     assert!(
         grew < 100,
-        "the relay sent the watched mailbox {grew} bytes while {} devices joined in {took:?}",
+        "the relay sent the watched mailbox {grew} bytes (beyond a {answer}-byte answer) while \
+         {} devices joined in {took:?}",
         joined.len()
     );
     while let Ok(ev) = events.try_recv() {
@@ -216,24 +226,42 @@ async fn joined_connections_are_capped_per_cell_and_per_address() {
     })
     .await;
     let addr = relay.local_addrs()[0];
+    let mut events = relay.subscribe();
     let mut keys = device(dir.path(), "cell");
     let first = keys.secrets.dangerous_clone();
     let mut nodes = vec![try_join(&keys, addr).await.unwrap()];
+    let mut replaced = nodes[0].subscribe();
     sibling(&mut keys);
     nodes.push(try_join(&keys, addr).await.unwrap());
+    let second = nodes[1].node_id();
     sibling(&mut keys);
     let refused = try_join(&keys, addr).await;
     assert!(busy(&refused), "a third of the cell: {:?}", refused.err());
     keys.secrets = first;
     nodes.push(try_join(&keys, addr).await.expect("a device joining again"));
-    // Two of the cell and one more from 127.0.0.1: the address is full.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let reason = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let Ok(NodeEvent::Left { reason, .. }) = replaced.recv().await {
+                return reason;
+            }
+        }
+    })
+    .await
+    .expect("the old connection was closed");
+    assert!(reason.contains("replaced"), "{reason}");
+    // Two of the cell and one more from 127.0.0.1: the address is full. The old connection
+    // gives its slot back as its driver ends, a moment after it said so to the device, and
+    // nothing tells when: polled.
     let mut other = device(dir.path(), "other");
-    nodes.push(
-        try_join(&other, addr)
-            .await
-            .expect("the third from this address"),
-    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let third = loop {
+        let joined = try_join(&other, addr).await;
+        if !busy(&joined) || Instant::now() > deadline {
+            break joined;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    nodes.push(third.expect("the third from this address"));
     fresh_identity(&mut other);
     let refused = try_join(&other, addr).await;
     assert!(
@@ -242,9 +270,10 @@ async fn joined_connections_are_capped_per_cell_and_per_address() {
         refused.err()
     );
     // Room again once one leaves (the second device: the first's old connection was
-    // replaced already).
+    // replaced already). The relay handles a departure a moment after the connection ended
+    // and gave its slot back.
     nodes.remove(1).shutdown(Duration::from_millis(100)).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    offline(&mut events, second).await;
     nodes.push(try_join(&other, addr).await.expect("room again"));
     stop_all(nodes).await;
 }
@@ -277,7 +306,8 @@ async fn joins_from_one_address_are_rate_limited() {
         refused_at >= 100 && (refused_at as f64) <= 100.0 + 20.0 * took + 2.0,
         "refused after {refused_at} joins in {took:.2} s"
     );
-    // The bucket refills: a join gets in a moment later.
+    // The bucket refills: a join gets in a moment later (time passing is what this waits
+    // for: a token every 50 ms).
     tokio::time::sleep(Duration::from_millis(200)).await;
     nodes.push(try_join(&keys, addr).await.expect("a token again"));
     stop_all(nodes).await;
@@ -297,30 +327,10 @@ async fn registrations_expire_with_their_queues() {
     let gone_id = gone_node.node_id();
     let gone_cell = gone_node.cell();
     // Online at the relay (it takes the join in a moment after the device has it)...
-    tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            if let Ok(RelayEvent::Registered { node, .. }) = events.recv().await
-                && node == gone_id
-            {
-                return;
-            }
-        }
-    })
-    .await
-    .expect("the relay saw the device join");
+    registered(&mut events, gone_id).await;
     gone_node.shutdown(Duration::from_millis(100)).await;
     // ... then offline (it handles a departure a moment after the link closes).
-    tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            if let Ok(RelayEvent::Offline { node }) = events.recv().await
-                && node == gone_id
-            {
-                return;
-            }
-        }
-    })
-    .await
-    .expect("the relay saw the device leave");
+    offline(&mut events, gone_id).await;
     let m = mailbox(&stays, addr).await;
     // Queued for it while it is away.
     let mut raw = RawDevice::join(&device(dir.path(), "raw"), addr).await;
@@ -471,6 +481,15 @@ impl RawDevice {
 
 const SLASH_64_TEST: &str = "addresses_of_one_ipv6_slash_64_share_the_per_address_limit";
 
+/// The namespace test cannot run here: it says so and passes, except under CI (`CI=true`),
+/// where a skip would hide that it never ran.
+fn skip(reason: &str) {
+    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+        panic!("{SLASH_64_TEST} cannot run on this CI machine, and CI runs every test: {reason}");
+    }
+    eprintln!("SKIPPED {SLASH_64_TEST}: {reason}");
+}
+
 /// Issue 10, finding 8: the limit of 8 unauthenticated connections per IP counted exact
 /// addresses, so one IPv6 /64 (2^64 addresses, one subscriber's usual share) got around it.
 /// Now an IPv6 /64 counts as one address. Run in a network namespace of its own (re-running
@@ -488,11 +507,11 @@ fn addresses_of_one_ipv6_slash_64_share_the_per_address_limit() {
             .output();
         let out = match out {
             Ok(out) => out,
-            Err(e) => return eprintln!("SKIPPED {SLASH_64_TEST}: no unshare ({e})"),
+            Err(e) => return skip(&format!("no unshare ({e})")),
         };
         let stderr = String::from_utf8_lossy(&out.stderr);
         if !out.status.success() && stderr.starts_with("unshare:") {
-            return eprintln!("SKIPPED {SLASH_64_TEST}: {}", stderr.trim());
+            return skip(stderr.trim());
         }
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
@@ -528,7 +547,7 @@ fn addresses_of_one_ipv6_slash_64_share_the_per_address_limit() {
         ]);
     }
     if !ready {
-        return eprintln!("SKIPPED {SLASH_64_TEST}: could not set up addresses with `ip`");
+        return skip("could not set up addresses with `ip`");
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -564,20 +583,28 @@ fn addresses_of_one_ipv6_slash_64_share_the_per_address_limit() {
                 Ok(Ok(0) | Err(_))
             )
         }
+        // The listener takes connections in the order they were made, and each one's slot
+        // before it takes the next.
         let mut held = vec![from("2001:db8:1:2::2").await, from("2001:db8:1:2::3").await];
-        tokio::time::sleep(Duration::from_millis(200)).await;
         let mut same_64 = from("2001:db8:1:2::4").await;
         assert!(
             closed(&mut same_64, Duration::from_secs(2)).await,
             "a third connection from the same /64 was kept"
         );
         let mut other_64 = from("2001:db8:1:3::1").await;
+        // Refused too, once the relay has decided on the one before it: had that one been
+        // refused, it would have been closed first.
+        let mut after = from("2001:db8:1:2::4").await;
         assert!(
-            !closed(&mut other_64, Duration::from_millis(500)).await,
+            closed(&mut after, Duration::from_secs(2)).await,
+            "a fourth connection from the same /64 was kept"
+        );
+        assert!(
+            !closed(&mut other_64, Duration::ZERO).await,
             "another /64 was refused"
         );
         for s in &mut held {
-            assert!(!closed(s, Duration::from_millis(100)).await);
+            assert!(!closed(s, Duration::ZERO).await, "a held slot was let go");
         }
         relay.shutdown().await;
     });

@@ -147,9 +147,10 @@ async fn a_tls_handshake_holds_an_unauthenticated_slot_and_times_out_with_the_se
         .await
         .unwrap();
 
-    // A connection that never starts its TLS handshake takes 127.0.0.1's one slot ...
+    // A connection that never starts its TLS handshake takes 127.0.0.1's one slot (the
+    // listener takes connections in the order they were made, each one's slot before the
+    // next) ...
     let mut silent = TcpStream::connect(addr).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
     let err = client
         .join_with(addr, &tls_to("localhost", Some(&cert)), None)
         .await

@@ -306,9 +306,9 @@ async fn telling_websocket_apart_holds_an_unauthenticated_slot_within_the_setup_
         .await
         .unwrap();
 
-    // A connection that sends nothing takes 127.0.0.1's one slot ...
+    // A connection that sends nothing takes 127.0.0.1's one slot (the listener takes
+    // connections in the order they were made, each one's slot before the next) ...
     let mut silent = TcpStream::connect(addr).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
     let err = client
         .join_with(addr, &ws_to(addr), None)
         .await
@@ -323,7 +323,8 @@ async fn telling_websocket_apart_holds_an_unauthenticated_slot_within_the_setup_
     let closed = tokio::time::timeout(Duration::from_secs(2), silent.read_to_end(&mut rest)).await;
     assert!(closed.is_ok(), "the silent connection was closed");
 
-    // An upgrade request that never ends, sent a byte at a time.
+    // An upgrade request that never ends, sent a byte at a time (slowly: that is the
+    // attack).
     let mut slow = TcpStream::connect(addr).await.unwrap();
     for b in b"GET / HT" {
         slow.write_all(&[*b]).await.unwrap();

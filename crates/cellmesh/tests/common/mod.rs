@@ -15,6 +15,7 @@ use cellmesh::core::mnemonic::Mnemonic;
 use cellmesh::home::{Home, Unlocked};
 use cellmesh::mailbox::{Mailbox, MailboxError, MailboxSender, Sent, Ticket};
 use cellmesh::node::{Node, NodeEvent};
+use cellmesh::relay::RelayEvent;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -58,6 +59,48 @@ pub async fn failure(events: &mut broadcast::Receiver<NodeEvent>) -> String {
     })
     .await
     .expect("a Failed event within 5 s")
+}
+
+/// The first relay event `want` picks something out of, within 10 s.
+pub async fn relay_event<T>(
+    events: &mut broadcast::Receiver<RelayEvent>,
+    what: &str,
+    mut want: impl FnMut(&RelayEvent) -> Option<T>,
+) -> T {
+    let found = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match events.recv().await {
+                Ok(e) => {
+                    if let Some(t) = want(&e) {
+                        return t;
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => panic!("the relay stopped"),
+            }
+        }
+    });
+    found
+        .await
+        .unwrap_or_else(|_| panic!("no {what} event within 10 s"))
+}
+
+/// Waits until the relay has taken `node`'s join (a device's own join returns a moment
+/// before): from then on it is online there, and its leaving is an `Offline` event.
+pub async fn registered(events: &mut broadcast::Receiver<RelayEvent>, node: NodeId) {
+    relay_event(events, "Registered", |e| {
+        matches!(e, RelayEvent::Registered { node: n, .. } if *n == node).then_some(())
+    })
+    .await
+}
+
+/// Waits until the relay has handled `node`'s departure (what it sent before leaving, its
+/// last DELIVERED above all, was handled first): what is sent to it now is queued.
+pub async fn offline(events: &mut broadcast::Receiver<RelayEvent>, node: NodeId) {
+    relay_event(events, "Offline", |e| {
+        matches!(e, RelayEvent::Offline { node: n } if *n == node).then_some(())
+    })
+    .await
 }
 
 /// `client`, joined to `hub` (node `hub_node`), and `hub` each send the other `n` messages of
@@ -236,13 +279,6 @@ impl Reader {
             .await
             .expect("a message within 10 s")
             .expect("mailbox open")
-    }
-
-    /// Whether no message comes within `ms` (which must be long enough for one that would).
-    pub async fn silent_for(&mut self, ms: u64) -> bool {
-        tokio::time::timeout(Duration::from_millis(ms), self.rx.recv())
-            .await
-            .is_err()
     }
 
     /// Closes the mailbox (what was taken is acknowledged).
