@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# NATS-over-TLS loopback benchmark: one publisher, one nats-server, one subscriber.
+# NATS loopback benchmark: one publisher, one nats-server, one subscriber; over TLS, or
+# over plain TCP with NATS_TLS=0.
 #
 #   bench/nats/run.sh [extra nats-bench args, e.g. --count 64=3000000 --rtt 20000]
 #
-# Environment: NATS_MAX_PENDING (server max_pending, default 2GB).
+# Environment: NATS_MAX_PENDING (server max_pending, default 2GB); NATS_TLS (1, default: TLS
+# required; 0: plain TCP, lines labelled nats-plain).
 #
 # Installs Debian's nats-server if missing, makes a throwaway CA + server certificate,
 # starts nats-server (TLS required) on a free 127.0.0.1 port, runs the client
@@ -22,6 +24,8 @@ if ! command -v nats-server >/dev/null 2>&1; then
         apt-get install -y nats-server >/dev/null
     fi
 fi
+tls="${NATS_TLS:-1}"
+[[ "$tls" == 0 || "$tls" == 1 ]] || { echo "run.sh: NATS_TLS is 0 or 1" >&2; exit 2; }
 command -v openssl >/dev/null || { echo "run.sh: openssl is required" >&2; exit 1; }
 
 echo "run.sh: building client" >&2
@@ -69,12 +73,16 @@ ports_file_dir: "$tmp"
 max_payload: 1MB
 max_pending: ${NATS_MAX_PENDING:-2GB}
 write_deadline: "60s"
+CONF
+if [[ "$tls" == 1 ]]; then
+    cat >>"$tmp/nats.conf" <<CONF
 tls {
   cert_file: "$tmp/server.pem"
   key_file: "$tmp/server.key"
   timeout: 5
 }
 CONF
+fi
 
 nats-server -c "$tmp/nats.conf" >"$tmp/server.log" 2>&1 &
 server_pid=$!
@@ -84,7 +92,10 @@ for _ in $(seq 1 100); do
     pf="$tmp/nats-server_${server_pid}.ports"
     if [[ -s "$pf" ]]; then
         port="$(grep -o '127\.0\.0\.1:[0-9]*' "$pf" | head -1 | cut -d: -f2)"
-        [[ -n "$port" ]] && url="tls://127.0.0.1:$port" && break
+        if [[ -n "$port" ]]; then
+            if [[ "$tls" == 1 ]]; then url="tls://127.0.0.1:$port"; else url="nats://127.0.0.1:$port"; fi
+            break
+        fi
     fi
     kill -0 "$server_pid" 2>/dev/null || break
     sleep 0.1
@@ -94,10 +105,14 @@ if [[ -z "$url" ]]; then
     cat "$tmp/server.log" >&2
     exit 1
 fi
-echo "run.sh: nats-server $(nats-server --version | awk '{print $2}') on $url (TLS required)" >&2
+echo "run.sh: nats-server $(nats-server --version | awk '{print $2}') on $url" >&2
 
 rc=0
-"$client" --url "$url" --ca "$tmp/ca.pem" "$@" || rc=$?
+if [[ "$tls" == 1 ]]; then
+    "$client" --url "$url" --ca "$tmp/ca.pem" "$@" || rc=$?
+else
+    "$client" --url "$url" --plain "$@" || rc=$?
+fi
 
 if ! kill -0 "$server_pid" 2>/dev/null; then
     echo "run.sh: nats-server died during the run" >&2

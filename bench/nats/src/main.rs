@@ -1,6 +1,7 @@
-//! NATS-over-TLS loopback benchmark client (driven by ../run.sh).
+//! NATS loopback benchmark client (driven by ../run.sh), over TLS (`--ca`) or plain TCP
+//! (`--plain`).
 //!
-//! One process, two TLS connections to one nats-server: a publisher connection and a
+//! One process, two connections to one nats-server: a publisher connection and a
 //! subscriber connection, each driven by its own task on a 2-worker tokio runtime.
 //!
 //! Throughput, per size: the subscriber subscribes (and flushes, so the server has the
@@ -14,7 +15,7 @@
 //! Output, one line per measurement on stdout:
 //!   nats-tls size=64 msgs_per_s=1080000 mb_per_s=69.1
 //!   nats-tls rtt size=64 p50_us=151 p99_us=300
-//! (MB = 10^6 bytes of payload.) Diagnostics go to stderr.
+//! (`nats-plain` in place of `nats-tls` with `--plain`; MB = 10^6 bytes of payload.) Diagnostics go to stderr.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -39,7 +40,9 @@ const RECEIVE_GRACE: Duration = Duration::from_secs(10);
 
 struct Args {
     url: String,
-    ca: PathBuf,
+    /// `None`: plain TCP (`--plain`).
+    ca: Option<PathBuf>,
+    plain: bool,
     sizes: Vec<usize>,
     counts: Vec<(usize, u64)>,
     rtt: usize,
@@ -61,7 +64,7 @@ fn default_count(size: usize) -> u64 {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: nats-bench --url tls://127.0.0.1:PORT --ca CA.pem [--sizes 64,1024,16384] \
+        "usage: nats-bench --url tls://127.0.0.1:PORT (--ca CA.pem | --plain) [--sizes 64,1024,16384] \
          [--count SIZE=N]... [--rtt 20000] [--warmup 2000] [--client-capacity N] \
          [--sub-capacity N] [--workers 2]"
     );
@@ -71,7 +74,8 @@ fn usage() -> ! {
 fn parse_args() -> Args {
     let mut a = Args {
         url: String::new(),
-        ca: PathBuf::new(),
+        ca: None,
+        plain: false,
         sizes: vec![64, 1024, 16384],
         counts: Vec::new(),
         rtt: 20_000,
@@ -82,11 +86,15 @@ fn parse_args() -> Args {
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
+        if k == "--plain" {
+            a.plain = true;
+            continue;
+        }
         let v = it.next().unwrap_or_else(|| usage());
         let num = |s: &str| s.parse::<u64>().unwrap_or_else(|_| usage());
         match k.as_str() {
             "--url" => a.url = v,
-            "--ca" => a.ca = PathBuf::from(v),
+            "--ca" => a.ca = Some(PathBuf::from(v)),
             "--sizes" => a.sizes = v.split(',').map(|s| num(s) as usize).collect(),
             "--count" => {
                 let (s, n) = v.split_once('=').unwrap_or_else(|| usage());
@@ -100,7 +108,7 @@ fn parse_args() -> Args {
             _ => usage(),
         }
     }
-    if a.url.is_empty() || a.ca.as_os_str().is_empty() {
+    if a.url.is_empty() || a.plain == a.ca.is_some() {
         usage()
     }
     a
@@ -108,10 +116,11 @@ fn parse_args() -> Args {
 
 async fn connect(a: &Args, name: &str, slow: Arc<AtomicU64>) -> Result<Client> {
     let name_owned = name.to_string();
-    let client = ConnectOptions::new()
-        .name(name)
-        .require_tls(true)
-        .add_root_certificates(a.ca.clone())
+    let mut options = ConnectOptions::new().name(name);
+    if let Some(ca) = &a.ca {
+        options = options.require_tls(true).add_root_certificates(ca.clone());
+    }
+    let client = options
         .subscription_capacity(a.sub_capacity)
         .client_capacity(a.client_capacity)
         .event_callback(move |ev| {
@@ -130,8 +139,12 @@ async fn connect(a: &Args, name: &str, slow: Arc<AtomicU64>) -> Result<Client> {
         .connect(a.url.as_str())
         .await?;
     let info = client.server_info();
-    if !info.tls_required {
-        return Err("server did not require TLS".into());
+    if info.tls_required == a.plain {
+        return Err(format!(
+            "server tls_required={} against --plain={}",
+            info.tls_required, a.plain
+        )
+        .into());
     }
     Ok(client)
 }
@@ -315,6 +328,7 @@ async fn run(a: Args) -> Result<()> {
         a.sub_capacity,
         a.client_capacity
     );
+    let label = if a.plain { "nats-plain" } else { "nats-tls" };
     for &size in &a.sizes {
         let n = a
             .counts
@@ -322,11 +336,11 @@ async fn run(a: Args) -> Result<()> {
             .find(|c| c.0 == size)
             .map_or(default_count(size), |c| c.1);
         let (mps, mbps) = throughput(&pubc, &subc, &slow, size, n).await?;
-        println!("nats-tls size={size} msgs_per_s={mps:.0} mb_per_s={mbps:.1}");
+        println!("{label} size={size} msgs_per_s={mps:.0} mb_per_s={mbps:.1}");
     }
     if a.rtt > 0 {
         let (p50, p99) = rtt(&pubc, &subc, 64, a.warmup, a.rtt).await?;
-        println!("nats-tls rtt size=64 p50_us={p50:.0} p99_us={p99:.0}");
+        println!("{label} rtt size=64 p50_us={p50:.0} p99_us={p99:.0}");
     }
     pubc.flush().await?;
     subc.flush().await?;

@@ -42,6 +42,11 @@ pub struct RelayArgs {
     /// within about this plus 40 MiB and its connections' buffers.
     #[arg(long, value_name = "MIB", default_value_t = cellmesh::relay::DEFAULT_MEMORY >> 20)]
     memory: usize,
+    /// Envelopes a second each sending cell may forward, sustained (bursts of twice this);
+    /// envelopes over it are refused as rate-limited (the sending mailbox retries them).
+    #[arg(long, value_name = "N", default_value_t = 200_000,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000_000))]
+    cell_rate: u32,
     /// Drop a device's registration, and its queue, after this many days without it.
     #[arg(long, value_name = "DAYS", default_value_t = 30)]
     registration_days: u64,
@@ -582,6 +587,8 @@ pub fn relay(home: &Home, args: &RelayArgs) -> Result<()> {
         config.allow = Some(args.allow.iter().copied().collect::<BTreeSet<_>>());
     }
     config.fit_memory(args.memory.max(1).saturating_mul(1 << 20));
+    config.rate_per_cell = args.cell_rate;
+    config.burst_per_cell = args.cell_rate.saturating_mul(2);
     config.registrations.ttl_secs = args.registration_days.saturating_mul(24 * 3600);
     config.summary_every = (args.summary_secs > 0).then(|| Duration::from_secs(args.summary_secs));
     config.envelope_events = args.log_metadata;

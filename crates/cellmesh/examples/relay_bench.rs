@@ -64,18 +64,84 @@ fn main() {
     rt.block_on(run(Duration::from_secs_f64(secs), sizes));
 }
 
+/// The relay under test: its own process (`cellmesh relay`, as users run it) when
+/// `CELLMESH_BENCH_RELAY` names the binary, else in this process.
+enum RelayUnder {
+    Process(std::process::Child),
+    InProcess(Relay),
+}
+
+impl RelayUnder {
+    async fn start(dir: &std::path::Path) -> (Self, std::net::SocketAddr) {
+        let keys = device(dir, "relay");
+        if let Ok(bin) = std::env::var("CELLMESH_BENCH_RELAY") {
+            drop(keys);
+            let mut child = std::process::Command::new(bin)
+                .args([
+                    "relay",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--json",
+                    "--cell-rate",
+                    "1000000000",
+                ])
+                .arg("--data")
+                .arg(dir.join("relay-data"))
+                .env("CELLMESH_HOME", dir.join("relay"))
+                .env("CELLMESH_PASSPHRASE", "bench")
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("cellmesh relay starts");
+            let stdout = child.stdout.take().expect("stdout");
+            let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
+            let addr = loop {
+                let line = lines.next().expect("a line").expect("readable");
+                let v: serde_json::Value = serde_json::from_str(&line).expect("JSON");
+                if v["event"] == "listening" {
+                    break v["addr"].as_str().expect("addr").parse().expect("address");
+                }
+            };
+            // Its later lines (the periodic summary) are read and dropped.
+            std::thread::spawn(move || for _ in lines {});
+            return (Self::Process(child), addr);
+        }
+        let mut config = RelayConfig::new(
+            vec!["127.0.0.1:0".parse().expect("addr")],
+            dir.join("relay-data"),
+        );
+        config.rate_per_cell = u32::MAX / 2;
+        config.burst_per_cell = u32::MAX / 2;
+        let relay = Relay::start(&keys, config).await.expect("relay");
+        let addr = relay.local_addrs()[0];
+        (Self::InProcess(relay), addr)
+    }
+
+    async fn stop(self) {
+        match self {
+            Self::Process(mut child) => {
+                let _ = std::process::Command::new("kill")
+                    .args(["-TERM", &child.id().to_string()])
+                    .status();
+                let _ = child.wait();
+            }
+            Self::InProcess(relay) => {
+                let stats = relay.stats();
+                println!(
+                    "relay: {} pushed, {} queued, {} refused",
+                    stats.pushed, stats.queued, stats.refused
+                );
+                relay.shutdown().await;
+            }
+        }
+    }
+}
+
 async fn run(per_trial: Duration, sizes: Vec<usize>) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let mut config = RelayConfig::new(
-        vec!["127.0.0.1:0".parse().expect("addr")],
-        dir.path().join("relay-data"),
-    );
-    config.rate_per_cell = u32::MAX / 2;
-    config.burst_per_cell = u32::MAX / 2;
-    let relay = Relay::start(&device(dir.path(), "relay"), config)
-        .await
-        .expect("relay");
-    let addr = relay.local_addrs()[0];
+    let (relay, addr) = RelayUnder::start(dir.path()).await;
+    if matches!(relay, RelayUnder::Process(_)) {
+        println!("relay: its own process (cellmesh relay)");
+    }
     let connect = |keys: Unlocked| async move {
         let mut config = MailboxConfig::new(addr);
         config.ack_timeout = Duration::from_secs(60);
@@ -113,13 +179,8 @@ async fn run(per_trial: Duration, sizes: Vec<usize>) {
     let mut publisher = publisher;
     let (p50, p99) = round_trips(&mut publisher, subscriber, 5000).await;
     println!("round trip 64 B, one at a time: p50 {p50:.0} us, p99 {p99:.0} us");
-    let stats = relay.stats();
-    println!(
-        "relay: {} pushed, {} queued, {} refused",
-        stats.pushed, stats.queued, stats.refused
-    );
     publisher.close().await;
-    relay.shutdown().await;
+    relay.stop().await;
 }
 
 /// Streams `size`-byte messages for about `duration`; returns messages/s at the receiver.
