@@ -33,6 +33,7 @@ pub mod keystore;
 pub mod limits;
 pub mod mailbox;
 pub mod mnemonic;
+pub mod node;
 pub mod peers;
 pub mod relay;
 pub mod session;

@@ -110,6 +110,22 @@ impl TestNode {
         .expect("a test device's tokens verify")
     }
 
+    /// This device's node token and identity token, bound as a peer sees them at join.
+    pub fn binding(&self) -> crate::device::DeviceBinding {
+        device::bind(
+            &self
+                .node_token
+                .verify_signatures()
+                .expect("a test node token verifies"),
+            &self
+                .identity
+                .verify_signatures()
+                .expect("a test identity token verifies"),
+            &device::Revocations::new(),
+        )
+        .expect("a test device's tokens bind")
+    }
+
     /// A connection configuration with default limits.
     pub fn config(&self) -> ConnectionConfig {
         let local =

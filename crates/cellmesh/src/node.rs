@@ -3,19 +3,23 @@
 //! ```text
 //!  TcpListener ──accept──► limits ─[TLS]─[WS?]─► driver task ───────────────────────┐
 //!  Node::join ───dial────► limits ─[TLS]─[WS]──► driver task ───────────────────────┤
-//!    limits: connections, unauthenticated, per address; TLS, WebSocket when set     │
-//!    at JOIN (inbound): join rates, joined per cell and per address, `admit`        │
+//!    limits (core NodeState::accept/dial); TLS, WebSocket when set                  │
+//!    at JOIN (inbound): NodeState::admit (join rates, joined caps, `admit`)         │
 //!                                                                                   │
 //!  driver task (one per connection; owns the socket and the core Connection):       │
-//!    socket bytes ─► Connection::handle_input ─► events ─► peer table / NodeEvent / inbox
+//!    socket bytes ─► Connection::handle_input ─► data ─► inbox                      │
+//!                                                └─► joins, refusals, UPDATEs ─► NodeState
 //!    Cmd (send, update, close) ─► Connection ─► poll_transmit ─► one batched write
 //!    timer ─► Connection::handle_timeout (setup deadline, keepalive, idle)          │
 //!                                                                                   │
-//!  Shared: PeerTable<ConnId> (core), each connection's command sender ◄─────────────┘
+//!  Shared: the core NodeState (peer table, limits, bootstrap, renewal) and each ◄───┘
+//!  connection's command sender; NodeState's actions (dial, UPDATE, close, events,
+//!  reconfigure) are applied under its lock, its timers run in one task.
 //! ```
 //!
-//! All protocol decisions are the core's; this module moves bytes, keeps time and applies
-//! limits. Writing is a `select!` branch next to reading, so two peers that both send faster
+//! All protocol decisions are the core's ([`cellmesh_core::node::NodeState`] for the node,
+//! [`Connection`] for each link); this module moves bytes, keeps time and applies what they
+//! decide. Writing is a `select!` branch next to reading, so two peers that both send faster
 //! than the other reads cannot deadlock; commands are taken only while the write backlog is
 //! under a high-water mark, which is the back-pressure an application feels through
 //! [`PeerSender::send`]. Received data goes to an inbox bounded in messages and in bytes: an
@@ -38,7 +42,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -47,15 +51,16 @@ use cellmesh_core::connection::{Check, Connection, ConnectionConfig, Event, Join
 use cellmesh_core::device::{BindError, DeviceBinding, Revocations};
 use cellmesh_core::id::{CellId, NodeId};
 use cellmesh_core::keystore::DeviceSecrets;
-use cellmesh_core::limits::{AddrGroup, Buckets, Rate, Slots, TokenBucket};
-use cellmesh_core::peers::PeerTable;
+use cellmesh_core::limits::Rate;
+use cellmesh_core::node::{Action, ConnId, JoinFailure, NoRoom, NodeRules, NodeState};
+pub use cellmesh_core::node::{NodeEvent, PeerInfo};
 use cellmesh_core::token::{RealmAnchor, Token, VerifiedToken};
 use cellmesh_core::wire::{CloseCode, MAX_PAYLOAD, NackCode};
 use rand_core::OsRng;
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, broadcast, mpsc, oneshot, watch};
+use tokio::sync::{Notify, Semaphore, broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::home::Unlocked;
@@ -211,67 +216,6 @@ pub enum Transport {
     },
 }
 
-/// A joined peer.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PeerInfo {
-    /// Its node.
-    pub node: NodeId,
-    /// Its cell.
-    pub cell: CellId,
-    /// Its address.
-    pub addr: SocketAddr,
-    /// Whether it dialed us.
-    pub inbound: bool,
-    /// Its node token and its cell's identity token, as verified at join.
-    pub binding: Arc<DeviceBinding>,
-}
-
-/// Something that happened at this node.
-#[derive(Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum NodeEvent {
-    /// A peer joined us, or we joined it.
-    Joined(PeerInfo),
-    /// A join was refused, by us (`by_peer` false) or by the peer.
-    JoinRefused {
-        /// The peer's address.
-        addr: SocketAddr,
-        /// Its node.
-        node: NodeId,
-        /// The cell it claimed.
-        cell: CellId,
-        /// The NACK code.
-        code: NackCode,
-        /// Detail.
-        reason: String,
-        /// Whether the peer refused us.
-        by_peer: bool,
-    },
-    /// A peer told us of a node that joined it.
-    Learned {
-        /// The node.
-        node: NodeId,
-        /// Its cell.
-        cell: CellId,
-        /// Who told us.
-        via: NodeId,
-    },
-    /// A joined peer went away.
-    Left {
-        /// The peer.
-        peer: PeerInfo,
-        /// Why.
-        reason: String,
-    },
-    /// A connection ended before joining (handshake failure, timeout, limits).
-    Failed {
-        /// The peer's address.
-        addr: SocketAddr,
-        /// Why.
-        reason: String,
-    },
-}
-
 /// Application data received from a peer.
 #[derive(Clone, Debug)]
 pub struct Incoming {
@@ -388,10 +332,9 @@ pub enum TrySendError {
 
 enum Cmd {
     Send(Bytes),
-    Update(Box<DeviceBinding>),
+    Update(Arc<DeviceBinding>),
 }
 
-type ConnId = u64;
 type JoinReply = oneshot::Sender<Result<PeerInfo, JoinError>>;
 
 struct ConnEntry {
@@ -401,7 +344,6 @@ struct ConnEntry {
     /// Closing does not queue behind commands: a peer that does not read keeps the command
     /// queue full, and it is the one most likely to be closed.
     close: watch::Sender<Option<(CloseCode, &'static str)>>,
-    peer: Option<PeerInfo>,
 }
 
 impl ConnEntry {
@@ -418,143 +360,62 @@ impl ConnEntry {
 }
 
 struct State {
-    table: PeerTable<ConnId>,
+    /// Every decision: limits, admission, the peer table, bootstrap, renewal.
+    core: NodeState,
+    /// The drivers' channels, from the start of each connection's link to its end.
     conns: HashMap<ConnId, ConnEntry>,
-    unauthenticated_by_ip: HashMap<AddrGroup, usize>,
-    /// Joined inbound connections, per cell and per address.
-    joined_cells: Slots<CellId>,
-    joined_addrs: Slots<AddrGroup>,
-    joins_by_addr: Buckets<AddrGroup>,
-    joins: TokenBucket,
-    shutting_down: bool,
+    /// Where the dials [`Node::join`] made wait for their outcome, with their address.
+    replies: HashMap<ConnId, (SocketAddr, JoinReply)>,
 }
 
-/// Addresses whose join rate is tracked at once; beyond, joins from new addresses are
-/// refused until older buckets fill up again (the node-wide rate still applies).
-const MAX_JOIN_BUCKETS: usize = 65_536;
+/// One connection the core counts, from [`NodeState::accept`] or [`NodeState::dial`] to its
+/// end: dropping it (whatever ends the task: an error, the end of the link, a panic) tells the
+/// core, which frees its slots and reports it, and forgets the driver's channels.
+struct Counted {
+    shared: Arc<Shared>,
+    id: ConnId,
+    /// Whether its link started (a driver ran it): the end is then `closed`, else `abandoned`.
+    linked: bool,
+    reason: String,
+}
 
-impl State {
-    fn new(config: &NodeConfig) -> Self {
+impl Counted {
+    fn new(shared: &Arc<Shared>, id: ConnId) -> Self {
         Self {
-            table: PeerTable::default(),
-            conns: HashMap::new(),
-            unauthenticated_by_ip: HashMap::new(),
-            joined_cells: Slots::new(config.max_joined_per_cell, usize::MAX),
-            joined_addrs: Slots::new(config.max_joined_per_ip, usize::MAX),
-            joins_by_addr: Buckets::new(config.join_rate_per_ip, MAX_JOIN_BUCKETS),
-            joins: TokenBucket::full(config.join_rate, now()),
-            shutting_down: false,
-        }
-    }
-}
-
-/// A connection's place among those not yet joined: a slot of the node-wide limit and one of
-/// its address's. Dropping it (on join, or when the connection ends) frees both.
-struct UnauthSlot {
-    _permit: OwnedSemaphorePermit,
-    shared: Arc<Shared>,
-    ip: AddrGroup,
-}
-
-impl UnauthSlot {
-    fn take(shared: &Arc<Shared>, ip: AddrGroup) -> Option<Self> {
-        let permit = Arc::clone(&shared.unauth_limit).try_acquire_owned().ok()?;
-        let mut state = shared.state();
-        let count = state.unauthenticated_by_ip.entry(ip).or_insert(0);
-        if *count >= shared.node_config.max_unauthenticated_per_ip {
-            return None;
-        }
-        *count += 1;
-        drop(state);
-        Some(Self {
-            _permit: permit,
             shared: Arc::clone(shared),
-            ip,
-        })
+            id,
+            linked: false,
+            reason: "connection task ended".into(),
+        }
     }
 }
 
-impl Drop for UnauthSlot {
+impl Drop for Counted {
     fn drop(&mut self) {
-        let mut state = self.shared.state();
-        if let Some(count) = state.unauthenticated_by_ip.get_mut(&self.ip) {
-            *count -= 1;
-            if *count == 0 {
-                state.unauthenticated_by_ip.remove(&self.ip);
+        let reason = std::mem::take(&mut self.reason);
+        let (id, linked) = (self.id, self.linked);
+        self.shared.with_state(|state| {
+            state.conns.remove(&id);
+            if linked {
+                state.core.closed(id, reason);
+            } else {
+                state.core.abandoned(id, reason, now());
             }
-        }
+        });
+        // After the core's outcome went out: what is left waits for nothing.
+        self.shared.state().replies.remove(&id);
+        self.shared.gone.notify_waiters();
     }
 }
 
-/// The joined-connection slots an inbound connection holds once its JOIN passed the node's
-/// limits (see [`admission`]); given back when the connection, which owns the check holding
-/// this, is dropped.
-struct JoinSlot {
-    shared: Arc<Shared>,
-    addr: AddrGroup,
-    held: Mutex<Option<CellId>>,
-}
-
-impl Drop for JoinSlot {
-    fn drop(&mut self) {
-        let held = self.held.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(cell) = held {
-            let mut state = self.shared.state();
-            state.joined_cells.release(cell);
-            state.joined_addrs.release(self.addr);
-        }
-    }
-}
-
-/// The check an inbound connection from `addr` runs last on its JOIN: the join rates (the
-/// address's, then everyone's), the joined-connection caps of its cell and address (waived for
-/// a device already joined, whose old connection the new one replaces), then the node's
-/// `admit`. Passing takes the slots, which the connection holds until it is dropped.
-fn admission(shared: &Arc<Shared>, addr: AddrGroup) -> Check {
-    let slot = Arc::new(JoinSlot {
-        shared: Arc::clone(shared),
-        addr,
-        held: Mutex::new(None),
-    });
+/// The check an inbound connection runs last on its JOIN: the core's admission for it.
+fn admission(shared: &Arc<Shared>, id: ConnId) -> Check {
+    let shared = Arc::downgrade(shared);
     Arc::new(move |binding: &DeviceBinding| {
-        let shared = &slot.shared;
-        let config = &shared.node_config;
-        let busy = |reason: &str| Err(Refusal::new(NackCode::Busy, reason));
-        let cell = binding.cell();
-        {
-            let t = now();
-            let mut state = shared.state();
-            if !state.joins_by_addr.take(addr, t) {
-                return busy("too many joins from this address; try again later");
-            }
-            let rate = config.join_rate;
-            if !state.joins.take(rate, t) {
-                return busy("too many joins; try again later");
-            }
-            let replacing = state.table.get(&binding.node()).is_some();
-            if !replacing {
-                if state.joined_cells.held(cell) >= config.max_joined_per_cell {
-                    return busy("this cell has the most connections this node takes");
-                }
-                if state.joined_addrs.held(addr) >= config.max_joined_per_ip {
-                    return busy("this address has the most connections this node takes");
-                }
-            }
-            state.joined_cells.add(cell);
-            state.joined_addrs.add(addr);
-            *slot.held.lock().unwrap_or_else(|p| p.into_inner()) = Some(cell);
-        }
-        if let Some(JoinCheck(check)) = &config.admit
-            && let Err(refusal) = check(binding)
-        {
-            if let Some(cell) = slot.held.lock().unwrap_or_else(|p| p.into_inner()).take() {
-                let mut state = shared.state();
-                state.joined_cells.release(cell);
-                state.joined_addrs.release(addr);
-            }
-            return Err(refusal);
-        }
-        Ok(())
+        let Some(shared) = shared.upgrade() else {
+            return Err(Refusal::new(NackCode::Busy, "node is shutting down"));
+        };
+        shared.with_core(|core| core.admit(id, binding, now()))
     })
 }
 
@@ -565,7 +426,6 @@ struct Shared {
     node_config: NodeConfig,
     secrets: DeviceSecrets,
     advertise: Option<SocketAddr>,
-    revocations: Mutex<Revocations>,
     state: Mutex<State>,
     events: broadcast::Sender<NodeEvent>,
     inbox: mpsc::Sender<Incoming>,
@@ -573,10 +433,10 @@ struct Shared {
     inbox_room: Semaphore,
     /// Bytes of `Cmd::Send` in every connection's command queue.
     queued: Arc<AtomicUsize>,
-    conn_limit: Arc<Semaphore>,
-    unauth_limit: Arc<Semaphore>,
-    next_id: AtomicU64,
+    /// Woken when a connection's driver is gone.
     gone: Notify,
+    /// Woken when the core's next deadline may have moved.
+    timers: Notify,
 }
 
 impl Shared {
@@ -590,13 +450,8 @@ impl Shared {
         Arc::clone(&self.config.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
-    /// Mints fresh tokens and a configuration with the current revocations.
-    fn refresh(&self) -> Result<(), IdentityError> {
-        let revocations = self
-            .revocations
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+    /// Mints fresh tokens and a configuration with `revocations`.
+    fn refresh(&self, revocations: Revocations) -> Result<(), IdentityError> {
         let config = build_config(
             &self.secrets,
             self.advertise,
@@ -608,8 +463,95 @@ impl Shared {
     }
 
     fn emit(&self, event: NodeEvent) {
+        match &event {
+            NodeEvent::Joined(p) => {
+                tracing::info!(peer = %p.node, cell = %p.cell, addr = %p.addr, inbound = p.inbound, "joined");
+            }
+            NodeEvent::JoinRefused {
+                addr,
+                node,
+                cell,
+                code,
+                reason,
+                by_peer,
+            } => {
+                tracing::info!(%node, %cell, %addr, code = code.name(), %reason, by_peer, "join refused");
+            }
+            NodeEvent::Failed { addr, reason } => {
+                tracing::debug!(%addr, %reason, "connection failed");
+            }
+            _ => {}
+        }
         // No subscriber is fine: events are informational.
         let _ = self.events.send(event);
+    }
+
+    /// Runs `f` on the core, then applies what it decided.
+    fn with_core<T>(self: &Arc<Self>, f: impl FnOnce(&mut NodeState) -> T) -> T {
+        self.with_state(|state| f(&mut state.core))
+    }
+
+    /// Runs `f` on the state, then applies what the core decided: under the lock, except the
+    /// dials, started once it is released (a task that cannot start ends its connection,
+    /// which takes the lock).
+    fn with_state<T>(self: &Arc<Self>, f: impl FnOnce(&mut State) -> T) -> T {
+        let mut dials = Vec::new();
+        let out = {
+            let mut state = self.state();
+            let out = f(&mut state);
+            self.apply(&mut state, &mut dials);
+            out
+        };
+        for (conn, addr) in dials {
+            let counted = Counted::new(self, conn);
+            tokio::spawn(async move {
+                let shared = Arc::clone(&counted.shared);
+                // Its outcome, and a retry, are the core's to decide.
+                let _ = open(&shared, counted, addr, &Transport::Tcp, None).await;
+            });
+        }
+        out
+    }
+
+    /// Applies the core's actions, in order, but for dials, which go to `dials`.
+    fn apply(&self, state: &mut State, dials: &mut Vec<(ConnId, SocketAddr)>) {
+        let mut reconfigure = false;
+        while let Some(action) = state.core.poll_action() {
+            match action {
+                Action::Dial { conn, addr } => dials.push((conn, addr)),
+                Action::Update { conn, about } => {
+                    if let Some(c) = state.conns.get(&conn)
+                        && c.tx.try_send(Cmd::Update(about)).is_err()
+                    {
+                        tracing::debug!(conn, "update not queued: send buffer full");
+                    }
+                }
+                Action::Close { conn, code, reason } => {
+                    if let Some(c) = state.conns.get(&conn) {
+                        c.close(code, reason);
+                    }
+                }
+                Action::JoinOutcome { conn, result } => {
+                    if let Some((addr, reply)) = state.replies.remove(&conn) {
+                        let _ = reply.send(result.map_err(|failure| match failure {
+                            JoinFailure::Refused { code, reason } => {
+                                JoinError::Refused { addr, code, reason }
+                            }
+                            JoinFailure::Failed(reason) => JoinError::Failed { addr, reason },
+                        }));
+                    }
+                }
+                Action::Reconfigure { .. } => reconfigure = true,
+                Action::Event(event) => self.emit(event),
+            }
+        }
+        if reconfigure {
+            match self.refresh(state.core.revocations().clone()) {
+                Ok(()) => tracing::debug!("node configuration rebuilt with fresh tokens"),
+                Err(e) => tracing::warn!(error = %e, "could not rebuild the node's configuration"),
+            }
+        }
+        self.timers.notify_one();
     }
 }
 
@@ -652,29 +594,33 @@ impl Node {
         );
         let (events, first_events) = broadcast::channel(1024);
         let (inbox_tx, inbox) = mpsc::channel(config.inbox_capacity.max(1));
+        let core = NodeState::new(node, rules(&config), now());
         let shared = Arc::new(Shared {
             config: Mutex::new(Arc::new(cc)),
             secrets,
             advertise,
-            revocations: Mutex::new(config.revocations.clone()),
-            conn_limit: Arc::new(Semaphore::new(config.max_connections)),
-            unauth_limit: Arc::new(Semaphore::new(config.max_unauthenticated)),
             inbox_room: Semaphore::new(inbox_limit(&config)),
             queued: Arc::new(AtomicUsize::new(0)),
-            state: Mutex::new(State::new(&config)),
+            state: Mutex::new(State {
+                core,
+                conns: HashMap::new(),
+                replies: HashMap::new(),
+            }),
             node_config: config,
             events,
             inbox: inbox_tx,
-            next_id: AtomicU64::new(1),
             gone: Notify::new(),
+            timers: Notify::new(),
         });
         let mut listeners: Vec<JoinHandle<()>> = listeners
             .into_iter()
             .map(|l| tokio::spawn(accept_loop(Arc::clone(&shared), l)))
             .collect();
-        listeners.push(tokio::spawn(renew_tokens(Arc::clone(&shared))));
+        listeners.push(tokio::spawn(run_timers(Arc::clone(&shared))));
         tracing::info!(%cell, %node, addrs = ?local_addrs, "node started");
-        let node = Self {
+        // The bootstrap dials the core asked for at its start.
+        shared.with_core(|_| ());
+        Ok(Self {
             shared,
             local_addrs,
             listeners,
@@ -682,12 +628,7 @@ impl Node {
             first_events: Mutex::new(Some(first_events)),
             cell,
             node,
-        };
-        for addr in node.shared.node_config.bootstrap.clone() {
-            let shared = Arc::clone(&node.shared);
-            tokio::spawn(async move { bootstrap(&shared, addr).await });
-        }
-        Ok(node)
+        })
     }
 
     /// The addresses actually bound (with real ports when `:0` was asked for).
@@ -713,43 +654,14 @@ impl Node {
     /// Honours a revocation from now on: new handshakes and joins refuse what it revokes, and
     /// a joined peer it revokes is disconnected.
     pub fn add_revocation(&self, revocation: &VerifiedToken) -> Result<(), BindError> {
-        let (issuer, subject) = self
-            .shared
-            .revocations
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(revocation)?;
-        if let Err(e) = self.shared.refresh() {
-            tracing::warn!(error = %e, "could not rebuild the node's configuration");
-        }
-        let realm = self.shared.node_config.realm.as_ref().map(|r| r.issuer);
-        let state = self.shared.state();
-        for peer in state.table.iter() {
-            let b = &peer.binding;
-            // A revocation speaks only for its issuer: the peer's own cell, or our realm.
-            let hit = (issuer == b.cell().key() && subject == b.node().key())
-                || (Some(issuer) == realm
-                    && (subject == b.cell().key() || subject == b.node().key()));
-            if hit && let Some(c) = state.conns.get(&peer.conn) {
-                c.close(CloseCode::Normal, "revoked");
-            }
-        }
-        Ok(())
+        self.shared
+            .with_core(|core| core.add_revocation(revocation))
     }
 
     /// Closes the session with the joined peer `node` because it broke the application's
     /// protocol (a CLOSE with code `protocol_violation`). False if it is not joined.
     pub fn disconnect(&self, node: NodeId, reason: &'static str) -> bool {
-        let state = self.shared.state();
-        let Some(c) = state
-            .table
-            .get(&node)
-            .and_then(|p| state.conns.get(&p.conn))
-        else {
-            return false;
-        };
-        c.close(CloseCode::ProtocolViolation, reason);
-        true
+        self.shared.with_core(|core| core.disconnect(node, reason))
     }
 
     /// Events. The first subscriber receives every event since the node started (bootstrap
@@ -792,32 +704,20 @@ impl Node {
 
     /// The joined peers.
     pub fn peers(&self) -> Vec<PeerInfo> {
-        let state = self.shared.state();
-        state
-            .table
-            .iter()
-            .filter_map(|p| state.conns.get(&p.conn).and_then(|c| c.peer.clone()))
-            .collect()
+        self.shared.state().core.peers().cloned().collect()
     }
 
     /// The proof by which the joined peer `node` acts for its cell: its node token and its
     /// cell's identity token, both verified at join.
     pub fn binding(&self, node: NodeId) -> Option<DeviceBinding> {
-        self.shared
-            .state()
-            .table
-            .get(&node)
-            .map(|p| p.binding.clone())
+        let state = self.shared.state();
+        state.core.peer(&node).map(|(_, p)| (*p.binding).clone())
     }
 
     /// A handle for sending to the joined peer `node`.
     pub fn sender(&self, node: NodeId) -> Result<PeerSender, SendError> {
         let state = self.shared.state();
-        let conn = state
-            .table
-            .get(&node)
-            .ok_or(SendError::UnknownPeer(node))?
-            .conn;
+        let (conn, _) = state.core.peer(&node).ok_or(SendError::UnknownPeer(node))?;
         let entry = state.conns.get(&conn).ok_or(SendError::UnknownPeer(node))?;
         Ok(PeerSender {
             tx: entry.tx.clone(),
@@ -870,13 +770,7 @@ impl Node {
         for l in self.listeners.drain(..) {
             l.abort();
         }
-        {
-            let mut state = self.shared.state();
-            state.shutting_down = true;
-            for c in state.conns.values() {
-                c.close(CloseCode::Shutdown, "node shutting down");
-            }
-        }
+        self.shared.with_core(NodeState::shutdown);
         let deadline = tokio::time::Instant::now() + grace;
         loop {
             let gone = self.shared.gone.notified();
@@ -969,14 +863,77 @@ async fn join(
     transport: &Transport,
     expected: Option<NodeId>,
 ) -> Result<PeerInfo, JoinError> {
-    if shared.state().shutting_down {
-        return Err(JoinError::ShuttingDown);
-    }
-    let permit = Arc::clone(&shared.conn_limit)
-        .try_acquire_owned()
-        .map_err(|_| JoinError::Busy)?;
+    let id = shared
+        .with_core(|core| core.dial(addr))
+        .map_err(|e| match e {
+            NoRoom::Busy => JoinError::Busy,
+            NoRoom::ShuttingDown => JoinError::ShuttingDown,
+        })?;
+    let counted = Counted::new(shared, id);
+    let (tx, rx) = oneshot::channel();
+    shared.state().replies.insert(id, (addr, tx));
+    open(shared, counted, addr, transport, expected).await?;
+    rx.await.unwrap_or(Err(JoinError::Failed {
+        addr,
+        reason: "connection task ended".into(),
+    }))
+}
+
+/// A dialed stream with its outer layers, for the link to run on.
+enum Dialed {
+    Tcp(TcpStream),
+    // Boxed, being large; moved out to start the driver.
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    WebSocket(Box<tokio_tungstenite::WebSocketStream<BoxedIo>>),
+}
+
+/// Connects the counted connection to `addr` over `transport` and starts its driver. A
+/// failure to connect, or of TLS or WebSocket, ends it (the core is told why) and is returned.
+async fn open(
+    shared: &Arc<Shared>,
+    mut counted: Counted,
+    addr: SocketAddr,
+    transport: &Transport,
+    expected: Option<NodeId>,
+) -> Result<(), JoinError> {
     // Connecting and every outer handshake share the setup deadline.
     let deadline = tokio::time::Instant::now() + shared.node_config.setup_timeout;
+    // Made before connecting, so that the outer handshakes count against its setup deadline.
+    let conn = Connection::connect_to(shared.connection_config(), expected, now(), &mut OsRng);
+    let dialed = match dial_layers(addr, transport, deadline).await {
+        Ok(dialed) => dialed,
+        Err(e) => {
+            counted.reason = match &e {
+                JoinError::Connect { reason, .. } => reason.clone(),
+                e => e.to_string(),
+            };
+            return Err(e);
+        }
+    };
+    let shared = Arc::clone(shared);
+    match dialed {
+        Dialed::Tcp(stream) => {
+            let (rd, wr) = stream.into_split();
+            tokio::spawn(drive(shared, (rd, wr, false), addr, conn, counted));
+        }
+        Dialed::Tls(stream) => {
+            let (rd, wr) = tokio::io::split(tokio_rustls::TlsStream::from(*stream));
+            tokio::spawn(drive(shared, (rd, wr, true), addr, conn, counted));
+        }
+        Dialed::WebSocket(ws) => {
+            let (rd, wr) = tokio::io::split(WebSocketIo::new(*ws));
+            tokio::spawn(drive(shared, (rd, wr, true), addr, conn, counted));
+        }
+    }
+    Ok(())
+}
+
+/// Connects to `addr` and runs `transport`'s outer handshakes, all by `deadline`.
+async fn dial_layers(
+    addr: SocketAddr,
+    transport: &Transport,
+    deadline: tokio::time::Instant,
+) -> Result<Dialed, JoinError> {
     let stream = tokio::time::timeout_at(deadline, TcpStream::connect(addr))
         .await
         .map_err(|_| JoinError::Connect {
@@ -988,24 +945,14 @@ async fn join(
             reason: e.to_string(),
         })?;
     let _ = stream.set_nodelay(true);
-    // Made before the TLS and WebSocket handshakes, so that they count against the setup
-    // deadline.
-    let conn = Connection::connect_to(shared.connection_config(), expected, now(), &mut OsRng);
-    let (tx, rx) = oneshot::channel();
-    let shared = Arc::clone(shared);
-    let job = (conn, (permit, None), Some(tx));
     match transport {
-        Transport::Tcp => {
-            let (rd, wr) = stream.into_split();
-            tokio::spawn(drive(shared, (rd, wr, false), addr, false, job));
-        }
+        Transport::Tcp => Ok(Dialed::Tcp(stream)),
         Transport::Tls {
             server_name,
             config,
         } => {
             let stream = connect_tls(stream, server_name, config, addr, deadline).await?;
-            let (rd, wr) = tokio::io::split(tokio_rustls::TlsStream::from(stream));
-            tokio::spawn(drive(shared, (rd, wr, true), addr, false, job));
+            Ok(Dialed::Tls(Box::new(stream)))
         }
         Transport::WebSocket { request, tls } => {
             let under: BoxedIo = match tls {
@@ -1017,32 +964,24 @@ async fn join(
             let url = request.url(tls.is_some());
             let handshake =
                 tokio_tungstenite::client_async_with_config(url, under, Some(crate::ws::config()));
-            let ws = match tokio::time::timeout_at(deadline, handshake).await {
-                Ok(Ok((ws, _response))) => ws,
+            match tokio::time::timeout_at(deadline, handshake).await {
+                Ok(Ok((ws, _response))) => Ok(Dialed::WebSocket(Box::new(ws))),
                 Ok(Err(e)) => {
                     let (status, reason) = crate::ws::describe_client_failure(&e);
-                    return Err(JoinError::WebSocket {
+                    Err(JoinError::WebSocket {
                         addr,
                         status,
                         reason,
-                    });
+                    })
                 }
-                Err(_) => {
-                    return Err(JoinError::WebSocket {
-                        addr,
-                        status: None,
-                        reason: "WebSocket handshake timed out".into(),
-                    });
-                }
-            };
-            let (rd, wr) = tokio::io::split(WebSocketIo::new(ws));
-            tokio::spawn(drive(shared, (rd, wr, true), addr, false, job));
+                Err(_) => Err(JoinError::WebSocket {
+                    addr,
+                    status: None,
+                    reason: "WebSocket handshake timed out".into(),
+                }),
+            }
         }
     }
-    rx.await.unwrap_or(Err(JoinError::Failed {
-        addr,
-        reason: "connection task ended".into(),
-    }))
 }
 
 /// Runs a dialer's TLS handshake by `deadline`.
@@ -1070,33 +1009,6 @@ async fn connect_tls(
     }
 }
 
-/// Joins a bootstrap peer, retrying connection failures with backoff (250 ms doubling, about
-/// 15 s in all). Joins, refusals and handshake failures report themselves as events; only a
-/// peer that could not be reached at all is reported here.
-async fn bootstrap(shared: &Arc<Shared>, addr: SocketAddr) {
-    let mut delay = Duration::from_millis(250);
-    loop {
-        match join(shared, addr, &Transport::Tcp, None).await {
-            Err(JoinError::Connect { reason, .. }) if delay > Duration::from_secs(8) => {
-                shared.emit(NodeEvent::Failed { addr, reason });
-                return;
-            }
-            Err(JoinError::Connect { .. }) => {
-                tokio::time::sleep(delay).await;
-                delay *= 2;
-            }
-            Err(e @ (JoinError::Busy | JoinError::ShuttingDown)) => {
-                shared.emit(NodeEvent::Failed {
-                    addr,
-                    reason: e.to_string(),
-                });
-                return;
-            }
-            _ => return,
-        }
-    }
-}
-
 /// The connection configuration for a node: fresh tokens from `secrets`, the node's limits,
 /// policy, realm and `revocations`.
 fn build_config(
@@ -1117,19 +1029,40 @@ fn build_config(
     Ok(cc)
 }
 
-/// Node tokens live a day: re-mint them well before they expire, so a long-running node stays
-/// reachable. Sessions already established are not affected.
-async fn renew_tokens(shared: Arc<Shared>) {
-    let every = shared
-        .node_config
-        .token_renewal
-        .max(Duration::from_millis(10));
+/// Runs the core's timers (bootstrap retries, token renewal): sleeps to its next deadline,
+/// or until a change may have moved it.
+async fn run_timers(shared: Arc<Shared>) {
     loop {
-        tokio::time::sleep(every).await;
-        match shared.refresh() {
-            Ok(()) => tracing::debug!("node and identity tokens renewed"),
-            Err(e) => tracing::warn!(error = %e, "token renewal failed"),
+        let moved = shared.timers.notified();
+        let due = shared.state().core.poll_timeout();
+        tokio::select! {
+            () = tokio::time::sleep_until(deadline(due)) => {
+                shared.with_core(|core| core.handle_timeout(now()));
+            }
+            () = moved => {}
         }
+    }
+}
+
+/// The core's rules from a node's configuration.
+fn rules(config: &NodeConfig) -> NodeRules {
+    NodeRules {
+        bootstrap: config.bootstrap.clone(),
+        realm: config.realm.clone(),
+        revocations: config.revocations.clone(),
+        max_connections: config.max_connections,
+        max_unauthenticated: config.max_unauthenticated,
+        max_unauthenticated_per_ip: config.max_unauthenticated_per_ip,
+        max_joined_per_cell: config.max_joined_per_cell,
+        max_joined_per_ip: config.max_joined_per_ip,
+        join_rate_per_ip: config.join_rate_per_ip,
+        join_rate: config.join_rate,
+        admit: config
+            .admit
+            .as_ref()
+            .map(|JoinCheck(check)| Arc::clone(check)),
+        announce_joins: config.announce_joins,
+        token_renewal_ms: millis(config.token_renewal),
     }
 }
 
@@ -1150,27 +1083,25 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                 continue;
             }
         };
-        let permits = Arc::clone(&shared.conn_limit)
-            .try_acquire_owned()
-            .ok()
-            .zip(UnauthSlot::take(&shared, addr.ip().into()));
-        let Some((conn_permit, unauth)) = permits else {
-            tracing::debug!(%addr, "connection refused: at a limit");
-            shared.emit(NodeEvent::Failed {
-                addr,
-                reason: "connection limit reached".into(),
-            });
+        // At a limit, the core reports it and the connection is dropped.
+        let Ok(id) = shared.with_core(|core| core.accept(addr)) else {
             continue;
         };
+        let counted = Counted::new(&shared, id);
         let _ = stream.set_nodelay(true);
         // Made before any TLS or WebSocket handshake, so that it counts against the setup
         // deadline.
         let mut conn = Connection::accept(shared.connection_config(), now());
-        conn.set_admission(admission(&shared, addr.ip().into()));
-        let job = (conn, (conn_permit, Some(unauth)), None);
+        conn.set_admission(admission(&shared, id));
         if tls.is_none() && !websocket {
             let (rd, wr) = stream.into_split();
-            tokio::spawn(drive(Arc::clone(&shared), (rd, wr, false), addr, true, job));
+            tokio::spawn(drive(
+                Arc::clone(&shared),
+                (rd, wr, false),
+                addr,
+                conn,
+                counted,
+            ));
             continue;
         }
         tokio::spawn(accept_layers(
@@ -1178,7 +1109,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
             stream,
             tls.clone(),
             addr,
-            job,
+            (conn, counted),
         ));
     }
 }
@@ -1199,29 +1130,30 @@ async fn accept_layers(
     stream: TcpStream,
     tls: Option<tokio_rustls::TlsAcceptor>,
     addr: SocketAddr,
-    mut job: Job,
+    (mut conn, mut counted): (Connection, Counted),
 ) {
     let deadline = tokio::time::Instant::now() + shared.node_config.setup_timeout;
     let websocket = shared.node_config.websocket;
-    let layered = outer_layers(stream, tls, websocket, deadline, &mut job.0).await;
+    let layered = outer_layers(stream, tls, websocket, deadline, &mut conn).await;
     let reason = match layered {
-        Ok(_) if shared.state().shutting_down => "node is shutting down".to_string(),
+        Ok(_) if shared.state().core.is_shutting_down() => "node is shutting down".to_string(),
         Ok(Layered::Tcp(stream)) => {
             let (rd, wr) = stream.into_split();
-            return drive(shared, (rd, wr, false), addr, true, job).await;
+            return drive(shared, (rd, wr, false), addr, conn, counted).await;
         }
         Ok(Layered::Tls(stream)) => {
             let (rd, wr) = tokio::io::split(tokio_rustls::TlsStream::from(*stream));
-            return drive(shared, (rd, wr, true), addr, true, job).await;
+            return drive(shared, (rd, wr, true), addr, conn, counted).await;
         }
         Ok(Layered::WebSocket(ws)) => {
             let (rd, wr) = tokio::io::split(WebSocketIo::new(*ws));
-            return drive(shared, (rd, wr, true), addr, true, job).await;
+            return drive(shared, (rd, wr, true), addr, conn, counted).await;
         }
         Err(reason) => reason,
     };
     tracing::debug!(%addr, %reason, "connection failed before the link");
-    shared.emit(NodeEvent::Failed { addr, reason });
+    // Reported by the core as the connection ends.
+    counted.reason = reason;
 }
 
 /// The outer layers of an inbound connection, each step by `deadline`; the error is the
@@ -1316,19 +1248,10 @@ async fn read_opening<S: AsyncRead + Unpin>(stream: &mut S) -> io::Result<(Openi
     }
 }
 
-/// What a driver starts with: the core connection, its limit slots (the node-wide one, and for
-/// an inbound connection its unauthenticated one), and where a dialer waits for the outcome.
-type Job = (
-    Connection,
-    (OwnedSemaphorePermit, Option<UnauthSlot>),
-    Option<JoinReply>,
-);
-
-/// What the driver learned, for the cleanup when the connection ends.
+/// What the driver learned: whom received data comes from, and why the link closed.
+#[derive(Default)]
 struct Outcome {
-    peer: Option<PeerInfo>,
-    refused: bool,
-    reply: Option<JoinReply>,
+    peer: Option<(NodeId, CellId)>,
     closed: Option<String>,
 }
 
@@ -1339,33 +1262,34 @@ async fn drive<R, W>(
     shared: Arc<Shared>,
     (mut rd, mut wr, buffers): (R, W, bool),
     addr: SocketAddr,
-    inbound: bool,
-    job: Job,
+    mut conn: Connection,
+    mut counted: Counted,
 ) where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut conn, (_conn_permit, mut unauth), reply) = job;
-    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    let id = counted.id;
+    counted.linked = true;
     let (tx, mut rx) = mpsc::channel(shared.node_config.send_capacity.max(1));
     let queued = Arc::new(AtomicUsize::new(0));
     let (close, mut closing) = watch::channel(None);
-    shared.state().conns.insert(
-        id,
-        ConnEntry {
-            tx,
-            queued: Arc::clone(&queued),
-            close,
-            peer: None,
-        },
-    );
+    {
+        let mut state = shared.state();
+        // A shutdown that came while the outer layers ran had no driver to tell.
+        if state.core.is_shutting_down() {
+            conn.close(CloseCode::Shutdown, "node shutting down", now());
+        }
+        state.conns.insert(
+            id,
+            ConnEntry {
+                tx,
+                queued: Arc::clone(&queued),
+                close,
+            },
+        );
+    }
     let mut rbuf = vec![0u8; READ_MIN];
-    let mut outcome = Outcome {
-        peer: None,
-        refused: false,
-        reply,
-        closed: None,
-    };
+    let mut outcome = Outcome::default();
     // A received message the inbox had no room for. While it waits, this connection reads
     // nothing more (that is the back-pressure) but keeps writing, running its timers and
     // taking commands.
@@ -1383,7 +1307,7 @@ async fn drive<R, W>(
                 break;
             };
             let data = matches!(event, Event::Data(_));
-            undelivered = on_event(&shared, id, addr, inbound, &mut outcome, &mut unauth, event);
+            undelivered = on_event(&shared, id, addr, &mut outcome, event);
             handed |= data && undelivered.is_none();
         }
         // Let the receiver run before this task reads again (which only finds the socket
@@ -1472,7 +1396,8 @@ async fn drive<R, W>(
     while let Ok(cmd) = rx.try_recv() {
         took(&shared, &queued, cmd);
     }
-    finish(&shared, id, addr, outcome, ended);
+    // The core hears of the end as `counted` is dropped.
+    counted.reason = outcome.closed.unwrap_or(ended);
 }
 
 /// Takes a command out of a connection's queue, and its bytes out of the counts.
@@ -1528,22 +1453,16 @@ fn apply(conn: &mut Connection, cmd: Cmd, t: cellmesh_core::Instant) {
 
 /// Applies one event; returns a received message the inbox had no room for.
 fn on_event(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     id: ConnId,
     addr: SocketAddr,
-    inbound: bool,
     outcome: &mut Outcome,
-    unauth: &mut Option<UnauthSlot>,
     event: Event,
 ) -> Option<Incoming> {
     match event {
         Event::Data(data) => {
-            let peer = outcome.peer.as_ref()?;
-            let msg = Incoming {
-                from: peer.node,
-                cell: peer.cell,
-                data,
-            };
+            let (from, cell) = outcome.peer?;
+            let msg = Incoming { from, cell, data };
             let cost = inbox_cost(&shared.node_config, msg.data.len()) as u32;
             let Ok(room) = shared.inbox_room.try_acquire_many(cost) else {
                 return Some(msg);
@@ -1556,42 +1475,8 @@ fn on_event(
             }
         }
         Event::Joined(binding) => {
-            unauth.take();
-            let info = PeerInfo {
-                node: binding.node(),
-                cell: binding.cell(),
-                addr,
-                inbound,
-                binding: Arc::new((*binding).clone()),
-            };
-            {
-                let mut state = shared.state();
-                let joined = state.table.joined(id, (*binding).clone());
-                if let Some(entry) = state.conns.get_mut(&id) {
-                    entry.peer = Some(info.clone());
-                }
-                let notify = if shared.node_config.announce_joins {
-                    joined.notify
-                } else {
-                    Vec::new()
-                };
-                for other in notify {
-                    if let Some(c) = state.conns.get(&other)
-                        && c.tx.try_send(Cmd::Update(binding.clone())).is_err()
-                    {
-                        tracing::debug!(conn = other, "update not queued: send buffer full");
-                    }
-                }
-                if let Some(old) = joined.replaced.and_then(|old| state.conns.get(&old)) {
-                    old.close(CloseCode::Normal, "replaced by a newer connection");
-                }
-            }
-            tracing::info!(peer = %info.node, cell = %info.cell, %addr, inbound, "joined");
-            if let Some(reply) = outcome.reply.take() {
-                let _ = reply.send(Ok(info.clone()));
-            }
-            outcome.peer = Some(info.clone());
-            shared.emit(NodeEvent::Joined(info));
+            outcome.peer = Some((binding.node(), binding.cell()));
+            shared.with_core(|core| core.joined(id, &binding, now()));
         }
         Event::JoinRefused {
             node,
@@ -1600,33 +1485,10 @@ fn on_event(
             reason,
             by_peer,
         } => {
-            outcome.refused = true;
-            tracing::info!(%node, %cell, %addr, code = code.name(), %reason, by_peer, "join refused");
-            if let Some(reply) = outcome.reply.take() {
-                let _ = reply.send(Err(JoinError::Refused {
-                    addr,
-                    code,
-                    reason: reason.clone(),
-                }));
-            }
-            shared.emit(NodeEvent::JoinRefused {
-                addr,
-                node,
-                cell,
-                code,
-                reason,
-                by_peer,
-            });
+            let refusal = Refusal::new(code, reason);
+            shared.with_core(|core| core.join_refused(id, (node, cell), refusal, by_peer));
         }
-        Event::Update(binding) => {
-            if let Some(peer) = &outcome.peer {
-                shared.emit(NodeEvent::Learned {
-                    node: binding.node(),
-                    cell: binding.cell(),
-                    via: peer.node,
-                });
-            }
-        }
+        Event::Update(binding) => shared.with_core(|core| core.learned(id, &binding)),
         Event::Closed {
             code,
             reason,
@@ -1640,38 +1502,6 @@ fn on_event(
         _ => {}
     }
     None
-}
-
-/// Forgets the connection and reports how it ended.
-fn finish(shared: &Shared, id: ConnId, addr: SocketAddr, outcome: Outcome, ended: String) {
-    let ended = outcome.closed.unwrap_or(ended);
-    let still_in_table = {
-        let mut state = shared.state();
-        state.conns.remove(&id);
-        state.table.left(&id).is_some()
-    };
-    shared.gone.notify_waiters();
-    match outcome.peer {
-        // A peer whose newer connection replaced this one has not left.
-        Some(peer) if still_in_table => shared.emit(NodeEvent::Left {
-            peer,
-            reason: ended,
-        }),
-        Some(_) => {}
-        None if !outcome.refused => {
-            if let Some(reply) = outcome.reply {
-                let _ = reply.send(Err(JoinError::Failed {
-                    addr,
-                    reason: ended.clone(),
-                }));
-            }
-            shared.emit(NodeEvent::Failed {
-                addr,
-                reason: ended,
-            });
-        }
-        None => {}
-    }
 }
 
 /// The runtime's clock (see [`crate::clock`]).
