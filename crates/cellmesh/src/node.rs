@@ -751,6 +751,13 @@ impl Node {
         Some(msg)
     }
 
+    /// How many received messages wait in the inbox. Every message of a connection is in the
+    /// inbox before the [`NodeEvent::Left`] of its end is sent: a consumer that handles this
+    /// many more messages before the departure handles the peer's last words first.
+    pub fn inbox_len(&self) -> usize {
+        self.inbox.len()
+    }
+
     /// Up to `limit` messages at once (at least one, waiting for it); 0 after shutdown.
     pub async fn recv_many(&mut self, buf: &mut Vec<Incoming>, limit: usize) -> usize {
         let start = buf.len();
@@ -1382,6 +1389,14 @@ async fn drive<R, W>(
             },
             Ok(()) = closing.changed(), if !conn.is_closed() => {
                 if let Some((code, reason)) = *closing.borrow_and_update() {
+                    // A shutdown sends first what was sent before it (a mailbox's last
+                    // DELIVERED); any other close drops it.
+                    if code == CloseCode::Shutdown {
+                        let t = now();
+                        while let Ok(cmd) = rx.try_recv() {
+                            apply(&mut conn, took(&shared, &queued, cmd), t);
+                        }
+                    }
                     conn.close(code, reason, now());
                 }
             }

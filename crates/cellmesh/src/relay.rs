@@ -66,10 +66,6 @@ use crate::node::{
 use crate::outbox::{MAX_BATCH, Outbox, batch_payloads};
 use crate::store::{Enqueued, NewMessage, Store, StoreError, StoreLimits};
 
-/// How long after a device left its departure is handled, so that what it sent just before
-/// (already in the inbox) is handled first.
-const LEAVE_GRACE: Duration = Duration::from_millis(200);
-
 /// What one pushed envelope costs in memory beyond its bytes (its map entry and allocation),
 /// counted against [`RelayConfig::memory`] so that tiny envelopes are bounded too.
 const IN_FLIGHT_OVERHEAD: usize = 128;
@@ -414,7 +410,7 @@ impl Relay {
             period: Period::default(),
             now,
             watched: false,
-            leaving: Vec::new(),
+            leaving: VecDeque::new(),
             dropped: HashSet::new(),
             dropped_order: VecDeque::new(),
             config,
@@ -614,8 +610,10 @@ struct Loop {
     now: cellmesh_core::Instant,
     /// Whether per-envelope events are made in this batch (asked for, and someone listens).
     watched: bool,
-    /// Devices that left, handled after LEAVE_GRACE (in order of leaving).
-    leaving: Vec<(tokio::time::Instant, NodeId)>,
+    /// Devices that left, in order of leaving, each with how many messages of the inbox are
+    /// still to be handled before its departure: those that were there when it left, its
+    /// last ones among them (see [`Node::inbox_len`]).
+    leaving: VecDeque<(usize, NodeId)>,
     /// Devices this relay disconnected for misbehaving, until they join again: of what they
     /// sent before, only DELIVERED still counts (a flood already in the inbox is not
     /// worked through; anything else they meant, they send again). The last MAX_DROPPED.
@@ -658,9 +656,10 @@ impl Loop {
                     Ok(NodeEvent::Joined(peer)) => self.joined(&peer).await,
                     // Records the device sent before it left may still be in the inbox (its
                     // last DELIVERED above all): they are handled first.
-                    Ok(NodeEvent::Left { peer, .. }) => {
-                        self.leaving.push((tokio::time::Instant::now() + LEAVE_GRACE, peer.node));
-                    }
+                    Ok(NodeEvent::Left { peer, .. }) => match self.node.inbox_len() {
+                        0 => self.left(peer.node).await,
+                        ahead => self.leaving.push_back((ahead, peer.node)),
+                    },
                     Ok(NodeEvent::JoinRefused { node, cell, code, reason, by_peer: false, .. }) => {
                         self.period.joins_refused += 1;
                         let _ = self.events.send(RelayEvent::JoinRefused { cell, node, code, reason });
@@ -672,20 +671,12 @@ impl Loop {
                     }
                     Err(broadcast::error::RecvError::Closed) => break,
                 },
-                // Before the inbox, which a busy device keeps ready: departures are not put off.
-                _ = tokio::time::sleep_until(self.leaving.first().map_or_else(tokio::time::Instant::now, |l| l.0)), if !self.leaving.is_empty() => {
-                    let now = tokio::time::Instant::now();
-                    let due: Vec<NodeId> = self.leaving.iter().filter(|l| l.0 <= now).map(|l| l.1).collect();
-                    self.leaving.retain(|l| l.0 > now);
-                    for node in due {
-                        self.left(node).await;
-                    }
-                }
                 n = self.node.recv_many(&mut batch, 256) => {
                     if n == 0 {
                         break;
                     }
                     self.handle(&mut batch).await;
+                    self.departures(n).await;
                 }
                 _ = tokio::time::sleep(Duration::from_millis(20)), if !self.deferred.is_empty() => {
                     self.now = crate::node::now();
@@ -711,6 +702,17 @@ impl Loop {
             self.left(d).await;
         }
         self.node.shutdown(Duration::from_secs(2)).await;
+    }
+
+    /// Handles the departures whose last messages were among the `handled` just handled.
+    async fn departures(&mut self, handled: usize) {
+        for l in &mut self.leaving {
+            l.0 = l.0.saturating_sub(handled);
+        }
+        while let Some(&(0, node)) = self.leaving.front() {
+            self.leaving.pop_front();
+            self.left(node).await;
+        }
     }
 
     async fn joined(&mut self, peer: &PeerInfo) {

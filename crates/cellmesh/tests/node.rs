@@ -378,3 +378,31 @@ async fn join_node_refuses_whoever_else_answers() {
     let peer = b.join_node(addr(&hub), hub.node_id()).await.unwrap();
     assert_eq!(peer.node, hub.node_id());
 }
+
+/// The contract a relay's ordered departures rest on: every message a peer sent before its
+/// connection ended is in the inbox before the `Left` of that end is sent.
+#[tokio::test]
+async fn a_peer_s_last_messages_are_in_the_inbox_before_its_departure_is_told() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut hub = Node::start(&device(dir.path(), "hub"), listening())
+        .await
+        .unwrap();
+    let mut events = hub.subscribe();
+    let b = Node::start(&device(dir.path(), "b"), NodeConfig::default())
+        .await
+        .unwrap();
+    b.join(addr(&hub)).await.unwrap();
+    for i in 0..50u32 {
+        b.send(hub.node_id(), Bytes::from(i.to_be_bytes().to_vec()))
+            .await
+            .unwrap();
+    }
+    b.shutdown(Duration::from_secs(5)).await;
+    left_reason(&mut events).await;
+    assert_eq!(hub.inbox_len(), 50);
+    for i in 0..50u32 {
+        let msg = hub.recv().await.unwrap();
+        assert_eq!(&msg.data[..], &i.to_be_bytes());
+    }
+    assert_eq!(hub.inbox_len(), 0);
+}
