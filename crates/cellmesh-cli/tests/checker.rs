@@ -149,7 +149,7 @@ fn plan(rng: &mut ChaCha8Rng, n: usize) -> Vec<Op> {
     let mut down: Option<u64> = None;
     let mut ops = Vec::with_capacity(n);
     let stop = |rng: &mut ChaCha8Rng| {
-        if rng.next_u32() % 2 == 0 {
+        if rng.next_u32().is_multiple_of(2) {
             Stop::Term
         } else {
             Stop::Kill
