@@ -596,11 +596,12 @@ pub fn relay(home: &Home, args: &RelayArgs) -> Result<()> {
     let out = Printer { json: args.json };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {
+        // Made once, before starting: a signal that came while starting or while an event
+        // was being printed is not lost.
+        let stop = crate::node::shutdown_signal();
         let relay = Relay::start(&unlocked, config).await?;
         drop(unlocked);
         let mut events = relay.subscribe();
-        // Made once: a signal that came while an event was being printed is not lost.
-        let stop = crate::node::shutdown_signal();
         tokio::pin!(stop);
         // Runs until stopped, or until a line cannot be printed.
         let printed: Result<(), OutputError> = async {

@@ -54,11 +54,11 @@ pub fn run(home: &Home, args: &NodeArgs) -> Result<()> {
     }
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {
+        let stop = shutdown_signal();
         let mut node = Node::start(&unlocked, config).await?;
         drop(unlocked);
         let out = Printer { json: args.json };
         let mut events = node.subscribe();
-        let stop = shutdown_signal();
         tokio::pin!(stop);
         // Runs until stopped, or until a line cannot be printed.
         let printed: Result<(), OutputError> = async {
@@ -104,22 +104,31 @@ pub fn run(home: &Home, args: &NodeArgs) -> Result<()> {
     })
 }
 
-pub(crate) async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Resolves at the first SIGINT or SIGTERM. The handlers are installed when this is called
+/// (not when it is first polled): call it before announcing anything, so that a signal sent
+/// as soon as a process says it is ready is handled, not fatal.
+pub(crate) fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => return std::future::pending().await,
-            };
-        tokio::select! {
-            _ = ctrl_c => {},
-            _ = term.recv() => {},
+        use tokio::signal::unix::{SignalKind, signal};
+        let int = signal(SignalKind::interrupt());
+        let term = signal(SignalKind::terminate());
+        async move {
+            match (int, term) {
+                (Ok(mut int), Ok(mut term)) => {
+                    tokio::select! {
+                        _ = int.recv() => {},
+                        _ = term.recv() => {},
+                    }
+                }
+                _ => std::future::pending().await,
+            }
         }
     }
     #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 impl Printer {

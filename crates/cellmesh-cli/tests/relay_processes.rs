@@ -270,3 +270,14 @@ fn by_default_the_relay_logs_no_envelope_and_who_sent_it() {
     assert_eq!(registered.len(), 2, "one line per new device: {seen:#?}");
     assert!(registered.contains(&alice_node.as_str()) && registered.contains(&bob_node.as_str()));
 }
+
+/// A SIGTERM sent the moment a relay says it listens stops it cleanly: its handler is in
+/// place before it announces anything (the delivery checker found it killed by the signal).
+#[test]
+fn a_relay_stopped_the_moment_it_listens_stops_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    for i in 0..5 {
+        let (relay, _) = common::start_relay(&dir.path().join(i.to_string()));
+        relay.stop();
+    }
+}
