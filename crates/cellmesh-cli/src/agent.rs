@@ -14,6 +14,10 @@
 //!                 | {"error": TEXT, "unknown_cell": bool}
 //! ```
 //!
+//! Once the request is written the listen has the message: a `send` that gets no answer
+//! (the listen died, or did not answer in 40 s) reports `unknown` with its id, never an
+//! error that would invite a retry under another id.
+//!
 //! `relay` is the relay the send named itself (`--relay`, `CELLMESH_RELAY`), `null` when it
 //! would use the saved one: the device has one connection, so a send that names another
 //! relay than the listen's is refused with a clear error, never sent over a second
@@ -288,13 +292,29 @@ pub async fn send(
         .context("cannot hand the message to the running listen")?;
     let mut line = String::new();
     // The listen's own send waits up to its acknowledgement timeout; this waits a bit more.
-    tokio::time::timeout(
+    // From here on the listen has the message and may still deliver it (a send waiting for
+    // a relay that is down is kept, and goes once it is back): no answer, or a listen gone
+    // before it answered, is `unknown`, so that a retry goes under the same id.
+    let answered = tokio::time::timeout(
         Duration::from_secs(40),
         BufReader::new(stream).read_line(&mut line),
     )
-    .await
-    .map_err(|_| anyhow!("the running listen did not answer within 40 s"))?
-    .context("the running listen did not answer")?;
+    .await;
+    match answered {
+        Ok(Ok(1..)) => {}
+        Err(_) => {
+            tracing::warn!("the running listen did not answer within 40 s");
+            return Ok(Some(Outcome::Unknown));
+        }
+        Ok(Ok(0)) => {
+            tracing::warn!("the running listen closed the socket before it answered");
+            return Ok(Some(Outcome::Unknown));
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "the running listen did not answer");
+            return Ok(Some(Outcome::Unknown));
+        }
+    }
     let v: Value = serde_json::from_str(&line).context("the running listen answered nonsense")?;
     if let Some(error) = v["error"].as_str() {
         if v["unknown_cell"].as_bool() == Some(true) {

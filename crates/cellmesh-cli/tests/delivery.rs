@@ -196,3 +196,43 @@ fn a_send_naming_the_relay_another_way_goes_through_the_running_listen() {
     a_listen.expect("message", |v| v["body"] == "still there?");
     a_listen.stop();
 }
+
+/// Finding 3, as the delivery checker found it: a send handed to a running listen that gave
+/// no answer (the relay was down past the send's patience, or the listen died with the
+/// message in hand) may still be delivered by that listen, and was: its outcome is
+/// `unknown`, with the id to send it again under, not an error that invites a retry under a
+/// fresh id (a duplicate).
+#[test]
+fn a_send_a_listen_took_and_never_answered_is_unknown() {
+    use std::io::BufRead as _;
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a");
+    let a_cell = success(&run(&a, &["create-cell", "--json"], None))["cell_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // A listen that takes the request and goes away without a word.
+    let agent = a.join("agent");
+    std::fs::DirBuilder::new().mode(0o700).create(&agent).unwrap();
+    let socket = agent.join("mailbox.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let took = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let mut request = String::new();
+        std::io::BufReader::new(stream).read_line(&mut request).unwrap();
+        serde_json::from_str::<Value>(&request).unwrap()
+    });
+    let out = run(
+        &a,
+        &["send", &a_cell, "hi", "--json", "--relay", "127.0.0.1:9"],
+        None,
+    );
+    let stderr = failed_cleanly(&out);
+    let request = took.join().unwrap();
+    let said: Value = serde_json::from_slice(&out.stdout).expect("a status line");
+    assert_eq!(said["status"], "unknown", "{said}");
+    assert_eq!(said["id"], request["id"]);
+    assert!(stderr.contains("--id"), "{stderr}");
+}
