@@ -214,14 +214,19 @@ fn a_send_a_listen_took_and_never_answered_is_unknown() {
         .to_string();
     // A listen that takes the request and goes away without a word.
     let agent = a.join("agent");
-    std::fs::DirBuilder::new().mode(0o700).create(&agent).unwrap();
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&agent)
+        .unwrap();
     let socket = agent.join("mailbox.sock");
     let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600)).unwrap();
     let took = std::thread::spawn(move || {
         let (stream, _) = listener.accept().unwrap();
         let mut request = String::new();
-        std::io::BufReader::new(stream).read_line(&mut request).unwrap();
+        std::io::BufReader::new(stream)
+            .read_line(&mut request)
+            .unwrap();
         serde_json::from_str::<Value>(&request).unwrap()
     });
     let out = run(
