@@ -60,6 +60,46 @@ pub const BOOTSTRAP_LAST_RETRY_MS: u64 = 8_000;
 /// until older buckets fill up again (the node-wide rate still applies).
 const MAX_JOIN_BUCKETS: usize = 65_536;
 
+/// A node's bounds on connections and joins; past each, a connection is refused (a join
+/// with NACK `busy`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NodeLimits {
+    /// Most simultaneous connections, inbound and outbound.
+    pub max_connections: usize,
+    /// Most connections that have not completed handshake and join.
+    pub max_unauthenticated: usize,
+    /// Most such connections from one IPv4 address or IPv6 /64, so one host cannot hold
+    /// every slot.
+    pub max_unauthenticated_per_ip: usize,
+    /// Most joined inbound connections of one cell. A device joining again while its old
+    /// connection lingers is let in; the old one is replaced.
+    pub max_joined_per_cell: usize,
+    /// Most joined inbound connections from one IPv4 address or IPv6 /64. Many users behind
+    /// one carrier-grade NAT share an IPv4 address: set it high enough for them.
+    pub max_joined_per_ip: usize,
+    /// Inbound joins accepted from one IPv4 address or IPv6 /64.
+    pub join_rate_per_ip: Rate,
+    /// Inbound joins accepted from everyone together.
+    pub join_rate: Rate,
+}
+
+impl Default for NodeLimits {
+    /// 1,024 connections, 64 unauthenticated (8 per address), 64 joined per cell and 256 per
+    /// address, joins at 20 a second (bursts of 100) per address and 500 (bursts of 1,000)
+    /// in all.
+    fn default() -> Self {
+        Self {
+            max_connections: 1024,
+            max_unauthenticated: 64,
+            max_unauthenticated_per_ip: 8,
+            max_joined_per_cell: 64,
+            max_joined_per_ip: 256,
+            join_rate_per_ip: Rate::new(20, 100),
+            join_rate: Rate::new(500, 1000),
+        }
+    }
+}
+
 /// The rules a node runs by.
 #[derive(Clone)]
 pub struct NodeRules {
@@ -69,20 +109,8 @@ pub struct NodeRules {
     pub realm: Option<RealmAnchor>,
     /// Revocations to honour from the start.
     pub revocations: Revocations,
-    /// Most connections at once, inbound and outbound.
-    pub max_connections: usize,
-    /// Most connections that have not joined.
-    pub max_unauthenticated: usize,
-    /// Most such connections from one IPv4 address or IPv6 /64.
-    pub max_unauthenticated_per_ip: usize,
-    /// Most joined inbound connections of one cell.
-    pub max_joined_per_cell: usize,
-    /// Most joined inbound connections from one IPv4 address or IPv6 /64.
-    pub max_joined_per_ip: usize,
-    /// Inbound joins accepted from one IPv4 address or IPv6 /64.
-    pub join_rate_per_ip: Rate,
-    /// Inbound joins accepted from everyone together.
-    pub join_rate: Rate,
+    /// Its bounds on connections and joins.
+    pub limits: NodeLimits,
     /// A last check on every inbound join, after the node's own limits.
     pub admit: Option<Check>,
     /// Send every joined peer an UPDATE about each node that joins.
@@ -97,13 +125,7 @@ impl Default for NodeRules {
             bootstrap: Vec::new(),
             realm: None,
             revocations: Revocations::new(),
-            max_connections: 1024,
-            max_unauthenticated: 64,
-            max_unauthenticated_per_ip: 8,
-            max_joined_per_cell: 64,
-            max_joined_per_ip: 256,
-            join_rate_per_ip: Rate::new(20, 100),
-            join_rate: Rate::new(500, 1000),
+            limits: NodeLimits::default(),
             admit: None,
             announce_joins: true,
             token_renewal_ms: 12 * 3600 * 1000,
@@ -115,7 +137,7 @@ impl std::fmt::Debug for NodeRules {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NodeRules")
             .field("bootstrap", &self.bootstrap)
-            .field("max_connections", &self.max_connections)
+            .field("limits", &self.limits)
             .field("announce_joins", &self.announce_joins)
             .finish_non_exhaustive()
     }
@@ -199,7 +221,7 @@ pub enum JoinFailure {
 /// Why [`NodeState::dial`] or [`NodeState::accept`] gave no connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NoRoom {
-    /// At [`NodeRules::max_connections`], or (inbound) at an unauthenticated limit.
+    /// At [`NodeLimits::max_connections`], or (inbound) at an unauthenticated limit.
     Busy,
     /// After [`NodeState::shutdown`].
     ShuttingDown,
@@ -318,13 +340,13 @@ impl NodeState {
             next_conn: 1,
             peers: BTreeMap::new(),
             unauthenticated: Slots::new(
-                rules.max_unauthenticated_per_ip,
-                rules.max_unauthenticated,
+                rules.limits.max_unauthenticated_per_ip,
+                rules.limits.max_unauthenticated,
             ),
-            joined_cells: Slots::new(rules.max_joined_per_cell, usize::MAX),
-            joined_addrs: Slots::new(rules.max_joined_per_ip, usize::MAX),
-            joins_by_addr: Buckets::new(rules.join_rate_per_ip, MAX_JOIN_BUCKETS),
-            joins: TokenBucket::full(rules.join_rate, now),
+            joined_cells: Slots::new(rules.limits.max_joined_per_cell, usize::MAX),
+            joined_addrs: Slots::new(rules.limits.max_joined_per_ip, usize::MAX),
+            joins_by_addr: Buckets::new(rules.limits.join_rate_per_ip, MAX_JOIN_BUCKETS),
+            joins: TokenBucket::full(rules.limits.join_rate, now),
             revocations: rules.revocations.clone(),
             bootstraps: rules
                 .bootstrap
@@ -362,7 +384,7 @@ impl NodeState {
         if self.shutting_down {
             return Err(NoRoom::ShuttingDown);
         }
-        if self.conns.len() >= self.rules.max_connections
+        if self.conns.len() >= self.rules.limits.max_connections
             || self.unauthenticated.take(addr.ip().into()).is_err()
         {
             self.event(NodeEvent::Failed {
@@ -380,7 +402,7 @@ impl NodeState {
         if self.shutting_down {
             return Err(NoRoom::ShuttingDown);
         }
-        if self.conns.len() >= self.rules.max_connections {
+        if self.conns.len() >= self.rules.limits.max_connections {
             return Err(NoRoom::Busy);
         }
         Ok(self.add(addr, Origin::Dial, false))
@@ -409,14 +431,14 @@ impl NodeState {
         if !self.joins_by_addr.take(addr, now) {
             return busy("too many joins from this address; try again later");
         }
-        if !self.joins.take(self.rules.join_rate, now) {
+        if !self.joins.take(self.rules.limits.join_rate, now) {
             return busy("too many joins; try again later");
         }
         if !self.peers.contains_key(&binding.node()) {
-            if self.joined_cells.held(cell) >= self.rules.max_joined_per_cell {
+            if self.joined_cells.held(cell) >= self.rules.limits.max_joined_per_cell {
                 return busy("this cell has the most connections this node takes");
             }
-            if self.joined_addrs.held(addr) >= self.rules.max_joined_per_ip {
+            if self.joined_addrs.held(addr) >= self.rules.limits.max_joined_per_ip {
                 return busy("this address has the most connections this node takes");
             }
         }
@@ -749,7 +771,7 @@ impl NodeState {
         if self.shutting_down {
             return;
         }
-        if self.conns.len() >= self.rules.max_connections {
+        if self.conns.len() >= self.rules.limits.max_connections {
             self.event(NodeEvent::Failed {
                 addr,
                 reason: "connection limit reached".into(),

@@ -51,9 +51,8 @@ use cellmesh_core::connection::{Check, Connection, ConnectionConfig, Event, Join
 use cellmesh_core::device::{BindError, DeviceBinding, Revocations};
 use cellmesh_core::id::{CellId, NodeId};
 use cellmesh_core::keystore::DeviceSecrets;
-use cellmesh_core::limits::Rate;
 use cellmesh_core::node::{Action, ConnId, JoinFailure, NoRoom, NodeRules, NodeState};
-pub use cellmesh_core::node::{NodeEvent, PeerInfo};
+pub use cellmesh_core::node::{NodeEvent, NodeLimits, PeerInfo};
 use cellmesh_core::token::{RealmAnchor, Token, VerifiedToken};
 use cellmesh_core::wire::{CloseCode, MAX_PAYLOAD, NackCode};
 use rand_core::OsRng;
@@ -95,24 +94,8 @@ pub struct NodeConfig {
     pub realm: Option<RealmAnchor>,
     /// Revocations to honour.
     pub revocations: Revocations,
-    /// Most simultaneous connections.
-    pub max_connections: usize,
-    /// Most connections that have not completed handshake and join.
-    pub max_unauthenticated: usize,
-    /// Most such connections from one IPv4 address or IPv6 /64, so one host cannot hold
-    /// every slot.
-    pub max_unauthenticated_per_ip: usize,
-    /// Most joined inbound connections of one cell (beyond: NACK `busy`). A device joining
-    /// again while its old connection lingers is let in; the old one is replaced.
-    pub max_joined_per_cell: usize,
-    /// Most joined inbound connections from one IPv4 address or IPv6 /64 (beyond: NACK
-    /// `busy`). Many users behind one carrier-grade NAT share an IPv4 address: set it high
-    /// enough for them.
-    pub max_joined_per_ip: usize,
-    /// Inbound joins accepted from one IPv4 address or IPv6 /64 (beyond: NACK `busy`).
-    pub join_rate_per_ip: Rate,
-    /// Inbound joins accepted from everyone together (beyond: NACK `busy`).
-    pub join_rate: Rate,
+    /// Bounds on connections and joins (see [`NodeLimits`]; beyond each: NACK `busy`).
+    pub limits: NodeLimits,
     /// A last check on every inbound join, after the node's own limits (a relay's
     /// registrations); a refusal gives the slots back.
     pub admit: Option<JoinCheck>,
@@ -157,13 +140,7 @@ impl Default for NodeConfig {
             policy: JoinPolicy::default(),
             realm: None,
             revocations: Revocations::new(),
-            max_connections: 1024,
-            max_unauthenticated: 64,
-            max_unauthenticated_per_ip: 8,
-            max_joined_per_cell: 64,
-            max_joined_per_ip: 256,
-            join_rate_per_ip: Rate::new(20, 100),
-            join_rate: Rate::new(500, 1000),
+            limits: NodeLimits::default(),
             admit: None,
             announce_joins: true,
             learn_updates: true,
@@ -1057,13 +1034,7 @@ fn rules(config: &NodeConfig) -> NodeRules {
         bootstrap: config.bootstrap.clone(),
         realm: config.realm.clone(),
         revocations: config.revocations.clone(),
-        max_connections: config.max_connections,
-        max_unauthenticated: config.max_unauthenticated,
-        max_unauthenticated_per_ip: config.max_unauthenticated_per_ip,
-        max_joined_per_cell: config.max_joined_per_cell,
-        max_joined_per_ip: config.max_joined_per_ip,
-        join_rate_per_ip: config.join_rate_per_ip,
-        join_rate: config.join_rate,
+        limits: config.limits,
         admit: config
             .admit
             .as_ref()

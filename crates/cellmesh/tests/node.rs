@@ -9,7 +9,7 @@ use cellmesh::core::connection::Authorization;
 use cellmesh::core::keystore::{KdfParams, Passphrase};
 use cellmesh::core::wire::NackCode;
 use cellmesh::home::{Home, Unlocked};
-use cellmesh::node::{JoinError, Node, NodeConfig, NodeEvent};
+use cellmesh::node::{JoinError, Node, NodeConfig, NodeEvent, NodeLimits};
 use tokio::io::AsyncReadExt as _;
 use tokio::net::TcpStream;
 use tokio::sync::broadcast;
@@ -183,8 +183,11 @@ async fn a_socket_that_says_nothing_is_closed_and_limits_hold() {
     let dir = tempfile::tempdir().unwrap();
     let config = NodeConfig {
         setup_timeout: Duration::from_millis(300),
-        max_unauthenticated: 8,
-        max_unauthenticated_per_ip: 1,
+        limits: NodeLimits {
+            max_unauthenticated: 8,
+            max_unauthenticated_per_ip: 1,
+            ..NodeLimits::default()
+        },
         ..listening()
     };
     let hub = Node::start(&device(dir.path(), "hub"), config)

@@ -51,9 +51,9 @@ async fn three_hundred_joins_leave_a_mailbox_connected_and_told_nothing() {
     let dir = tempfile::tempdir().unwrap();
     // The joins all come from 127.0.0.1: the per-address limits must let them in.
     let relay = start_relay(dir.path(), |c| {
-        c.node.join_rate_per_ip = Rate::UNLIMITED;
-        c.node.join_rate = Rate::UNLIMITED;
-        c.node.max_joined_per_ip = 1000;
+        c.node.limits.join_rate_per_ip = Rate::UNLIMITED;
+        c.node.limits.join_rate = Rate::UNLIMITED;
+        c.node.limits.max_joined_per_ip = 1000;
     })
     .await;
     let addr = relay.local_addrs()[0];
@@ -147,9 +147,9 @@ fn sibling(keys: &mut Unlocked) {
 /// A relay config that lets every join from loopback through the rates and the address cap,
 /// for the tests of the other limits.
 fn open_doors(c: &mut RelayConfig) {
-    c.node.join_rate_per_ip = Rate::UNLIMITED;
-    c.node.join_rate = Rate::UNLIMITED;
-    c.node.max_joined_per_ip = 10_000;
+    c.node.limits.join_rate_per_ip = Rate::UNLIMITED;
+    c.node.limits.join_rate = Rate::UNLIMITED;
+    c.node.limits.max_joined_per_ip = 10_000;
 }
 
 async fn stop_all(nodes: Vec<Node>) {
@@ -221,8 +221,8 @@ async fn joined_connections_are_capped_per_cell_and_per_address() {
     let dir = tempfile::tempdir().unwrap();
     let relay = start_relay(dir.path(), |c| {
         open_doors(c);
-        c.node.max_joined_per_cell = 2;
-        c.node.max_joined_per_ip = 3;
+        c.node.limits.max_joined_per_cell = 2;
+        c.node.limits.max_joined_per_ip = 3;
     })
     .await;
     let addr = relay.local_addrs()[0];
@@ -560,7 +560,7 @@ fn addresses_of_one_ipv6_slash_64_share_the_per_address_limit() {
             vec!["[2001:db8:1:2::1]:0".parse().unwrap()],
             dir.path().join("data"),
         );
-        config.node.max_unauthenticated_per_ip = 2;
+        config.node.limits.max_unauthenticated_per_ip = 2;
         let relay = Relay::start(&device(dir.path(), "relay"), config)
             .await
             .unwrap();

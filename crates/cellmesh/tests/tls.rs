@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use cellmesh::home::Unlocked;
 use cellmesh::mailbox::{MailboxError, Status};
-use cellmesh::node::{JoinError, Node, NodeConfig, Transport};
+use cellmesh::node::{JoinError, Node, NodeConfig, NodeLimits, Transport};
 use cellmesh::relay::{Relay, RelayConfig};
 use cellmesh::tls::{ServerName, TlsFailure};
 use common::{connect, device, failure, flood_both_ways, recv, self_signed, tap};
@@ -134,7 +134,10 @@ async fn a_tls_handshake_holds_an_unauthenticated_slot_and_times_out_with_the_se
     let config = NodeConfig {
         listen: vec!["127.0.0.1:0".parse().unwrap()],
         tls: Some(cellmesh::tls::server_config(&cert, &key).unwrap()),
-        max_unauthenticated_per_ip: 1,
+        limits: NodeLimits {
+            max_unauthenticated_per_ip: 1,
+            ..NodeLimits::default()
+        },
         setup_timeout: Duration::from_millis(700),
         ..NodeConfig::default()
     };

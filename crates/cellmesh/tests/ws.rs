@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use cellmesh::home::Unlocked;
 use cellmesh::mailbox::{Mailbox, MailboxError, Status};
-use cellmesh::node::{JoinError, Node, NodeConfig, Transport};
+use cellmesh::node::{JoinError, Node, NodeConfig, NodeLimits, Transport};
 use cellmesh::relay::{Relay, RelayConfig};
 use cellmesh::tls::ServerName;
 use cellmesh::ws::{MAX_INCOMING_MESSAGE, WsRequest};
@@ -293,7 +293,10 @@ async fn telling_websocket_apart_holds_an_unauthenticated_slot_within_the_setup_
     let config = NodeConfig {
         listen: vec!["127.0.0.1:0".parse().unwrap()],
         websocket: true,
-        max_unauthenticated_per_ip: 1,
+        limits: NodeLimits {
+            max_unauthenticated_per_ip: 1,
+            ..NodeLimits::default()
+        },
         setup_timeout: Duration::from_millis(700),
         ..NodeConfig::default()
     };

@@ -39,6 +39,14 @@ fn me() -> TestNode {
     TestNode::new(1, START.timestamp())
 }
 
+/// Default rules but for `limits`.
+fn limited(limits: NodeLimits) -> NodeRules {
+    NodeRules {
+        limits,
+        ..NodeRules::default()
+    }
+}
+
 fn state(rules: NodeRules) -> NodeState {
     NodeState::new(me().node_id(), rules, START)
 }
@@ -53,11 +61,11 @@ fn join_inbound(state: &mut NodeState, from: &str, peer: &TestNode, now: Instant
 
 #[test]
 fn inbound_connections_are_held_to_the_unauthenticated_limits_until_they_join() {
-    let mut s = state(NodeRules {
+    let mut s = state(limited(NodeLimits {
         max_unauthenticated: 3,
         max_unauthenticated_per_ip: 2,
-        ..NodeRules::default()
-    });
+        ..NodeLimits::default()
+    }));
     let a1 = s.accept(addr("10.0.0.1:1")).unwrap();
     let _a2 = s.accept(addr("10.0.0.1:2")).unwrap();
     assert_eq!(s.accept(addr("10.0.0.1:3")), Err(NoRoom::Busy));
@@ -83,10 +91,10 @@ fn inbound_connections_are_held_to_the_unauthenticated_limits_until_they_join() 
 
 #[test]
 fn the_connection_limit_counts_dials_and_accepts_together() {
-    let mut s = state(NodeRules {
+    let mut s = state(limited(NodeLimits {
         max_connections: 2,
-        ..NodeRules::default()
-    });
+        ..NodeLimits::default()
+    }));
     let d = s.dial(addr("10.0.0.9:1")).unwrap();
     s.accept(addr("10.0.0.1:1")).unwrap();
     assert_eq!(s.dial(addr("10.0.0.9:2")), Err(NoRoom::Busy));
@@ -97,10 +105,10 @@ fn the_connection_limit_counts_dials_and_accepts_together() {
 
 #[test]
 fn joins_are_held_to_rates_and_caps_and_a_node_joining_again_is_let_in() {
-    let mut s = state(NodeRules {
+    let mut s = state(limited(NodeLimits {
         max_joined_per_cell: 1,
-        ..NodeRules::default()
-    });
+        ..NodeLimits::default()
+    }));
     let a = TestNode::new(2, START.timestamp());
     let a2 = a.sibling(3, START.timestamp());
     let first = join_inbound(&mut s, "10.0.0.1:1", &a, START);
@@ -132,11 +140,11 @@ fn joins_are_held_to_rates_and_caps_and_a_node_joining_again_is_let_in() {
 
 #[test]
 fn the_join_rate_of_one_address_refuses_its_joins_but_not_others() {
-    let mut s = state(NodeRules {
+    let mut s = state(limited(NodeLimits {
         join_rate_per_ip: Rate::new(1, 2),
         max_unauthenticated_per_ip: 64,
-        ..NodeRules::default()
-    });
+        ..NodeLimits::default()
+    }));
     let peers: Vec<TestNode> = (10..14)
         .map(|n| TestNode::new(n, START.timestamp()))
         .collect();
@@ -154,7 +162,10 @@ fn the_join_rate_of_one_address_refuses_its_joins_but_not_others() {
 fn a_refusal_by_the_admit_check_takes_no_slot() {
     let deny: Check = Arc::new(|_| Err(Refusal::new(NackCode::Unauthorized, "not registered")));
     let mut s = state(NodeRules {
-        max_joined_per_cell: 1,
+        limits: NodeLimits {
+            max_joined_per_cell: 1,
+            ..NodeLimits::default()
+        },
         admit: Some(deny),
         ..NodeRules::default()
     });
@@ -464,13 +475,13 @@ proptest! {
     fn the_state_stays_consistent_and_deterministic(steps in proptest::collection::vec(step(), 1..60)) {
         let peers: Vec<TestNode> = (2..7).map(|n| TestNode::new(n, START.timestamp())).collect();
         let run = |steps: &[Step]| {
-            let mut s = state(NodeRules {
+            let mut s = state(limited(NodeLimits {
                 max_connections: 6,
                 max_unauthenticated: 4,
                 max_unauthenticated_per_ip: 2,
                 max_joined_per_cell: 2,
-                ..NodeRules::default()
-            });
+                ..NodeLimits::default()
+            }));
             let mut open: Vec<ConnId> = Vec::new();
             let mut now = START;
             let mut log = Vec::new();
