@@ -80,6 +80,7 @@ use bytes::Bytes;
 use cellmesh_core::Timestamp;
 use cellmesh_core::id::{CellId, NodeId};
 use cellmesh_core::keys::PublicKey;
+use cellmesh_core::relay::server::{StoreOp, StoreResult, Stored, StoredEnvelope};
 use cellmesh_core::relay::{MsgId, RefuseCode};
 use redb::{
     ReadableDatabase as _, ReadableTable as _, ReadableTableMetadata as _, TableDefinition,
@@ -347,21 +348,28 @@ impl Store {
         identity: &[u8],
         now: Timestamp,
     ) -> Result<(), StoreError> {
-        let len = u16::try_from(node_token.len()).map_err(|_| StoreError::TokenTooLong {
-            len: node_token.len(),
-        })?;
-        let mut value = Vec::with_capacity(8 + 2 + node_token.len() + identity.len());
-        value.extend_from_slice(&now.0.to_be_bytes());
-        value.extend_from_slice(&len.to_be_bytes());
-        value.extend_from_slice(node_token);
-        value.extend_from_slice(identity);
+        self.put_devices(&[(cell, node, node_token, identity, now)])
+    }
 
+    /// [`Store::put_device`] for many, in one transaction.
+    pub fn put_devices(&self, devices: &[NewDevice<'_>]) -> Result<(), StoreError> {
         let txn = self.registration_txn()?;
         {
-            let mut devices = txn.open_table(DEVICES).map_err(db_error("open a table"))?;
-            devices
-                .insert(&device_key(cell, node), value.as_slice())
-                .map_err(db_error("write a device"))?;
+            let mut table = txn.open_table(DEVICES).map_err(db_error("open a table"))?;
+            for &(cell, node, node_token, identity, now) in devices {
+                let len =
+                    u16::try_from(node_token.len()).map_err(|_| StoreError::TokenTooLong {
+                        len: node_token.len(),
+                    })?;
+                let mut value = Vec::with_capacity(8 + 2 + node_token.len() + identity.len());
+                value.extend_from_slice(&now.0.to_be_bytes());
+                value.extend_from_slice(&len.to_be_bytes());
+                value.extend_from_slice(node_token);
+                value.extend_from_slice(identity);
+                table
+                    .insert(&device_key(cell, node), value.as_slice())
+                    .map_err(db_error("write a device"))?;
+            }
         }
         txn.commit().map_err(db_error("commit"))
     }
@@ -560,43 +568,62 @@ impl Store {
     /// transaction; returns how many were queued. Ids not queued (already removed, never
     /// stored) are ignored.
     pub fn remove(&self, device: NodeId, ids: &[MsgId]) -> Result<usize, StoreError> {
+        Ok(self.remove_many(&[(device, ids)])?[0])
+    }
+
+    /// [`Store::remove`] for many devices, in one transaction (one `fsync` for all); returns
+    /// how many were removed for each.
+    pub fn remove_many(&self, batch: &[(NodeId, &[MsgId])]) -> Result<Vec<usize>, StoreError> {
         let _writer = lock(&self.writer);
-        let device = *device.key().as_bytes();
         let txn = self
             .db
             .begin_write()
             .map_err(db_error("begin a transaction"))?;
-        let mut freed = Usage::default();
+        let mut freed: Vec<(DeviceKey, Usage)> = Vec::with_capacity(batch.len());
         {
             let mut tables = WriteTables::open(&txn)?;
-            for &id in ids {
-                let low = index_key(&device, id, &[0; KEY_LEN]);
-                let high = index_key(&device, id, &[0xff; KEY_LEN]);
-                let found = tables
-                    .index
-                    .range::<&[u8; INDEX_KEY_LEN]>(&low..=&high)
-                    .map_err(db_error("read the index"))?
-                    .map(|entry| entry.map(|(key, seq)| (*key.value(), seq.value())))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(db_error("read the index"))?;
-                for (key, seq) in found {
-                    tables
+            for &(device, ids) in batch {
+                let device = *device.key().as_bytes();
+                let mut f = Usage::default();
+                for &id in ids {
+                    let low = index_key(&device, id, &[0; KEY_LEN]);
+                    let high = index_key(&device, id, &[0xff; KEY_LEN]);
+                    let found = tables
                         .index
-                        .remove(&key)
-                        .map_err(db_error("remove a message"))?;
-                    if let Some(record) = tables.remove_message(&device, seq)? {
-                        freed.add(record.envelope_len);
+                        .range::<&[u8; INDEX_KEY_LEN]>(&low..=&high)
+                        .map_err(db_error("read the index"))?
+                        .map(|entry| entry.map(|(key, seq)| (*key.value(), seq.value())))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(db_error("read the index"))?;
+                    for (key, seq) in found {
+                        tables
+                            .index
+                            .remove(&key)
+                            .map_err(db_error("remove a message"))?;
+                        if let Some(record) = tables.remove_message(&device, seq)? {
+                            f.add(record.envelope_len);
+                        }
                     }
+                }
+                freed.push((device, f));
+            }
+        }
+        let counts: Vec<usize> = freed.iter().map(|(_, f)| f.count).collect();
+        if counts.iter().all(|c| *c == 0) {
+            return Ok(counts);
+        }
+        txn.commit().map_err(db_error("commit"))?;
+        {
+            let mut usage = lock(&self.usage);
+            for (device, f) in &freed {
+                if f.count > 0 {
+                    usage.entry(*device).or_default().subtract(*f);
                 }
             }
         }
-        if freed.count == 0 {
-            return Ok(0);
-        }
-        txn.commit().map_err(db_error("commit"))?;
-        lock(&self.usage).entry(device).or_default().subtract(freed);
-        self.forget_empty(&[device]);
-        Ok(freed.count)
+        let devices: Vec<DeviceKey> = freed.into_iter().map(|(d, _)| d).collect();
+        self.forget_empty(&devices);
+        Ok(counts)
     }
 
     /// Deletes every message that has expired at `now`, in one transaction; returns how many.
@@ -659,6 +686,144 @@ impl Store {
         self.forget_empty(&freed.into_keys().collect::<Vec<_>>());
         tracing::debug!(count, "expired queued messages");
         Ok(count)
+    }
+
+    /// Carries out a relay server's operations in order (see
+    /// [`cellmesh_core::relay::server`]) and says what came of each. A run of consecutive
+    /// operations of one kind that writes (queueing, deleting what was delivered,
+    /// registering) is committed in one transaction: one `fsync` for all of them. Each
+    /// read sees every write before it.
+    pub fn apply(&self, ops: &[StoreOp]) -> Vec<StoreResult> {
+        let mut results = Vec::with_capacity(ops.len());
+        let mut i = 0;
+        while i < ops.len() {
+            let run = ops[i..]
+                .iter()
+                .take_while(|op| std::mem::discriminant(*op) == std::mem::discriminant(&ops[i]))
+                .count();
+            let batch = &ops[i..i + run];
+            match &ops[i] {
+                StoreOp::Enqueue { .. } => self.apply_enqueues(batch, &mut results),
+                StoreOp::Remove { .. } => {
+                    let list: Vec<(NodeId, &[MsgId])> = batch
+                        .iter()
+                        .filter_map(|op| match op {
+                            StoreOp::Remove { device, ids } => Some((*device, ids.as_slice())),
+                            _ => None,
+                        })
+                        .collect();
+                    match self.remove_many(&list) {
+                        Ok(counts) => results.extend(counts.into_iter().map(StoreResult::Removed)),
+                        Err(e) => results.extend(batch.iter().map(|_| failed(&e))),
+                    }
+                }
+                StoreOp::PutDevice { .. } => {
+                    let list: Vec<NewDevice<'_>> = batch
+                        .iter()
+                        .filter_map(|op| match op {
+                            StoreOp::PutDevice {
+                                cell,
+                                node,
+                                node_token,
+                                identity,
+                                now,
+                            } => Some((*cell, *node, &node_token[..], &identity[..], *now)),
+                            _ => None,
+                        })
+                        .collect();
+                    let r = match self.put_devices(&list) {
+                        Ok(()) => StoreResult::Done,
+                        Err(e) => failed(&e),
+                    };
+                    results.extend(batch.iter().map(|_| r.clone()));
+                }
+                StoreOp::Devices { .. }
+                | StoreOp::Pending { .. }
+                | StoreOp::Expire { .. }
+                | StoreOp::Sweep { .. } => {
+                    results.extend(batch.iter().map(|op| self.apply_one(op)));
+                }
+            }
+            i += run;
+        }
+        results
+    }
+
+    /// Consecutive [`StoreOp::Enqueue`]s, as one batch.
+    fn apply_enqueues(&self, batch: &[StoreOp], results: &mut Vec<StoreResult>) {
+        let mut messages = Vec::new();
+        let mut sizes = Vec::with_capacity(batch.len());
+        let mut now = Timestamp(0);
+        for op in batch {
+            if let StoreOp::Enqueue { now: at, envelopes } = op {
+                now = now.max(*at);
+                sizes.push(envelopes.len());
+                messages.extend(envelopes.iter().map(|e| NewMessage {
+                    to: e.to,
+                    id: e.id,
+                    from: e.from,
+                    envelope: &e.envelope,
+                }));
+            }
+        }
+        let mut all = self.enqueue(now, &messages).into_iter().map(|r| {
+            r.map(|e| match e {
+                Enqueued::Stored => Stored::Stored,
+                Enqueued::Duplicate => Stored::Duplicate,
+                Enqueued::Replaced => Stored::Replaced,
+            })
+            .map_err(|e| e.refuse_code())
+        });
+        for n in sizes {
+            results.push(StoreResult::Enqueued(all.by_ref().take(n).collect()));
+        }
+    }
+
+    fn apply_one(&self, op: &StoreOp) -> StoreResult {
+        let r = match op {
+            StoreOp::Devices { cell } => self.devices(*cell).map(StoreResult::Devices),
+            StoreOp::Pending {
+                device,
+                now,
+                limit,
+                max_bytes,
+            } => self.pending(*device, *now, *limit, *max_bytes).map(|q| {
+                StoreResult::Pending(
+                    q.into_iter()
+                        .map(|q| StoredEnvelope {
+                            id: q.id,
+                            from: q.from,
+                            envelope: q.envelope,
+                        })
+                        .collect(),
+                )
+            }),
+            StoreOp::Expire { now } => self.expire(*now).map(StoreResult::Count),
+            StoreOp::Sweep { touch, forget, now } => self
+                .touch_devices(touch, *now)
+                .and_then(|()| self.forget_devices(forget))
+                .map(StoreResult::Count),
+            // Writes that `apply` batches (it never hands them here).
+            StoreOp::Enqueue { .. } | StoreOp::Remove { .. } | StoreOp::PutDevice { .. } => {
+                return self
+                    .apply(std::slice::from_ref(op))
+                    .pop()
+                    .unwrap_or(StoreResult::Done);
+            }
+        };
+        r.unwrap_or_else(|e| failed(&e))
+    }
+
+    /// Every device with something queued (expired messages included until
+    /// [`Store::expire`] deletes them), in key order. Never touches the disk.
+    pub fn queued_devices(&self) -> Vec<NodeId> {
+        let mut out: Vec<NodeId> = lock(&self.usage)
+            .iter()
+            .filter(|(_, u)| u.count > 0)
+            .filter_map(|(k, _)| PublicKey::from_bytes(k).ok().map(NodeId::from_key))
+            .collect();
+        out.sort();
+        out
     }
 
     /// How many messages, and how many envelope bytes, are queued for `device` (expired ones
@@ -856,6 +1021,14 @@ type DeviceKey = [u8; KEY_LEN];
 
 /// A registered device's `(node_token, identity)`.
 type TokenPair = (Vec<u8>, Vec<u8>);
+
+/// A store error as a relay server's operation reports it.
+fn failed(e: &StoreError) -> StoreResult {
+    StoreResult::Failed(e.to_string())
+}
+
+/// A registration to write: cell, device, node token, identity token, seen at.
+pub type NewDevice<'a> = (CellId, NodeId, &'a [u8], &'a [u8], Timestamp);
 
 /// State only writers touch, under the writer lock.
 struct Writer {

@@ -76,8 +76,7 @@ pub const BUNDLE_BYTES: usize = 64 * 1024;
 pub const BUNDLE_MESSAGES: usize = 256;
 /// Most messages in one [`Event::Messages`].
 pub const HAND_OVER: usize = 256;
-/// Records are batched into link payloads of about this size.
-pub const MAX_BATCH: usize = 64 * 1024;
+pub use crate::relay::MAX_BATCH;
 /// How often sessions and the duplicate memory are swept of what has expired. Milliseconds.
 const SWEEP_MS: u64 = 3600 * 1000;
 /// How long an envelope answered with RESET is left with the relay (not told DELIVERED) for

@@ -33,6 +33,8 @@
 //! ([`crate::e2e::Directory::verify`]).
 
 #[cfg(any(test, feature = "testing"))]
+pub mod harness;
+#[cfg(any(test, feature = "testing"))]
 pub mod mem_store;
 pub mod server;
 
@@ -48,6 +50,10 @@ use crate::wire::MAX_PAYLOAD;
 pub const MAX_ENVELOPE: usize = MAX_PAYLOAD - 128;
 /// Largest record in a relay payload.
 pub const MAX_RECORD: usize = MAX_PAYLOAD;
+/// Records are batched into link payloads of about this size (a record larger than it goes
+/// alone): big enough to amortise framing and encryption, small enough that the buffers are
+/// reused from the heap rather than mapped and zeroed by the kernel each time.
+pub const MAX_BATCH: usize = 64 * 1024;
 /// Most ids in one DELIVERED.
 pub const MAX_IDS: usize = 4096;
 /// Most devices one DIRECTORY lists.

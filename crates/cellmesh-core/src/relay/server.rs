@@ -39,8 +39,8 @@ use std::net::SocketAddr;
 use bytes::Bytes;
 
 use super::{
-    Accepted, DirectoryEntry, MAX_DEVICES, MAX_ENVELOPE, MsgId, Record, RefuseCode, put_record,
-    records,
+    Accepted, DirectoryEntry, MAX_BATCH, MAX_DEVICES, MAX_ENVELOPE, MsgId, Record, RefuseCode,
+    put_record, records,
 };
 use crate::id::{CellId, NodeId};
 use crate::limits::{
@@ -61,9 +61,6 @@ pub const MAX_DROPPED: usize = 1024;
 pub const MAX_DEFERRED_PER_DEVICE: usize = 256;
 /// See [`MAX_DEFERRED_PER_DEVICE`].
 pub const MAX_DEFERRED: usize = 16_384;
-
-/// Largest payload the machine writes to a link: records are batched up to it.
-pub const MAX_BATCH: usize = 64 * 1024;
 
 /// How often waiting LOOKUPs and held-back drains are looked at again, in milliseconds.
 pub const RETRY_MS: u64 = 20;
@@ -442,7 +439,8 @@ struct Deferred {
 enum Pending {
     PutDevice,
     /// Answers owed, in order: from, to, id, bytes; `answer` false for envelopes kept after a
-    /// departure, which nobody waits on.
+    /// departure, whose senders were answered `pushed` and are told `queued` once they are
+    /// (if they are still here to hear it).
     Enqueue {
         items: Vec<(NodeId, NodeId, MsgId, usize)>,
         answer: bool,
@@ -452,6 +450,12 @@ enum Pending {
     Drain(NodeId),
     Expire,
     Sweep(usize),
+}
+
+/// What one call of [`RelayServer::records`] collects for the store.
+struct Batch<'a> {
+    to_store: &'a mut Vec<StoreEnvelope>,
+    removed: &'a mut BTreeMap<NodeId, Vec<MsgId>>,
 }
 
 /// Counts for the next [`Summary`].
@@ -539,6 +543,10 @@ pub struct RelayServer {
     watched: bool,
     /// When waiting LOOKUPs and held-back drains are looked at again, while there are any.
     retry_at: Option<Instant>,
+    /// Bytes of [`Action::Send`]s not yet polled, per device and in all: written for the
+    /// device as far as the bounds are concerned, though the links have not seen them.
+    unpolled: BTreeMap<NodeId, usize>,
+    unpolled_total: usize,
 }
 
 impl RelayServer {
@@ -584,6 +592,8 @@ impl RelayServer {
                 .map(|ms| now.plus_millis(ms.max(10))),
             watched: config.envelope_events,
             retry_at: None,
+            unpolled: BTreeMap::new(),
+            unpolled_total: 0,
             config,
         }
     }
@@ -713,30 +723,40 @@ impl RelayServer {
         }
     }
 
-    /// Handles one payload (a batch of records) from joined device `from` of `from_cell`.
+    /// Handles payloads (each a batch of records) from joined devices, in arrival order:
+    /// each with its device and the device's cell. What goes to the store from all of them
+    /// is one [`StoreOp::Enqueue`], and what each device acknowledged one [`StoreOp::Remove`].
     pub fn records(
         &mut self,
         now: Instant,
-        from: NodeId,
-        from_cell: CellId,
-        payload: Bytes,
+        payloads: impl IntoIterator<Item = (NodeId, CellId, Bytes)>,
         outlets: &impl Outlets,
     ) {
         let mut to_store = Vec::new();
-        for record in records(payload) {
-            let Ok(record) = record else {
-                // Every FORWARD before it was answered; after it, nothing can be trusted to
-                // be framed right: the device is disconnected and will send again.
-                self.drop_device(from, "malformed relay record");
-                break;
-            };
-            if self.dropped.contains(&from) && !matches!(record, Record::Delivered(_)) {
-                continue;
+        let mut removed: BTreeMap<NodeId, Vec<MsgId>> = BTreeMap::new();
+        for (from, from_cell, payload) in payloads {
+            for record in records(payload) {
+                let Ok(record) = record else {
+                    // Every FORWARD before it was answered; after it, nothing can be trusted
+                    // to be framed right: the device is disconnected and will send again.
+                    self.drop_device(from, "malformed relay record");
+                    break;
+                };
+                if self.dropped.contains(&from) && !matches!(record, Record::Delivered(_)) {
+                    continue;
+                }
+                let batch = Batch {
+                    to_store: &mut to_store,
+                    removed: &mut removed,
+                };
+                self.record(now, from, from_cell, record, outlets, batch);
             }
-            self.record(now, from, from_cell, record, outlets, &mut to_store);
         }
         if !to_store.is_empty() {
             self.enqueue(now, to_store, true);
+        }
+        for (device, ids) in removed {
+            self.op(Pending::Remove(device), StoreOp::Remove { device, ids });
         }
         self.drains(now, outlets);
         self.flush(now, outlets);
@@ -796,6 +816,16 @@ impl RelayServer {
                             }
                             if answer {
                                 self.accepted(from, to, id, bytes, Accepted::Queued);
+                            } else if self.online.contains_key(&from) {
+                                // Its sender was told `pushed`; now it is queued.
+                                self.out.push(
+                                    from,
+                                    &Record::Accepted {
+                                        to,
+                                        id,
+                                        status: Accepted::Queued,
+                                    },
+                                );
                             }
                             self.want_drain(to);
                         }
@@ -901,7 +931,34 @@ impl RelayServer {
 
     /// The next thing to do.
     pub fn poll_action(&mut self) -> Option<Action> {
-        self.actions.pop_front()
+        let action = self.actions.pop_front()?;
+        if let Action::Send { to, payload } = &action
+            && let Some(n) = self.unpolled.get_mut(to)
+        {
+            *n = n.saturating_sub(payload.len());
+            self.unpolled_total = self.unpolled_total.saturating_sub(payload.len());
+            if *n == 0 {
+                self.unpolled.remove(to);
+            }
+        }
+        Some(action)
+    }
+
+    /// What was written for `node`: taken by its link or not, or not yet polled.
+    fn waiting(&self, node: NodeId, outlets: &impl Outlets) -> usize {
+        outlets.waiting(node) + self.unpolled.get(&node).copied().unwrap_or(0)
+    }
+
+    /// Bytes waiting for a device's link beyond which it is not reading what it asked for:
+    /// pushes stay within `outlet_bytes` (or are one envelope alone) and drains start below
+    /// half of it, so only answers to its own records, which it does not read, get it there.
+    fn slow_reader(&self) -> usize {
+        2 * self.config.outlet_bytes + MAX_ENVELOPE
+    }
+
+    /// What was written for every device and not taken, polled or not.
+    fn waiting_total(&self, outlets: &impl Outlets) -> usize {
+        outlets.total() + self.unpolled_total
     }
 
     /// Stops: what online devices have not acknowledged goes to the store.
@@ -919,7 +976,7 @@ impl RelayServer {
         from_cell: CellId,
         record: Record,
         outlets: &impl Outlets,
-        to_store: &mut Vec<StoreEnvelope>,
+        batch: Batch<'_>,
     ) {
         match record {
             Record::Lookup { request, cell } => {
@@ -960,7 +1017,7 @@ impl RelayServer {
                 }
                 // A copy: the envelope shares the buffer of the whole frame it came in,
                 // which the relay must not keep for it.
-                to_store.push(StoreEnvelope {
+                batch.to_store.push(StoreEnvelope {
                     to,
                     id,
                     from,
@@ -987,7 +1044,7 @@ impl RelayServer {
                     self.budget.release(from, cell, freed);
                 }
                 if self.stored.contains(&from) {
-                    self.op(Pending::Remove(from), StoreOp::Remove { device: from, ids });
+                    batch.removed.entry(from).or_default().extend(ids);
                 }
             }
             _ => self.drop_device(from, "relay-only record"),
@@ -1005,8 +1062,8 @@ impl RelayServer {
         outlets: &impl Outlets,
     ) -> bool {
         let bytes = envelope.len();
-        let elsewhere = outlets.total() + self.out.bytes;
-        let queued_out = self.out.len_for(to);
+        let elsewhere = self.waiting_total(outlets) + self.out.bytes;
+        let queued_out = self.out.len_for(to) + self.waiting(to, outlets);
         let Some(online) = self.online.get_mut(&to) else {
             return false;
         };
@@ -1031,7 +1088,10 @@ impl RelayServer {
             }
             // The same id from another sender waits in the store.
             Some(_) => return false,
-            None if outlets.waiting(to) + queued_out >= self.config.outlet_bytes => return false,
+            // Within the outlet, or alone in it.
+            None if queued_out > 0 && queued_out + bytes > self.config.outlet_bytes => {
+                return false;
+            }
             None => {}
         }
         if !self
@@ -1106,8 +1166,13 @@ impl RelayServer {
     /// Starts the drains that are wanted and may go: the device's link has taken most of what
     /// it was given, and the relay is within its memory bound.
     fn drains(&mut self, now: Instant, outlets: &impl Outlets) {
-        let full = outlets.total() + self.budget.total() >= self.config.memory.total;
+        let full = self.waiting_total(outlets) + self.budget.total() >= self.config.memory.total;
         let chunk = (self.config.outlet_bytes / 4).max(1);
+        let waiting: BTreeMap<NodeId, usize> = self
+            .online
+            .keys()
+            .map(|n| (*n, self.waiting(*n, outlets) + self.out.len_for(*n)))
+            .collect();
         let mut go = Vec::new();
         for (node, online) in &mut self.online {
             if !online.wanted || online.reading || !online.receiving {
@@ -1117,7 +1182,7 @@ impl RelayServer {
                 online.wanted = false;
                 continue;
             }
-            if full || outlets.waiting(*node) >= self.config.outlet_bytes / 2 {
+            if full || waiting[node] >= self.config.outlet_bytes / 2 {
                 continue;
             }
             online.wanted = false;
@@ -1261,7 +1326,7 @@ impl RelayServer {
             online: self.online.len(),
             registered: self.registrations.len(),
             in_flight_bytes: self.budget.total(),
-            waiting_bytes: outlets.total(),
+            waiting_bytes: self.waiting_total(outlets),
         };
         self.event(ServerEvent::Summary(summary));
     }
@@ -1333,22 +1398,22 @@ impl RelayServer {
             for payload in outgoing.payloads {
                 self.actions.push_back(Action::Send { to, payload });
             }
-            if self.online.contains_key(&to)
-                && outlets.waiting(to) + written > 2 * self.config.outlet_bytes
-            {
+            *self.unpolled.entry(to).or_insert(0) += written;
+            self.unpolled_total += written;
+            if self.online.contains_key(&to) && self.waiting(to, outlets) > self.slow_reader() {
                 slow.push(to);
             }
         }
         for to in slow {
             self.drop_device(to, "does not read what it is sent");
         }
-        let held = outlets.total() + out.bytes + self.budget.total();
+        let held = self.waiting_total(outlets) + self.budget.total();
         if held > self.config.memory.total + self.config.outlet_bytes {
             let heaviest = self
                 .online
                 .keys()
                 .filter(|n| !self.dropped.contains(n))
-                .map(|n| (outlets.waiting(*n), *n))
+                .map(|n| (self.waiting(*n, outlets), *n))
                 .max();
             if let Some((waiting, node)) = heaviest
                 && waiting > 0

@@ -1,179 +1,10 @@
 //! The relay server on virtual time over the in-memory store.
 
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
-
 use bytes::Bytes;
 
 use super::*;
-use crate::limits::{ByteLimits, Rate, RegistrationLimits};
-use crate::relay::mem_store::{MemStore, MemStoreLimits};
+use crate::relay::harness::RelayHarness as Bench;
 use crate::testing::{START, TestNode};
-
-fn config() -> ServerConfig {
-    ServerConfig {
-        forward_rate: Rate::new(1000, 2000),
-        lookup_rate: Rate::new(2, 2),
-        memory: ByteLimits {
-            per_device: 1 << 20,
-            per_cell: 1 << 20,
-            total: 4 << 20,
-        },
-        outlet_bytes: 1 << 20,
-        registrations: RegistrationLimits {
-            per_cell: 64,
-            total: 1000,
-            ttl_secs: 3600,
-        },
-        envelope_events: false,
-        summary_every_ms: None,
-    }
-}
-
-#[derive(Default)]
-struct Links {
-    waiting: BTreeMap<NodeId, usize>,
-}
-
-impl Outlets for Links {
-    fn waiting(&self, node: NodeId) -> usize {
-        self.waiting.get(&node).copied().unwrap_or(0)
-    }
-    fn total(&self) -> usize {
-        self.waiting.values().sum()
-    }
-}
-
-/// A relay, its store, and what it wrote to each device, decoded.
-struct Bench {
-    server: RelayServer,
-    store: MemStore,
-    links: Links,
-    now: Instant,
-    /// Store operations not yet carried out, when `hold` is set.
-    held: Vec<(OpId, StoreOp)>,
-    hold: bool,
-    sent: BTreeMap<NodeId, Vec<Record>>,
-    disconnected: Vec<(NodeId, &'static str)>,
-    events: Vec<ServerEvent>,
-}
-
-impl Bench {
-    fn new() -> Self {
-        Self::over(MemStore::new(MemStoreLimits::default()))
-    }
-
-    /// A new relay over `store`: a restart.
-    fn over(store: MemStore) -> Self {
-        let server = RelayServer::new(config(), START, store.registered(), store.queued_devices());
-        Self {
-            server,
-            store,
-            links: Links::default(),
-            now: START,
-            held: Vec::new(),
-            hold: false,
-            sent: BTreeMap::new(),
-            disconnected: Vec::new(),
-            events: Vec::new(),
-        }
-    }
-
-    fn restart(self) -> Self {
-        Self::over(self.store)
-    }
-
-    fn run(&mut self) {
-        while let Some(a) = self.server.poll_action() {
-            match a {
-                Action::Send { to, payload } => {
-                    let e = self.sent.entry(to).or_default();
-                    e.extend(records(payload).map(|r| r.expect("the relay writes records")));
-                }
-                Action::Disconnect { node, reason } => self.disconnected.push((node, reason)),
-                Action::Store(id, op) if self.hold => self.held.push((id, op)),
-                Action::Store(id, op) => {
-                    let result = self.store.apply(&op);
-                    self.server.store_done(self.now, id, result, &self.links);
-                }
-                Action::Event(e) => self.events.push(e),
-            }
-        }
-    }
-
-    /// Carries out the held store operations.
-    fn commit(&mut self) {
-        self.hold = false;
-        for (id, op) in std::mem::take(&mut self.held) {
-            let result = self.store.apply(&op);
-            self.server.store_done(self.now, id, result, &self.links);
-        }
-        self.run();
-    }
-
-    fn join(&mut self, d: &TestNode) {
-        self.server
-            .check_join(self.now, d.cell_id(), d.node_id())
-            .expect("room to register");
-        self.server.joined(
-            self.now,
-            d.cell_id(),
-            d.node_id(),
-            SocketAddr::from(([127, 0, 0, 1], 4000)),
-            d.node_token.to_bytes(),
-            d.identity.to_bytes(),
-        );
-        self.run();
-    }
-
-    fn leave(&mut self, d: &TestNode) {
-        self.server.left(self.now, d.node_id());
-        self.run();
-    }
-
-    fn send(&mut self, from: &TestNode, rs: &[Record]) {
-        let mut payload = Vec::new();
-        for r in rs {
-            put_record(&mut payload, r);
-        }
-        self.server.records(
-            self.now,
-            from.node_id(),
-            from.cell_id(),
-            Bytes::from(payload),
-            &self.links,
-        );
-        self.run();
-    }
-
-    fn forward(&mut self, from: &TestNode, to: &TestNode, id: u8) {
-        self.send(
-            from,
-            &[Record::Forward {
-                to: to.node_id(),
-                id: MsgId([id; 16]),
-                envelope: message(id),
-            }],
-        );
-    }
-
-    fn advance(&mut self, ms: u64) {
-        self.now = self.now.plus_millis(ms);
-        self.server.handle_timeout(self.now, &self.links);
-        self.run();
-    }
-
-    fn take(&mut self, d: &TestNode) -> Vec<Record> {
-        self.sent.remove(&d.node_id()).unwrap_or_default()
-    }
-}
-
-/// An envelope that is a message (not an answer), of version 1.
-fn message(id: u8) -> Bytes {
-    let mut e = vec![crate::e2e::E2E_VERSION, 0x02];
-    e.extend_from_slice(&[id; 40]);
-    Bytes::from(e)
-}
 
 fn devices() -> (TestNode, TestNode) {
     let now = START.timestamp();
@@ -338,7 +169,7 @@ fn a_device_that_does_not_read_is_disconnected_and_what_it_sends_after_is_ignore
     r.join(&a);
     r.join(&b);
     r.send(&b, &[Record::Receive]);
-    r.links.waiting.insert(a.node_id(), 2 << 20);
+    r.links.waiting.insert(a.node_id(), 4 << 20);
     r.forward(&a, &b, 1);
     assert_eq!(
         r.disconnected,
@@ -356,9 +187,11 @@ fn a_malformed_record_disconnects_its_device() {
     r.join(&a);
     r.server.records(
         r.now,
-        a.node_id(),
-        a.cell_id(),
-        Bytes::from_static(&[0, 0, 0, 1, 0x99]),
+        [(
+            a.node_id(),
+            a.cell_id(),
+            Bytes::from_static(&[0, 0, 0, 1, 0x99]),
+        )],
         &r.links,
     );
     r.run();
