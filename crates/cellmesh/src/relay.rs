@@ -31,6 +31,13 @@
 //!   device's outbox. Deliveries to a device with `outlet_bytes` waiting spill to the store;
 //!   a device with twice that waiting (answers to its own FORWARDs that it does not read), or
 //!   with the most waiting when the whole relay is over its bound, is disconnected.
+//! - **Revocations.** A REVOKE is decided by the core's [`RelayRevocations`] (the token
+//!   verifies, its cell has a device registered here, the device is not another cell's;
+//!   10 a second per sending cell, bursts of 100; 64 per cell, 100,000 in all). One it keeps
+//!   is written to the store's `revoked` table in the same transaction that drops the
+//!   device's registration and queue, before REVOKED(ok) is sent; then the device is
+//!   disconnected, its joins are refused (NACK `revoked`), and every DIRECTORY of its cell
+//!   carries the revocation, so that senders that never imported it still honour it.
 //! - **Events** ([`RelayEvent`]) say what the relay did. Per-envelope events, which name who
 //!   sends to whom, are made only when [`RelayConfig::envelope_events`] asks for them.
 //!
@@ -53,6 +60,7 @@ use cellmesh_core::limits::{
 use cellmesh_core::relay::{
     Accepted, DirectoryEntry, MAX_ENVELOPE, MsgId, Record, RefuseCode, put_record, records,
 };
+use cellmesh_core::revoked::{Offered, RelayRevocations, RevocationLimits};
 use cellmesh_core::token::Token;
 use cellmesh_core::wire::NackCode;
 use thiserror::Error;
@@ -116,6 +124,9 @@ pub struct RelayConfig {
     /// `busy`), and how long a device may stay away before its registration and its queue
     /// are dropped. Defaults 64 (as many as a DIRECTORY lists), 100,000, 30 days.
     pub registrations: RegistrationLimits,
+    /// Bounds on the revocations the relay keeps (REVOKE): per sending cell's rate, per
+    /// issuing cell, in all. Defaults 10 a second (bursts of 100), 64, 100,000.
+    pub revocations: RevocationLimits,
     /// Make [`RelayEvent::Forwarded`] and [`RelayEvent::Refused`] events, one per envelope,
     /// naming its sending and receiving devices: a record of who talks to whom. Default false.
     pub envelope_events: bool,
@@ -154,6 +165,7 @@ impl RelayConfig {
                 total: 100_000,
                 ttl_secs: 30 * 24 * 3600,
             },
+            revocations: RevocationLimits::default(),
             envelope_events: false,
             summary_every: Some(Duration::from_secs(60)),
             tls: None,
@@ -211,6 +223,27 @@ pub enum RelayEvent {
         node: NodeId,
         /// The NACK code.
         code: NackCode,
+        /// Why.
+        reason: String,
+    },
+    /// A cell's revocation of one of its devices was kept: the device was dropped from the
+    /// directory with its queue, disconnected if online, and is refused from now on.
+    Revoked {
+        /// The issuing cell.
+        cell: CellId,
+        /// The revoked device.
+        node: NodeId,
+        /// The device that carried the REVOKE.
+        by: NodeId,
+        /// Queued envelopes that went with the device.
+        messages: usize,
+    },
+    /// A REVOKE was refused (or could not be kept).
+    RevokeRefused {
+        /// The device that sent it.
+        by: NodeId,
+        /// The code REVOKED carried.
+        code: RefuseCode,
         /// Why.
         reason: String,
     },
@@ -355,8 +388,18 @@ impl Relay {
         for (cell, device, last_seen) in store.registered()? {
             registrations.load(cell, device, last_seen);
         }
+        let mut revocations = RelayRevocations::new(config.revocations, config.registrations.total);
+        for bytes in store.revocations()? {
+            let loaded = Token::decode(&bytes)
+                .map_err(|e| e.to_string())
+                .and_then(|t| revocations.load(&t).map_err(|e| e.to_string()));
+            if let Err(error) = loaded {
+                tracing::warn!(%error, "a stored revocation does not verify; ignored");
+            }
+        }
         let registrations = Arc::new(Mutex::new(Directory {
             registrations,
+            revocations,
             fresh: HashSet::new(),
         }));
         config.node.listen = config.listen.clone();
@@ -456,6 +499,8 @@ impl Relay {
 /// The relay's registrations as the join check and the loop share them.
 struct Directory {
     registrations: Registrations,
+    /// The revocations kept: checked on every join, handed out with every DIRECTORY.
+    revocations: RelayRevocations,
     /// Devices the join check registered for the first time, until the loop has seen them
     /// join (to say so in [`RelayEvent::Registered`]).
     fresh: HashSet<NodeId>,
@@ -466,6 +511,12 @@ fn registrar(directory: Arc<Mutex<Directory>>) -> JoinCheck {
     JoinCheck(Arc::new(move |binding| {
         let now = crate::now();
         let mut d = lock(&directory);
+        if d.revocations.is_revoked(binding.cell(), binding.node()) {
+            return Err(Refusal::new(
+                NackCode::Revoked,
+                format!("device {} has been revoked by its cell", binding.node()),
+            ));
+        }
         match d.registrations.join(binding.cell(), binding.node(), now) {
             Ok(Registered::New) => {
                 d.fresh.insert(binding.node());
@@ -1079,6 +1130,13 @@ impl Loop {
                     envelope,
                 });
             }
+            Record::Revoke {
+                request,
+                revocation,
+            } => {
+                let result = self.revoke(from, from_cell, &revocation, out).await;
+                out.push(from, &Record::Revoked { request, result });
+            }
             Record::Receive => {
                 if let Some(online) = self.online.get_mut(&from)
                     && !online.receiving
@@ -1117,6 +1175,91 @@ impl Loop {
                 self.drop_device(from, "relay-only record");
             }
         }
+    }
+
+    /// A REVOKE from `from`: decided by the core's [`RelayRevocations`]; one kept is made
+    /// durable with the device's registration and queue dropped, and then the device is cut
+    /// off. Returns what REVOKED says.
+    async fn revoke(
+        &mut self,
+        from: NodeId,
+        from_cell: CellId,
+        revocation: &Token,
+        out: &mut Out,
+    ) -> Result<(), RefuseCode> {
+        let offered = {
+            let mut d = lock(&self.registrations);
+            let Directory {
+                registrations,
+                revocations,
+                ..
+            } = &mut *d;
+            revocations.offer(from_cell, revocation, registrations, self.now)
+        };
+        let r = match offered {
+            Ok(Offered::Known) => return Ok(()),
+            Ok(Offered::New(r)) => r,
+            Err(e) => {
+                tracing::info!(%from, code = e.code().name(), reason = %e, "revocation refused");
+                let _ = self.events.send(RelayEvent::RevokeRefused {
+                    by: from,
+                    code: e.code(),
+                    reason: e.to_string(),
+                });
+                return Err(e.code());
+            }
+        };
+        let (cell, node) = (r.cell(), r.node());
+        let store = Arc::clone(&self.store);
+        let bytes = r.token().to_bytes();
+        let kept = tokio::task::spawn_blocking(move || store.revoke(cell, node, &bytes)).await;
+        let messages = match kept {
+            Ok(Ok(messages)) => messages,
+            failed => {
+                let reason = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    Err(e) => e.to_string(),
+                    Ok(Ok(_)) => String::new(),
+                };
+                tracing::warn!(%node, %reason, "could not keep a revocation");
+                lock(&self.registrations).revocations.remove(cell, node);
+                let _ = self.events.send(RelayEvent::RevokeRefused {
+                    by: from,
+                    code: RefuseCode::Unavailable,
+                    reason,
+                });
+                return Err(RefuseCode::Unavailable);
+            }
+        };
+        {
+            let mut d = lock(&self.registrations);
+            d.registrations.remove(node);
+            d.fresh.remove(&node);
+        }
+        // What was pushed to it and not taken goes with it, not to the store; nothing more
+        // of this batch is written to it.
+        if let Some(online) = self.online.remove(&node) {
+            online.drain.abort();
+            let held: usize = online
+                .in_flight
+                .values()
+                .map(|(_, e)| e.len() + IN_FLIGHT_OVERHEAD)
+                .sum();
+            self.budget.release(node, online.cell, held);
+        }
+        out.bytes = out
+            .bytes
+            .saturating_sub(out.to.remove(&node).map_or(0, |o| o.len()));
+        self.leaving.retain(|l| l.1 != node);
+        self.node.disconnect(node, "revoked by its cell");
+        tracing::info!(%cell, %node, %from, messages, "device revoked");
+        let _ = self.events.send(RelayEvent::Revoked {
+            cell,
+            node,
+            by: from,
+            messages,
+        });
+        Ok(())
     }
 
     /// Queues a LOOKUP over its cell's rate, or disconnects its device if it has too many
@@ -1166,6 +1309,8 @@ impl Loop {
     async fn lookup(&mut self, d: Deferred, out: &mut Out) {
         let store = Arc::clone(&self.store);
         let cell = d.cell;
+        let revocations = lock(&self.registrations).revocations.of_cell(cell);
+        let registry = Arc::clone(&self.registrations);
         let devices = tokio::task::spawn_blocking(move || store.devices(cell))
             .await
             .ok()
@@ -1178,6 +1323,11 @@ impl Loop {
                     identity: Token::decode(&id).ok()?,
                 })
             })
+            // A device revoked since its row was read is not listed beside its revocation.
+            .filter(|e| {
+                let node = NodeId::from_key(e.node_token.claims().key);
+                !lock(&registry).revocations.is_revoked(cell, node)
+            })
             .take(cellmesh_core::relay::MAX_DEVICES)
             .collect();
         out.push(
@@ -1186,6 +1336,7 @@ impl Loop {
                 request: d.request,
                 cell,
                 devices,
+                revocations,
             },
         );
     }
