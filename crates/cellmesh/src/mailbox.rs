@@ -147,6 +147,8 @@ pub struct Mailbox {
     relay_node: NodeId,
     cell: CellId,
     node: NodeId,
+    /// Set by the driver when the relay refused to take this device back: revoked.
+    revoked: Arc<std::sync::atomic::AtomicBool>,
     task: Option<JoinHandle<()>>,
 }
 
@@ -335,6 +337,7 @@ impl Mailbox {
         let progress = Arc::new(Progress::default());
         let (cell, me) = (node.cell(), node.node_id());
         let outbox = node.sender(relay.node).ok().map(Outbox::new);
+        let revoked = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let driver = Driver {
             core,
             relay: relay.node,
@@ -353,7 +356,7 @@ impl Mailbox {
             revokes: BTreeMap::new(),
             home: config.home.clone(),
             imports: Vec::new(),
-            revoked: false,
+            revoked: Arc::clone(&revoked),
             next_token: 1,
             incoming: VecDeque::new(),
         };
@@ -368,6 +371,7 @@ impl Mailbox {
             relay_node: relay.node,
             cell,
             node: me,
+            revoked,
             task: Some(tokio::spawn(driver.run(cmd_rx, events, close_rx))),
         })
     }
@@ -454,6 +458,12 @@ impl Mailbox {
         self.cell
     }
 
+    /// Whether the mailbox ended because the relay refuses this device as revoked by its
+    /// cell (it then stops reconnecting, and [`Mailbox::recv`] returns `None`).
+    pub fn is_revoked(&self) -> bool {
+        self.revoked.load(Ordering::Acquire)
+    }
+
     /// This device.
     pub fn node(&self) -> NodeId {
         self.node
@@ -501,7 +511,7 @@ struct Driver {
     home: Option<PathBuf>,
     imports: Vec<JoinHandle<()>>,
     /// The relay refused this device as revoked: it does not try again.
-    revoked: bool,
+    revoked: Arc<std::sync::atomic::AtomicBool>,
     next_token: u64,
     /// Payloads from the relay not yet fed to the core (it wanted no more for now).
     incoming: VecDeque<Bytes>,
@@ -553,7 +563,7 @@ impl Driver {
                         self.outbox = None;
                         self.core.handle_disconnected();
                         self.reconnect().await;
-                        if self.revoked {
+                        if self.revoked.load(Ordering::Acquire) {
                             break self.progress.taken.load(Ordering::Acquire);
                         }
                     }
@@ -568,7 +578,7 @@ impl Driver {
                 _ = tick.tick() => {
                     if !self.connected {
                         self.reconnect().await;
-                        if self.revoked {
+                        if self.revoked.load(Ordering::Acquire) {
                             break self.progress.taken.load(Ordering::Acquire);
                         }
                     }
@@ -732,7 +742,7 @@ impl Driver {
                 ..
             }) => {
                 tracing::error!(%reason, "the relay refuses this device: its cell revoked it");
-                self.revoked = true;
+                self.revoked.store(true, Ordering::Release);
             }
             Err(e) => tracing::debug!(error = %e, "relay still unreachable"),
         }
