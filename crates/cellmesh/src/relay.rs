@@ -1251,7 +1251,16 @@ impl Loop {
             .bytes
             .saturating_sub(out.to.remove(&node).map_or(0, |o| o.len()));
         self.leaving.retain(|l| l.1 != node);
-        self.node.disconnect(node, "revoked by its cell");
+        if from == node {
+            // A device that revoked itself (`revoke-device --force`) hears the answer on its
+            // link, which it then closes: closing it here could overtake the answer. Until
+            // then nothing it sends counts but DELIVERED, and nothing is forwarded to it.
+            if self.dropped.insert(node) {
+                self.dropped_order.push_back(node);
+            }
+        } else {
+            self.node.disconnect(node, "revoked by its cell");
+        }
         tracing::info!(%cell, %node, %from, messages, "device revoked");
         let _ = self.events.send(RelayEvent::Revoked {
             cell,

@@ -211,3 +211,32 @@ async fn a_relay_refuses_revocations_it_must_not_keep() {
     b.close().await;
     relay.shutdown().await;
 }
+
+/// A device that revokes itself (`revoke-device --force`) hears the relay's answer before it
+/// is refused.
+#[tokio::test]
+async fn a_device_that_revokes_itself_hears_the_answer_then_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = relay_at(
+        &device(dir.path(), "relay"),
+        "127.0.0.1:0".parse().unwrap(),
+        &dir.path().join("data"),
+    )
+    .await;
+    let addr = relay.local_addrs()[0];
+    let mut events = relay.subscribe();
+    let mut me = device(dir.path(), "me");
+    let m = mailbox(&me, addr, None).await.unwrap();
+    let node = m.node();
+    registered(&mut events, node).await;
+    let token = Home::new(dir.path().join("me"))
+        .revoke(&mut me, node, true)
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), m.revoke(token))
+        .await
+        .expect("an answer")
+        .unwrap();
+    m.close().await;
+    assert!(refused_as_revoked(mailbox(&me, addr, None).await));
+    relay.shutdown().await;
+}

@@ -592,6 +592,7 @@ impl Mailbox {
         };
         let _ = checked.insert_into(&mut self.revocations);
         self.directories.remove(&checked.cell());
+        self.drop_revoked(checked.cell(), checked.node());
         let request = self.next_request();
         self.revokes.insert(request, (token, revocation.clone()));
         self.out.push(Record::Revoke {
@@ -1000,6 +1001,25 @@ impl Mailbox {
         }
     }
 
+    /// A revocation of `node` by `cell` is honoured from now on: kept sends stop waiting for
+    /// the device (refused, `not_allowed`), so that nothing, a RESET least of all (anyone can
+    /// forge one), seals them for it again.
+    fn drop_revoked(&mut self, cell: CellId, node: NodeId) {
+        let mut ids = Vec::new();
+        for send in self.sends.iter_mut().filter(|s| s.cell == cell) {
+            for dev in send.devices.iter_mut().filter(|d| d.node == node) {
+                if !dev.state.settled() {
+                    dev.state = DevState::Refused(RefuseCode::NotAllowed);
+                    dev.device = None;
+                    ids.push(send.id);
+                }
+            }
+        }
+        for id in ids {
+            self.settle(id);
+        }
+    }
+
     /// Checks the revocations a DIRECTORY for `cell` carries and honours the new ones (the
     /// application is told, to keep them). A signed revocation counts even if the answer
     /// around it does not check out; one that does not verify, or that another cell issued,
@@ -1017,6 +1037,7 @@ impl Mailbox {
                     if !self.revocations.is_revoked(cell, r.node())
                         && r.insert_into(&mut self.revocations).is_ok()
                     {
+                        self.drop_revoked(cell, r.node());
                         learned.push(t.clone());
                     }
                 }

@@ -1045,3 +1045,31 @@ fn a_directory_of_the_old_shape_is_an_incompatible_relay() {
             .contains("upgrade the relay")
     );
 }
+
+/// A send kept for a device that has not acknowledged it stops waiting for it once the
+/// device is found revoked: nothing (a RESET least of all) seals it for the device again.
+#[test]
+fn a_kept_send_stops_waiting_for_a_device_found_revoked() {
+    let mut w = world();
+    w.devices[BOB2].takes = false;
+    for d in [ALICE, BOB, BOB2] {
+        w.start(d);
+    }
+    let bob_cell = w.cell(BOB);
+    let t = w.send(ALICE, bob_cell, b"first");
+    assert!(matches!(w.outcome(ALICE, t), Some(Ok(s)) if s.devices == 2));
+    assert_eq!(w.devices[ALICE].mb().sends_kept(), 1, "kept for Bob 2");
+    let bob2 = w.devices[BOB2].node();
+    let token = revocation_of(&mut w, BOB, bob2);
+    w.relay.revocations.insert(bob_cell, vec![token]);
+    w.advance(DIRECTORY_TTL_MS + 1);
+    let t = w.send(ALICE, bob_cell, b"second");
+    assert!(matches!(w.outcome(ALICE, t), Some(Ok(s)) if s.devices == 1));
+    let mb = w.devices[ALICE].mb();
+    assert!(mb.sends.iter().all(|s| {
+        s.devices
+            .iter()
+            .all(|d| d.node != bob2 || d.state == DevState::Refused(RefuseCode::NotAllowed))
+    }),);
+    assert_eq!(mb.sends_kept(), 0);
+}
