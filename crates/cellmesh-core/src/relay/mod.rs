@@ -39,6 +39,10 @@
 //! claims until the asker checks them against the cell id it asked for
 //! ([`crate::e2e::Directory::verify`]).
 
+#[cfg(any(test, feature = "testing"))]
+pub mod mem_store;
+pub mod server;
+
 use bytes::Bytes;
 
 use crate::codec::{DecodeError, Reader, check_len, put_bytes16};

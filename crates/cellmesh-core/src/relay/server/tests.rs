@@ -1,0 +1,449 @@
+//! The relay server on virtual time over the in-memory store.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+
+use super::*;
+use crate::limits::{ByteLimits, Rate, RegistrationLimits};
+use crate::relay::mem_store::{MemStore, MemStoreLimits};
+use crate::testing::{START, TestNode};
+
+fn config() -> ServerConfig {
+    ServerConfig {
+        forward_rate: Rate::new(1000, 2000),
+        lookup_rate: Rate::new(2, 2),
+        memory: ByteLimits {
+            per_device: 1 << 20,
+            per_cell: 1 << 20,
+            total: 4 << 20,
+        },
+        outlet_bytes: 1 << 20,
+        registrations: RegistrationLimits {
+            per_cell: 64,
+            total: 1000,
+            ttl_secs: 3600,
+        },
+        envelope_events: false,
+        summary_every_ms: None,
+    }
+}
+
+#[derive(Default)]
+struct Links {
+    waiting: BTreeMap<NodeId, usize>,
+}
+
+impl Outlets for Links {
+    fn waiting(&self, node: NodeId) -> usize {
+        self.waiting.get(&node).copied().unwrap_or(0)
+    }
+    fn total(&self) -> usize {
+        self.waiting.values().sum()
+    }
+}
+
+/// A relay, its store, and what it wrote to each device, decoded.
+struct Bench {
+    server: RelayServer,
+    store: MemStore,
+    links: Links,
+    now: Instant,
+    /// Store operations not yet carried out, when `hold` is set.
+    held: Vec<(OpId, StoreOp)>,
+    hold: bool,
+    sent: BTreeMap<NodeId, Vec<Record>>,
+    disconnected: Vec<(NodeId, &'static str)>,
+    events: Vec<ServerEvent>,
+}
+
+impl Bench {
+    fn new() -> Self {
+        Self::over(MemStore::new(MemStoreLimits::default()))
+    }
+
+    /// A new relay over `store`: a restart.
+    fn over(store: MemStore) -> Self {
+        let server = RelayServer::new(config(), START, store.registered(), store.queued_devices());
+        Self {
+            server,
+            store,
+            links: Links::default(),
+            now: START,
+            held: Vec::new(),
+            hold: false,
+            sent: BTreeMap::new(),
+            disconnected: Vec::new(),
+            events: Vec::new(),
+        }
+    }
+
+    fn restart(self) -> Self {
+        Self::over(self.store)
+    }
+
+    fn run(&mut self) {
+        while let Some(a) = self.server.poll_action() {
+            match a {
+                Action::Send { to, payload } => {
+                    let e = self.sent.entry(to).or_default();
+                    e.extend(records(payload).map(|r| r.expect("the relay writes records")));
+                }
+                Action::Disconnect { node, reason } => self.disconnected.push((node, reason)),
+                Action::Store(id, op) if self.hold => self.held.push((id, op)),
+                Action::Store(id, op) => {
+                    let result = self.store.apply(&op);
+                    self.server.store_done(self.now, id, result, &self.links);
+                }
+                Action::Event(e) => self.events.push(e),
+            }
+        }
+    }
+
+    /// Carries out the held store operations.
+    fn commit(&mut self) {
+        self.hold = false;
+        for (id, op) in std::mem::take(&mut self.held) {
+            let result = self.store.apply(&op);
+            self.server.store_done(self.now, id, result, &self.links);
+        }
+        self.run();
+    }
+
+    fn join(&mut self, d: &TestNode) {
+        self.server
+            .check_join(self.now, d.cell_id(), d.node_id())
+            .expect("room to register");
+        self.server.joined(
+            self.now,
+            d.cell_id(),
+            d.node_id(),
+            SocketAddr::from(([127, 0, 0, 1], 4000)),
+            d.node_token.to_bytes(),
+            d.identity.to_bytes(),
+        );
+        self.run();
+    }
+
+    fn leave(&mut self, d: &TestNode) {
+        self.server.left(self.now, d.node_id());
+        self.run();
+    }
+
+    fn send(&mut self, from: &TestNode, rs: &[Record]) {
+        let mut payload = Vec::new();
+        for r in rs {
+            put_record(&mut payload, r);
+        }
+        self.server.records(
+            self.now,
+            from.node_id(),
+            from.cell_id(),
+            Bytes::from(payload),
+            &self.links,
+        );
+        self.run();
+    }
+
+    fn forward(&mut self, from: &TestNode, to: &TestNode, id: u8) {
+        self.send(
+            from,
+            &[Record::Forward {
+                to: to.node_id(),
+                id: MsgId([id; 16]),
+                envelope: message(id),
+            }],
+        );
+    }
+
+    fn advance(&mut self, ms: u64) {
+        self.now = self.now.plus_millis(ms);
+        self.server.handle_timeout(self.now, &self.links);
+        self.run();
+    }
+
+    fn take(&mut self, d: &TestNode) -> Vec<Record> {
+        self.sent.remove(&d.node_id()).unwrap_or_default()
+    }
+}
+
+/// An envelope that is a message (not an answer), of version 1.
+fn message(id: u8) -> Bytes {
+    let mut e = vec![crate::e2e::E2E_VERSION, 0x02];
+    e.extend_from_slice(&[id; 40]);
+    Bytes::from(e)
+}
+
+fn devices() -> (TestNode, TestNode) {
+    let now = START.timestamp();
+    (TestNode::new(1, now), TestNode::new(2, now))
+}
+
+fn delivered(rs: &[Record]) -> Vec<MsgId> {
+    rs.iter()
+        .filter_map(|r| match r {
+            Record::Deliver { id, .. } => Some(*id),
+            _ => None,
+        })
+        .collect()
+}
+
+fn answers(rs: &[Record]) -> Vec<(MsgId, Result<Accepted, RefuseCode>)> {
+    rs.iter()
+        .filter_map(|r| match r {
+            Record::Accepted { id, status, .. } => Some((*id, Ok(*status))),
+            Record::Refused { id, code, .. } => Some((*id, Err(*code))),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_forward_to_a_receiving_device_is_pushed_and_answered_pushed() {
+    let (a, b) = devices();
+    let mut r = Bench::new();
+    r.join(&a);
+    r.join(&b);
+    r.send(&b, &[Record::Receive]);
+    r.forward(&a, &b, 1);
+    assert_eq!(delivered(&r.take(&b)), vec![MsgId([1; 16])]);
+    assert_eq!(
+        answers(&r.take(&a)),
+        vec![(MsgId([1; 16]), Ok(Accepted::Pushed))]
+    );
+    assert_eq!(r.server.stats().pushed, 1);
+}
+
+#[test]
+fn queued_is_answered_only_once_the_store_has_committed() {
+    let (a, b) = devices();
+    let mut r = Bench::new();
+    r.join(&a);
+    r.join(&b);
+    r.leave(&b);
+    r.hold = true;
+    r.forward(&a, &b, 1);
+    assert!(
+        answers(&r.take(&a)).is_empty(),
+        "no answer before the commit"
+    );
+    assert!(matches!(r.held.last(), Some((_, StoreOp::Enqueue { .. }))));
+    r.commit();
+    assert_eq!(
+        answers(&r.take(&a)),
+        vec![(MsgId([1; 16]), Ok(Accepted::Queued))]
+    );
+}
+
+#[test]
+fn a_store_that_fails_refuses_as_unavailable_and_queues_nothing() {
+    let (a, b) = devices();
+    let mut r = Bench::new();
+    r.join(&a);
+    r.join(&b);
+    r.leave(&b);
+    r.store.failing = true;
+    r.forward(&a, &b, 1);
+    assert_eq!(
+        answers(&r.take(&a)),
+        vec![(MsgId([1; 16]), Err(RefuseCode::Unavailable))]
+    );
+    assert!(
+        r.events
+            .iter()
+            .any(|e| matches!(e, ServerEvent::StoreFailed { .. }))
+    );
+}
+
+#[test]
+fn a_forward_to_a_device_never_seen_is_refused() {
+    let (a, b) = devices();
+    let mut r = Bench::new();
+    r.join(&a);
+    r.forward(&a, &b, 1);
+    assert_eq!(
+        answers(&r.take(&a)),
+        vec![(MsgId([1; 16]), Err(RefuseCode::UnknownDevice))]
+    );
+}
+
+#[test]
+fn a_device_that_comes_back_is_drained_after_receive_and_its_delivered_empties_the_queue() {
+    let (a, b) = devices();
+    let mut r = Bench::new();
+    r.join(&a);
+    r.join(&b);
+    r.leave(&b);
+    for id in 1..=3 {
+        r.forward(&a, &b, id);
+    }
+    assert_eq!(r.store.queued(b.node_id()), 3);
+    r.join(&b);
+    assert!(delivered(&r.take(&b)).is_empty(), "nothing before RECEIVE");
+    r.send(&b, &[Record::Receive]);
+    let ids = delivered(&r.take(&b));
+    assert_eq!(ids.len(), 3);
+    r.send(&b, &[Record::Delivered(ids)]);
+    assert_eq!(r.store.queued(b.node_id()), 0);
+    // Asked again after the removal, the queue is empty: nothing is handed twice.
+    assert!(delivered(&r.take(&b)).is_empty());
+}
+
+#[test]
+fn what_was_pushed_and_not_acknowledged_survives_a_departure_and_a_restart() {
+    let (a, b) = devices();
+    let mut r = Bench::new();
+    r.join(&a);
+    r.join(&b);
+    r.send(&b, &[Record::Receive]);
+    r.forward(&a, &b, 1);
+    assert_eq!(delivered(&r.take(&b)).len(), 1);
+    r.leave(&b);
+    assert_eq!(r.store.queued(b.node_id()), 1);
+    let mut r = r.restart();
+    r.join(&b);
+    r.send(&b, &[Record::Receive]);
+    assert_eq!(delivered(&r.take(&b)), vec![MsgId([1; 16])]);
+}
+
+#[test]
+fn a_link_that_takes_no_messages_gets_only_answers() {
+    let (a, b) = devices();
+    let mut r = Bench::new();
+    r.join(&a);
+    r.join(&b);
+    r.forward(&a, &b, 1);
+    assert!(delivered(&r.take(&b)).is_empty());
+    assert_eq!(
+        answers(&r.take(&a)),
+        vec![(MsgId([1; 16]), Ok(Accepted::Queued))]
+    );
+    let reply = Bytes::from(vec![crate::e2e::E2E_VERSION, 0x04, 9, 9]);
+    r.send(
+        &a,
+        &[Record::Forward {
+            to: b.node_id(),
+            id: MsgId([2; 16]),
+            envelope: reply,
+        }],
+    );
+    assert_eq!(delivered(&r.take(&b)), vec![MsgId([2; 16])]);
+}
+
+#[test]
+fn a_device_that_does_not_read_is_disconnected_and_what_it_sends_after_is_ignored() {
+    let (a, b) = devices();
+    let mut r = Bench::new();
+    r.join(&a);
+    r.join(&b);
+    r.send(&b, &[Record::Receive]);
+    r.links.waiting.insert(a.node_id(), 2 << 20);
+    r.forward(&a, &b, 1);
+    assert_eq!(
+        r.disconnected,
+        vec![(a.node_id(), "does not read what it is sent")]
+    );
+    r.take(&b);
+    r.forward(&a, &b, 2);
+    assert!(delivered(&r.take(&b)).is_empty());
+}
+
+#[test]
+fn a_malformed_record_disconnects_its_device() {
+    let (a, _) = devices();
+    let mut r = Bench::new();
+    r.join(&a);
+    r.server.records(
+        r.now,
+        a.node_id(),
+        a.cell_id(),
+        Bytes::from_static(&[0, 0, 0, 1, 0x99]),
+        &r.links,
+    );
+    r.run();
+    assert_eq!(
+        r.disconnected,
+        vec![(a.node_id(), "malformed relay record")]
+    );
+}
+
+#[test]
+fn lookups_over_their_rate_wait_for_their_turn_and_are_answered_from_the_store() {
+    let (a, b) = devices();
+    let mut r = Bench::new();
+    r.join(&a);
+    r.join(&b);
+    let lookup = |n| Record::Lookup {
+        request: n,
+        cell: b.cell_id(),
+    };
+    r.send(&a, &[lookup(1), lookup(2), lookup(3)]);
+    let first: Vec<u32> = r
+        .take(&a)
+        .iter()
+        .filter_map(|x| match x {
+            Record::Directory {
+                request, devices, ..
+            } => {
+                assert_eq!(devices.len(), 1);
+                assert_eq!(devices[0].node_token, b.node_token);
+                Some(*request)
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(first, vec![1, 2]);
+    assert!(r.server.poll_timeout() <= r.now.plus_millis(RETRY_MS));
+    r.advance(600);
+    assert!(matches!(
+        &r.take(&a)[..],
+        [Record::Directory { request: 3, .. }]
+    ));
+}
+
+#[test]
+fn an_envelope_over_the_device_s_memory_bound_goes_to_the_store() {
+    let (a, b) = devices();
+    let mut r = Bench::new();
+    r.join(&a);
+    r.join(&b);
+    r.send(&b, &[Record::Receive]);
+    let big = Bytes::from(vec![crate::e2e::E2E_VERSION; 600 << 10]);
+    for id in 1..=2u8 {
+        r.send(
+            &a,
+            &[Record::Forward {
+                to: b.node_id(),
+                id: MsgId([id; 16]),
+                envelope: big.clone(),
+            }],
+        );
+    }
+    assert_eq!(
+        answers(&r.take(&a)),
+        vec![
+            (MsgId([1; 16]), Ok(Accepted::Pushed)),
+            (MsgId([2; 16]), Ok(Accepted::Queued))
+        ]
+    );
+    assert_eq!(r.store.queued(b.node_id()), 1);
+}
+
+#[test]
+fn the_same_inputs_give_the_same_actions() {
+    let trace = || {
+        let (a, b) = devices();
+        let mut r = Bench::new();
+        r.join(&a);
+        r.join(&b);
+        r.leave(&b);
+        for id in 0..20 {
+            r.forward(&a, &b, id);
+        }
+        r.join(&b);
+        r.send(&b, &[Record::Receive]);
+        format!("{:?} {:?}", r.sent.values().collect::<Vec<_>>(), r.events)
+    };
+    assert_eq!(trace(), trace());
+}
