@@ -36,6 +36,7 @@ pub mod mnemonic;
 pub mod node;
 pub mod peers;
 pub mod relay;
+pub mod revoked;
 pub mod session;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

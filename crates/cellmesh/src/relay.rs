@@ -31,6 +31,13 @@
 //!   device's outbox. Deliveries to a device with `outlet_bytes` waiting spill to the store;
 //!   a device with twice that waiting (answers to its own FORWARDs that it does not read), or
 //!   with the most waiting when the whole relay is over its bound, is disconnected.
+//! - **Revocations.** A REVOKE is decided by the core's [`RelayRevocations`] (the token
+//!   verifies, its cell has a device registered here, the device is not another cell's;
+//!   10 a second per sending cell, bursts of 100; 64 per cell, 100,000 in all). One it keeps
+//!   is written to the store's `revoked` table in the same transaction that drops the
+//!   device's registration and queue, before REVOKED(ok) is sent; then the device is
+//!   disconnected, its joins are refused (NACK `revoked`), and every DIRECTORY of its cell
+//!   carries the revocation, so that senders that never imported it still honour it.
 //! - **Events** ([`RelayEvent`]) say what the relay did. Per-envelope events, which name who
 //!   sends to whom, are made only when [`RelayConfig::envelope_events`] asks for them.
 //!
@@ -47,11 +54,13 @@ use std::time::Duration;
 use cellmesh_core::Instant;
 use cellmesh_core::connection::{Authorization, JoinPolicy, Refusal};
 use cellmesh_core::id::{CellId, NodeId};
-use cellmesh_core::limits::{ByteLimits, Rate, RegistrationLimits};
+use cellmesh_core::limits::{ByteLimits, Rate, RegistrationLimits, RegistrationRefused};
 use cellmesh_core::relay::server::{
     Action, OpId, Outlets, RelayServer, ServerConfig, ServerEvent, StoreOp, StoreResult,
 };
 use cellmesh_core::relay::{Accepted, MsgId, RefuseCode};
+use cellmesh_core::revoked::RevocationLimits;
+use cellmesh_core::token::Token;
 use cellmesh_core::wire::NackCode;
 use thiserror::Error;
 use tokio::sync::{Notify, broadcast, mpsc};
@@ -103,6 +112,9 @@ pub struct RelayConfig {
     /// `busy`), and how long a device may stay away before its registration and its queue
     /// are dropped. Defaults 64 (as many as a DIRECTORY lists), 100,000, 30 days.
     pub registrations: RegistrationLimits,
+    /// Bounds on the revocations the relay keeps (REVOKE): per sending cell's rate, per
+    /// issuing cell, in all. Defaults 10 a second (bursts of 100), 64, 100,000.
+    pub revocations: RevocationLimits,
     /// Make [`RelayEvent::Forwarded`] and [`RelayEvent::Refused`] events, one per envelope,
     /// naming its sending and receiving devices: a record of who talks to whom. Default false.
     pub envelope_events: bool,
@@ -141,6 +153,7 @@ impl RelayConfig {
                 total: 100_000,
                 ttl_secs: 30 * 24 * 3600,
             },
+            revocations: RevocationLimits::default(),
             envelope_events: false,
             summary_every: Some(Duration::from_secs(60)),
             tls: None,
@@ -198,6 +211,27 @@ pub enum RelayEvent {
         node: NodeId,
         /// The NACK code.
         code: NackCode,
+        /// Why.
+        reason: String,
+    },
+    /// A cell's revocation of one of its devices was kept: the device was dropped from the
+    /// directory with its queue, disconnected if online, and is refused from now on.
+    Revoked {
+        /// The issuing cell.
+        cell: CellId,
+        /// The revoked device.
+        node: NodeId,
+        /// The device that carried the REVOKE.
+        by: NodeId,
+        /// Queued envelopes that went with the device.
+        messages: usize,
+    },
+    /// A REVOKE was refused (or could not be kept).
+    RevokeRefused {
+        /// The device that sent it.
+        by: NodeId,
+        /// The code REVOKED carried.
+        code: RefuseCode,
         /// Why.
         reason: String,
     },
@@ -330,6 +364,15 @@ impl Relay {
             store.registered()?,
             store.queued_devices(),
         );
+        let mut server = server;
+        for bytes in store.revocations()? {
+            let loaded = Token::decode(&bytes)
+                .map_err(|e| e.to_string())
+                .and_then(|t| server.load_revocation(&t).map_err(|e| e.to_string()));
+            if let Err(error) = loaded {
+                tracing::warn!(%error, "a stored revocation does not verify; ignored");
+            }
+        }
         let server = Arc::new(Mutex::new(server));
         config.node.listen = config.listen.clone();
         config.node.tls = config.tls.clone();
@@ -423,6 +466,7 @@ fn server_config(config: &RelayConfig) -> ServerConfig {
         summary_every_ms: config
             .summary_every
             .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        revocations: config.revocations,
     }
 }
 
@@ -431,7 +475,13 @@ fn registrar(server: Arc<Mutex<RelayServer>>) -> JoinCheck {
     JoinCheck(Arc::new(move |binding| {
         lock(&server)
             .check_join(crate::clock::now(), binding.cell(), binding.node())
-            .map_err(|e| Refusal::new(NackCode::Busy, e.to_string()))
+            .map_err(|e| match e {
+                RegistrationRefused::Revoked => Refusal::new(
+                    NackCode::Revoked,
+                    format!("device {} has been revoked by its cell", binding.node()),
+                ),
+                e => Refusal::new(NackCode::Busy, e.to_string()),
+            })
     }))
 }
 
@@ -689,6 +739,20 @@ impl Loop {
             ServerEvent::Drained { node, count } => RelayEvent::Drained { node, count },
             ServerEvent::Disconnected { node, reason } => RelayEvent::Disconnected { node, reason },
             ServerEvent::Expired { devices, messages } => RelayEvent::Expired { devices, messages },
+            ServerEvent::Revoked {
+                cell,
+                node,
+                by,
+                messages,
+            } => RelayEvent::Revoked {
+                cell,
+                node,
+                by,
+                messages,
+            },
+            ServerEvent::RevokeRefused { by, code, reason } => {
+                RelayEvent::RevokeRefused { by, code, reason }
+            }
             ServerEvent::EnvelopesExpired { count } => {
                 tracing::info!(expired = count, "expired queued envelopes");
                 return;

@@ -11,6 +11,7 @@
 //! queue     device:[32] seq:u64                  id:[16] from:[32] expires_at:u64 envelope
 //! by_id     device:[32] id:[16] from:[32]        seq:u64
 //! expiry    expires_at:u64 device:[32] seq:u64   ()
+//! revoked   cell:[32] node:[32]                  revocation token (signed by the cell)
 //! meta      "format" | "next_seq"                u64
 //! ```
 //!
@@ -27,12 +28,16 @@
 //! reads what a reconnecting device should be sent, and [`Store::remove`] deletes what it
 //! acknowledged; [`Store::expire`], run periodically, deletes what outlived the time to live,
 //! and [`Store::forget_devices`] drops registrations that expired, with their queues.
+//! [`Store::revoke`] keeps a cell's revocation of a device and drops the device's
+//! registration and queue with it, in one durable transaction; [`Store::revocations`] reads
+//! them back when the relay starts.
 //!
 //! # Formats
 //!
-//! `meta.format` is 2. A format-1 file (index keyed by device and id, devices without
-//! `last_seen`) is migrated when opened, in one transaction: the index is rebuilt from the
-//! queue and every device gets `last_seen` = the time of opening. Any other format is refused.
+//! `meta.format` is 3. A format-2 file (no `revoked` table) gets the empty table. A format-1
+//! file (index keyed by device and id, devices without `last_seen`) is migrated too, in one
+//! transaction: the index is rebuilt from the queue and every device gets `last_seen` = the
+//! time of opening. Any other format is refused.
 //!
 //! # Durability
 //!
@@ -265,6 +270,12 @@ impl Store {
                 .map(|v| v.value());
             match format {
                 Some(FORMAT) => {}
+                // Format 2 lacked only the `revoked` table, which is created below.
+                Some(2) => {
+                    meta.insert(FORMAT_KEY, FORMAT)
+                        .map_err(db_error("write the format"))?;
+                    tracing::info!("relay store migrated from format 2 to {FORMAT}");
+                }
                 Some(1) => {
                     migrate_from_1(&txn, now)?;
                     meta.insert(FORMAT_KEY, FORMAT)
@@ -284,6 +295,7 @@ impl Store {
             txn.open_table(DEVICES).map_err(db_error("open a table"))?;
             txn.open_table(INDEX).map_err(db_error("open a table"))?;
             txn.open_table(EXPIRY).map_err(db_error("open a table"))?;
+            txn.open_table(REVOKED).map_err(db_error("open a table"))?;
             let queue = txn.open_table(QUEUE).map_err(db_error("open a table"))?;
             let stored_next = meta
                 .get(NEXT_SEQ_KEY)
@@ -434,11 +446,55 @@ impl Store {
         if devices.is_empty() {
             return Ok(0);
         }
+        self.forget_with(devices, None)
+    }
+
+    /// Keeps `revocation` (a token in its encoding) of `node` by `cell`, and drops the
+    /// device's registration and everything queued for it, in one transaction committed
+    /// durably before this returns; returns how many messages went. Keeping the same pair
+    /// again replaces the token.
+    pub fn revoke(
+        &self,
+        cell: CellId,
+        node: NodeId,
+        revocation: &[u8],
+    ) -> Result<usize, StoreError> {
+        self.forget_with(&[(cell, node)], Some(revocation))
+    }
+
+    /// Every revocation kept, as tokens in their encoding, ordered by cell and device.
+    pub fn revocations(&self) -> Result<Vec<Vec<u8>>, StoreError> {
+        let txn = self
+            .db
+            .begin_read()
+            .map_err(db_error("begin a transaction"))?;
+        let table = txn.open_table(REVOKED).map_err(db_error("open a table"))?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(db_error("read revocations"))? {
+            let (_, value) = entry.map_err(db_error("read revocations"))?;
+            out.push(value.value().to_vec());
+        }
+        Ok(out)
+    }
+
+    /// [`Store::forget_devices`], keeping a revocation of the (single) device in the same
+    /// transaction when there is one.
+    fn forget_with(
+        &self,
+        devices: &[(CellId, NodeId)],
+        revocation: Option<&[u8]>,
+    ) -> Result<usize, StoreError> {
         let _writer = lock(&self.writer);
         let txn = self
             .db
             .begin_write()
             .map_err(db_error("begin a transaction"))?;
+        if let (Some(token), [(cell, node)]) = (revocation, devices) {
+            let mut revoked = txn.open_table(REVOKED).map_err(db_error("open a table"))?;
+            revoked
+                .insert(&device_key(*cell, *node), token)
+                .map_err(db_error("write a revocation"))?;
+        }
         let mut dropped = 0;
         let mut emptied = Vec::new();
         {
@@ -740,6 +796,7 @@ impl Store {
                 StoreOp::Devices { .. }
                 | StoreOp::Pending { .. }
                 | StoreOp::Expire { .. }
+                | StoreOp::Revoke { .. }
                 | StoreOp::Sweep { .. } => {
                     results.extend(batch.iter().map(|op| self.apply_one(op)));
                 }
@@ -799,6 +856,13 @@ impl Store {
                 )
             }),
             StoreOp::Expire { now } => self.expire(*now).map(StoreResult::Count),
+            StoreOp::Revoke {
+                cell,
+                node,
+                revocation,
+            } => self
+                .revoke(*cell, *node, revocation)
+                .map(StoreResult::Count),
             StoreOp::Sweep { touch, forget, now } => self
                 .touch_devices(touch, *now)
                 .and_then(|()| self.forget_devices(forget))
@@ -996,12 +1060,13 @@ const INDEX: TableDefinition<&[u8; INDEX_KEY_LEN], u64> = TableDefinition::new("
 /// Format 1's index, keyed by device and id only; deleted by the migration.
 const INDEX_1: TableDefinition<&[u8; KEY_LEN + ID_LEN], u64> = TableDefinition::new("index");
 const EXPIRY: TableDefinition<&[u8; EXPIRY_KEY_LEN], ()> = TableDefinition::new("expiry");
+const REVOKED: TableDefinition<&[u8; DEVICE_KEY_LEN], &[u8]> = TableDefinition::new("revoked");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 const FORMAT_KEY: &str = "format";
 const NEXT_SEQ_KEY: &str = "next_seq";
-/// The layout above; format 1 is migrated, any other refused.
-const FORMAT: u64 = 2;
+/// The layout above; formats 1 and 2 are migrated, any other refused.
+const FORMAT: u64 = 3;
 
 const KEY_LEN: usize = 32;
 const ID_LEN: usize = 16;
@@ -1978,7 +2043,7 @@ mod tests {
             ));
             assert_eq!(store.remove(a, &[id(2)]).unwrap(), 1);
         }
-        // Opened again, it is format 2 already.
+        // Opened again, it is this format already.
         let store = Store::open_at(&path, StoreLimits::default(), T0.plus(99)).unwrap();
         assert_eq!(store.registered().unwrap(), [(c, a, now)]);
         let pending = store.pending(a, T0, 10, usize::MAX).unwrap();
@@ -1994,12 +2059,75 @@ mod tests {
         {
             let db = redb::Database::create(&path).unwrap();
             let txn = db.begin_write().unwrap();
-            txn.open_table(META).unwrap().insert(FORMAT_KEY, 3).unwrap();
+            txn.open_table(META).unwrap().insert(FORMAT_KEY, 4).unwrap();
             txn.commit().unwrap();
         }
         assert!(matches!(
             Store::open(&path, StoreLimits::default()),
             Err(StoreError::Corrupt("unknown store format"))
         ));
+    }
+
+    #[test]
+    fn a_revocation_is_kept_across_reopen_and_drops_the_device_and_its_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay").join("store.redb");
+        let (c, a, b) = (cell(10), node(1), node(2));
+        {
+            let store = open(&dir, StoreLimits::default());
+            store.put_device(c, a, b"ta", b"ia", T0).unwrap();
+            store.put_device(c, b, b"tb", b"ib", T0).unwrap();
+            let r = store.enqueue(T0, &[msg(a, id(1), b"for a"), msg(b, id(2), b"for b")]);
+            assert!(r.iter().all(Result::is_ok));
+            assert_eq!(store.revoke(c, a, b"revocation of a").unwrap(), 1);
+            assert_eq!(store.queued(a), (0, 0));
+            assert_eq!(
+                store.devices(c).unwrap(),
+                [(b"tb".to_vec(), b"ib".to_vec())]
+            );
+            // Again: replaced, nothing more dropped.
+            assert_eq!(store.revoke(c, a, b"revocation of a").unwrap(), 0);
+        }
+        let store = Store::open(&path, StoreLimits::default()).unwrap();
+        assert_eq!(store.revocations().unwrap(), [b"revocation of a".to_vec()]);
+        assert_eq!(store.registered().unwrap().len(), 1);
+        assert_eq!(store.queued(b), (1, 5));
+    }
+
+    #[test]
+    fn a_format_2_store_is_migrated_with_an_empty_revoked_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay").join("store.redb");
+        let (c, a) = (cell(10), node(1));
+        {
+            let store = open(&dir, StoreLimits::default());
+            store.put_device(c, a, b"t", b"i", T0).unwrap();
+            assert!(store.enqueue(T0, &[msg(a, id(1), b"kept")])[0].is_ok());
+        }
+        // Make it what format 2 wrote: no `revoked` table, format 2.
+        {
+            let db = redb::Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            assert!(txn.delete_table(REVOKED).unwrap());
+            txn.open_table(META).unwrap().insert(FORMAT_KEY, 2).unwrap();
+            txn.commit().unwrap();
+        }
+        let store = Store::open(&path, StoreLimits::default()).unwrap();
+        assert!(store.revocations().unwrap().is_empty());
+        assert_eq!(store.queued(a), (1, 4));
+        assert_eq!(store.registered().unwrap().len(), 1);
+        assert_eq!(store.revoke(c, a, b"r").unwrap(), 1);
+        drop(store);
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_read().unwrap();
+        let format = txn
+            .open_table(META)
+            .unwrap()
+            .get(FORMAT_KEY)
+            .unwrap()
+            .unwrap()
+            .value();
+        assert_eq!(format, FORMAT);
+        assert_eq!(FORMAT, 3);
     }
 }

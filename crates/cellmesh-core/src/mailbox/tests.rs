@@ -88,6 +88,9 @@ struct Device {
     /// Whether the application takes what it is handed at once.
     takes: bool,
     outcomes: BTreeMap<Token, Result<Sent, SendError>>,
+    /// Revocations the mailbox reported learning, and answers to its REVOKEs.
+    learned: Vec<crate::token::Token>,
+    revoke_answers: BTreeMap<Token, Result<(), SendError>>,
 }
 
 impl Device {
@@ -116,6 +119,13 @@ struct Relay {
     outgoing: BTreeMap<NodeId, Vec<Record>>,
     /// Every FORWARD, as (to, from, id, envelope): what a relay could replay.
     log: Vec<(NodeId, NodeId, MsgId, Bytes)>,
+    /// Revocations it hands out with each cell's directory.
+    revocations: BTreeMap<CellId, Vec<crate::token::Token>>,
+    /// What it answers every REVOKE (kept, if absent).
+    revoke_refusal: Option<RefuseCode>,
+    /// Whether a REVOKE it kept drops the device from the directory (a relay that does not
+    /// is what a sender must not trust).
+    drops_revoked: bool,
 }
 
 impl Relay {
@@ -177,14 +187,38 @@ impl Relay {
                         .get(&cell)
                         .map(|d| d.iter().map(|(_, e)| e.clone()).collect())
                         .unwrap_or_default();
+                    let revocations = self.revocations.get(&cell).cloned().unwrap_or_default();
                     self.send(
                         from,
                         Record::Directory {
                             request,
                             cell,
                             devices,
+                            revocations,
                         },
                     );
+                }
+                Record::Revoke {
+                    request,
+                    revocation,
+                } => {
+                    let result = match self.revoke_refusal {
+                        Some(code) => Err(code),
+                        None => {
+                            let r = CellRevocation::verify(&revocation).expect("a valid one");
+                            if self.drops_revoked
+                                && let Some(list) = self.directory.get_mut(&r.cell())
+                            {
+                                list.retain(|(n, _)| *n != r.node());
+                            }
+                            self.revocations
+                                .entry(r.cell())
+                                .or_default()
+                                .push(*revocation);
+                            Ok(())
+                        }
+                    };
+                    self.send(from, Record::Revoked { request, result });
                 }
                 Record::Forward { to, id, envelope } => {
                     self.log.push((to, from, id, envelope.clone()));
@@ -284,6 +318,8 @@ fn world_of(with_bob2: bool) -> World {
             taken: 0,
             takes: true,
             outcomes: BTreeMap::new(),
+            learned: Vec::new(),
+            revoke_answers: BTreeMap::new(),
         })
         .collect();
     World {
@@ -380,6 +416,10 @@ impl World {
                             dev.got.extend(m);
                         }
                         Event::Looked { .. } => {}
+                        Event::Revocations(tokens) => dev.learned.extend(tokens),
+                        Event::RevokeAnswered { token, result } => {
+                            dev.revoke_answers.insert(token, result);
+                        }
                     }
                 }
                 if dev.takes && dev.taken < dev.handed {
@@ -821,4 +861,215 @@ fn a_bundled_message_sent_again_under_its_id_arrives_once() {
         assert_eq!(status(w.outcome(ALICE, again)), Some(Status::Delivered));
         assert_eq!(w.devices[BOB].got.len(), 3);
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Revocations (issue 10, finding 10)
+// ---------------------------------------------------------------------------------------------
+
+fn revocation_of(w: &mut World, by: usize, node: NodeId) -> crate::token::Token {
+    let dev = &mut w.devices[by];
+    crate::device::revocation(&dev.id.cell, node, T0, &mut dev.rng).unwrap()
+}
+
+/// The worst case: a relay that still lists the revoked device beside the revocation. A
+/// sender that never imported the revocation learns it from the directory, seals only for
+/// the devices left, and is told to keep it.
+#[test]
+fn a_sender_learns_a_revocation_from_the_directory_and_never_seals_for_the_device() {
+    let mut w = world();
+    let bob2 = w.devices[BOB2].node();
+    let token = revocation_of(&mut w, BOB, bob2);
+    w.relay.revocations.insert(w.cell(BOB), vec![token.clone()]);
+    for d in [ALICE, BOB, BOB2] {
+        w.start(d);
+    }
+    let bob_cell = w.cell(BOB);
+    let t = w.send(ALICE, bob_cell, b"not for the lost phone");
+    let Some(Ok(sent)) = w.outcome(ALICE, t) else {
+        panic!("not sent: {:?}", w.outcome(ALICE, t))
+    };
+    assert_eq!((sent.status, sent.devices), (Status::Delivered, 1));
+    assert!(w.relay.log.iter().all(|(to, ..)| *to != bob2));
+    assert!(w.bodies(BOB2).is_empty());
+    assert_eq!(w.bodies(BOB), vec![&b"not for the lost phone"[..]]);
+    assert_eq!(w.devices[ALICE].learned, vec![token]);
+    // Learned once: the next lookup (after the cache) tells nothing new.
+    w.advance(DIRECTORY_TTL_MS + 1);
+    let t = w.send(ALICE, bob_cell, b"again");
+    assert!(matches!(w.outcome(ALICE, t), Some(Ok(s)) if s.devices == 1));
+    assert_eq!(w.devices[ALICE].learned.len(), 1);
+}
+
+#[test]
+fn a_directory_with_a_forged_or_foreign_revocation_is_not_trusted() {
+    let mut w = world();
+    let alice_node = w.devices[ALICE].node();
+    // Alice's cell's revocation handed out as Bob's: the relay mixes cells up.
+    let foreign = revocation_of(&mut w, ALICE, alice_node);
+    w.relay.revocations.insert(w.cell(BOB), vec![foreign]);
+    w.start(ALICE);
+    let bob_cell = w.cell(BOB);
+    let t = w.send(ALICE, bob_cell, b"x");
+    assert!(matches!(
+        w.outcome(ALICE, t),
+        Some(Err(SendError::Directory {
+            error: DirectoryError::WrongCell(_),
+            ..
+        }))
+    ));
+    // An identity token passed off as a revocation.
+    let identity = w.devices[BOB].id.identity.clone();
+    w.relay.revocations.insert(bob_cell, vec![identity]);
+    w.advance(DIRECTORY_TTL_MS + 1);
+    let t = w.send(ALICE, bob_cell, b"y");
+    assert!(matches!(
+        w.outcome(ALICE, t),
+        Some(Err(SendError::Directory {
+            error: DirectoryError::Revocation(_),
+            ..
+        }))
+    ));
+    assert!(w.relay.log.is_empty());
+}
+
+#[test]
+fn a_revoke_goes_to_the_relay_and_its_answer_comes_back() {
+    let mut w = world();
+    w.relay.drops_revoked = true;
+    w.start(ALICE);
+    w.start(BOB);
+    let bob2 = w.devices[BOB2].node();
+    let token = revocation_of(&mut w, BOB, bob2);
+    w.devices[BOB].mb().revoke(token.clone(), 77);
+    w.settle();
+    assert_eq!(w.devices[BOB].revoke_answers.get(&77), Some(&Ok(())));
+    assert_eq!(
+        w.relay.revocations.get(&w.cell(BOB)),
+        Some(&vec![token.clone()])
+    );
+    // Bob's own mailbox honours it at once: a send to its own cell skips the device.
+    let bob_cell = w.cell(BOB);
+    let t = w.send(BOB, bob_cell, b"note to self");
+    assert!(
+        w.relay.log.iter().all(|(to, ..)| *to != bob2),
+        "{:?}",
+        w.outcome(BOB, t)
+    );
+    // A refusal comes back with its code; a token that is no revocation never leaves.
+    w.relay.revoke_refusal = Some(RefuseCode::TooMany);
+    w.devices[BOB].mb().revoke(token, 78);
+    let identity = w.devices[BOB].id.identity.clone();
+    w.devices[BOB].mb().revoke(identity, 79);
+    w.settle();
+    let answers = &w.devices[BOB].revoke_answers;
+    assert_eq!(
+        answers.get(&78),
+        Some(&Err(SendError::Refused(RefuseCode::TooMany)))
+    );
+    assert_eq!(
+        answers.get(&79),
+        Some(&Err(SendError::Refused(RefuseCode::Invalid)))
+    );
+}
+
+#[test]
+fn a_revoke_is_sent_again_after_a_reconnection_and_ends_closed_on_close() {
+    let mut w = world();
+    w.start(BOB);
+    let bob2 = w.devices[BOB2].node();
+    let token = revocation_of(&mut w, BOB, bob2);
+    let node = w.devices[BOB].node();
+    // The link goes down before the REVOKE reaches the relay.
+    w.devices[BOB].mb().handle_disconnected();
+    w.relay.disconnect(node);
+    w.devices[BOB].mb().revoke(token.clone(), 5);
+    w.settle();
+    assert!(w.devices[BOB].revoke_answers.is_empty());
+    w.relay.connect(node);
+    w.devices[BOB].mb().handle_connected();
+    w.settle();
+    assert_eq!(w.devices[BOB].revoke_answers.get(&5), Some(&Ok(())));
+    assert_eq!(w.relay.revocations.get(&w.cell(BOB)).map(Vec::len), Some(1));
+    // One never answered ends closed.
+    w.devices[BOB].mb().handle_disconnected();
+    w.devices[BOB].mb().revoke(token, 6);
+    w.devices[BOB].mb().close(0);
+    w.settle();
+    assert_eq!(
+        w.devices[BOB].revoke_answers.get(&6),
+        Some(&Err(SendError::Closed))
+    );
+}
+
+/// A relay older than this device answers LOOKUP with the DIRECTORY of before revocations
+/// (0x30): every send waiting for it, and every one after, fails as an incompatible relay.
+#[test]
+fn a_directory_of_the_old_shape_is_an_incompatible_relay() {
+    let mut w = world();
+    w.start(ALICE);
+    let bob_cell = w.cell(BOB);
+    let now = w.now;
+    let dev = &mut w.devices[ALICE];
+    let mb = dev.mailbox.as_mut().unwrap();
+    mb.submit(bob_cell, Bytes::from_static(b"hi"), None, 1, now);
+    // Take the LOOKUP out, and answer it the old way.
+    let mut request = None;
+    while let Some(p) = mb.poll_transmit(now, &mut dev.rng) {
+        for r in records(p) {
+            if let Ok(Record::Lookup { request: n, .. }) = r {
+                request = Some(n);
+            }
+        }
+    }
+    let request = request.expect("a LOOKUP");
+    let mut record = vec![0x30];
+    record.extend_from_slice(&request.to_be_bytes());
+    record.extend_from_slice(bob_cell.key().as_bytes());
+    record.push(0);
+    let mut payload = (record.len() as u32).to_be_bytes().to_vec();
+    payload.extend_from_slice(&record);
+    mb.handle_payload(Bytes::from(payload), now, &mut dev.rng);
+    mb.submit(bob_cell, Bytes::from_static(b"again"), None, 2, now);
+    let mut outcomes = BTreeMap::new();
+    while let Some(ev) = mb.poll_event() {
+        if let Event::Sent { token, result } = ev {
+            outcomes.insert(token, result);
+        }
+    }
+    assert_eq!(outcomes.get(&1), Some(&Err(SendError::IncompatibleRelay)));
+    assert_eq!(outcomes.get(&2), Some(&Err(SendError::IncompatibleRelay)));
+    assert!(
+        SendError::IncompatibleRelay
+            .to_string()
+            .contains("upgrade the relay")
+    );
+}
+
+/// A send kept for a device that has not acknowledged it stops waiting for it once the
+/// device is found revoked: nothing (a RESET least of all) seals it for the device again.
+#[test]
+fn a_kept_send_stops_waiting_for_a_device_found_revoked() {
+    let mut w = world();
+    w.devices[BOB2].takes = false;
+    for d in [ALICE, BOB, BOB2] {
+        w.start(d);
+    }
+    let bob_cell = w.cell(BOB);
+    let t = w.send(ALICE, bob_cell, b"first");
+    assert!(matches!(w.outcome(ALICE, t), Some(Ok(s)) if s.devices == 2));
+    assert_eq!(w.devices[ALICE].mb().sends_kept(), 1, "kept for Bob 2");
+    let bob2 = w.devices[BOB2].node();
+    let token = revocation_of(&mut w, BOB, bob2);
+    w.relay.revocations.insert(bob_cell, vec![token]);
+    w.advance(DIRECTORY_TTL_MS + 1);
+    let t = w.send(ALICE, bob_cell, b"second");
+    assert!(matches!(w.outcome(ALICE, t), Some(Ok(s)) if s.devices == 1));
+    let mb = w.devices[ALICE].mb();
+    assert!(mb.sends.iter().all(|s| {
+        s.devices
+            .iter()
+            .all(|d| d.node != bob2 || d.state == DevState::Refused(RefuseCode::NotAllowed))
+    }),);
+    assert_eq!(mb.sends_kept(), 0);
 }

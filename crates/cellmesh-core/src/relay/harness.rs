@@ -17,6 +17,7 @@ use crate::Instant;
 use crate::id::NodeId;
 use crate::limits::{ByteLimits, Rate, RegistrationLimits};
 use crate::testing::{START, TestNode};
+use crate::token::Token;
 
 /// A small relay's configuration: 1 MiB per device and outlet, 4 MiB in all, LOOKUPs at 2
 /// a second, registrations kept an hour.
@@ -37,6 +38,7 @@ pub fn config() -> ServerConfig {
         },
         envelope_events: false,
         summary_every_ms: None,
+        revocations: crate::revoked::RevocationLimits::default(),
     }
 }
 
@@ -93,7 +95,14 @@ impl RelayHarness {
 
     /// A new relay over `store`: after a restart, or with another configuration.
     pub fn over(store: MemStore, config: ServerConfig) -> Self {
-        let server = RelayServer::new(config, START, store.registered(), store.queued_devices());
+        let mut server =
+            RelayServer::new(config, START, store.registered(), store.queued_devices());
+        for bytes in store.revocations() {
+            let token = Token::decode(&bytes).expect("the store keeps tokens");
+            server
+                .load_revocation(&token)
+                .expect("the store keeps valid revocations");
+        }
         Self {
             server,
             store,

@@ -51,6 +51,8 @@ pub struct MemStore {
     /// By recipient and id: each sender's sequence number.
     index: BTreeMap<(NodeId, MsgId), BTreeMap<NodeId, u64>>,
     next_seq: u64,
+    /// Revocations kept, by (cell, device).
+    revoked: BTreeMap<(CellId, NodeId), Vec<u8>>,
     /// Whether every operation from now on fails (a full disk).
     pub failing: bool,
 }
@@ -70,6 +72,11 @@ impl MemStore {
             .iter()
             .map(|((c, n), (seen, _, _))| (*c, *n, *seen))
             .collect()
+    }
+
+    /// Every revocation kept (tokens, encoded), for [`RelayServer::load_revocation`](super::server::RelayServer::load_revocation).
+    pub fn revocations(&self) -> Vec<Vec<u8>> {
+        self.revoked.values().cloned().collect()
     }
 
     /// The devices with something queued.
@@ -220,6 +227,20 @@ impl MemStore {
                     self.remove_seq(*d, *s);
                 }
                 StoreResult::Count(expired.len())
+            }
+            StoreOp::Revoke {
+                cell,
+                node,
+                revocation,
+            } => {
+                self.revoked.insert((*cell, *node), revocation.clone());
+                self.devices.remove(&(*cell, *node));
+                let seqs: Vec<u64> = self.range(*node).map(|((_, s), _)| *s).collect();
+                let dropped = seqs
+                    .into_iter()
+                    .filter(|s| self.remove_seq(*node, *s))
+                    .count();
+                StoreResult::Count(dropped)
             }
             StoreOp::Sweep { touch, forget, now } => {
                 for key in touch {

@@ -21,6 +21,7 @@
 //!
 //! # Order of calls
 //!
+//! 0. At start, [`RelayServer::load_revocation`] for each revocation the store keeps.
 //! 1. [`RelayServer::check_join`] from the link's join check, before a device is admitted.
 //! 2. [`RelayServer::joined`] once it is, [`RelayServer::left`] once its link is gone *and*
 //!    every record it sent before has been handed to [`RelayServer::records`].
@@ -46,6 +47,7 @@ use crate::id::{CellId, NodeId};
 use crate::limits::{
     Buckets, ByteBudget, ByteLimits, Rate, Registered, RegistrationLimits, Registrations,
 };
+use crate::revoked::{InvalidRevocation, Offered, RelayRevocations, RevocationLimits};
 use crate::token::Token;
 use crate::{Instant, Timestamp};
 
@@ -86,6 +88,8 @@ pub struct ServerConfig {
     pub outlet_bytes: usize,
     /// Devices registered per cell and in all, and how long one may stay away.
     pub registrations: RegistrationLimits,
+    /// Revocations kept (REVOKE): the sending cell's rate, per issuing cell, in all.
+    pub revocations: RevocationLimits,
     /// Make [`ServerEvent::Forwarded`] and [`ServerEvent::Refused`], naming who sends to whom.
     pub envelope_events: bool,
     /// How often to make a [`ServerEvent::Summary`], in milliseconds; `None`: never.
@@ -220,6 +224,17 @@ pub enum StoreOp {
         /// When.
         now: Timestamp,
     },
+    /// Keep `revocation` (a token, encoded) of `node` by `cell`, and drop the device's
+    /// registration and everything queued for it, in one durable write; answered with
+    /// [`StoreResult::Count`] (the envelopes dropped).
+    Revoke {
+        /// The issuing cell.
+        cell: CellId,
+        /// The revoked device.
+        node: NodeId,
+        /// The revocation token, encoded.
+        revocation: Vec<u8>,
+    },
     /// Set these devices' last seen time to `now`, then drop these registrations with their
     /// queues; answered with [`StoreResult::Count`] (the envelopes dropped).
     Sweep {
@@ -329,6 +344,27 @@ pub enum ServerEvent {
         node: NodeId,
         /// Why.
         reason: &'static str,
+    },
+    /// A cell's revocation of one of its devices was kept: the device was dropped with its
+    /// queue, disconnected if online, and is refused from now on.
+    Revoked {
+        /// The issuing cell.
+        cell: CellId,
+        /// The revoked device.
+        node: NodeId,
+        /// The device that carried the REVOKE.
+        by: NodeId,
+        /// Queued envelopes that went with the device.
+        messages: usize,
+    },
+    /// A REVOKE was refused, or could not be kept.
+    RevokeRefused {
+        /// The device that sent it.
+        by: NodeId,
+        /// The code REVOKED carried.
+        code: RefuseCode,
+        /// Why.
+        reason: String,
     },
     /// Registrations not seen for their time to live were dropped, with their queues.
     Expired {
@@ -450,6 +486,13 @@ enum Pending {
     Drain(NodeId),
     Expire,
     Sweep(usize),
+    /// A revocation being kept: who asked, under which request.
+    Revoke {
+        by: NodeId,
+        request: u32,
+        cell: CellId,
+        node: NodeId,
+    },
 }
 
 /// What one call of [`RelayServer::records`] collects for the store.
@@ -515,6 +558,7 @@ impl Out {
 pub struct RelayServer {
     config: ServerConfig,
     registrations: Registrations,
+    revocations: RelayRevocations,
     /// Devices the join check registered for the first time, until they are seen joining.
     fresh: BTreeSet<NodeId>,
     /// Devices whose queue in the store may hold something.
@@ -567,6 +611,7 @@ impl RelayServer {
             forwards: Buckets::new(config.forward_rate, keys),
             lookups: Buckets::new(config.lookup_rate, keys),
             budget: ByteBudget::new(config.memory),
+            revocations: RelayRevocations::new(config.revocations, keys),
             registrations,
             fresh: BTreeSet::new(),
             stored: queued.into_iter().collect(),
@@ -634,13 +679,29 @@ impl RelayServer {
         self.watched = watched && self.config.envelope_events;
     }
 
-    /// The join check: a device must be registered, or fit as a new one. A refusal says why.
+    /// Keeps a revocation the store holds (at start, whatever the limits). One that does not
+    /// verify is refused (a damaged store), and changes nothing.
+    pub fn load_revocation(&mut self, token: &Token) -> Result<(), InvalidRevocation> {
+        self.revocations.load(token).map(|_| ())
+    }
+
+    /// Whether `cell` has revoked `node` here.
+    pub fn is_revoked(&self, cell: CellId, node: NodeId) -> bool {
+        self.revocations.is_revoked(cell, node)
+    }
+
+    /// The join check: a device must not be revoked, and be registered or fit as a new
+    /// one. A refusal says why ([`crate::limits::RegistrationRefused::Revoked`] is a NACK
+    /// `revoked`, the others `busy`).
     pub fn check_join(
         &mut self,
         now: Instant,
         cell: CellId,
         node: NodeId,
     ) -> Result<(), crate::limits::RegistrationRefused> {
+        if self.revocations.is_revoked(cell, node) {
+            return Err(crate::limits::RegistrationRefused::Revoked);
+        }
         match self.registrations.join(cell, node, now.timestamp())? {
             Registered::New => {
                 self.fresh.insert(node);
@@ -794,14 +855,39 @@ impl RelayServer {
                         }
                     }
                     // As a cell this relay cannot read: the asker's send finds no device.
-                    Pending::Lookup(d) => self.out.push(
-                        d.from,
-                        &Record::Directory {
-                            request: d.request,
-                            cell: d.cell,
-                            devices: Vec::new(),
-                        },
-                    ),
+                    Pending::Lookup(d) => {
+                        let revocations = self.revocations.of_cell(d.cell);
+                        self.out.push(
+                            d.from,
+                            &Record::Directory {
+                                request: d.request,
+                                cell: d.cell,
+                                devices: Vec::new(),
+                                revocations,
+                            },
+                        )
+                    }
+                    // Not kept: the asker hears so, and may send it again.
+                    Pending::Revoke {
+                        by,
+                        request,
+                        cell,
+                        node,
+                    } => {
+                        self.revocations.remove(cell, node);
+                        self.out.push(
+                            by,
+                            &Record::Revoked {
+                                request,
+                                result: Err(RefuseCode::Unavailable),
+                            },
+                        );
+                        self.event(ServerEvent::RevokeRefused {
+                            by,
+                            code: RefuseCode::Unavailable,
+                            reason: "the store failed".into(),
+                        });
+                    }
                     _ => {}
                 }
             }
@@ -843,6 +929,7 @@ impl RelayServer {
                 }
             }
             (Pending::Lookup(d), StoreResult::Devices(devices)) => {
+                let revocations = self.revocations.of_cell(d.cell);
                 let devices = devices
                     .into_iter()
                     .filter_map(|(nt, id)| {
@@ -850,6 +937,12 @@ impl RelayServer {
                             node_token: Token::decode(&nt).ok()?,
                             identity: Token::decode(&id).ok()?,
                         })
+                    })
+                    // A device revoked since the read began is not listed beside its
+                    // revocation.
+                    .filter(|e| {
+                        let node = NodeId::from_key(e.node_token.claims().key);
+                        !self.revocations.is_revoked(d.cell, node)
                     })
                     .take(MAX_DEVICES)
                     .collect();
@@ -859,9 +952,19 @@ impl RelayServer {
                         request: d.request,
                         cell: d.cell,
                         devices,
+                        revocations,
                     },
                 );
             }
+            (
+                Pending::Revoke {
+                    by,
+                    request,
+                    cell,
+                    node,
+                },
+                StoreResult::Count(messages),
+            ) => self.revoked(by, request, cell, node, messages),
             (Pending::Drain(node), StoreResult::Pending(envelopes)) => {
                 self.drained(node, envelopes);
             }
@@ -1023,6 +1126,50 @@ impl RelayServer {
                     from,
                     envelope: Bytes::copy_from_slice(&envelope),
                 });
+            }
+            Record::Revoke {
+                request,
+                revocation,
+            } => {
+                match self
+                    .revocations
+                    .offer(from_cell, &revocation, &self.registrations, now)
+                {
+                    Ok(Offered::Known) => self.out.push(
+                        from,
+                        &Record::Revoked {
+                            request,
+                            result: Ok(()),
+                        },
+                    ),
+                    Ok(Offered::New(r)) => self.op(
+                        Pending::Revoke {
+                            by: from,
+                            request,
+                            cell: r.cell(),
+                            node: r.node(),
+                        },
+                        StoreOp::Revoke {
+                            cell: r.cell(),
+                            node: r.node(),
+                            revocation: r.token().to_bytes(),
+                        },
+                    ),
+                    Err(e) => {
+                        self.out.push(
+                            from,
+                            &Record::Revoked {
+                                request,
+                                result: Err(e.code()),
+                            },
+                        );
+                        self.event(ServerEvent::RevokeRefused {
+                            by: from,
+                            code: e.code(),
+                            reason: e.to_string(),
+                        });
+                    }
+                }
             }
             Record::Receive => {
                 if let Some(online) = self.online.get_mut(&from)
@@ -1366,6 +1513,50 @@ impl RelayServer {
         self.event(ServerEvent::StoreFailed { doing, error });
     }
 
+    /// A revocation is kept in the store, which dropped the device's queue: the device goes
+    /// from the registrations and (without keeping what was pushed to it) from the online
+    /// devices, and is disconnected; nothing more of this call is written to it. A device
+    /// that revoked itself keeps its link to hear the answer (closing it could overtake
+    /// the answer), and closes it; until then only its DELIVEREDs count.
+    fn revoked(&mut self, by: NodeId, request: u32, cell: CellId, node: NodeId, messages: usize) {
+        self.registrations.remove(node);
+        self.fresh.remove(&node);
+        self.stored.remove(&node);
+        if let Some(online) = self.online.remove(&node) {
+            let held: usize = online
+                .in_flight
+                .values()
+                .map(|(_, e)| e.len() + IN_FLIGHT_OVERHEAD)
+                .sum();
+            self.budget.release(node, online.cell, held);
+            if let Some(o) = self.out.to.remove(&node) {
+                self.out.bytes = self.out.bytes.saturating_sub(o.len());
+            }
+            if node != by {
+                self.actions.push_back(Action::Disconnect {
+                    node,
+                    reason: "revoked by its cell",
+                });
+            }
+            if self.dropped.insert(node) {
+                self.dropped_order.push_back(node);
+            }
+        }
+        self.out.push(
+            by,
+            &Record::Revoked {
+                request,
+                result: Ok(()),
+            },
+        );
+        self.event(ServerEvent::Revoked {
+            cell,
+            node,
+            by,
+            messages,
+        });
+    }
+
     /// Disconnects a misbehaving device (see `dropped`).
     fn drop_device(&mut self, node: NodeId, reason: &'static str) {
         if !self.online.contains_key(&node) || self.dropped.contains(&node) {
@@ -1456,6 +1647,7 @@ impl Pending {
             Self::Drain(_) => "reading a queue",
             Self::Expire => "expiring envelopes",
             Self::Sweep(_) => "sweeping registrations",
+            Self::Revoke { .. } => "keeping a revocation",
         }
     }
 }

@@ -280,3 +280,170 @@ fn the_same_inputs_give_the_same_actions() {
     };
     assert_eq!(trace(), trace());
 }
+
+// ---------------------------------------------------------------------------------------------
+// Revocations (issue 10, finding 10)
+// ---------------------------------------------------------------------------------------------
+
+fn revoked(rs: &[Record]) -> Vec<(u32, Result<(), RefuseCode>)> {
+    rs.iter()
+        .filter_map(|r| match r {
+            Record::Revoked { request, result } => Some((*request, *result)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn revoke(by: &TestNode, node: NodeId) -> Token {
+    let mut rng = <rand_chacha::ChaCha20Rng as rand_core::SeedableRng>::from_seed([9; 32]);
+    crate::device::revocation(&by.cell, node, START.timestamp(), &mut rng).unwrap()
+}
+
+#[test]
+fn a_revocation_is_kept_the_device_dropped_refused_and_listed_no_more() {
+    let (a, b) = devices();
+    let phone = a.sibling(3, START.timestamp());
+    let mut r = Bench::new();
+    r.join(&a);
+    r.join(&b);
+    r.join(&phone);
+    r.send(&phone, &[Record::Receive]);
+    // Queued for the phone while it is away, then it is back and online.
+    r.leave(&phone);
+    r.forward(&b, &phone, 1);
+    assert_eq!(r.store.queued(phone.node_id()), 1);
+    r.join(&phone);
+    r.take(&b);
+    let token = revoke(&a, phone.node_id());
+    r.hold = true;
+    r.send(
+        &a,
+        &[Record::Revoke {
+            request: 5,
+            revocation: Box::new(token.clone()),
+        }],
+    );
+    assert!(
+        revoked(&r.take(&a)).is_empty(),
+        "no answer before the store has it"
+    );
+    r.commit();
+    assert_eq!(revoked(&r.take(&a)), vec![(5, Ok(()))]);
+    assert_eq!(
+        r.disconnected,
+        vec![(phone.node_id(), "revoked by its cell")]
+    );
+    assert!(r.events.iter().any(|e| matches!(
+        e,
+        ServerEvent::Revoked { node, messages: 1, .. } if *node == phone.node_id()
+    )));
+    assert_eq!(r.store.queued(phone.node_id()), 0);
+    // Refused from now on, forwarded to no more, listed no more, its revocation handed out.
+    assert_eq!(
+        r.server.check_join(r.now, phone.cell_id(), phone.node_id()),
+        Err(crate::limits::RegistrationRefused::Revoked)
+    );
+    r.forward(&b, &phone, 2);
+    assert_eq!(
+        answers(&r.take(&b)),
+        vec![(MsgId([2; 16]), Err(RefuseCode::UnknownDevice))]
+    );
+    r.send(
+        &b,
+        &[Record::Lookup {
+            request: 1,
+            cell: a.cell_id(),
+        }],
+    );
+    let dir = r.take(&b);
+    let Some(Record::Directory {
+        devices,
+        revocations,
+        ..
+    }) = dir.iter().find(|r| matches!(r, Record::Directory { .. }))
+    else {
+        panic!("no directory: {dir:?}")
+    };
+    assert_eq!(devices.len(), 1);
+    assert_eq!(revocations, &vec![token.clone()]);
+    // Offered again: known, answered at once. And after a restart the relay still knows.
+    r.send(
+        &a,
+        &[Record::Revoke {
+            request: 6,
+            revocation: Box::new(token),
+        }],
+    );
+    assert_eq!(revoked(&r.take(&a)), vec![(6, Ok(()))]);
+    let mut r = r.restart();
+    assert_eq!(
+        r.server.check_join(r.now, phone.cell_id(), phone.node_id()),
+        Err(crate::limits::RegistrationRefused::Revoked)
+    );
+    assert!(r.server.is_revoked(phone.cell_id(), phone.node_id()));
+}
+
+#[test]
+fn refused_revocations_are_answered_with_their_code_and_a_failed_store_keeps_none() {
+    let (a, b) = devices();
+    let mut r = Bench::new();
+    r.join(&a);
+    r.join(&b);
+    // A cell revoking another cell's device: not_allowed. Not a revocation at all: invalid.
+    r.send(
+        &a,
+        &[
+            Record::Revoke {
+                request: 1,
+                revocation: Box::new(revoke(&a, b.node_id())),
+            },
+            Record::Revoke {
+                request: 2,
+                revocation: Box::new(a.identity.clone()),
+            },
+        ],
+    );
+    assert_eq!(
+        revoked(&r.take(&a)),
+        vec![
+            (1, Err(RefuseCode::NotAllowed)),
+            (2, Err(RefuseCode::Invalid))
+        ]
+    );
+    // The store fails: unavailable, and nothing is kept (it may be sent again).
+    let other = a.sibling(4, START.timestamp());
+    r.store.failing = true;
+    r.send(
+        &a,
+        &[Record::Revoke {
+            request: 3,
+            revocation: Box::new(revoke(&a, other.node_id())),
+        }],
+    );
+    assert_eq!(
+        revoked(&r.take(&a)),
+        vec![(3, Err(RefuseCode::Unavailable))]
+    );
+    assert!(!r.server.is_revoked(a.cell_id(), other.node_id()));
+    assert!(r.disconnected.is_empty());
+}
+
+#[test]
+fn a_device_that_revokes_itself_hears_the_answer_and_is_not_cut_off_before() {
+    let (a, _) = devices();
+    let mut r = Bench::new();
+    r.join(&a);
+    r.send(
+        &a,
+        &[Record::Revoke {
+            request: 1,
+            revocation: Box::new(revoke(&a, a.node_id())),
+        }],
+    );
+    assert_eq!(revoked(&r.take(&a)), vec![(1, Ok(()))]);
+    assert!(r.disconnected.is_empty());
+    assert_eq!(
+        r.server.check_join(r.now, a.cell_id(), a.node_id()),
+        Err(crate::limits::RegistrationRefused::Revoked)
+    );
+}
