@@ -447,3 +447,229 @@ fn a_device_that_revokes_itself_hears_the_answer_and_is_not_cut_off_before() {
         Err(crate::limits::RegistrationRefused::Revoked)
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Review: unexpected orders and a failing store
+// ---------------------------------------------------------------------------------------------
+
+fn join_unchecked(r: &mut Bench, d: &TestNode) {
+    r.server.joined(
+        r.now,
+        d.cell_id(),
+        d.node_id(),
+        std::net::SocketAddr::from(([127, 0, 0, 1], 4000)),
+        d.node_token.to_bytes(),
+        d.identity.to_bytes(),
+    );
+    r.run();
+}
+
+#[test]
+fn a_device_let_in_before_its_revocation_was_kept_is_cut_off_when_its_join_arrives() {
+    let (a, b) = devices();
+    let phone = a.sibling(3, START.timestamp());
+    let mut r = Bench::new();
+    r.join(&a);
+    r.join(&b);
+    r.join(&phone);
+    r.leave(&phone);
+    // The phone's join passes its check on the node's task...
+    r.server
+        .check_join(r.now, phone.cell_id(), phone.node_id())
+        .expect("not revoked yet");
+    // ...and before the relay's loop hears that it joined, its cell's REVOKE is kept.
+    r.send(
+        &a,
+        &[Record::Revoke {
+            request: 1,
+            revocation: Box::new(revoke(&a, phone.node_id())),
+        }],
+    );
+    assert_eq!(revoked(&r.take(&a)), vec![(1, Ok(()))]);
+    join_unchecked(&mut r, &phone);
+    assert!(
+        r.disconnected.iter().any(|(n, _)| *n == phone.node_id()),
+        "a revoked device that joined is cut off: {:?}",
+        r.disconnected
+    );
+    // Nothing is pushed to it, and it is not put back in the directory.
+    r.send(&phone, &[Record::Receive]);
+    r.take(&b);
+    r.forward(&b, &phone, 1);
+    assert!(delivered(&r.take(&phone)).is_empty());
+    assert_eq!(
+        answers(&r.take(&b)),
+        vec![(MsgId([1; 16]), Err(RefuseCode::UnknownDevice))]
+    );
+    let cell = phone.cell_id();
+    r.send(&b, &[Record::Lookup { request: 2, cell }]);
+    let dir = r.take(&b);
+    let Some(Record::Directory { devices, .. }) =
+        dir.iter().find(|r| matches!(r, Record::Directory { .. }))
+    else {
+        panic!("no directory: {dir:?}")
+    };
+    assert_eq!(devices.len(), 1, "only a is listed");
+}
+
+#[test]
+fn a_forward_to_a_device_whose_revocation_is_being_kept_is_not_queued_for_it() {
+    let (a, b) = devices();
+    let phone = a.sibling(3, START.timestamp());
+    let mut r = Bench::new();
+    r.join(&a);
+    r.join(&b);
+    r.join(&phone);
+    r.leave(&phone);
+    r.take(&b);
+    r.hold = true;
+    r.send(
+        &a,
+        &[Record::Revoke {
+            request: 1,
+            revocation: Box::new(revoke(&a, phone.node_id())),
+        }],
+    );
+    // The store has not kept the revocation yet when b sends to the phone.
+    r.forward(&b, &phone, 1);
+    r.commit();
+    assert_eq!(revoked(&r.take(&a)), vec![(1, Ok(()))]);
+    assert_eq!(
+        answers(&r.take(&b)),
+        vec![(MsgId([1; 16]), Err(RefuseCode::UnknownDevice))],
+        "b is not told `queued` for a device that is revoked"
+    );
+    assert_eq!(r.store.queued(phone.node_id()), 0);
+}
+
+#[test]
+fn a_failed_removal_does_not_stop_what_follows_in_the_queue_from_being_drained() {
+    let (a, b) = devices();
+    // Each read of the queue takes one envelope (a quarter of the outlet).
+    let config = ServerConfig {
+        outlet_bytes: 4 * crate::relay::harness::message(0).len(),
+        ..crate::relay::harness::config()
+    };
+    let mut r = Bench::over(
+        crate::relay::mem_store::MemStore::new(Default::default()),
+        config,
+    );
+    r.join(&a);
+    r.join(&b);
+    r.leave(&b);
+    r.forward(&a, &b, 1);
+    r.forward(&a, &b, 2);
+    assert_eq!(r.store.queued(b.node_id()), 2);
+    r.join(&b);
+    r.send(&b, &[Record::Receive]);
+    assert_eq!(delivered(&r.take(&b)), vec![MsgId([1; 16])]);
+    // The disk is full for the removal of what b took, then has room again.
+    r.store.failing = true;
+    r.send(&b, &[Record::Delivered(vec![MsgId([1; 16])])]);
+    r.store.failing = false;
+    let mut got = Vec::new();
+    for _ in 0..20 {
+        r.advance(RETRY_MS);
+        let ids = delivered(&r.take(&b));
+        if !ids.is_empty() {
+            r.send(&b, &[Record::Delivered(ids.clone())]);
+        }
+        got.extend(ids);
+    }
+    assert!(
+        got.contains(&MsgId([2; 16])),
+        "message 2 reaches b while it stays online: {got:?}"
+    );
+    assert_eq!(r.store.queued(b.node_id()), 0);
+}
+
+fn reads(held: &[(OpId, StoreOp)]) -> usize {
+    held.iter()
+        .filter(|(_, op)| matches!(op, StoreOp::Pending { .. }))
+        .count()
+}
+
+#[test]
+fn a_store_that_fails_a_read_is_asked_again_after_a_pause_not_at_once() {
+    let (a, b) = devices();
+    let mut r = Bench::new();
+    r.join(&a);
+    r.join(&b);
+    r.leave(&b);
+    r.forward(&a, &b, 1);
+    r.join(&b);
+    r.hold = true;
+    r.send(&b, &[Record::Receive]);
+    assert_eq!(reads(&r.held), 1, "the drain reads the queue");
+    // The read fails (disk error): no other is asked for at once, or a failing store is
+    // asked again and again as fast as it can fail.
+    for (id, _) in std::mem::take(&mut r.held) {
+        r.server.store_done(
+            r.now,
+            id,
+            StoreResult::Failed("input/output error".into()),
+            &r.links,
+        );
+    }
+    r.run();
+    assert_eq!(reads(&r.held), 0, "not asked again at once");
+    r.advance(RETRY_MS);
+    assert_eq!(reads(&r.held), 1, "asked again after the pause");
+    r.commit();
+    assert_eq!(delivered(&r.take(&b)), vec![MsgId([1; 16])]);
+}
+
+#[test]
+fn envelopes_on_their_way_to_the_store_are_bounded_in_memory() {
+    let (a, b) = devices();
+    let total = 256 << 10;
+    let config = ServerConfig {
+        memory: crate::limits::ByteLimits {
+            per_device: total,
+            per_cell: total,
+            total,
+        },
+        ..crate::relay::harness::config()
+    };
+    let mut r = Bench::over(
+        crate::relay::mem_store::MemStore::new(Default::default()),
+        config,
+    );
+    r.join(&a);
+    r.join(&b);
+    r.leave(&b);
+    // The disk is slow: nothing commits while a sends to the offline b as fast as it can.
+    r.hold = true;
+    let mut big = vec![crate::e2e::E2E_VERSION, 0x02];
+    big.resize(16 << 10, 7);
+    let big = Bytes::from(big);
+    for i in 0..=255u8 {
+        r.send(
+            &a,
+            &[Record::Forward {
+                to: b.node_id(),
+                id: MsgId([i; 16]),
+                envelope: big.clone(),
+            }],
+        );
+    }
+    let held: usize = r
+        .held
+        .iter()
+        .map(|(_, op)| match op {
+            StoreOp::Enqueue { envelopes, .. } => {
+                envelopes.iter().map(|e| e.envelope.len()).sum::<usize>()
+            }
+            _ => 0,
+        })
+        .sum();
+    assert!(
+        held <= total,
+        "{held} bytes of envelopes wait for the store, over the relay's {total}"
+    );
+    let refused = answers(&r.take(&a))
+        .into_iter()
+        .filter(|(_, x)| matches!(x, Err(c) if c.is_transient()))
+        .count();
+    assert!(refused > 0, "the sender is told to retry later");
+}
