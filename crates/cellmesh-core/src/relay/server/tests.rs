@@ -622,7 +622,8 @@ fn a_store_that_fails_a_read_is_asked_again_after_a_pause_not_at_once() {
 #[test]
 fn envelopes_on_their_way_to_the_store_are_bounded_in_memory() {
     let (a, b) = devices();
-    let total = 256 << 10;
+    // Twice the largest envelope: a quarter of it is less than one, which always fits.
+    let total = 2 * MAX_ENVELOPE;
     let config = ServerConfig {
         memory: crate::limits::ByteLimits {
             per_device: total,
@@ -643,12 +644,14 @@ fn envelopes_on_their_way_to_the_store_are_bounded_in_memory() {
     let mut big = vec![crate::e2e::E2E_VERSION, 0x02];
     big.resize(16 << 10, 7);
     let big = Bytes::from(big);
-    for i in 0..=255u8 {
+    for i in 0..512u16 {
+        let mut id = [0; 16];
+        id[..2].copy_from_slice(&i.to_be_bytes());
         r.send(
             &a,
             &[Record::Forward {
                 to: b.node_id(),
-                id: MsgId([i; 16]),
+                id: MsgId(id),
                 envelope: big.clone(),
             }],
         );
