@@ -460,6 +460,9 @@ struct Online {
     reading: bool,
     wanted: bool,
     drained: BTreeSet<DrainKey>,
+    /// After a failed read or removal: no read of the queue before then, so that a failing
+    /// store is asked again every [`RETRY_MS`], not as fast as it fails.
+    not_before: Option<Instant>,
 }
 
 /// A LOOKUP waiting for its cell's rate.
@@ -481,7 +484,8 @@ enum Pending {
         items: Vec<(NodeId, NodeId, MsgId, usize)>,
         answer: bool,
     },
-    Remove(NodeId),
+    /// The device and the ids it acknowledged.
+    Remove(NodeId, BTreeSet<MsgId>),
     Lookup(Deferred),
     Drain(NodeId),
     Expire,
@@ -498,6 +502,8 @@ enum Pending {
 /// What one call of [`RelayServer::records`] collects for the store.
 struct Batch<'a> {
     to_store: &'a mut Vec<StoreEnvelope>,
+    /// Bytes of the envelopes in `to_store`.
+    to_store_bytes: &'a mut usize,
     removed: &'a mut BTreeMap<NodeId, Vec<MsgId>>,
 }
 
@@ -591,6 +597,9 @@ pub struct RelayServer {
     /// device as far as the bounds are concerned, though the links have not seen them.
     unpolled: BTreeMap<NodeId, usize>,
     unpolled_total: usize,
+    /// Bytes of envelopes in [`StoreOp::Enqueue`]s not yet answered: held in memory until
+    /// the store has them, bounded by [`RelayServer::storing_bound`].
+    storing: usize,
 }
 
 impl RelayServer {
@@ -639,6 +648,7 @@ impl RelayServer {
             retry_at: None,
             unpolled: BTreeMap::new(),
             unpolled_total: 0,
+            storing: 0,
             config,
         }
     }
@@ -718,7 +728,8 @@ impl RelayServer {
 
     /// Device `node` of `cell` joined from `addr` with these tokens. A device that joins
     /// again replaces its earlier connection: what was pushed on that one and not
-    /// acknowledged goes to the store.
+    /// acknowledged goes to the store. One revoked since its [`RelayServer::check_join`]
+    /// is disconnected instead.
     pub fn joined(
         &mut self,
         now: Instant,
@@ -728,6 +739,28 @@ impl RelayServer {
         node_token: Vec<u8>,
         identity: Vec<u8>,
     ) {
+        // Its join passed its check (on the link's task) before its revocation was kept
+        // here: cut off, and not registered again.
+        if self.revocations.is_revoked(cell, node) {
+            self.fresh.remove(&node);
+            self.period.joins_refused += 1;
+            if let Some(old) = self.online.remove(&node) {
+                let held: usize = old
+                    .in_flight
+                    .values()
+                    .map(|(_, e)| e.len() + IN_FLIGHT_OVERHEAD)
+                    .sum();
+                self.budget.release(node, old.cell, held);
+            }
+            self.actions.push_back(Action::Disconnect {
+                node,
+                reason: "revoked by its cell",
+            });
+            if self.dropped.insert(node) {
+                self.dropped_order.push_back(node);
+            }
+            return;
+        }
         if self.dropped.remove(&node) {
             self.dropped_order.retain(|n| *n != node);
         }
@@ -764,6 +797,7 @@ impl RelayServer {
                 reading: false,
                 wanted: false,
                 drained: BTreeSet::new(),
+                not_before: None,
             },
         );
         self.event(ServerEvent::Registered {
@@ -794,6 +828,7 @@ impl RelayServer {
         outlets: &impl Outlets,
     ) {
         let mut to_store = Vec::new();
+        let mut to_store_bytes = 0;
         let mut removed: BTreeMap<NodeId, Vec<MsgId>> = BTreeMap::new();
         for (from, from_cell, payload) in payloads {
             for record in records(payload) {
@@ -808,6 +843,7 @@ impl RelayServer {
                 }
                 let batch = Batch {
                     to_store: &mut to_store,
+                    to_store_bytes: &mut to_store_bytes,
                     removed: &mut removed,
                 };
                 self.record(now, from, from_cell, record, outlets, batch);
@@ -817,7 +853,11 @@ impl RelayServer {
             self.enqueue(now, to_store, true);
         }
         for (device, ids) in removed {
-            self.op(Pending::Remove(device), StoreOp::Remove { device, ids });
+            let acked = ids.iter().copied().collect();
+            self.op(
+                Pending::Remove(device, acked),
+                StoreOp::Remove { device, ids },
+            );
         }
         self.drains(now, outlets);
         self.flush(now, outlets);
@@ -834,6 +874,11 @@ impl RelayServer {
         let Some(pending) = self.ops.remove(&op) else {
             return;
         };
+        // Whatever the answer, the store is done with these envelopes.
+        if let Pending::Enqueue { items, .. } = &pending {
+            let bytes: usize = items.iter().map(|i| i.3).sum();
+            self.storing = self.storing.saturating_sub(bytes);
+        }
         match (pending, result) {
             (pending, StoreResult::Failed(error)) => {
                 self.failed(pending.doing(), error);
@@ -847,11 +892,25 @@ impl RelayServer {
                             self.refused(from, to, id, RefuseCode::Unavailable);
                         }
                     }
-                    // Still in the store: read again on the next retry.
+                    // Still in the store: read again after a pause (asked again at once, a
+                    // failing store is asked as fast as it fails).
                     Pending::Drain(node) => {
                         if let Some(online) = self.online.get_mut(&node) {
                             online.reading = false;
                             online.wanted = true;
+                            online.not_before = Some(now.plus_millis(RETRY_MS));
+                        }
+                    }
+                    // Still queued: what the device acknowledged is handed again (it drops
+                    // it as a duplicate and says DELIVERED again), or the reads of its
+                    // queue, which skip what was handed, never get past it.
+                    Pending::Remove(device, acked) => {
+                        if let Some(online) = self.online.get_mut(&device) {
+                            online.drained.retain(|k| !acked.contains(&k.0));
+                            online.not_before = Some(now.plus_millis(RETRY_MS));
+                            if online.receiving {
+                                online.wanted = true;
+                            }
                         }
                     }
                     // As a cell this relay cannot read: the asker's send finds no device.
@@ -923,7 +982,7 @@ impl RelayServer {
                     }
                 }
             }
-            (Pending::Remove(device), StoreResult::Removed(n)) => {
+            (Pending::Remove(device, _), StoreResult::Removed(n)) => {
                 if n > 0 {
                     self.want_drain(device);
                 }
@@ -1059,6 +1118,13 @@ impl RelayServer {
         2 * self.config.outlet_bytes + MAX_ENVELOPE
     }
 
+    /// Most bytes of FORWARDed envelopes on their way to the store (a quarter of the relay's
+    /// memory bound, and room for one envelope at least); what is kept of a departed
+    /// device's pushed envelopes is counted too, and never refused.
+    fn storing_bound(&self) -> usize {
+        (self.config.memory.total / 4).max(MAX_ENVELOPE)
+    }
+
     /// What was written for every device and not taken, polled or not.
     fn waiting_total(&self, outlets: &impl Outlets) -> usize {
         outlets.total() + self.unpolled_total
@@ -1097,8 +1163,17 @@ impl RelayServer {
             }
             Record::Forward { to, id, envelope } => {
                 let online = self.online.contains_key(&to);
+                let to_cell = self
+                    .online
+                    .get(&to)
+                    .map(|o| o.cell)
+                    .or_else(|| self.registrations.get(to).map(|r| r.cell));
                 let refuse = if envelope.len() > MAX_ENVELOPE {
                     Some(RefuseCode::TooLarge)
+                } else if to_cell.is_some_and(|c| self.revocations.is_revoked(c, to)) {
+                    // Its revocation is kept, or being kept: as after it is, no such device
+                    // (queued now, it would be dropped with the registration or outlive it).
+                    Some(RefuseCode::UnknownDevice)
                 } else if !online && !self.registrations.contains(to) {
                     Some(RefuseCode::UnknownDevice)
                 } else if !self.forwards.take(from_cell, now) {
@@ -1113,11 +1188,18 @@ impl RelayServer {
                 if self.push(from, to, id, &envelope, outlets) {
                     return;
                 }
+                // A store slower than its senders: they retry later, rather than the relay
+                // holding without bound what waits for the disk.
+                if self.storing + *batch.to_store_bytes + envelope.len() > self.storing_bound() {
+                    self.refused(from, to, id, RefuseCode::Unavailable);
+                    return;
+                }
                 if let Some(online) = self.online.get_mut(&to)
                     && online.receiving
                 {
                     online.wanted = true;
                 }
+                *batch.to_store_bytes += envelope.len();
                 // A copy: the envelope shares the buffer of the whole frame it came in,
                 // which the relay must not keep for it.
                 batch.to_store.push(StoreEnvelope {
@@ -1265,10 +1347,11 @@ impl RelayServer {
     }
 
     fn enqueue(&mut self, now: Instant, envelopes: Vec<StoreEnvelope>, answer: bool) {
-        let items = envelopes
+        let items: Vec<(NodeId, NodeId, MsgId, usize)> = envelopes
             .iter()
             .map(|e| (e.from, e.to, e.id, e.envelope.len()))
             .collect();
+        self.storing += items.iter().map(|i| i.3).sum::<usize>();
         self.op(
             Pending::Enqueue { items, answer },
             StoreOp::Enqueue {
@@ -1323,6 +1406,9 @@ impl RelayServer {
         let mut go = Vec::new();
         for (node, online) in &mut self.online {
             if !online.wanted || online.reading || !online.receiving {
+                continue;
+            }
+            if online.not_before.is_some_and(|t| now < t) {
                 continue;
             }
             if !self.stored.contains(node) {
@@ -1642,7 +1728,7 @@ impl Pending {
             Self::PutDevice => "registering a device",
             Self::Enqueue { answer: true, .. } => "queueing envelopes",
             Self::Enqueue { answer: false, .. } => "keeping unacknowledged envelopes",
-            Self::Remove(_) => "deleting delivered envelopes",
+            Self::Remove(..) => "deleting delivered envelopes",
             Self::Lookup(_) => "reading the directory",
             Self::Drain(_) => "reading a queue",
             Self::Expire => "expiring envelopes",
