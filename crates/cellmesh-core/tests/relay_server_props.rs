@@ -13,6 +13,8 @@
 //! - every FORWARD answered `pushed` did too, when no restart came (pushed copies live in
 //!   memory until acknowledged: a crash loses them, and their senders, who were promised
 //!   nothing durable, send them again when no acknowledgement comes);
+//! - with a store that fails for a while (a full disk), all of the above but the last but
+//!   one: what was answered `queued` still arrives;
 //! - nothing was delivered to a device that was not forwarded to it, by its sender.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -43,6 +45,9 @@ enum Op {
     Hold,
     Commit,
     Restart,
+    /// The store fails every operation from now on (a full disk), until `Heal`.
+    Fail,
+    Heal,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -62,6 +67,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Hold),
         2 => Just(Op::Commit),
         1 => Just(Op::Restart),
+        1 => Just(Op::Fail),
+        2 => Just(Op::Heal),
     ]
 }
 
@@ -94,6 +101,10 @@ struct Model {
     /// What each device acknowledged: it has it.
     acked: Vec<BTreeSet<MsgId>>,
     restarted: bool,
+    /// Whether the store failed at some point: a pushed copy that it could not keep when
+    /// its device left is lost (its sender, told `pushed`, sends it again on no
+    /// acknowledgement).
+    failed: bool,
     next: u16,
 }
 
@@ -108,6 +119,7 @@ impl Model {
             acked_upto: vec![0; 3],
             acked: vec![BTreeSet::new(); 3],
             restarted: false,
+            failed: false,
             next: 0,
         }
     }
@@ -204,6 +216,11 @@ impl Model {
             Op::Advance(ms) => self.h.advance(ms),
             Op::Hold => self.h.hold = true,
             Op::Commit => self.h.commit(),
+            Op::Fail => {
+                self.h.store.failing = true;
+                self.failed = true;
+            }
+            Op::Heal => self.h.store.failing = false,
             Op::Restart => {
                 let answered = self.answered();
                 for id in self.forwards.keys() {
@@ -243,6 +260,7 @@ impl Model {
 
     /// Every device comes online, receives and acknowledges until nothing more arrives.
     fn settle(&mut self) {
+        self.h.store.failing = false;
         self.h.commit();
         for d in 0..3 {
             if !self.online.contains(&d) {
@@ -283,7 +301,7 @@ impl Model {
                 Some(Ok(Accepted::Queued)) => {
                     prop_assert!(delivered, "{id:?} queued for {to} and never delivered")
                 }
-                Some(Ok(Accepted::Pushed)) if !self.restarted => {
+                Some(Ok(Accepted::Pushed)) if !self.restarted && !self.failed => {
                     prop_assert!(delivered, "{id:?} pushed to {to} and never delivered")
                 }
                 _ => {}
