@@ -101,7 +101,11 @@ pub struct RelayConfig {
     /// past them, envelopes for the device go to the store. `total` bounds those together
     /// with every byte written for devices that their links have not taken (outboxes and
     /// the links' command queues): past it, envelopes go to the store, queued envelopes wait
-    /// in the store, and the device with the most waiting is disconnected. Defaults (see
+    /// in the store, and the device with the most waiting is disconnected. Envelopes on
+    /// their way to the store (handed to its thread, not yet committed) are held too, up to
+    /// a quarter of `total` (at least one envelope): past it a FORWARD for the store is
+    /// refused `unavailable` and its sender retries, so a slow disk does not grow memory.
+    /// Defaults (see
     /// [`RelayConfig::fit_memory`]): 128 MiB, 128 MiB, 256 MiB.
     pub memory: ByteLimits,
     /// Bytes written for an online device that its link has not taken yet, beyond which new
