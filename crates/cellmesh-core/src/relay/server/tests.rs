@@ -676,3 +676,33 @@ fn envelopes_on_their_way_to_the_store_are_bounded_in_memory() {
         .count();
     assert!(refused > 0, "the sender is told to retry later");
 }
+
+#[test]
+fn a_delivered_for_another_device_s_ids_changes_nothing_for_it() {
+    let (a, b) = devices();
+    let c = b.sibling(4, START.timestamp());
+    let mut r = Bench::new();
+    r.join(&a);
+    r.join(&b);
+    r.join(&c);
+    r.send(&c, &[Record::Receive]);
+    r.forward(&a, &c, 1);
+    assert_eq!(delivered(&r.take(&c)), vec![MsgId([1; 16])]);
+    // Queued for c too, while it is away.
+    r.leave(&c);
+    r.forward(&a, &c, 2);
+    assert_eq!(r.store.queued(c.node_id()), 2);
+    let held = r.server.in_flight_bytes();
+    // b (of the same cell, even) acknowledges c's ids: nothing of c's is dropped.
+    r.send(
+        &b,
+        &[Record::Delivered(vec![MsgId([1; 16]), MsgId([2; 16])])],
+    );
+    assert_eq!(r.server.in_flight_bytes(), held);
+    assert_eq!(r.store.queued(c.node_id()), 2);
+    r.join(&c);
+    r.send(&c, &[Record::Receive]);
+    let mut ids = delivered(&r.take(&c));
+    ids.sort();
+    assert_eq!(ids, vec![MsgId([1; 16]), MsgId([2; 16])]);
+}
