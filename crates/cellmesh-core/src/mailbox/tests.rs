@@ -10,68 +10,10 @@ use rand_core::SeedableRng as _;
 use super::*;
 use crate::relay::records;
 use crate::testing::TestNode;
+use crate::world::Disk;
 
 const T0: Timestamp = Timestamp(1_800_000_000);
 const START: Instant = Instant(1_800_000_100_000);
-
-/// What a device keeps on disk.
-#[derive(Clone, Default)]
-struct Disk {
-    sessions: BTreeMap<SessionKey, Vec<u8>>,
-    seen: BTreeMap<(CellId, MsgId), Timestamp>,
-    floors: BTreeMap<CellId, Timestamp>,
-    sends: BTreeMap<MsgId, Vec<u8>>,
-    commits: u64,
-}
-
-impl Disk {
-    fn apply(&mut self, commit: Commit) {
-        self.commits += 1;
-        for op in commit.ops {
-            match op {
-                StoreOp::PutSession(k, v) => {
-                    self.sessions.insert(k, v.to_vec());
-                }
-                StoreOp::DeleteSession(k) => {
-                    self.sessions.remove(&k);
-                }
-                StoreOp::Seen(SeenChange::Put { cell, id, time }) => {
-                    self.seen.insert((cell, id), time);
-                }
-                StoreOp::Seen(SeenChange::Forget { cell, id, .. }) => {
-                    self.seen.remove(&(cell, id));
-                }
-                StoreOp::Seen(SeenChange::Floor { cell, floor }) => {
-                    self.floors.insert(cell, floor);
-                }
-                StoreOp::Seen(SeenChange::ExpireBefore(t)) => self.seen.retain(|_, v| *v >= t),
-                StoreOp::PutSend(id, v) => {
-                    self.sends.insert(id, v.to_vec());
-                }
-                StoreOp::DeleteSend(id) => {
-                    self.sends.remove(&id);
-                }
-            }
-        }
-    }
-
-    fn saved(&self) -> Saved {
-        Saved {
-            sessions: self
-                .sessions
-                .iter()
-                .map(|(k, v)| (*k, Zeroizing::new(v.clone())))
-                .collect(),
-            seen: self.seen.iter().map(|((c, i), t)| (*c, *i, *t)).collect(),
-            floors: self.floors.iter().map(|(c, t)| (*c, *t)).collect(),
-            sends: self
-                .sends
-                .values()
-                .map(|v| Zeroizing::new(v.clone()))
-                .collect(),
-        }
-    }
-}
 
 /// A device: its identity, its store, and (while it runs) its mailbox and application.
 struct Device {
@@ -494,10 +436,10 @@ fn a_message_is_delivered_to_every_device_and_acknowledged_once_taken() {
     assert_eq!(w.bodies(BOB2), vec![&b"hello"[..]]);
     // Both devices acknowledged: nothing kept, nothing saved.
     assert_eq!(w.devices[ALICE].mb().sends_kept(), 0);
-    assert!(w.devices[ALICE].disk.sends.is_empty());
+    assert!(w.devices[ALICE].disk.sends_kept() == 0);
     // Both told the relay, once the duplicate memory was on disk.
     assert_eq!(w.relay.waiting_for(w.devices[BOB].node()), 0);
-    assert_eq!(w.devices[BOB].disk.seen.len(), 1);
+    assert_eq!(w.devices[BOB].disk.seen_len(), 1);
 }
 
 #[test]
@@ -560,7 +502,7 @@ fn queued_messages_survive_restarts_of_both_sides() {
         assert_eq!(status(w.outcome(ALICE, *t)), Some(Status::Queued));
     }
     // Saved before reported: the two queued, and the three BOB2 has not had.
-    assert_eq!(w.devices[ALICE].disk.sends.len(), 5);
+    assert_eq!(w.devices[ALICE].disk.sends_kept(), 5);
     w.stop(ALICE);
     w.devices[BOB].got.clear();
     w.start(BOB);
@@ -568,7 +510,7 @@ fn queued_messages_survive_restarts_of_both_sides() {
     // Alice comes back: her saved sends and sessions open Bob's acknowledgements.
     w.start(ALICE);
     assert_eq!(
-        w.devices[ALICE].disk.sends.len(),
+        w.devices[ALICE].disk.sends_kept(),
         5,
         "BOB2 has not acknowledged yet"
     );
@@ -576,7 +518,7 @@ fn queued_messages_survive_restarts_of_both_sides() {
     assert_eq!(w.bodies(BOB2), vec![&b"a"[..], b"b", b"c", b"x", b"y"]);
     w.settle();
     assert!(
-        w.devices[ALICE].disk.sends.is_empty(),
+        w.devices[ALICE].disk.sends_kept() == 0,
         "every device acknowledged"
     );
 }
@@ -701,8 +643,7 @@ fn envelopes_under_a_new_lease_wait_for_its_commit() {
     assert!(
         w.devices[ALICE]
             .disk
-            .sessions
-            .keys()
+            .session_keys()
             .any(|k| matches!(k, SessionKey::Outbound(_)))
     );
     w.crash(ALICE);
