@@ -349,6 +349,31 @@ impl World {
 
     /// Device `d`'s process starts over its disk and connects.
     pub fn start(&mut self, d: usize) {
+        let config = self.config.mailbox.clone();
+        self.start_with(d, config);
+    }
+
+    /// Device `d` starts a process that only sends (a one-shot `cellmesh send`): it takes no
+    /// messages, which wait at the relay for the device's next process that does.
+    pub fn start_send_only(&mut self, d: usize) {
+        let config = MailboxConfig {
+            receive: false,
+            ..self.config.mailbox.clone()
+        };
+        self.start_with(d, config);
+    }
+
+    /// Device `d`'s link is cut and stays down for `ms` (a partition from the relay), then
+    /// it connects again.
+    pub fn partition(&mut self, d: usize, ms: u64) {
+        if self.devices[d].link.is_some() {
+            self.note("partitioned", (d, ms));
+            self.drop_link(d, false);
+            self.devices[d].reconnect_at = Some(self.now.plus_millis(ms));
+        }
+    }
+
+    fn start_with(&mut self, d: usize, config: MailboxConfig) {
         if self.devices[d].running() {
             return;
         }
@@ -356,7 +381,7 @@ impl World {
         let mailbox = Mailbox::new(
             dev.id.local(),
             self.relay_node,
-            self.config.mailbox.clone(),
+            config,
             dev.disk.saved(),
             Revocations::new(),
             self.now,
