@@ -16,7 +16,7 @@
 // A harness for tests and simulations: what it cannot do is a failed run.
 #![allow(clippy::expect_used, clippy::panic)]
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use bytes::Bytes;
 use rand_chacha::ChaCha20Rng;
@@ -159,10 +159,14 @@ pub struct Device {
     rng: ChaCha20Rng,
     /// Every message its application took, in order, over every run.
     pub got: Vec<Message>,
+    /// Handed to this run's application and not yet taken: lost if the process ends.
+    unread: Vec<Message>,
     handed: u64,
     taken: u64,
     /// Outcomes of its sends, by token.
     pub outcomes: BTreeMap<Token, Result<Sent, SendError>>,
+    /// Whether its application takes what it is handed (a slow one does not, for a while).
+    takes: bool,
     /// The current connection's number, while it has one.
     link: Option<u64>,
     /// When it connects again, after a cut.
@@ -218,7 +222,7 @@ pub struct World {
     /// The relay's store: survives its crashes.
     pub store: MemStore,
     /// Store operations waiting to be carried out, in order, each with when.
-    store_queue: Vec<(Instant, OpId, StoreOp)>,
+    store_queue: VecDeque<(Instant, OpId, StoreOp)>,
     /// Payloads on the wire, by arrival time and a sequence number (FIFO per link, as the
     /// latency of a link's packets only grows).
     wire: BTreeMap<(Instant, u64), Packet>,
@@ -230,8 +234,22 @@ pub struct World {
     /// The devices.
     pub devices: Vec<Device>,
     by_node: BTreeMap<NodeId, usize>,
+    /// Timers, by when: each entity's current deadline is in `deadlines`; an entry that no
+    /// longer matches it is stale and skipped.
+    timers: BTreeSet<(Instant, Timer)>,
+    deadlines: BTreeMap<Timer, Instant>,
+    /// Devices whose mailbox was called since their outputs were last taken.
+    dirty: BTreeSet<usize>,
     trace: Sha256,
     events: u64,
+}
+
+/// What a timer is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Timer {
+    Relay,
+    Mailbox(usize),
+    Reconnect(usize),
 }
 
 impl World {
@@ -256,9 +274,11 @@ impl World {
                     mailbox: None,
                     rng: ChaCha20Rng::from_seed(seed),
                     got: Vec::new(),
+                    unread: Vec::new(),
                     handed: 0,
                     taken: 0,
                     outcomes: BTreeMap::new(),
+                    takes: true,
                     link: None,
                     reconnect_at: None,
                 }
@@ -270,7 +290,7 @@ impl World {
             relay: None,
             relay_node,
             store,
-            store_queue: Vec::new(),
+            store_queue: VecDeque::new(),
             wire: BTreeMap::new(),
             last_arrival: BTreeMap::new(),
             seq: 0,
@@ -278,6 +298,9 @@ impl World {
             next_token: 1,
             devices,
             by_node,
+            timers: BTreeSet::new(),
+            deadlines: BTreeMap::new(),
+            dirty: BTreeSet::new(),
             trace: Sha256::new(),
             events: 0,
             config,
@@ -369,8 +392,17 @@ impl World {
         if self.devices[d].link.is_some() {
             self.note("partitioned", (d, ms));
             self.drop_link(d, false);
-            self.devices[d].reconnect_at = Some(self.now.plus_millis(ms));
+            let at = self.now.plus_millis(ms);
+            self.set_reconnect(d, Some(at));
         }
+    }
+
+    /// Whether device `d`'s application takes what it is handed: one that does not leaves it
+    /// unacknowledged, so that what happens next (a crash, a cut) finds it in flight.
+    pub fn set_takes(&mut self, d: usize, takes: bool) {
+        self.devices[d].takes = takes;
+        self.dirty.insert(d);
+        self.pump();
     }
 
     fn start_with(&mut self, d: usize, config: MailboxConfig) {
@@ -390,7 +422,9 @@ impl World {
         dev.mailbox = Some(mailbox);
         dev.handed = 0;
         dev.taken = 0;
+        dev.unread.clear();
         self.note("started", d);
+        self.dirty.insert(d);
         self.connect(d);
         self.pump();
     }
@@ -403,6 +437,7 @@ impl World {
             return;
         };
         mb.close(dev.taken);
+        self.dirty.insert(d);
         self.pump();
         // Its last payloads arrive before its departure is seen.
         let link = self.devices[d].link;
@@ -445,6 +480,7 @@ impl World {
         let mb = self.devices[d].mailbox.as_mut()?;
         self.next_token += 1;
         mb.submit(cell, Bytes::copy_from_slice(body), None, token, now);
+        self.dirty.insert(d);
         self.note("send", (d, token));
         self.pump();
         Some(token)
@@ -461,7 +497,8 @@ impl World {
         let (cell, node) = (dev.id.cell_id(), dev.id.node_id());
         if relay.check_join(self.now, cell, node).is_err() {
             self.note("join refused", d);
-            self.devices[d].reconnect_at = Some(self.now.plus_millis(self.config.reconnect_ms));
+            let at = self.now.plus_millis(self.config.reconnect_ms);
+            self.set_reconnect(d, Some(at));
             return;
         }
         relay.joined(
@@ -476,10 +513,11 @@ impl World {
         self.next_link += 1;
         let dev = &mut self.devices[d];
         dev.link = Some(link);
-        dev.reconnect_at = None;
         if let Some(mb) = dev.mailbox.as_mut() {
             mb.handle_connected();
         }
+        self.dirty.insert(d);
+        self.set_reconnect(d, None);
         self.note("connected", (d, link));
         self.pump();
     }
@@ -496,8 +534,10 @@ impl World {
         if let Some(mb) = self.devices[d].mailbox.as_mut() {
             mb.handle_disconnected();
         }
+        self.dirty.insert(d);
         if reconnect {
-            self.devices[d].reconnect_at = Some(self.now.plus_millis(self.config.reconnect_ms));
+            let at = self.now.plus_millis(self.config.reconnect_ms);
+            self.set_reconnect(d, Some(at));
         }
         self.pump();
     }
@@ -538,6 +578,7 @@ impl World {
                 let dev = &mut self.devices[d];
                 if let Some(mb) = dev.mailbox.as_mut() {
                     mb.handle_payload(p.payload, now, &mut dev.rng);
+                    self.dirty.insert(d);
                 }
             }
         }
@@ -566,91 +607,134 @@ impl World {
                     }
                     Action::Store(id, op) => {
                         let at = self.now.plus_millis(self.config.store_ms);
-                        self.store_queue.push((at, id, op));
+                        self.store_queue.push_back((at, id, op));
                     }
                     Action::Event(e) => self.note("relay", e),
                 }
             }
             let now = self.now;
-            for d in 0..self.devices.len() {
-                let link = self.devices[d].link;
-                let dev = &mut self.devices[d];
-                let Some(mb) = dev.mailbox.as_mut() else {
-                    continue;
-                };
-                while let Some(commit) = mb.poll_commit(now, &mut dev.rng) {
-                    let id = commit.id;
-                    dev.disk.apply(commit);
-                    mb.handle_committed(id);
-                    moved = true;
-                }
-                let mut out = Vec::new();
-                while let Some(payload) = mb.poll_transmit(now, &mut dev.rng) {
-                    out.push(payload);
-                }
-                let mut events = Vec::new();
-                while let Some(ev) = mb.poll_event() {
-                    events.push(ev);
-                }
-                for ev in events {
-                    moved = true;
-                    match ev {
-                        Event::Sent { token, result } => {
-                            self.trace
-                                .update(format!("sent {d} {token} {result:?}\n").as_bytes());
-                            self.devices[d].outcomes.insert(token, result);
-                        }
-                        Event::Messages(m) => {
-                            let dev = &mut self.devices[d];
-                            dev.handed += m.len() as u64;
-                            dev.got.extend(m);
-                        }
-                        _ => {}
-                    }
-                }
-                let dev = &mut self.devices[d];
-                if dev.taken < dev.handed
-                    && let Some(mb) = dev.mailbox.as_mut()
-                {
-                    dev.taken = dev.handed;
-                    mb.handle_taken(dev.taken);
-                    moved = true;
-                }
-                if let Some(link) = link {
-                    for payload in out {
-                        moved = true;
-                        self.put_on_wire(To::Relay { from: d }, link, payload);
-                    }
-                }
+            let dirty = std::mem::take(&mut self.dirty);
+            for d in dirty {
+                moved = true;
+                self.pump_device(d, now);
             }
+            self.refresh_timer(Timer::Relay);
             if !moved {
                 return;
             }
         }
     }
 
+    /// Takes what device `d`'s mailbox asks: commits (written at once), payloads for the
+    /// relay, events for the application; its application takes what it is handed.
+    fn pump_device(&mut self, d: usize, now: Instant) {
+        let link = self.devices[d].link;
+        let dev = &mut self.devices[d];
+        let Some(mb) = dev.mailbox.as_mut() else {
+            self.refresh_timer(Timer::Mailbox(d));
+            return;
+        };
+        while let Some(commit) = mb.poll_commit(now, &mut dev.rng) {
+            let id = commit.id;
+            dev.disk.apply(commit);
+            mb.handle_committed(id);
+        }
+        let mut out = Vec::new();
+        while let Some(payload) = mb.poll_transmit(now, &mut dev.rng) {
+            out.push(payload);
+        }
+        let mut events = Vec::new();
+        while let Some(ev) = mb.poll_event() {
+            events.push(ev);
+        }
+        let mut again = false;
+        for ev in events {
+            again = true;
+            match ev {
+                Event::Sent { token, result } => {
+                    self.trace
+                        .update(format!("sent {d} {token} {result:?}\n").as_bytes());
+                    self.devices[d].outcomes.insert(token, result);
+                }
+                Event::Messages(m) => {
+                    let dev = &mut self.devices[d];
+                    dev.handed += m.len() as u64;
+                    dev.unread.extend(m);
+                }
+                _ => {}
+            }
+        }
+        let dev = &mut self.devices[d];
+        if dev.takes
+            && dev.taken < dev.handed
+            && let Some(mb) = dev.mailbox.as_mut()
+        {
+            dev.taken = dev.handed;
+            dev.got.append(&mut dev.unread);
+            mb.handle_taken(dev.taken);
+            again = true;
+        }
+        if let Some(link) = link {
+            for payload in out {
+                self.put_on_wire(To::Relay { from: d }, link, payload);
+            }
+        }
+        if again {
+            self.dirty.insert(d);
+        }
+        self.refresh_timer(Timer::Mailbox(d));
+    }
+
+    /// Records when `timer` is next due, as its owner says now.
+    fn refresh_timer(&mut self, timer: Timer) {
+        let due = match timer {
+            Timer::Relay => self.relay.as_ref().map(RelayServer::poll_timeout),
+            Timer::Mailbox(d) => self.devices[d]
+                .mailbox
+                .as_ref()
+                .and_then(Mailbox::poll_timeout),
+            Timer::Reconnect(d) => self.devices[d].reconnect_at,
+        };
+        if self.deadlines.get(&timer).copied() == due {
+            return;
+        }
+        match due {
+            Some(t) => {
+                self.deadlines.insert(timer, t);
+                self.timers.insert((t, timer));
+            }
+            None => {
+                self.deadlines.remove(&timer);
+            }
+        }
+    }
+
+    fn set_reconnect(&mut self, d: usize, at: Option<Instant>) {
+        self.devices[d].reconnect_at = at;
+        self.refresh_timer(Timer::Reconnect(d));
+    }
+
+    /// The earliest timer that is still current.
+    fn next_timer(&mut self) -> Option<(Instant, Timer)> {
+        while let Some(&(t, timer)) = self.timers.first() {
+            if self.deadlines.get(&timer) == Some(&t) {
+                return Some((t, timer));
+            }
+            self.timers.pop_first();
+        }
+        None
+    }
+
     /// The next time something is due.
-    fn next_due(&self) -> Option<Instant> {
-        let mut next: Option<Instant> = None;
-        let mut at = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
-        if let Some((t, _)) = self.wire.keys().next() {
-            at(*t);
-        }
-        if let Some((t, _, _)) = self.store_queue.first() {
-            at(*t);
-        }
-        if let Some(r) = &self.relay {
-            at(r.poll_timeout());
-        }
-        for dev in &self.devices {
-            if let Some(t) = dev.mailbox.as_ref().and_then(Mailbox::poll_timeout) {
-                at(t);
-            }
-            if let Some(t) = dev.reconnect_at {
-                at(t);
-            }
-        }
-        next
+    fn next_due(&mut self) -> Option<Instant> {
+        [
+            self.wire.keys().next().map(|k| k.0),
+            self.store_queue.front().map(|e| e.0),
+            self.next_timer().map(|t| t.0),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Runs everything due up to `ms` milliseconds from now, and moves the clock there.
@@ -675,31 +759,34 @@ impl World {
                 self.arrive(p);
             }
         }
-        while self.store_queue.first().is_some_and(|(t, _, _)| *t <= now) {
-            let (_, id, op) = self.store_queue.remove(0);
+        while let Some((_, id, op)) = self.store_queue.pop_front_if(|(t, _, _)| *t <= now) {
             let result = self.store.apply(&op);
             if let Some(relay) = self.relay.as_mut() {
                 relay.store_done(now, id, result, &Instant0);
             }
             self.pump();
         }
-        if let Some(relay) = self.relay.as_mut()
-            && relay.poll_timeout() <= now
-        {
-            relay.handle_timeout(now, &Instant0);
+        while let Some((t, timer)) = self.next_timer().filter(|(t, _)| *t <= now) {
+            self.timers.remove(&(t, timer));
+            self.deadlines.remove(&timer);
+            match timer {
+                Timer::Relay => {
+                    if let Some(relay) = self.relay.as_mut() {
+                        relay.handle_timeout(now, &Instant0);
+                    }
+                }
+                Timer::Mailbox(d) => {
+                    if let Some(mb) = self.devices[d].mailbox.as_mut() {
+                        mb.handle_timeout(now);
+                        self.dirty.insert(d);
+                    }
+                }
+                Timer::Reconnect(d) => {
+                    self.devices[d].reconnect_at = None;
+                    self.connect(d);
+                }
+            }
             self.pump();
-        }
-        for d in 0..self.devices.len() {
-            if let Some(mb) = self.devices[d].mailbox.as_mut()
-                && mb.poll_timeout().is_some_and(|t| t <= now)
-            {
-                mb.handle_timeout(now);
-                self.pump();
-            }
-            if self.devices[d].reconnect_at.is_some_and(|t| t <= now) {
-                self.devices[d].reconnect_at = None;
-                self.connect(d);
-            }
         }
     }
 

@@ -2,7 +2,8 @@
 //! core's relay server and mailboxes (`cellmesh_core::world`), each a random sequence of
 //! sends, clean stops, crashes and starts of devices, processes that only send (while
 //! messages for the device are queued), cut links, partitions from the relay, relay crashes
-//! (losing what its store had not yet done) and restarts, and time. After each, every device and the
+//! (losing what its store had not yet done) and restarts, applications that stop taking
+//! what they are handed for a while, and time. After each, every device and the
 //! relay run until the world is quiet, and the history is checked:
 //!
 //! - every message answered `delivered` or `queued` reached every device of its recipient
@@ -51,6 +52,8 @@ enum Step {
     },
     CrashRelay,
     StartRelay,
+    /// The device's application stops taking what it is handed, or takes again.
+    Takes(usize, bool),
     Wait(u64),
 }
 
@@ -61,7 +64,7 @@ fn plan(seed: u64, len: usize) -> Vec<Step> {
         .map(|_| {
             let d = (rng.next_u32() % 4) as usize;
             let to = (rng.next_u32() % 4) as usize;
-            match rng.next_u32() % 22 {
+            match rng.next_u32() % 25 {
                 0..=8 => {
                     n += 1;
                     Step::Send {
@@ -85,6 +88,8 @@ fn plan(seed: u64, len: usize) -> Vec<Step> {
                 }
                 16 => Step::CrashRelay,
                 17 => Step::StartRelay,
+                18 | 19 => Step::Takes(d, false),
+                20 => Step::Takes(d, true),
                 _ => Step::Wait(u64::from(rng.next_u32() % 3000)),
             }
         })
@@ -144,6 +149,7 @@ fn run(seed: u64) -> Result<[u8; 32], String> {
             }
             Step::CrashRelay => w.crash_relay(),
             Step::StartRelay => w.start_relay(),
+            Step::Takes(d, takes) => w.set_takes(*d, *takes),
             Step::Wait(ms) => w.run_for(*ms),
         }
         w.run_for(5);
@@ -151,6 +157,7 @@ fn run(seed: u64) -> Result<[u8; 32], String> {
     // Everyone comes back and the world runs until it is quiet.
     w.start_relay();
     for d in 0..4 {
+        w.set_takes(d, true);
         w.start(d);
     }
     w.run_for(120_000);
