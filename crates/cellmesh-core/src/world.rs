@@ -759,7 +759,10 @@ impl World {
                 self.arrive(p);
             }
         }
-        while let Some((_, id, op)) = self.store_queue.pop_front_if(|(t, _, _)| *t <= now) {
+        while self.store_queue.front().is_some_and(|(t, _, _)| *t <= now) {
+            let Some((_, id, op)) = self.store_queue.pop_front() else {
+                break;
+            };
             let result = self.store.apply(&op);
             if let Some(relay) = self.relay.as_mut() {
                 relay.store_done(now, id, result, &Instant0);
