@@ -56,8 +56,10 @@ pub struct MailboxConfig {
     pub transport: Transport,
     /// Pad bodies to hide their size.
     pub padding: Padding,
-    /// How long a send waits for an end-to-end acknowledgement before it is reported (as
-    /// queued if the relay stored it, otherwise as [`SendError::Unknown`]).
+    /// How long after it is submitted a send's outcome is due, the lookup of the recipient's
+    /// devices included: queued if the relay stored it, [`SendError::Unknown`] if it was
+    /// sealed and no device acknowledged it, [`SendError::NotSent`] if the relay had not
+    /// listed the devices yet (a relay that is down).
     pub ack_timeout: Duration,
     /// Messages handed over and not yet taken with [`Mailbox::recv`] before the relay link
     /// pauses.
