@@ -796,3 +796,45 @@ fn a_lapsed_device_is_left_out_of_a_directory_not_fatal_to_it() {
     assert_eq!(dir.devices.len(), 1);
     assert_eq!(dir.devices[0].node(), bob.node_id());
 }
+
+/// SECURITY.md, "What a relay cannot see" and "Sizes": an acknowledgement is 74 + 16 × ids
+/// bytes in epoch 1 and 32 more (the responder's ephemeral key) in epoch 0, and it is never
+/// padded; a padded message's plaintext is a power of two of at least 256 bytes.
+#[test]
+fn acknowledgements_and_padded_messages_have_the_documented_sizes() {
+    let mut w = world();
+    w.alice.padding = Padding::PowerOfTwo;
+    w.bob.padding = Padding::PowerOfTwo;
+    let mut epochs = BTreeSet::new();
+    let bob = w.bob_device.node();
+    for round in 0..3 {
+        let sent: Vec<_> = (0..=round).map(|n| w.send(&vec![1; 10 * n])).collect();
+        for (id, env) in &sent {
+            w.deliver(*id, env);
+        }
+        for reply in w.bob.poll_acks(&mut w.rng) {
+            let epoch = u32::from_be_bytes(reply.envelope[34..38].try_into().unwrap());
+            epochs.insert(epoch);
+            let opened = w
+                .alice
+                .open(bob, reply.id, &reply.envelope, T, &none(), &mut w.rng)
+                .unwrap();
+            let Opened::Acked { ids, .. } = opened else {
+                panic!("{opened:?}")
+            };
+            let ephemeral = if epoch == 0 { 32 } else { 0 };
+            assert_eq!(reply.envelope.len(), 74 + 16 * ids.len() + ephemeral);
+        }
+    }
+    assert_eq!(epochs, BTreeSet::from([0, 1]), "both epochs seen");
+    // Epoch 1 now: a MSG is 54 bytes of header, times and tag around its plaintext.
+    for len in [0, 1, 200, 300, 5000] {
+        let (_, env) = w.send(&vec![2; len]);
+        assert_eq!(env[1], MSG);
+        let plain = env.len() - 54;
+        assert!(
+            plain.is_power_of_two() && plain >= 256,
+            "{len}-byte body: {plain}-byte plaintext"
+        );
+    }
+}
