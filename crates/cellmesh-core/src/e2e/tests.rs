@@ -838,3 +838,68 @@ fn acknowledgements_and_padded_messages_have_the_documented_sizes() {
         );
     }
 }
+
+/// SECURITY.md, "What a relay can do": RESET is unauthenticated. Made from nothing but the
+/// session id in a message's clear header, it ends the sender's session, and the next
+/// message starts a new one in epoch 0; contents stay protected (it opens nothing).
+#[test]
+fn a_reset_forged_from_the_clear_header_alone_ends_the_session() {
+    let mut w = world();
+    let (id, env) = w.send(b"one");
+    w.deliver(id, &env);
+    w.acks_back();
+    let (id2, env2) = w.send(b"epoch one");
+    assert_eq!(env2[1], MSG);
+    let mut forged = vec![E2E_VERSION, RESET];
+    forged.extend_from_slice(&env2[2..18]);
+    let bob = w.bob_device.node();
+    let any_id = MsgId([0x42; 16]);
+    assert!(matches!(
+        w.alice
+            .open(bob, any_id, &forged, T, &none(), &mut w.rng)
+            .unwrap(),
+        Opened::Reset { from } if from == bob
+    ));
+    let (_, env3) = w.send(b"again");
+    assert_eq!(env3[1], INIT, "a new session, back in epoch 0");
+    // Bob still opens the message sealed before the forgery.
+    assert_eq!(w.deliver(id2, &env2).messages[0].body, &b"epoch one"[..]);
+}
+
+/// SECURITY.md, "What a relay can do": a relay that names the wrong sender in DELIVER makes
+/// an INIT fail (`WrongSender`), a MSG look like an unknown session (answered with a RESET
+/// to the device it named) and an acknowledgement be dropped: nothing is delivered or
+/// acknowledged under the wrong name.
+#[test]
+fn a_sender_misnamed_by_the_relay_gets_nothing_through() {
+    let mut w = world();
+    let mallory = TestNode::new(3, T0).node_id();
+    let (id, env) = w.send(b"first");
+    assert_eq!(
+        w.bob
+            .open(mallory, id, &env, T, &none(), &mut w.rng)
+            .unwrap_err(),
+        OpenError::WrongSender
+    );
+    w.deliver(id, &env);
+    let replies = w.bob.poll_acks(&mut w.rng);
+    for reply in &replies {
+        assert!(
+            w.alice
+                .open(mallory, reply.id, &reply.envelope, T, &none(), &mut w.rng)
+                .is_err(),
+            "an acknowledgement under another name is dropped"
+        );
+    }
+    let bob = w.bob_device.node();
+    for reply in replies {
+        w.alice
+            .open(bob, reply.id, &reply.envelope, T, &none(), &mut w.rng)
+            .unwrap();
+    }
+    let (id2, env2) = w.send(b"epoch one");
+    assert_eq!(env2[1], MSG);
+    let reset = reset_of(w.bob.open(mallory, id2, &env2, T, &none(), &mut w.rng));
+    assert_eq!(reset.to, mallory, "the RESET goes to the device the relay named");
+    assert_eq!(reset.envelope[1], RESET);
+}

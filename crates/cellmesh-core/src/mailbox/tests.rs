@@ -498,6 +498,9 @@ fn nothing_is_acknowledged_before_the_application_has_it() {
         w.outcome(ALICE, t),
         Some(Err(SendError::Unknown(_)))
     ));
+    // Saved all the same: a retry under its id, in this run or a later one, learns its
+    // outcome instead of sending it twice (SECURITY.md, "Restarts and durable state").
+    assert_eq!(w.devices[ALICE].disk.sends.len(), 1);
     // Bob's next run gets it again, takes it: delivered, once.
     w.devices[BOB].takes = true;
     w.devices[BOB].got.clear();
