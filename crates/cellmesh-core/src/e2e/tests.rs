@@ -900,6 +900,54 @@ fn a_sender_misnamed_by_the_relay_gets_nothing_through() {
     let (id2, env2) = w.send(b"epoch one");
     assert_eq!(env2[1], MSG);
     let reset = reset_of(w.bob.open(mallory, id2, &env2, T, &none(), &mut w.rng));
-    assert_eq!(reset.to, mallory, "the RESET goes to the device the relay named");
+    assert_eq!(
+        reset.to, mallory,
+        "the RESET goes to the device the relay named"
+    );
     assert_eq!(reset.envelope[1], RESET);
+}
+
+/// SECURITY.md, "Revocation": a recipient that knows a device's revocation refuses its INIT
+/// (and keeps nothing of it); one that does not know it opens it.
+#[test]
+fn an_init_from_a_device_the_recipient_knows_revoked_is_refused() {
+    let mut w = world();
+    let (id, env) = w.send(b"from a revoked device");
+    let mut revoked = Revocations::new();
+    let token = crate::device::revocation(&w.a.cell, w.alice_node, T0, &mut w.rng).unwrap();
+    revoked
+        .insert(&token.verify(T.timestamp(), 60).unwrap())
+        .unwrap();
+    let refused = w.bob.open(w.alice_node, id, &env, T, &revoked, &mut w.rng);
+    assert!(refused.is_err(), "{refused:?}");
+    assert_eq!(w.bob.sessions().2, 0, "nothing kept");
+    assert!(matches!(w.bob_opens(id, &env), Ok(Opened::Messages(_))));
+}
+
+/// SECURITY.md, "Forward secrecy": each side erases its ephemeral secret once it has
+/// derived epoch 1, in memory and in the next saved form of the session.
+#[test]
+fn ephemeral_secrets_are_gone_from_memory_and_saved_forms_once_in_epoch_one() {
+    let mut w = world();
+    let bob = w.bob_device.node();
+    let (id, env) = w.send(b"one");
+    let alice_secret = w.alice.outbound[&bob]
+        .ratchet
+        .as_ref()
+        .unwrap()
+        .secret
+        .dangerous_bytes();
+    let got = w.deliver(id, &env);
+    let key = (w.alice_node, got.ack.session);
+    // The INIT carries Alice's ephemeral key: Bob derives epoch 1 as he opens it and keeps
+    // no ephemeral secret beyond that (his public key goes out with his replies).
+    assert!(w.bob.inbound[&key].ratchet.is_none());
+    w.acks_back();
+    let (id2, env2) = w.send(b"two");
+    assert_eq!(env2[1], MSG, "epoch 1");
+    w.deliver(id2, &env2);
+    assert!(w.alice.outbound[&bob].ratchet.is_none());
+    let saved_alice = w.alice.outbound[&bob].save();
+    let holds = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|x| x == needle);
+    assert!(!holds(&saved_alice, &alice_secret[..]));
 }
