@@ -573,6 +573,23 @@ mod tests {
         }
     }
 
+    /// SECURITY.md, "Nonces": a fresh random 192-bit nonce for every value written, so the
+    /// same value written twice at the same place is sealed under two nonces.
+    #[test]
+    fn every_value_is_sealed_under_a_nonce_of_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = DeviceState::open_with(dir.path(), keys(1)).unwrap();
+        let sealed: Vec<Vec<u8>> = (0..64)
+            .map(|_| state.seal_value("sends", &[7; 16], BODY))
+            .collect();
+        let nonces: std::collections::BTreeSet<&[u8]> =
+            sealed.iter().map(|v| &v[..NONCE]).collect();
+        assert_eq!(nonces.len(), sealed.len());
+        for v in &sealed {
+            assert_eq!(&state.open_value("sends", &[7; 16], v).unwrap()[..], BODY);
+        }
+    }
+
     #[test]
     fn a_value_moved_or_altered_does_not_open_and_the_error_names_the_file() {
         for tamper in ["move to another key", "move to another table", "flip a bit"] {

@@ -1615,6 +1615,9 @@ mod tests {
         let store = open(&dir, StoreLimits::default());
         let mode = std::fs::metadata(&store.path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
+        // The data directory it made: 0700 (SECURITY.md, "What the relay keeps on disk").
+        let made = std::fs::metadata(dir.path().join("relay")).unwrap();
+        assert_eq!(made.permissions().mode() & 0o777, 0o700);
     }
 
     #[test]
