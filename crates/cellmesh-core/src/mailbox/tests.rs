@@ -928,3 +928,27 @@ fn a_retry_under_the_id_of_an_unknown_send_ends_by_its_deadline() {
     w.settle();
     assert_eq!(w.bodies(BOB), vec![&b"once"[..]]);
 }
+
+/// SECURITY.md, "Resource limits": a send no device acknowledged is kept (and saved) for
+/// the relay's time to live, 7 days, and then forgotten, in memory and on disk.
+#[test]
+fn a_send_no_device_acknowledges_is_kept_seven_days_then_forgotten() {
+    let mut w = world_of(false);
+    w.start(ALICE);
+    let bob_cell = w.cell(BOB);
+    let t = w.send(ALICE, bob_cell, b"for a device that never returns");
+    assert_eq!(status(w.outcome(ALICE, t)), Some(Status::Queued));
+    assert_eq!(w.devices[ALICE].disk.sends.len(), 1);
+    w.advance(RETAIN * 1000 - 1000);
+    assert_eq!(
+        w.devices[ALICE].mb().sends_kept(),
+        1,
+        "kept up to its expiry"
+    );
+    w.advance(1000);
+    assert_eq!(w.devices[ALICE].mb().sends_kept(), 0);
+    assert!(
+        w.devices[ALICE].disk.sends.is_empty(),
+        "and deleted from disk"
+    );
+}
