@@ -9,15 +9,21 @@
 //! XORed into it from that offset on, extending it where the rest runs past its end. Without
 //! the base the fuzzer could not get past the signed tokens in a DIRECTORY; the offset lets
 //! short inputs reach every record.
+//!
+//! Every REVOKE that decodes is also offered to a relay's [`RelayRevocations`] (cell A has a
+//! device registered), which must never panic and must keep only what verifies.
 #![no_main]
 
 use std::sync::OnceLock;
 
 use bytes::Bytes;
+use cellmesh_core::limits::{RegistrationLimits, Registrations};
 use cellmesh_core::relay::{
     Accepted, DirectoryEntry, MsgId, Record, RefuseCode, put_record, records,
 };
+use cellmesh_core::revoked::{CellRevocation, Offered, RelayRevocations, RevocationLimits};
 use cellmesh_core::testing::{START, TestNode};
+use rand_core::SeedableRng as _;
 use libfuzzer_sys::fuzz_target;
 
 fn base() -> &'static [u8] {
@@ -28,6 +34,10 @@ fn base() -> &'static [u8] {
             TestNode::new(2, START.timestamp()),
         );
         let id = MsgId([7; 16]);
+        let mut rng = rand_chacha::ChaCha20Rng::from_seed([5; 32]);
+        let revocation =
+            cellmesh_core::device::revocation(&a.cell, b.node_id(), START.timestamp(), &mut rng)
+                .expect("a revocation");
         let mut out = Vec::new();
         for record in [
             Record::Lookup {
@@ -53,6 +63,15 @@ fn base() -> &'static [u8] {
                         identity: b.identity.clone(),
                     },
                 ],
+                revocations: vec![revocation.clone()],
+            },
+            Record::Revoke {
+                request: 10,
+                revocation: Box::new(revocation),
+            },
+            Record::Revoked {
+                request: 10,
+                result: Err(RefuseCode::TooMany),
             },
             Record::Accepted {
                 to: b.node_id(),
@@ -102,6 +121,26 @@ fn encode(record: &Record) -> Vec<u8> {
     out
 }
 
+fn offer(token: &cellmesh_core::token::Token) {
+    let a = TestNode::new(1, START.timestamp());
+    let mut registrations = Registrations::new(RegistrationLimits {
+        per_cell: 64,
+        total: 64,
+        ttl_secs: 3600,
+    });
+    let _ = registrations.join(a.cell_id(), a.node_id(), START.timestamp());
+    let mut kept = RelayRevocations::new(RevocationLimits::default(), 0);
+    match kept.offer(a.cell_id(), token, &registrations, START) {
+        Ok(Offered::New(r)) => {
+            assert!(CellRevocation::verify(token).is_ok());
+            assert!(kept.is_revoked(r.cell(), r.node()));
+            assert_eq!(kept.of_cell(r.cell()), vec![token.clone()]);
+        }
+        Ok(Offered::Known) => panic!("nothing was kept before"),
+        Err(_) => assert!(kept.is_empty()),
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
     let payload = input(data);
 
@@ -111,6 +150,9 @@ fuzz_target!(|data: &[u8]| {
         assert!(!failed, "records() went on after an error");
         match result {
             Ok(record) => {
+                if let Record::Revoke { revocation, .. } = &record {
+                    offer(revocation);
+                }
                 let before = reencoded.len();
                 put_record(&mut reencoded, &record);
                 assert_eq!(

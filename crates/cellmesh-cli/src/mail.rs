@@ -485,6 +485,8 @@ async fn try_open(
         config.transport = transport.clone();
         config.node.revocations = unlocked.keystore.revocations();
         config.state = Some(home.dir().to_path_buf());
+        // Revocations a directory carries are kept in the keystore, for every later run.
+        config.home = Some(home.dir().to_path_buf());
         config.receive = purpose == Use::Receive;
         match Mailbox::connect(unlocked, config).await {
             Ok(mailbox) => return Ok(mailbox),
@@ -520,8 +522,165 @@ fn explain(relay: &RelayTarget, e: MailboxError) -> anyhow::Error {
         MailboxError::Relay(JoinError::WebSocket { reason, .. }) => anyhow!(
             "relay {relay}: WebSocket failed: {reason} (does the relay accept WebSocket, with --websocket?)"
         ),
+        MailboxError::Relay(JoinError::Refused {
+            code: cellmesh::core::wire::NackCode::Revoked,
+            ..
+        }) => anyhow!(
+            "relay {relay} refuses this device: its cell has revoked it (a device of the cell that is not revoked can run `cellmesh connect-cell` in a new home)"
+        ),
         MailboxError::Relay(e) => anyhow!("relay {relay} unreachable: {e}"),
         other => anyhow!(other),
+    }
+}
+
+/// What `revoke-device` is asked.
+pub struct Revoke {
+    /// The device to revoke.
+    pub node: NodeId,
+    /// Allow revoking this very device.
+    pub force: bool,
+    /// Allow a node id that is not a known device of this cell.
+    pub unconfirmed: bool,
+    /// Print JSON.
+    pub json: bool,
+}
+
+/// `revoke-device`: checks that the id is one of this cell's devices (as this home knows
+/// them, and as the relay's directory of the cell does, checked against the cell id),
+/// revokes it in the home (or finds the revocation made before), hands it to the relay and
+/// says what the relay did. Without a relay (none given, none saved) it is kept here only.
+pub fn revoke_device(
+    home: &Home,
+    unlocked: &mut Unlocked,
+    relay: &RelayAddr,
+    how: Revoke,
+) -> Result<()> {
+    let node = how.node;
+    let keystore = &unlocked.keystore;
+    if node == keystore.node && !how.force {
+        bail!("{node} is this device; revoke it from another device of the cell, or pass --force");
+    }
+    let choice = match (&relay.relay, load_config(home)?) {
+        (None, None) => None,
+        _ => Some(relay_of(home, relay)?),
+    };
+    let known_here = keystore.devices.iter().any(|d| d.node == node);
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let mailbox = match &choice {
+        Some(c) => Some(
+            runtime
+                .block_on(open_mailbox(home, unlocked, c, Use::Send))
+                .context("nothing was revoked")?,
+        ),
+        None => None,
+    };
+    let known_at_relay = match &mailbox {
+        Some(m) if !known_here => {
+            let cell = unlocked.keystore.cell;
+            match runtime.block_on(m.lookup(cell)) {
+                Ok(dir) => dir.devices.iter().any(|d| d.node() == node),
+                Err(e) => {
+                    tracing::debug!(error = %e, "could not list this cell's devices at the relay");
+                    false
+                }
+            }
+        }
+        _ => false,
+    };
+    if !(known_here || known_at_relay || how.unconfirmed) {
+        if let Some(m) = mailbox {
+            runtime.block_on(m.close());
+        }
+        let where_ = match &choice {
+            Some(c) => format!("this home or relay {}", c.relay),
+            None => "this home".into(),
+        };
+        bail!(
+            "{node} is not a device of this cell known to {where_}: nothing revoked (`cellmesh whoami` lists the devices known here; pass --unconfirmed to revoke it anyway)"
+        );
+    }
+    // Made once: running the command again hands the same revocation to the relay.
+    let cell = unlocked.keystore.cell;
+    let made_before = unlocked.keystore.revocation_tokens().iter().find(|t| {
+        let c = t.claims();
+        c.issuer == cell.key()
+            && c.key_attribute(cellmesh::core::token::attr::NODE) == Some(node.key())
+    });
+    let token = match made_before {
+        Some(t) => t.clone(),
+        None => home.revoke(unlocked, node, how.force)?,
+    };
+    let encoded = data_encoding::BASE64.encode(&token.to_bytes());
+    let answer = mailbox.map(|m| {
+        runtime.block_on(async {
+            let answer = tokio::time::timeout(Duration::from_secs(30), m.revoke(token))
+                .await
+                .unwrap_or(Err(MailboxError::Send(SendError::Unknown(MsgId([0; 16])))));
+            m.close().await;
+            answer
+        })
+    });
+    let relay_text = choice.as_ref().map(|c| c.relay.to_string());
+    let (status, code, line, failure) = match (&answer, &relay_text) {
+        (None, _) | (_, None) => (
+            "not_sent",
+            None,
+            "No relay was told (none given, none saved): pass --relay ADDR to tell one."
+                .to_string(),
+            None,
+        ),
+        (Some(Ok(())), Some(r)) => (
+            "accepted",
+            None,
+            format!(
+                "Relay {r} accepted it: it refuses the device and gives the revocation to every sender."
+            ),
+            None,
+        ),
+        (Some(Err(MailboxError::Send(SendError::Refused(code)))), Some(r)) => (
+            "refused",
+            Some(code.name()),
+            String::new(),
+            Some(format!(
+                "relay {r} refused the revocation ({}): {}",
+                code.name(),
+                match code {
+                    cellmesh::core::relay::RefuseCode::NotAllowed =>
+                        "the device is not this cell's there, or no device of this cell is registered there",
+                    cellmesh::core::relay::RefuseCode::TooMany =>
+                        "it keeps no more revocations for this cell",
+                    cellmesh::core::relay::RefuseCode::RateLimited =>
+                        "too many revocations at once; run the command again in a moment",
+                    _ => "run the command again later",
+                }
+            )),
+        ),
+        (Some(Err(e)), Some(r)) => (
+            "unknown",
+            None,
+            String::new(),
+            Some(format!(
+                "relay {r} did not answer the revocation ({e}); run the command again to hand it over"
+            )),
+        ),
+    };
+    let out = Printer { json: how.json };
+    out.line(
+        json!({
+            "revoked": node.to_string(),
+            "revocation": encoded,
+            "relay": relay_text,
+            "relay_status": status,
+            "relay_code": code,
+        }),
+        format!(
+            "Revoked {node}.\n{}Revocation token (base64), for `cellmesh import-revocation` elsewhere:\n{encoded}",
+            if line.is_empty() { String::new() } else { format!("{line}\n") }
+        ),
+    )?;
+    match failure {
+        Some(f) => bail!("{f} (the revocation is kept in this home)"),
+        None => Ok(()),
     }
 }
 
@@ -671,6 +830,20 @@ fn print_relay_event(out: Printer, ev: &RelayEvent, metadata: bool) -> Result<()
             json!({"event": "join_refused", "cell_id": cell.to_string(), "node_id": node.to_string(), "code": code.name(), "reason": reason}),
             format!("refused the join of {} of {}: {} ({reason})", node.short(), cell.short(), code.name()),
         ),
+        // Revocations are public statements of a cell, not who talks to whom: always shown.
+        RelayEvent::Revoked {
+            cell,
+            node,
+            messages,
+            ..
+        } => out.line(
+            json!({"event": "revoked", "cell_id": cell.to_string(), "node_id": node.to_string(), "messages": messages}),
+            format!("kept the revocation of {} by {} ({messages} queued envelopes dropped)", node.short(), cell.short()),
+        ),
+        RelayEvent::RevokeRefused { code, reason, .. } => out.line(
+            json!({"event": "revoke_refused", "code": code.name(), "reason": reason}),
+            format!("refused a revocation: {} ({reason})", code.name()),
+        ),
         RelayEvent::Disconnected { node, reason } => out.line(
             json!({"event": "disconnected", "node_id": node.to_string(), "reason": reason}),
             format!("disconnected {}: {reason}", node.short()),
@@ -775,6 +948,9 @@ pub fn listen(home: &Home, args: &ListenArgs) -> Result<()> {
                     _ = &mut stop => return Ok(true),
                     m = mailbox.recv_unacked() => match m {
                         Some(m) => m,
+                        None if mailbox.is_revoked() => bail!(
+                            "relay {relay} refuses this device: its cell has revoked it"
+                        ),
                         None => bail!("the mailbox closed"),
                     },
                 };

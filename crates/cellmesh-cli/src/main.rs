@@ -79,16 +79,26 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Revoke one of this cell's devices: prints a signed revocation that verifiers honour.
+    /// Revoke one of this cell's devices: hands the signed revocation to the relay (which
+    /// then refuses the device and gives the revocation to every sender) and prints it, for
+    /// `import-revocation` elsewhere.
     RevokeDevice {
-        /// The device's node ID (`node1...`).
+        /// The device's node ID (`node1...`): one of this cell's devices, as this home or
+        /// the relay's directory of the cell knows them.
         node_id: NodeId,
         #[command(flatten)]
         secrets: PassphraseArgs,
         /// Allow revoking this very device.
         #[arg(long)]
         force: bool,
-        /// Print one JSON object.
+        /// Revoke a node ID that neither this home nor the relay knows as a device of this
+        /// cell (one that never registered anywhere this home can see).
+        #[arg(long)]
+        unconfirmed: bool,
+        #[command(flatten)]
+        relay: mail::RelayAddr,
+        /// Print one JSON object (with `revoked`, `revocation`, `relay`, `relay_status`
+        /// and `relay_code`).
         #[arg(long)]
         json: bool,
     },
@@ -193,8 +203,20 @@ fn run(cli: Cli) -> Result<()> {
             node_id,
             secrets,
             force,
+            unconfirmed,
+            relay,
             json,
-        } => revoke_device(&private()?, *node_id, secrets, *force, *json),
+        } => {
+            let home = private()?;
+            let mut unlocked = unlock(&home, secrets)?;
+            let how = mail::Revoke {
+                node: *node_id,
+                force: *force,
+                unconfirmed: *unconfirmed,
+                json: *json,
+            };
+            mail::revoke_device(&home, &mut unlocked, relay, how)
+        }
         Command::ImportRevocation { token, json } => import_revocation(&private()?, token, *json),
         Command::Node(args) => node::run(&private()?, args),
         Command::Relay(args) => mail::relay(&private()?, args),
@@ -371,24 +393,6 @@ fn whoami(home: &Home, json: bool) -> Result<()> {
         text.push_str(&format!("  {}  {}\n", d.node, notes.join(", ")));
     }
     out::stdout(&text)?;
-    Ok(())
-}
-
-fn revoke_device(
-    home: &Home,
-    node: NodeId,
-    args: &PassphraseArgs,
-    force: bool,
-    json: bool,
-) -> Result<()> {
-    let passphrase = keystore_passphrase(args, false)?;
-    let mut unlocked = home.unlock(&passphrase)?;
-    let token = home.revoke(&mut unlocked, node, force)?;
-    let encoded = data_encoding::BASE64.encode(&token.to_bytes());
-    Printer { json }.line(
-        json!({"revoked": node.to_string(), "revocation": encoded}),
-        format!("Revoked {node}.\nRevocation token (base64):\n{encoded}"),
-    )?;
     Ok(())
 }
 

@@ -79,9 +79,22 @@ fn create_then_restore_on_another_home_gives_same_cell_new_device() {
     assert_eq!(again["node_id"], restored["node_id"]);
     assert_eq!(again["new_device"], false);
 
-    // Revoking the second device from the first shows up in whoami.
+    // Revoking the second device from the first shows up in whoami. The first has never
+    // seen it (no relay lists it), so it must insist: an id it does not know is refused.
     let b_node = restored["node_id"].as_str().unwrap();
-    let revoked = json(&cellmesh(&a, &["revoke-device", b_node, "--json"], ""));
+    let unknown = cellmesh(&a, &["revoke-device", b_node, "--json"], "");
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(
+        stderr(&unknown).contains("--unconfirmed"),
+        "{}",
+        stderr(&unknown)
+    );
+    let revoked = json(&cellmesh(
+        &a,
+        &["revoke-device", b_node, "--unconfirmed", "--json"],
+        "",
+    ));
+    assert_eq!(revoked["relay_status"], "not_sent");
     assert_eq!(revoked["revoked"], b_node);
     let who = json(&cellmesh(&a, &["whoami", "--json"], ""));
     let devices = who["devices"].as_array().unwrap();

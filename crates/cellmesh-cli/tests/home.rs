@@ -100,7 +100,11 @@ fn replacing_the_cell_with_force_keeps_the_revocations() {
             v["node_id"].as_str().unwrap().to_string(),
         )
     };
-    success(&run(&home, &["revoke-device", &lost, "--json"], None));
+    success(&run(
+        &home,
+        &["revoke-device", &lost, "--unconfirmed", "--json"],
+        None,
+    ));
     // ... and keeps another cell's revocation of one of its devices.
     let (stranger, stranger2) = (dir.path().join("s"), dir.path().join("s2"));
     let s = success(&run(&stranger, &["create-cell", "--json"], None));
@@ -111,7 +115,12 @@ fn replacing_the_cell_with_force_keeps_the_revocations() {
     ));
     let token = success(&run(
         &stranger,
-        &["revoke-device", s2["node_id"].as_str().unwrap(), "--json"],
+        &[
+            "revoke-device",
+            s2["node_id"].as_str().unwrap(),
+            "--unconfirmed",
+            "--json",
+        ],
         None,
     ))["revocation"]
         .as_str()

@@ -36,11 +36,14 @@ pub mod mnemonic;
 pub mod node;
 pub mod peers;
 pub mod relay;
+pub mod revoked;
 pub mod session;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 mod time;
 pub mod token;
 pub mod wire;
+#[cfg(any(test, feature = "testing"))]
+pub mod world;
 
 pub use time::{Instant, Timestamp};

@@ -432,6 +432,9 @@ pub enum RegistrationRefused {
     /// The relay has as many devices registered as it allows.
     #[error("this relay has registered as many devices as it holds")]
     RelayFull,
+    /// The device's cell has revoked it (a NACK `revoked`, not `busy`).
+    #[error("the device has been revoked by its cell")]
+    Revoked,
 }
 
 /// A relay's registered devices as its limits see them: which cell each belongs to, when it was

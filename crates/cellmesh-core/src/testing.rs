@@ -293,6 +293,32 @@ pub fn vector_identity_token() -> Token {
     .expect("the vector's claims are within limits")
 }
 
+/// The revocation docs/PROTOCOL.md publishes in the relay vectors (13.7): the cell of
+/// `abandon ×11 about` revoking the node whose Ed25519 seed is 32 bytes of `0x42`, with a
+/// fixed uuid (`0x22` × 16) and issued at 1800000000; it never expires.
+pub fn vector_revocation_token() -> Token {
+    let cell = Mnemonic::from_entropy(&[0; 16]).derive("");
+    let node = crate::keys::SigningSecret::from_seed(&[0x42; 32]);
+    let key = cell.signing().public();
+    Claims {
+        kind: TokenKind::Revocation,
+        realm: None,
+        subject: "cellmesh revocation".into(),
+        issuer: key,
+        audience: None,
+        uuid: [0x22; 16],
+        issued_at: Timestamp(1_800_000_000),
+        not_before: Timestamp(1_800_000_000),
+        expires_at: Timestamp(u64::MAX),
+        key,
+        agreement_key: None,
+        attributes: Default::default(),
+    }
+    .with_attribute(attr::NODE, node.public().as_bytes().to_vec())
+    .and_then(|c| c.sign(cell.signing()))
+    .expect("the vector's claims are within limits")
+}
+
 /// The RNG seed of the handshake vectors.
 pub const VECTOR_SEED: u64 = 2026;
 

@@ -131,8 +131,9 @@ fn record() -> impl Strategy<Value = Record> {
             // The codec does not care whether the pairs belong together; the directory check
             // does (see below).
             vec((token(), token()), 0..3),
+            vec(token(), 0..3),
         )
-            .prop_map(|(request, cell, devices)| Record::Directory {
+            .prop_map(|(request, cell, devices, revocations)| Record::Directory {
                 request,
                 cell,
                 devices: devices
@@ -142,7 +143,20 @@ fn record() -> impl Strategy<Value = Record> {
                         identity
                     })
                     .collect(),
+                revocations,
             }),
+        (any::<u32>(), token()).prop_map(|(request, revocation)| Record::Revoke {
+            request,
+            revocation: Box::new(revocation),
+        }),
+        // 0 is the one way to say "kept"; every other code is a refusal.
+        (any::<u32>(), any::<u8>()).prop_map(|(request, c)| Record::Revoked {
+            request,
+            result: match c {
+                0 => Ok(()),
+                c => Err(RefuseCode::from_code(c)),
+            },
+        }),
         (node_id(), msg_id(), any::<bool>()).prop_map(|(to, id, pushed)| Record::Accepted {
             to,
             id,
@@ -218,7 +232,7 @@ fn check_batch_decoding(input: &[u8]) -> Result<(), TestCaseError> {
 
 /// Record kinds, so that arbitrary bodies get past the first byte.
 fn kind() -> impl Strategy<Value = u8> {
-    prop_oneof![(0x20u8..=0x22), (0x30u8..=0x33), any::<u8>(),]
+    prop_oneof![(0x20u8..=0x24), (0x30u8..=0x35), any::<u8>(),]
 }
 
 proptest! {

@@ -5,7 +5,7 @@ use cellmesh_core::Timestamp;
 use cellmesh_core::id::{CellId, NodeId};
 use cellmesh_core::keys::SigningSecret;
 use cellmesh_core::mnemonic::Mnemonic;
-use cellmesh_core::testing::vector_identity_token;
+use cellmesh_core::testing::{vector_identity_token, vector_revocation_token};
 use cellmesh_core::token::{Token, attr};
 
 struct CellVector {
@@ -64,6 +64,10 @@ const JAPANESE_PASSPHRASE_NFKD: &str = "\u{30e1}\u{30fc}\u{30c8}\u{30eb}\u{30ab}
 
 const TOKEN_HEX: &str = "01020b6578616d706c652e6f72670d63656c6c6d6573682063656c6cd396bfd0fae3ae4a117385e85f5a62aff348ead5ca521957f83f72864bf8a0bd0011111111111111111111111111111111000000006b49d200000000006b49d200000000006d2b0580d396bfd0fae3ae4a117385e85f5a62aff348ead5ca521957f83f72864bf8a0bd01c23712c4446360db2e6bf74048a28ff2a900e9a368f726a1ff944f747ac4495d01046e6f646500202152f8d19b791d24453242e15f2eab6cb7cffa7b6a5ed30097960e069881db12b1b8767e796ebd082db7a123b721bdccd18db9468e598d568bbf9f2bcb212d36f89c14fc5a8d9e641f079a8929d724e0e68f1879063a177a576a46ea7261650b00";
 const TOKEN_FINGERPRINT: &str = "a4e4aac18630005d24a77348f69ad15ece93b4ff157fe50d08b81650d384595e";
+/// PROTOCOL.md 13.7: the cell of `abandon ×11 about` revokes the node of `0x42` × 32.
+const REVOCATION_HEX: &str = "0103001363656c6c6d657368207265766f636174696f6ed396bfd0fae3ae4a117385e85f5a62aff348ead5ca521957f83f72864bf8a0bd0022222222222222222222222222222222000000006b49d200000000006b49d200ffffffffffffffffd396bfd0fae3ae4a117385e85f5a62aff348ead5ca521957f83f72864bf8a0bd0001046e6f646500202152f8d19b791d24453242e15f2eab6cb7cffa7b6a5ed30097960e069881db122bc1f6c07f6289c74125395c16098cebd4e2944aab2511beb9ea2f691f4b4239a700a16d4f48555b648666163c364bcc39f5a26b3bf7fc9b615d24c2c020c30a00";
+const REVOCATION_FINGERPRINT: &str =
+    "082fc85d326d1ea027faf1465f2742d9f05f02b1e0f8251544b4d2d152c4e819";
 const NODE_ID: &str = "node1efjprum3peosirjsilqv6lvlns3476t3njpngaexsyhangeb3mjopaaz";
 
 fn hex(bytes: &[u8]) -> String {
@@ -372,4 +376,61 @@ fn end_to_end_key_schedule_matches_the_published_values() {
     ]
     .concat();
     assert_eq!(bundle, bundle_plain);
+}
+
+/// The relay records of PROTOCOL.md section 13.7: a REVOKE carrying the revocation vector,
+/// the DIRECTORY (0x34) that then carries it, and REVOKED, accepted and refused.
+#[test]
+fn revocation_records_to_bytes() {
+    use bytes::Bytes;
+    use cellmesh_core::relay::{Record, RefuseCode};
+    use cellmesh_core::revoked::CellRevocation;
+    let token = vector_revocation_token();
+    let r = CellRevocation::verify(&token).unwrap();
+    let cell = Mnemonic::parse(CELLS[0].mnemonic).unwrap().derive("");
+    assert_eq!(r.cell(), cell.cell_id());
+    assert_eq!(r.node().to_string(), NODE_ID);
+    let records = [
+        Record::Revoke {
+            request: 7,
+            revocation: Box::new(token.clone()),
+        },
+        Record::Directory {
+            request: 7,
+            cell: cell.cell_id(),
+            devices: Vec::new(),
+            revocations: vec![token.clone()],
+        },
+        Record::Revoked {
+            request: 7,
+            result: Ok(()),
+        },
+        Record::Revoked {
+            request: 8,
+            result: Err(RefuseCode::TooMany),
+        },
+    ];
+    let encoded: Vec<String> = records
+        .iter()
+        .map(|r| {
+            let mut out = Vec::new();
+            r.encode(&mut out);
+            assert_eq!(Record::decode(Bytes::from(out.clone())).unwrap(), *r);
+            hex(&out)
+        })
+        .collect();
+    let t = hex(&token.to_bytes());
+    let len = format!("{:04x}", token.to_bytes().len());
+    assert_eq!(hex(&token.to_bytes()), REVOCATION_HEX);
+    assert_eq!(token.fingerprint().to_string(), REVOCATION_FINGERPRINT);
+    assert_eq!(encoded[0], format!("2400000007{len}{t}"));
+    assert_eq!(
+        encoded[1],
+        format!(
+            "3400000007{}0001{len}{t}",
+            hex(cell.signing().public().as_bytes())
+        )
+    );
+    assert_eq!(encoded[2], "350000000700");
+    assert_eq!(encoded[3], "350000000808");
 }

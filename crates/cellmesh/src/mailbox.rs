@@ -19,6 +19,11 @@
 //! state directory, sessions, the duplicate memory and unfinished sends survive restarts:
 //! nothing reported delivered or queued is lost, and nothing is shown twice (but a message
 //! being handed over when the process is killed may be shown again).
+//!
+//! Revocations travel too: every DIRECTORY carries the looked-up cell's revocations, which
+//! the core checks and honours (a revoked device is never sealed for), and which the driver
+//! keeps in the home's keystore ([`MailboxConfig::home`]) so that the next run honours them
+//! before it asks. [`MailboxSender::revoke`] hands the relay one of this cell's revocations.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
@@ -73,6 +78,10 @@ pub struct MailboxConfig {
     /// and unfinished sends survive restarts, and one process at a time can be the device.
     /// `None` keeps all of it in memory, for this run only.
     pub state: Option<PathBuf>,
+    /// The home whose keystore keeps the revocations learned from directories (imported as
+    /// `cellmesh import-revocation` would), so that nodes and mailboxes started from it
+    /// honour them. `None`: honoured for this run only.
+    pub home: Option<PathBuf>,
     /// The node underneath (it does not listen).
     pub node: NodeConfig,
 }
@@ -90,6 +99,7 @@ impl MailboxConfig {
             max_in_flight: 16_384,
             receive: true,
             state: None,
+            home: None,
             node: NodeConfig::default(),
         }
     }
@@ -139,6 +149,8 @@ pub struct Mailbox {
     relay_node: NodeId,
     cell: CellId,
     node: NodeId,
+    /// Set by the driver when the relay refused to take this device back: revoked.
+    revoked: Arc<std::sync::atomic::AtomicBool>,
     task: Option<JoinHandle<()>>,
 }
 
@@ -202,6 +214,25 @@ impl MailboxSender {
             .map_err(|_| SendError::Closed)?;
         Ok(rx.await.unwrap_or(Err(SendError::Closed))?)
     }
+
+    /// Hands the relay `revocation` (this cell's signed revocation of one of its devices, as
+    /// [`crate::home::Home::revoke`] makes) and waits for its answer: `Ok` once the relay
+    /// keeps it (it then refuses the device and gives the revocation to every sender that
+    /// looks the cell up); [`SendError::Refused`] with the relay's code otherwise.
+    pub async fn revoke(
+        &self,
+        revocation: cellmesh_core::token::Token,
+    ) -> Result<(), MailboxError> {
+        let (done, rx) = oneshot::channel();
+        self.cmds
+            .send(Cmd::Revoke {
+                revocation: Box::new(revocation),
+                done,
+            })
+            .await
+            .map_err(|_| SendError::Closed)?;
+        Ok(rx.await.unwrap_or(Err(SendError::Closed))?)
+    }
 }
 
 /// A send in progress: await it for the outcome.
@@ -238,6 +269,10 @@ enum Cmd {
     Lookup {
         cell: CellId,
         done: oneshot::Sender<Result<Directory, SendError>>,
+    },
+    Revoke {
+        revocation: Box<cellmesh_core::token::Token>,
+        done: oneshot::Sender<Result<(), SendError>>,
     },
 }
 
@@ -304,6 +339,7 @@ impl Mailbox {
         let progress = Arc::new(Progress::default());
         let (cell, me) = (node.cell(), node.node_id());
         let outbox = node.sender(relay.node).ok().map(Outbox::new);
+        let revoked = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let driver = Driver {
             core,
             relay: relay.node,
@@ -320,6 +356,10 @@ impl Mailbox {
             progress: Arc::clone(&progress),
             sends: BTreeMap::new(),
             lookups: BTreeMap::new(),
+            revokes: BTreeMap::new(),
+            home: config.home.clone(),
+            imports: Vec::new(),
+            revoked: Arc::clone(&revoked),
             next_token: 1,
             incoming: VecDeque::new(),
         };
@@ -334,6 +374,7 @@ impl Mailbox {
             relay_node: relay.node,
             cell,
             node: me,
+            revoked,
             task: Some(tokio::spawn(driver.run(cmd_rx, events, close_rx))),
         })
     }
@@ -366,6 +407,14 @@ impl Mailbox {
     /// The devices of `cell`, as the relay lists them and checked against the id.
     pub async fn lookup(&self, cell: CellId) -> Result<Directory, MailboxError> {
         self.sender.lookup(cell).await
+    }
+
+    /// Hands the relay one of this cell's revocations (see [`MailboxSender::revoke`]).
+    pub async fn revoke(
+        &self,
+        revocation: cellmesh_core::token::Token,
+    ) -> Result<(), MailboxError> {
+        self.sender.revoke(revocation).await
     }
 
     /// The next message from another cell; `None` once closed. Once returned it is the
@@ -410,6 +459,12 @@ impl Mailbox {
     /// This device's cell.
     pub fn cell(&self) -> CellId {
         self.cell
+    }
+
+    /// Whether the mailbox ended because the relay refuses this device as revoked by its
+    /// cell (it then stops reconnecting, and [`Mailbox::recv`] returns `None`).
+    pub fn is_revoked(&self) -> bool {
+        self.revoked.load(Ordering::Acquire)
     }
 
     /// This device.
@@ -458,6 +513,12 @@ struct Driver {
     progress: Arc<Progress>,
     sends: BTreeMap<u64, Done>,
     lookups: BTreeMap<u64, oneshot::Sender<Result<Directory, SendError>>>,
+    revokes: BTreeMap<u64, oneshot::Sender<Result<(), SendError>>>,
+    /// Where learned revocations are kept, and the imports under way (awaited at the end).
+    home: Option<PathBuf>,
+    imports: Vec<JoinHandle<()>>,
+    /// The relay refused this device as revoked: it does not try again.
+    revoked: Arc<std::sync::atomic::AtomicBool>,
     next_token: u64,
     /// Payloads from the relay not yet fed to the core (it wanted no more for now).
     incoming: VecDeque<Bytes>,
@@ -503,7 +564,12 @@ impl Driver {
                 }
                 () = progress.notify.notified() => {}
                 done = wait_commit(&mut self.commit) => self.committed(done),
-                joined = wait_join(&mut self.joining) => self.joined(joined),
+                joined = wait_join(&mut self.joining) => {
+                    self.joined(joined);
+                    if self.revoked.load(Ordering::Acquire) {
+                        break self.progress.taken.load(Ordering::Acquire);
+                    }
+                }
                 ev = events.recv() => match ev {
                     Ok(NodeEvent::Left { peer, .. }) if peer.node == self.relay => {
                         self.connected = false;
@@ -560,6 +626,10 @@ impl Driver {
                 self.lookups.insert(token, done);
                 self.core.lookup(cell, token);
             }
+            Cmd::Revoke { revocation, done } => {
+                self.revokes.insert(token, done);
+                self.core.revoke(*revocation, token);
+            }
         }
     }
 
@@ -592,9 +662,37 @@ impl Driver {
                 Event::Messages(messages) => {
                     let _ = self.to_app.send(messages);
                 }
+                Event::RevokeAnswered { token, result } => {
+                    if let Some(done) = self.revokes.remove(&token) {
+                        let _ = done.send(result);
+                    }
+                }
+                Event::Revocations(tokens) => self.keep_revocations(tokens),
                 _ => {}
             }
         }
+    }
+
+    /// Imports revocations a directory taught the core into the home's keystore, off the
+    /// driver's thread (each is a keystore rewrite; they are rare).
+    fn keep_revocations(&mut self, tokens: Vec<cellmesh_core::token::Token>) {
+        let Some(dir) = self.home.clone() else {
+            return;
+        };
+        self.imports.retain(|t| !t.is_finished());
+        self.imports.push(tokio::task::spawn_blocking(move || {
+            let home = crate::home::Home::new(dir);
+            for token in tokens {
+                match home.import_revocation(token) {
+                    Ok((issuer, key)) => tracing::info!(
+                        cell = %CellId::from_key(issuer),
+                        node = %NodeId::from_key(key),
+                        "kept a revocation learned from the relay's directory"
+                    ),
+                    Err(e) => tracing::warn!(error = %e, "could not keep a revocation"),
+                }
+            }
+        }));
     }
 
     /// Starts writing `commit`: to the store, or (state in memory) at once.
@@ -653,6 +751,14 @@ impl Driver {
                 self.connected = true;
                 self.core.handle_connected();
             }
+            Some(Err(JoinError::Refused {
+                code: cellmesh_core::wire::NackCode::Revoked,
+                reason,
+                ..
+            })) => {
+                tracing::error!(%reason, "the relay refuses this device: its cell revoked it");
+                self.revoked.store(true, Ordering::Release);
+            }
             Some(Err(e)) => tracing::debug!(error = %e, "relay still unreachable"),
             None => tracing::error!("the task joining the relay failed"),
         }
@@ -688,6 +794,13 @@ impl Driver {
         }
         if let Some(joining) = self.joining.take() {
             joining.abort();
+        }
+        for (_, done) in std::mem::take(&mut self.revokes) {
+            let _ = done.send(Err(SendError::Closed));
+        }
+        // The keystore has what the directories taught before the process may end.
+        for import in std::mem::take(&mut self.imports) {
+            let _ = import.await;
         }
         if let Some(outbox) = self.outbox.take() {
             outbox.finish(Duration::from_secs(2)).await;

@@ -16,30 +16,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use cellmesh_core::relay::{Record, put_record};
-
 use crate::node::{PeerSender, TrySendError};
-
-/// Records are batched into link payloads of about this size (a record larger than it goes
-/// alone): big enough to amortise framing and encryption, small enough that the buffers are
-/// reused from the heap rather than mapped and zeroed by the kernel each time.
-pub(crate) const MAX_BATCH: usize = 64 * 1024;
-
-/// Encodes records into as few payloads as fit under the link's limit.
-pub(crate) fn batch_payloads(records: impl IntoIterator<Item = Record>) -> Vec<Bytes> {
-    let mut out = Vec::new();
-    let mut buf = Vec::new();
-    for r in records {
-        if !buf.is_empty() && buf.len() + 4 + r.encoded_len() > MAX_BATCH {
-            out.push(Bytes::from(std::mem::take(&mut buf)));
-        }
-        put_record(&mut buf, &r);
-    }
-    if !buf.is_empty() {
-        out.push(Bytes::from(buf));
-    }
-    out
-}
 
 /// Writes payloads to one link, in order, without waiting.
 #[derive(Debug)]

@@ -31,6 +31,13 @@
 //!   device's outbox. Deliveries to a device with `outlet_bytes` waiting spill to the store;
 //!   a device with twice that waiting (answers to its own FORWARDs that it does not read), or
 //!   with the most waiting when the whole relay is over its bound, is disconnected.
+//! - **Revocations.** A REVOKE is decided by the core's [`RelayRevocations`] (the token
+//!   verifies, its cell has a device registered here, the device is not another cell's;
+//!   10 a second per sending cell, bursts of 100; 64 per cell, 100,000 in all). One it keeps
+//!   is written to the store's `revoked` table in the same transaction that drops the
+//!   device's registration and queue, before REVOKED(ok) is sent; then the device is
+//!   disconnected, its joins are refused (NACK `revoked`), and every DIRECTORY of its cell
+//!   carries the revocation, so that senders that never imported it still honour it.
 //! - **Events** ([`RelayEvent`]) say what the relay did. Per-envelope events, which name who
 //!   sends to whom, are made only when [`RelayConfig::envelope_events`] asks for them.
 //!
@@ -44,39 +51,28 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use bytes::Bytes;
+use cellmesh_core::Instant;
 use cellmesh_core::connection::{Authorization, JoinPolicy, Refusal};
 use cellmesh_core::id::{CellId, NodeId};
-use cellmesh_core::limits::{
-    Buckets, ByteBudget, ByteLimits, Rate, Registered, RegistrationLimits, Registrations,
+use cellmesh_core::limits::{ByteLimits, Rate, RegistrationLimits, RegistrationRefused};
+use cellmesh_core::relay::server::{
+    Action, OpId, Outlets, RelayServer, ServerConfig, ServerEvent, StoreOp, StoreResult,
 };
-use cellmesh_core::relay::{
-    Accepted, DirectoryEntry, MAX_ENVELOPE, MsgId, Record, RefuseCode, put_record, records,
-};
+use cellmesh_core::relay::{Accepted, MsgId, RefuseCode};
+use cellmesh_core::revoked::RevocationLimits;
 use cellmesh_core::token::Token;
 use cellmesh_core::wire::NackCode;
 use thiserror::Error;
-use tokio::sync::{Notify, broadcast};
+use tokio::sync::{Notify, broadcast, mpsc};
 use tokio::task::JoinHandle;
 
 use crate::home::Unlocked;
-use crate::node::{
-    Incoming, JoinCheck, Node, NodeConfig, NodeEvent, PeerInfo, PeerSender, StartError,
-};
-use crate::outbox::{MAX_BATCH, Outbox, batch_payloads};
-use crate::store::{Enqueued, NewMessage, Store, StoreError, StoreLimits};
+use crate::node::{Incoming, JoinCheck, Node, NodeConfig, NodeEvent, PeerInfo, StartError};
+use crate::outbox::Outbox;
+use crate::store::{Store, StoreError, StoreLimits};
 
-/// What one pushed envelope costs in memory beyond its bytes (its map entry and allocation),
-/// counted against [`RelayConfig::memory`] so that tiny envelopes are bounded too.
-const IN_FLIGHT_OVERHEAD: usize = 128;
-
-/// Most devices remembered as disconnected for misbehaving (see `Loop::dropped`).
-const MAX_DROPPED: usize = 1024;
-
-/// LOOKUPs over their cell's rate that wait for their turn: per device, and in all. A device
-/// past either is disconnected (it sends them again when it reconnects).
-const MAX_DEFERRED_PER_DEVICE: usize = 256;
-const MAX_DEFERRED: usize = 16_384;
+/// Counters since start: envelopes pushed, queued, refused, and the bytes accepted.
+pub use cellmesh_core::relay::server::Stats as RelayStats;
 
 /// The default of [`RelayConfig::fit_memory`]: a relay that fits a 1 GiB host.
 pub const DEFAULT_MEMORY: usize = 512 << 20;
@@ -116,6 +112,9 @@ pub struct RelayConfig {
     /// `busy`), and how long a device may stay away before its registration and its queue
     /// are dropped. Defaults 64 (as many as a DIRECTORY lists), 100,000, 30 days.
     pub registrations: RegistrationLimits,
+    /// Bounds on the revocations the relay keeps (REVOKE): per sending cell's rate, per
+    /// issuing cell, in all. Defaults 10 a second (bursts of 100), 64, 100,000.
+    pub revocations: RevocationLimits,
     /// Make [`RelayEvent::Forwarded`] and [`RelayEvent::Refused`] events, one per envelope,
     /// naming its sending and receiving devices: a record of who talks to whom. Default false.
     pub envelope_events: bool,
@@ -154,6 +153,7 @@ impl RelayConfig {
                 total: 100_000,
                 ttl_secs: 30 * 24 * 3600,
             },
+            revocations: RevocationLimits::default(),
             envelope_events: false,
             summary_every: Some(Duration::from_secs(60)),
             tls: None,
@@ -214,6 +214,27 @@ pub enum RelayEvent {
         /// Why.
         reason: String,
     },
+    /// A cell's revocation of one of its devices was kept: the device was dropped from the
+    /// directory with its queue, disconnected if online, and is refused from now on.
+    Revoked {
+        /// The issuing cell.
+        cell: CellId,
+        /// The revoked device.
+        node: NodeId,
+        /// The device that carried the REVOKE.
+        by: NodeId,
+        /// Queued envelopes that went with the device.
+        messages: usize,
+    },
+    /// A REVOKE was refused (or could not be kept).
+    RevokeRefused {
+        /// The device that sent it.
+        by: NodeId,
+        /// The code REVOKED carried.
+        code: RefuseCode,
+        /// Why.
+        reason: String,
+    },
     /// A device went offline.
     Offline {
         /// The device.
@@ -264,6 +285,14 @@ pub enum RelayEvent {
         /// Queued envelopes that went with them.
         messages: usize,
     },
+    /// The store failed: a FORWARD it was to hold was refused `unavailable`, or a delivered
+    /// envelope stays queued (it is delivered again and dropped as a duplicate).
+    StoreFailed {
+        /// What the relay was doing.
+        doing: &'static str,
+        /// The store's error.
+        error: String,
+    },
     /// Counts since the last summary (see [`RelayConfig::summary_every`]).
     Summary(RelaySummary),
 }
@@ -308,28 +337,6 @@ pub enum RelayError {
     Task(String),
 }
 
-/// Counters since start.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RelayStats {
-    /// Envelopes pushed to an online device.
-    pub pushed: u64,
-    /// Envelopes stored for a device.
-    pub queued: u64,
-    /// FORWARDs refused.
-    pub refused: u64,
-    /// Envelope bytes accepted.
-    pub bytes: u64,
-}
-
-impl RelayStats {
-    fn add(&mut self, t: &RelayStats) {
-        self.pushed += t.pushed;
-        self.queued += t.queued;
-        self.refused += t.refused;
-        self.bytes += t.bytes;
-    }
-}
-
 /// A running relay.
 #[derive(Debug)]
 pub struct Relay {
@@ -351,19 +358,27 @@ impl Relay {
             .await
             .map_err(|e| RelayError::Task(e.to_string()))??;
         let store = Arc::new(store);
-        let mut registrations = Registrations::new(config.registrations);
-        for (cell, device, last_seen) in store.registered()? {
-            registrations.load(cell, device, last_seen);
+        let server = RelayServer::new(
+            server_config(&config),
+            crate::clock::now(),
+            store.registered()?,
+            store.queued_devices(),
+        );
+        let mut server = server;
+        for bytes in store.revocations()? {
+            let loaded = Token::decode(&bytes)
+                .map_err(|e| e.to_string())
+                .and_then(|t| server.load_revocation(&t).map_err(|e| e.to_string()));
+            if let Err(error) = loaded {
+                tracing::warn!(%error, "a stored revocation does not verify; ignored");
+            }
         }
-        let registrations = Arc::new(Mutex::new(Directory {
-            registrations,
-            fresh: HashSet::new(),
-        }));
+        let server = Arc::new(Mutex::new(server));
         config.node.listen = config.listen.clone();
         config.node.tls = config.tls.clone();
         // Devices need no list of each other, and a join must not cost every device a message.
         config.node.announce_joins = false;
-        config.node.admit = Some(registrar(Arc::clone(&registrations)));
+        config.node.admit = Some(registrar(Arc::clone(&server)));
         if let Some(allow) = &config.allow {
             config.node.policy = JoinPolicy {
                 authenticate: None,
@@ -375,6 +390,7 @@ impl Relay {
         let (events, _) = broadcast::channel(4096);
         let stats = Arc::new(Mutex::new(RelayStats::default()));
         let stop = Arc::new(Notify::new());
+        let (store_ops, store_results, store_thread) = store_worker(store)?;
         let relay = Self {
             local_addrs: node.local_addrs().to_vec(),
             node: node.node_id(),
@@ -384,36 +400,21 @@ impl Relay {
             stop: Arc::clone(&stop),
             task: tokio::spawn(async move {}),
         };
-        let now = crate::node::now();
         let state = Loop {
             memory: Memory {
                 waiting: Arc::new(AtomicUsize::new(0)),
                 queued: node.queued_counter(),
-                in_flight: Arc::new(AtomicUsize::new(0)),
-                total: config.memory.total,
             },
             node,
-            store,
-            registrations,
-            online: HashMap::default(),
-            forwards: Buckets::new(
-                Rate::new(config.rate_per_cell, config.burst_per_cell),
-                config.registrations.total.max(1024),
-            ),
-            lookups: Buckets::new(config.lookup_rate, config.registrations.total.max(1024)),
-            deferred: VecDeque::new(),
-            deferred_by: HashMap::new(),
-            budget: ByteBudget::new(config.memory),
+            server,
+            store_ops,
+            store_results,
+            store_thread,
+            outstanding: 0,
+            outboxes: HashMap::default(),
             events,
             stats,
-            tally: RelayStats::default(),
-            period: Period::default(),
-            now,
-            watched: false,
             leaving: VecDeque::new(),
-            dropped: HashSet::new(),
-            dropped_order: VecDeque::new(),
-            config,
         };
         Ok(Self {
             task: tokio::spawn(state.run(node_events, stop)),
@@ -453,27 +454,34 @@ impl Relay {
     }
 }
 
-/// The relay's registrations as the join check and the loop share them.
-struct Directory {
-    registrations: Registrations,
-    /// Devices the join check registered for the first time, until the loop has seen them
-    /// join (to say so in [`RelayEvent::Registered`]).
-    fresh: HashSet<NodeId>,
+/// The relay server's decisions as the runtime configures them.
+fn server_config(config: &RelayConfig) -> ServerConfig {
+    ServerConfig {
+        forward_rate: Rate::new(config.rate_per_cell, config.burst_per_cell),
+        lookup_rate: config.lookup_rate,
+        memory: config.memory,
+        outlet_bytes: config.outlet_bytes,
+        registrations: config.registrations,
+        envelope_events: config.envelope_events,
+        summary_every_ms: config
+            .summary_every
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        revocations: config.revocations,
+    }
 }
 
 /// The node's last check on a join: the device must be registered, or fit as a new one.
-fn registrar(directory: Arc<Mutex<Directory>>) -> JoinCheck {
+fn registrar(server: Arc<Mutex<RelayServer>>) -> JoinCheck {
     JoinCheck(Arc::new(move |binding| {
-        let now = crate::now();
-        let mut d = lock(&directory);
-        match d.registrations.join(binding.cell(), binding.node(), now) {
-            Ok(Registered::New) => {
-                d.fresh.insert(binding.node());
-                Ok(())
-            }
-            Ok(Registered::Known) => Ok(()),
-            Err(e) => Err(Refusal::new(NackCode::Busy, e.to_string())),
-        }
+        lock(&server)
+            .check_join(crate::clock::now(), binding.cell(), binding.node())
+            .map_err(|e| match e {
+                RegistrationRefused::Revoked => Refusal::new(
+                    NackCode::Revoked,
+                    format!("device {} has been revoked by its cell", binding.node()),
+                ),
+                e => Refusal::new(NackCode::Busy, e.to_string()),
+            })
     }))
 }
 
@@ -481,919 +489,371 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// An online device: its cell, its link's outbox, the pushed envelopes it has not
-/// acknowledged (copies, each with its sender), and the task that hands it what the store
-/// holds for it.
-struct Online {
-    cell: CellId,
-    /// Whether the link said RECEIVE: until then it is handed only answers (REPLY, RESET)
-    /// and its queue is not drained to it.
-    receiving: bool,
-    outbox: Outbox,
-    in_flight: HashMap<MsgId, (NodeId, Bytes), foldhash::fast::RandomState>,
-    backlog: Arc<Notify>,
-    drain: JoinHandle<()>,
+/// Batches of store operations in, their results out.
+type StoreOps = std::sync::mpsc::Sender<Vec<(OpId, StoreOp)>>;
+type StoreResults = mpsc::UnboundedReceiver<Vec<(OpId, StoreResult)>>;
+
+/// Runs the store on a thread of its own, off the relay's loop: it takes every batch that
+/// waits, carries them out in order with consecutive writes in one transaction (one `fsync`
+/// for many, see [`Store::apply`]), and hands back the results. It ends when the loop drops
+/// its sender.
+fn store_worker(
+    store: Arc<Store>,
+) -> Result<(StoreOps, StoreResults, std::thread::JoinHandle<()>), RelayError> {
+    let (ops_tx, ops_rx) = std::sync::mpsc::channel::<Vec<(OpId, StoreOp)>>();
+    let (results_tx, results_rx) = mpsc::unbounded_channel();
+    let thread = std::thread::Builder::new()
+        .name("relay-store".into())
+        .spawn(move || {
+            while let Ok(mut batch) = ops_rx.recv() {
+                while let Ok(more) = ops_rx.try_recv() {
+                    batch.extend(more);
+                }
+                let (ids, ops): (Vec<OpId>, Vec<StoreOp>) = batch.into_iter().unzip();
+                let results = store.apply(&ops);
+                if results_tx
+                    .send(ids.into_iter().zip(results).collect())
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        })
+        .map_err(|e| RelayError::Task(format!("cannot start the store's thread: {e}")))?;
+    Ok((ops_tx, results_rx, thread))
 }
 
-/// Records for one device produced while handling one batch, encoded as they come.
-#[derive(Default)]
-struct Outgoing {
-    payloads: Vec<Bytes>,
-    /// Bytes in `payloads`.
-    full: usize,
-    buf: Vec<u8>,
-}
-
-impl Outgoing {
-    /// Encodes `r`; returns the bytes it added.
-    fn push(&mut self, r: &Record) -> usize {
-        let len = 4 + r.encoded_len();
-        if !self.buf.is_empty() && self.buf.len() + len > MAX_BATCH {
-            self.full += self.buf.len();
-            self.payloads
-                .push(Bytes::from(std::mem::take(&mut self.buf)));
-        }
-        put_record(&mut self.buf, r);
-        len
-    }
-
-    fn len(&self) -> usize {
-        self.full + self.buf.len()
-    }
-
-    fn finish(mut self) -> Vec<Bytes> {
-        if !self.buf.is_empty() {
-            self.payloads.push(Bytes::from(self.buf));
-        }
-        self.payloads
-    }
-}
-
-/// What one batch writes, per device, and how many bytes that is in all.
-#[derive(Default)]
-struct Out {
-    to: HashMap<NodeId, Outgoing, foldhash::fast::RandomState>,
-    bytes: usize,
-}
-
-impl Out {
-    fn push(&mut self, to: NodeId, r: &Record) {
-        self.bytes += self.to.entry(to).or_default().push(r);
-    }
-}
-
-/// The bytes the relay holds for devices outside its [`ByteBudget`], read by the loop and
-/// by the drains.
+/// The bytes written for devices that their links have not taken.
 #[derive(Clone)]
 struct Memory {
     /// In every device's outbox.
     waiting: Arc<AtomicUsize>,
     /// In the links' command queues (the node's count).
     queued: Arc<AtomicUsize>,
-    /// The budget's total, as of the loop's last batch (for the drains).
-    in_flight: Arc<AtomicUsize>,
-    /// [`ByteLimits::total`].
-    total: usize,
 }
 
-impl Memory {
-    /// Written for devices and not taken by their links.
-    fn waiting(&self) -> usize {
-        self.waiting.load(Ordering::Relaxed) + self.queued.load(Ordering::Relaxed)
+/// What the relay server is told of the links: each online device's outbox, and the totals.
+struct Links<'a> {
+    outboxes: &'a HashMap<NodeId, Outbox, foldhash::fast::RandomState>,
+    memory: &'a Memory,
+}
+
+impl Outlets for Links<'_> {
+    fn waiting(&self, node: NodeId) -> usize {
+        self.outboxes.get(&node).map_or(0, Outbox::backlog)
     }
 
-    /// Whether the relay holds its whole bound or more.
-    fn full(&self) -> bool {
-        self.waiting() + self.in_flight.load(Ordering::Relaxed) >= self.total
+    fn total(&self) -> usize {
+        self.memory.waiting.load(Ordering::Relaxed) + self.memory.queued.load(Ordering::Relaxed)
     }
 }
 
-/// A LOOKUP waiting for its cell's rate.
-struct Deferred {
-    from: NodeId,
-    from_cell: CellId,
-    request: u32,
-    cell: CellId,
-}
-
-/// Counts for the next [`RelaySummary`].
-#[derive(Default)]
-struct Period {
-    started: Option<cellmesh_core::Instant>,
-    stats: RelayStats,
-    refusals: HashMap<u8, (RefuseCode, u64)>,
-    joins: u64,
-    new_devices: u64,
-    joins_refused: u64,
-}
-
+/// The driver of the relay server: sockets (through the node), the outboxes, the store's
+/// thread and the clock. It decides nothing.
 struct Loop {
     node: Node,
-    store: Arc<Store>,
-    registrations: Arc<Mutex<Directory>>,
-    online: HashMap<NodeId, Online, foldhash::fast::RandomState>,
-    /// FORWARDs and LOOKUPs per sending cell.
-    forwards: Buckets<CellId>,
-    lookups: Buckets<CellId>,
-    /// LOOKUPs over their rate, in arrival order, and how many each device has there.
-    deferred: VecDeque<Deferred>,
-    deferred_by: HashMap<NodeId, usize>,
-    /// Pushed envelopes not yet DELIVERED.
-    budget: ByteBudget,
+    /// Shared with the join check, which asks it whether a device may register.
+    server: Arc<Mutex<RelayServer>>,
+    store_ops: StoreOps,
+    store_results: StoreResults,
+    /// Joined when the loop ends, so that the store is closed when [`Relay::shutdown`]
+    /// returns (and a new relay may open it).
+    store_thread: std::thread::JoinHandle<()>,
+    /// Store operations handed to the thread and not yet answered.
+    outstanding: usize,
+    outboxes: HashMap<NodeId, Outbox, foldhash::fast::RandomState>,
     memory: Memory,
     events: broadcast::Sender<RelayEvent>,
     stats: Arc<Mutex<RelayStats>>,
-    /// Counted during one batch, added to `stats` at its end.
-    tally: RelayStats,
-    period: Period,
-    /// The clock, read once per batch.
-    now: cellmesh_core::Instant,
-    /// Whether per-envelope events are made in this batch (asked for, and someone listens).
-    watched: bool,
     /// Devices that left, in order of leaving, each with how many messages of the inbox are
     /// still to be handled before its departure: those that were there when it left, its
     /// last ones among them (see [`Node::inbox_len`]).
     leaving: VecDeque<(usize, NodeId)>,
-    /// Devices this relay disconnected for misbehaving, until they join again: of what they
-    /// sent before, only DELIVERED still counts (a flood already in the inbox is not
-    /// worked through; anything else they meant, they send again). The last MAX_DROPPED.
-    dropped: HashSet<NodeId>,
-    dropped_order: VecDeque<NodeId>,
-    config: RelayConfig,
-}
-
-/// What one batch of FORWARDs for offline devices waits on: the store.
-struct ToStore {
-    from: NodeId,
-    to: NodeId,
-    id: MsgId,
-    envelope: Bytes,
 }
 
 impl Loop {
     async fn run(mut self, mut node_events: broadcast::Receiver<NodeEvent>, stop: Arc<Notify>) {
         let mut batch = Vec::with_capacity(256);
-        let mut expiry = tokio::time::interval(Duration::from_secs(60));
-        // Registrations are swept a few times per time to live, at most hourly.
-        let sweep_every = Duration::from_secs(self.config.registrations.ttl_secs / 4)
-            .clamp(Duration::from_secs(1), Duration::from_secs(3600));
-        let mut sweep = tokio::time::interval(sweep_every);
-        sweep.tick().await;
-        let every = self
-            .config
-            .summary_every
-            .unwrap_or(Duration::from_secs(3600));
-        let mut summary = tokio::time::interval(every.max(Duration::from_millis(10)));
-        summary.tick().await;
-        self.period.started = Some(crate::node::now());
+        let mut results = Vec::new();
         loop {
+            let due = lock(&self.server).poll_timeout();
+            let wait = due.millis_since(crate::clock::now());
+            let timer = tokio::time::sleep(Duration::from_millis(wait));
             tokio::select! {
                 // Joins before records: a device's join is announced before its ACK is sent,
                 // so whatever anyone sends after seeing it joined finds it registered.
                 biased;
                 _ = stop.notified() => break,
                 ev = node_events.recv() => match ev {
-                    Ok(NodeEvent::Joined(peer)) => self.joined(&peer).await,
+                    Ok(NodeEvent::Joined(peer)) => self.joined(&peer),
                     // Records the device sent before it left may still be in the inbox (its
                     // last DELIVERED above all): they are handled first.
                     Ok(NodeEvent::Left { peer, .. }) => match self.node.inbox_len() {
-                        0 => self.left(peer.node).await,
+                        0 => self.left(peer.node),
                         ahead => self.leaving.push_back((ahead, peer.node)),
                     },
                     Ok(NodeEvent::JoinRefused { node, cell, code, reason, by_peer: false, .. }) => {
-                        self.period.joins_refused += 1;
+                        lock(&self.server).join_refused();
                         let _ = self.events.send(RelayEvent::JoinRefused { cell, node, code, reason });
                     }
                     Ok(_) => {}
                     Err(broadcast::error::RecvError::Lagged(n)) => {
                         tracing::warn!(missed = n, "relay lagged behind node events; resyncing");
-                        self.resync().await;
+                        self.resync();
                     }
                     Err(broadcast::error::RecvError::Closed) => break,
                 },
+                n = self.store_results.recv_many(&mut results, 64) => {
+                    if n == 0 {
+                        break;
+                    }
+                    self.store_done(&mut results);
+                }
                 n = self.node.recv_many(&mut batch, 256) => {
                     if n == 0 {
                         break;
                     }
-                    self.handle(&mut batch).await;
-                    self.departures(n).await;
+                    self.handle(&mut batch);
+                    self.departures(n);
                 }
-                _ = tokio::time::sleep(Duration::from_millis(20)), if !self.deferred.is_empty() => {
-                    self.now = crate::node::now();
-                    let mut out = Out::default();
-                    self.answer_deferred(&mut out).await;
-                    self.write_out(out);
-                }
-                _ = expiry.tick() => {
-                    let store = Arc::clone(&self.store);
-                    let now = crate::now();
-                    match tokio::task::spawn_blocking(move || store.expire(now)).await {
-                        Ok(Ok(n)) if n > 0 => tracing::info!(expired = n, "expired queued envelopes"),
-                        Ok(Err(e)) => tracing::warn!(error = %e, "expiring queued envelopes failed"),
-                        _ => {}
-                    }
-                }
-                _ = sweep.tick() => self.sweep_registrations().await,
-                _ = summary.tick(), if self.config.summary_every.is_some() => self.summarise(),
+                () = timer => self.with_server(|s, now, links| s.handle_timeout(now, links)),
             }
         }
-        let devices: Vec<NodeId> = self.online.keys().copied().collect();
-        for d in devices {
-            self.left(d).await;
-        }
-        self.node.shutdown(Duration::from_secs(2)).await;
+        self.finish().await;
     }
 
-    /// Handles the departures whose last messages were among the `handled` just handled.
-    async fn departures(&mut self, handled: usize) {
-        for l in &mut self.leaving {
-            l.0 = l.0.saturating_sub(handled);
-        }
-        while let Some(&(0, node)) = self.leaving.front() {
-            self.leaving.pop_front();
-            self.left(node).await;
-        }
-    }
-
-    async fn joined(&mut self, peer: &PeerInfo) {
-        let (node, cell, addr) = (peer.node, peer.cell, peer.addr);
-        // Back before its departure was handled: the new connection replaces the old below.
-        self.leaving.retain(|l| l.1 != node);
-        if self.dropped.remove(&node) {
-            self.dropped_order.retain(|n| *n != node);
-        }
-        self.period.joins += 1;
-        // The join's check registered it (or found it registered). A peer that got in
-        // without it (one the relay dialed) is registered here if there is room.
-        let now = crate::now();
-        let new = {
-            let mut d = lock(&self.registrations);
-            d.fresh.remove(&node)
-                || matches!(d.registrations.join(cell, node, now), Ok(Registered::New))
-        };
-        if new {
-            self.period.new_devices += 1;
-        }
-        // Recorded from the event, which carries the tokens: the device may have left
-        // already, and must still be known.
-        let store = Arc::clone(&self.store);
-        let (nt, id) = (
-            peer.binding.node_token().token().to_bytes(),
-            peer.binding.identity().token().to_bytes(),
-        );
-        let put =
-            tokio::task::spawn_blocking(move || store.put_device(cell, node, &nt, &id, now)).await;
-        if !matches!(put, Ok(Ok(()))) {
-            tracing::warn!(%node, "could not record device in the directory");
-        }
-        let Ok(sender) = self.node.sender(node) else {
-            return;
-        };
-        if let Some(old) = self.online.remove(&node) {
-            old.drain.abort();
-            self.persist_in_flight(node, old.cell, old.in_flight).await;
-        }
-        // Drained once the link says RECEIVE.
-        let backlog = Arc::new(Notify::new());
-        let drain = tokio::spawn(drain(
-            node,
-            sender.clone(),
-            Arc::clone(&self.store),
-            Arc::clone(&backlog),
-            self.events.clone(),
-            self.memory.clone(),
-            self.config.outlet_bytes,
-        ));
-        self.online.insert(
-            node,
-            Online {
-                cell,
-                receiving: false,
-                outbox: Outbox::counted(sender, Arc::clone(&self.memory.waiting)),
-                in_flight: HashMap::default(),
-                backlog,
-                drain,
-            },
-        );
-        let _ = self.events.send(RelayEvent::Registered {
-            cell,
-            node,
-            addr,
-            new,
-        });
-    }
-
-    async fn left(&mut self, node: NodeId) {
-        if let Some(online) = self.online.remove(&node) {
-            online.drain.abort();
-            lock(&self.registrations)
-                .registrations
-                .seen(node, crate::now());
-            self.persist_in_flight(node, online.cell, online.in_flight)
-                .await;
-            let _ = self.events.send(RelayEvent::Offline { node });
-        }
-    }
-
-    /// Moves what was pushed to `node` but not acknowledged into the store.
-    async fn persist_in_flight(
-        &mut self,
-        node: NodeId,
-        cell: CellId,
-        in_flight: HashMap<MsgId, (NodeId, Bytes), foldhash::fast::RandomState>,
-    ) {
-        let items: Vec<(MsgId, (NodeId, Bytes))> = in_flight.into_iter().collect();
-        if items.is_empty() {
-            return;
-        }
-        let held: usize = items
-            .iter()
-            .map(|(_, (_, e))| e.len() + IN_FLIGHT_OVERHEAD)
-            .sum();
-        self.budget.release(node, cell, held);
-        self.memory
-            .in_flight
-            .store(self.budget.total(), Ordering::Relaxed);
-        let store = Arc::clone(&self.store);
-        let n = items.len();
-        let done = tokio::task::spawn_blocking(move || {
-            let batch: Vec<NewMessage<'_>> = items
-                .iter()
-                .map(|(id, (from, env))| NewMessage {
-                    to: node,
-                    id: *id,
-                    from: *from,
-                    envelope: env,
-                })
-                .collect();
-            let results = store.enqueue(crate::now(), &batch);
-            drop(batch);
-            (items, results)
-        })
-        .await;
-        let Ok((items, results)) = done else {
-            tracing::warn!(%node, count = n, "could not keep unacknowledged envelopes");
-            return;
-        };
-        tracing::debug!(%node, count = n, "kept unacknowledged envelopes for later");
-        // Their senders were told `pushed`; now they are queued.
-        let mut out = Out::default();
-        for ((id, (from, _)), result) in items.into_iter().zip(results) {
-            if result.is_ok() && self.online.contains_key(&from) {
-                out.push(
-                    from,
-                    &Record::Accepted {
-                        to: node,
-                        id,
-                        status: Accepted::Queued,
-                    },
-                );
-            }
-        }
-        self.write_out(out);
-    }
-
-    async fn resync(&mut self) {
-        let peers: BTreeSet<NodeId> = self.node.peers().iter().map(|p| p.node).collect();
-        let gone: Vec<NodeId> = self
-            .online
-            .keys()
-            .filter(|n| !peers.contains(n))
-            .copied()
-            .collect();
-        for n in gone {
-            self.left(n).await;
-        }
-        for p in self.node.peers() {
-            if !self.online.contains_key(&p.node) {
-                self.joined(&p).await;
-            }
-        }
-    }
-
-    /// Drops registrations not seen for their time to live (and their queues), after
-    /// recording that every online device was seen now.
-    async fn sweep_registrations(&mut self) {
-        let now = crate::now();
-        let online: Vec<(CellId, NodeId)> = self.online.iter().map(|(n, o)| (o.cell, *n)).collect();
-        let expired = {
-            let mut d = lock(&self.registrations);
-            let regs = &mut d.registrations;
-            for (_, n) in &online {
-                regs.seen(*n, now);
-            }
-            let expired = regs.expired(now, |n| self.online.contains_key(&n));
-            for (_, n) in &expired {
-                regs.remove(*n);
-            }
-            // A join the loop never saw (its event lost) leaves nothing behind for long.
-            d.fresh.clear();
-            expired
-        };
-        let store = Arc::clone(&self.store);
-        let devices = expired.len();
-        let done = tokio::task::spawn_blocking(move || {
-            store.touch_devices(&online, now)?;
-            store.forget_devices(&expired)
-        })
-        .await;
-        match done {
-            Ok(Ok(messages)) if devices > 0 => {
-                let _ = self.events.send(RelayEvent::Expired { devices, messages });
-            }
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "sweeping registrations failed"),
-            Err(e) => tracing::error!(error = %e, "store task failed"),
-        }
-    }
-
-    fn summarise(&mut self) {
-        let now = crate::node::now();
-        let p = std::mem::take(&mut self.period);
-        self.period.started = Some(now);
-        let period = p.started.map_or(Duration::ZERO, |s| {
-            Duration::from_millis(now.millis_since(s))
-        });
-        let mut refusals: Vec<(RefuseCode, u64)> = p.refusals.into_values().collect();
-        refusals.sort_by_key(|(c, _)| c.code());
-        let summary = RelaySummary {
-            period,
-            stats: p.stats,
-            refusals,
-            joins: p.joins,
-            new_devices: p.new_devices,
-            joins_refused: p.joins_refused,
-            online: self.online.len(),
-            registered: lock(&self.registrations).registrations.len(),
-            in_flight_bytes: self.budget.total(),
-            waiting_bytes: self.memory.waiting(),
-        };
-        let _ = self.events.send(RelayEvent::Summary(summary));
-    }
-
-    async fn handle(&mut self, batch: &mut Vec<Incoming>) {
-        self.now = crate::node::now();
-        self.watched = self.config.envelope_events && self.events.receiver_count() > 0;
-        let mut out = Out::default();
-        let mut to_store = Vec::new();
-        for incoming in batch.drain(..) {
-            let from = incoming.from;
-            for record in records(incoming.data) {
-                let Ok(record) = record else {
-                    // Every FORWARD before it was answered; after it, nothing can be trusted
-                    // to be framed right: the device is disconnected and will send again.
-                    tracing::info!(%from, "malformed relay record; disconnecting the device");
-                    self.drop_device(from, "malformed relay record");
+    /// Stops: what online devices have not acknowledged goes to the store, and the loop
+    /// waits (bounded) until the store has it.
+    async fn finish(mut self) {
+        self.with_server(|s, now, _| s.shutdown(now));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let mut results = Vec::new();
+        while self.outstanding > 0 {
+            match tokio::time::timeout_at(deadline, self.store_results.recv_many(&mut results, 64))
+                .await
+            {
+                Ok(n) if n > 0 => self.store_done(&mut results),
+                _ => {
+                    tracing::warn!(
+                        outstanding = self.outstanding,
+                        "relay stopped before its store finished"
+                    );
                     break;
-                };
-                if self.dropped.contains(&from) && !matches!(record, Record::Delivered(_)) {
-                    continue;
                 }
-                self.record(from, incoming.cell, record, &mut out, &mut to_store)
-                    .await;
             }
         }
-        if !to_store.is_empty() {
-            self.store_batch(to_store, &mut out).await;
-        }
-        self.write_out(out);
-        self.memory
-            .in_flight
-            .store(self.budget.total(), Ordering::Relaxed);
-        let t = std::mem::take(&mut self.tally);
-        self.period.stats.add(&t);
-        lock(&self.stats).add(&t);
-    }
-
-    async fn record(
-        &mut self,
-        from: NodeId,
-        from_cell: CellId,
-        record: Record,
-        out: &mut Out,
-        to_store: &mut Vec<ToStore>,
-    ) {
-        match record {
-            Record::Lookup { request, cell } => {
-                let d = Deferred {
-                    from,
-                    from_cell,
-                    request,
-                    cell,
-                };
-                if self.lookups.take(from_cell, self.now) {
-                    self.lookup(d, out).await;
-                } else {
-                    self.defer(d);
-                }
-            }
-            Record::Forward { to, id, envelope } => {
-                let online = self.online.contains_key(&to);
-                let refuse = if envelope.len() > MAX_ENVELOPE {
-                    Some(RefuseCode::TooLarge)
-                } else if !online && !lock(&self.registrations).registrations.contains(to) {
-                    Some(RefuseCode::UnknownDevice)
-                } else if !self.forwards.take(from_cell, self.now) {
-                    Some(RefuseCode::RateLimited)
-                } else {
-                    None
-                };
-                if let Some(code) = refuse {
-                    self.refused(from, to, id, code, out);
-                    return;
-                }
-                let bytes = envelope.len();
-                // Pushed only within the device's outlet and the memory bounds (the copy kept
-                // until DELIVERED, against the device, its cell and the relay, with all that
-                // waits for links); the rest go to the (bounded) queue.
-                let elsewhere = self.memory.waiting() + out.bytes;
-                // A link that takes no messages (a one-shot send) is handed only answers to
-                // what it sent; a message for its device waits in the queue.
-                let takes = |o: &Online| o.receiving || cellmesh_core::e2e::is_answer(&envelope);
-                if let Some(online) = self.online.get_mut(&to).filter(|o| takes(o)) {
-                    let outgoing = out.to.entry(to).or_default();
-                    match online.in_flight.get(&id) {
-                        // A retry of one still in flight: it is on its way already.
-                        Some((sender, copy)) if *sender == from && copy[..] == envelope[..] => {
-                            self.accepted(from, to, id, bytes, Accepted::Pushed, out);
-                            return;
-                        }
-                        // Sealed again (its device lost the session of the copy in flight):
-                        // this one is pushed too, and kept in its place.
-                        Some((sender, copy)) if *sender == from => {
-                            let freed = copy.len() + IN_FLIGHT_OVERHEAD;
-                            self.budget.release(to, online.cell, freed);
-                            online.in_flight.remove(&id);
-                            if self.budget.charge(
-                                to,
-                                online.cell,
-                                bytes + IN_FLIGHT_OVERHEAD,
-                                elsewhere,
-                            ) {
-                                out.bytes += outgoing.push(&Record::Deliver {
-                                    from,
-                                    id,
-                                    envelope: envelope.clone(),
-                                });
-                                online
-                                    .in_flight
-                                    .insert(id, (from, Bytes::copy_from_slice(&envelope)));
-                                self.accepted(from, to, id, bytes, Accepted::Pushed, out);
-                                return;
-                            }
-                        }
-                        // The same id from another sender waits in the store.
-                        Some(_) => {}
-                        None if online.outbox.backlog() + outgoing.len()
-                            < self.config.outlet_bytes
-                            && self.budget.charge(
-                                to,
-                                online.cell,
-                                bytes + IN_FLIGHT_OVERHEAD,
-                                elsewhere,
-                            ) =>
-                        {
-                            out.bytes += outgoing.push(&Record::Deliver {
-                                from,
-                                id,
-                                envelope: envelope.clone(),
-                            });
-                            // A copy: the envelope shares the buffer of the whole frame it
-                            // came in, which the relay must not keep for it.
-                            online
-                                .in_flight
-                                .insert(id, (from, Bytes::copy_from_slice(&envelope)));
-                            self.accepted(from, to, id, bytes, Accepted::Pushed, out);
-                            return;
-                        }
-                        None => {}
-                    }
-                    if online.receiving {
-                        online.backlog.notify_one();
-                    }
-                }
-                to_store.push(ToStore {
-                    from,
-                    to,
-                    id,
-                    envelope,
-                });
-            }
-            Record::Receive => {
-                if let Some(online) = self.online.get_mut(&from)
-                    && !online.receiving
-                {
-                    online.receiving = true;
-                    online.backlog.notify_one();
-                }
-            }
-            Record::Delivered(ids) => {
-                if let Some(online) = self.online.get_mut(&from) {
-                    let mut freed = 0;
-                    for id in &ids {
-                        if let Some((_, env)) = online.in_flight.remove(id) {
-                            freed += env.len() + IN_FLIGHT_OVERHEAD;
-                        }
-                    }
-                    self.budget.release(from, online.cell, freed);
-                }
-                if self.store.queued(from).0 > 0 {
-                    let store = Arc::clone(&self.store);
-                    let removed =
-                        tokio::task::spawn_blocking(move || store.remove(from, &ids)).await;
-                    if !matches!(removed, Ok(Ok(_))) {
-                        tracing::warn!(%from, "could not delete acknowledged envelopes");
-                    }
-                    if let Some(online) = self.online.get(&from)
-                        && online.receiving
-                        && self.store.queued(from).0 > 0
-                    {
-                        online.backlog.notify_one();
-                    }
-                }
-            }
-            _ => {
-                tracing::info!(%from, "device sent a relay's record; disconnecting it");
-                self.drop_device(from, "relay-only record");
-            }
-        }
-    }
-
-    /// Queues a LOOKUP over its cell's rate, or disconnects its device if it has too many
-    /// waiting (or the relay does).
-    fn defer(&mut self, d: Deferred) {
-        let mine = self.deferred_by.entry(d.from).or_insert(0);
-        if *mine >= MAX_DEFERRED_PER_DEVICE || self.deferred.len() >= MAX_DEFERRED {
-            let from = d.from;
-            tracing::info!(%from, "too many LOOKUPs waiting; disconnecting the device");
-            self.drop_device(from, "too many LOOKUPs");
-            return;
-        }
-        *mine += 1;
-        self.deferred.push_back(d);
-    }
-
-    /// Answers the waiting LOOKUPs whose cells have a token now, in order.
-    async fn answer_deferred(&mut self, out: &mut Out) {
-        let mut keep = VecDeque::with_capacity(self.deferred.len());
-        // A cell out of tokens stays out for this pass: its later LOOKUPs keep their order.
-        let mut out_of_tokens: HashSet<CellId> = HashSet::new();
-        while let Some(d) = self.deferred.pop_front() {
-            if self.dropped.contains(&d.from) || !self.online.contains_key(&d.from) {
-                self.undefer(d.from);
-                continue;
-            }
-            if out_of_tokens.contains(&d.from_cell) || !self.lookups.take(d.from_cell, self.now) {
-                out_of_tokens.insert(d.from_cell);
-                keep.push_back(d);
-                continue;
-            }
-            self.undefer(d.from);
-            self.lookup(d, out).await;
-        }
-        self.deferred = keep;
-    }
-
-    fn undefer(&mut self, from: NodeId) {
-        if let Some(n) = self.deferred_by.get_mut(&from) {
-            *n -= 1;
-            if *n == 0 {
-                self.deferred_by.remove(&from);
-            }
-        }
-    }
-
-    async fn lookup(&mut self, d: Deferred, out: &mut Out) {
-        let store = Arc::clone(&self.store);
-        let cell = d.cell;
-        let devices = tokio::task::spawn_blocking(move || store.devices(cell))
+        let Self {
+            node,
+            store_ops,
+            store_thread,
+            ..
+        } = self;
+        node.shutdown(Duration::from_secs(2)).await;
+        drop(store_ops);
+        if tokio::task::spawn_blocking(move || store_thread.join())
             .await
-            .ok()
-            .and_then(Result::ok)
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|(nt, id)| {
-                Some(DirectoryEntry {
-                    node_token: Token::decode(&nt).ok()?,
-                    identity: Token::decode(&id).ok()?,
-                })
-            })
-            .take(cellmesh_core::relay::MAX_DEVICES)
-            .collect();
-        out.push(
-            d.from,
-            &Record::Directory {
-                request: d.request,
-                cell,
-                devices,
-            },
-        );
+            .is_err()
+        {
+            tracing::error!("the relay's store thread failed");
+        }
     }
 
-    async fn store_batch(&mut self, items: Vec<ToStore>, out: &mut Out) {
-        let store = Arc::clone(&self.store);
-        let now = crate::now();
-        let (items, results) = match tokio::task::spawn_blocking(move || {
-            let batch: Vec<NewMessage<'_>> = items
-                .iter()
-                .map(|m| NewMessage {
-                    to: m.to,
-                    id: m.id,
-                    from: m.from,
-                    envelope: &m.envelope,
-                })
-                .collect();
-            let results = store.enqueue(now, &batch);
-            drop(batch);
-            (items, results)
-        })
-        .await
+    /// Calls the server with the time and the links, then carries out what it asks.
+    fn with_server(&mut self, f: impl FnOnce(&mut RelayServer, Instant, &Links<'_>)) {
+        let mut actions = Vec::new();
         {
-            Ok(done) => done,
-            Err(e) => {
-                tracing::error!(error = %e, "store task failed");
-                return;
+            let mut server = lock(&self.server);
+            let links = Links {
+                outboxes: &self.outboxes,
+                memory: &self.memory,
+            };
+            server.set_watched(self.events.receiver_count() > 0);
+            f(&mut server, crate::clock::now(), &links);
+            while let Some(a) = server.poll_action() {
+                actions.push(a);
             }
-        };
-        for (m, result) in items.into_iter().zip(results) {
-            match result {
-                Ok(Enqueued::Stored | Enqueued::Duplicate | Enqueued::Replaced) => {
-                    self.accepted(m.from, m.to, m.id, m.envelope.len(), Accepted::Queued, out);
-                    if let Some(online) = self.online.get(&m.to).filter(|o| o.receiving) {
-                        online.backlog.notify_one();
+            *lock(&self.stats) = server.stats();
+        }
+        self.act(actions);
+    }
+
+    fn act(&mut self, actions: Vec<Action>) {
+        let mut ops = Vec::new();
+        for action in actions {
+            match action {
+                Action::Send { to, payload } => {
+                    if let Some(outbox) = self.outboxes.get(&to) {
+                        outbox.send(payload);
+                    } else if let Ok(sender) = self.node.sender(to) {
+                        // Not (or no longer) online here: never wait on its link in this loop.
+                        tokio::spawn(async move {
+                            let _ = sender.send(payload).await;
+                        });
                     }
                 }
-                Err(e) => self.refused(m.from, m.to, m.id, e.refuse_code(), out),
+                Action::Disconnect { node, reason } => {
+                    tracing::info!(%node, reason, "disconnecting a device");
+
+                    self.node.disconnect(node, reason);
+                }
+                Action::Store(id, op) => ops.push((id, op)),
+                Action::Event(e) => self.event(e),
+            }
+        }
+        if !ops.is_empty() {
+            self.outstanding += ops.len();
+            if self.store_ops.send(ops).is_err() {
+                tracing::error!("the relay's store thread is gone");
             }
         }
     }
 
-    fn accepted(
-        &mut self,
-        from: NodeId,
-        to: NodeId,
-        id: MsgId,
-        bytes: usize,
-        status: Accepted,
-        out: &mut Out,
-    ) {
-        match status {
-            Accepted::Pushed => self.tally.pushed += 1,
-            Accepted::Queued => self.tally.queued += 1,
-        }
-        self.tally.bytes += bytes as u64;
-        if self.watched {
-            let _ = self.events.send(RelayEvent::Forwarded {
+    fn event(&self, e: ServerEvent) {
+        let e = match e {
+            ServerEvent::Registered {
+                cell,
+                node,
+                addr,
+                new,
+            } => RelayEvent::Registered {
+                cell,
+                node,
+                addr,
+                new,
+            },
+            ServerEvent::Offline { node } => RelayEvent::Offline { node },
+            ServerEvent::Forwarded {
                 from,
                 to,
                 id,
                 bytes,
                 status,
-            });
-        }
-        out.push(from, &Record::Accepted { to, id, status });
-    }
-
-    fn refused(&mut self, from: NodeId, to: NodeId, id: MsgId, code: RefuseCode, out: &mut Out) {
-        self.tally.refused += 1;
-        self.period
-            .refusals
-            .entry(code.code())
-            .or_insert((code, 0))
-            .1 += 1;
-        if self.watched {
-            let _ = self.events.send(RelayEvent::Refused { from, id, code });
-        }
-        out.push(from, &Record::Refused { to, id, code });
-    }
-
-    /// Writes what one batch produced, device by device, without waiting: an online device
-    /// gets it through its outbox (straight into its link when that has room). A device with
-    /// more than twice `outlet_bytes` waiting is not reading what it asked for, and when the
-    /// relay holds more than its bound the device with the most waiting is the one to go:
-    /// either is disconnected, and its departure keeps what was pushed to it.
-    fn write_out(&mut self, out: Out) {
-        for (to, outgoing) in out.to {
-            let payloads = outgoing.finish();
-            if payloads.is_empty() {
-                continue;
+            } => RelayEvent::Forwarded {
+                from,
+                to,
+                id,
+                bytes,
+                status,
+            },
+            ServerEvent::Refused { from, id, code } => RelayEvent::Refused { from, id, code },
+            ServerEvent::Drained { node, count } => RelayEvent::Drained { node, count },
+            ServerEvent::Disconnected { node, reason } => RelayEvent::Disconnected { node, reason },
+            ServerEvent::Expired { devices, messages } => RelayEvent::Expired { devices, messages },
+            ServerEvent::Revoked {
+                cell,
+                node,
+                by,
+                messages,
+            } => RelayEvent::Revoked {
+                cell,
+                node,
+                by,
+                messages,
+            },
+            ServerEvent::RevokeRefused { by, code, reason } => {
+                RelayEvent::RevokeRefused { by, code, reason }
             }
-            if let Some(online) = self.online.get(&to) {
-                for p in payloads {
-                    online.outbox.send(p);
-                }
-                let waiting = online.outbox.backlog();
-                if waiting > 2 * self.config.outlet_bytes {
-                    tracing::warn!(%to, waiting, "device does not read what it is sent; disconnecting");
-                    self.drop_device(to, "does not read what it is sent");
-                }
-                continue;
-            }
-            // Not (or no longer) online here: never wait on its link in this loop.
-            if let Ok(sender) = self.node.sender(to) {
-                tokio::spawn(async move {
-                    for p in payloads {
-                        if sender.send(p).await.is_err() {
-                            break;
-                        }
-                    }
-                });
-            }
-        }
-        let over = self.memory.waiting() + self.budget.total();
-        if over > self.memory.total + self.config.outlet_bytes {
-            let heaviest = self
-                .online
-                .iter()
-                .filter(|(n, _)| !self.dropped.contains(n))
-                .max_by_key(|(_, o)| o.outbox.backlog())
-                .map(|(n, o)| (*n, o.outbox.backlog()));
-            if let Some((node, waiting)) = heaviest
-                && waiting > 0
-            {
-                tracing::warn!(%node, waiting, held = over, "relay over its memory bound; disconnecting the device with most waiting");
-                self.drop_device(node, "the relay is over its memory bound");
-            }
-        }
-    }
-
-    /// Disconnects a misbehaving device (see `dropped`).
-    fn drop_device(&mut self, node: NodeId, reason: &'static str) {
-        if !self.node.disconnect(node, reason) {
-            return;
-        }
-        let _ = self.events.send(RelayEvent::Disconnected { node, reason });
-        if self.dropped.insert(node) {
-            self.dropped_order.push_back(node);
-            if self.dropped_order.len() > MAX_DROPPED
-                && let Some(old) = self.dropped_order.pop_front()
-            {
-                self.dropped.remove(&old);
-            }
-        }
-    }
-}
-
-/// Hands one online device what the store holds for it whenever told there is a backlog,
-/// up to 1,024 envelopes and a quarter of `outlet` at a time, and only while its link has
-/// taken most of what it was given and the relay is within its memory bound (what it drains
-/// needs no order with what is pushed live).
-async fn drain(
-    node: NodeId,
-    sender: PeerSender,
-    store: Arc<Store>,
-    backlog: Arc<Notify>,
-    events: broadcast::Sender<RelayEvent>,
-    memory: Memory,
-    outlet: usize,
-) {
-    // By id, sender and the envelope's last 16 bytes (its AEAD tag): a copy sealed anew that
-    // took an old one's place in the queue is handed too.
-    let mut drained: BTreeSet<(MsgId, NodeId, [u8; 16])> = BTreeSet::new();
-    let chunk = (outlet / 4).max(1);
-    loop {
-        backlog.notified().await;
-        while sender.queued_bytes() >= outlet / 2 || memory.full() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let st = Arc::clone(&store);
-        let Ok(Ok(pending)) =
-            tokio::task::spawn_blocking(move || st.pending(node, crate::now(), 1024, chunk)).await
-        else {
-            continue;
-        };
-        let more = pending.len() == 1024
-            || pending.iter().map(|q| q.envelope.len()).sum::<usize>() >= chunk;
-        // Only those still queued are remembered: the set stays as small as the queue.
-        let key = |q: &crate::store::Queued| {
-            let mut tag = [0u8; 16];
-            let tail = &q.envelope[q.envelope.len().saturating_sub(16)..];
-            tag[..tail.len()].copy_from_slice(tail);
-            (q.id, q.from, tag)
-        };
-        drained.retain(|k| pending.iter().any(|q| key(q) == *k));
-        let fresh: Vec<_> = pending
-            .into_iter()
-            .filter(|q| drained.insert(key(q)))
-            .collect();
-        // Nothing new: what was read waits for DELIVERED, which wakes this again.
-        if fresh.is_empty() {
-            continue;
-        }
-        let count = fresh.len();
-        let records = fresh.into_iter().map(|q| Record::Deliver {
-            from: q.from,
-            id: q.id,
-            envelope: q.envelope,
-        });
-        for payload in batch_payloads(records) {
-            if sender.send(payload).await.is_err() {
+            ServerEvent::EnvelopesExpired { count } => {
+                tracing::info!(expired = count, "expired queued envelopes");
                 return;
             }
+            ServerEvent::StoreFailed { doing, error } => {
+                tracing::warn!(doing, %error, "relay store failed");
+                RelayEvent::StoreFailed { doing, error }
+            }
+            ServerEvent::Summary(s) => RelayEvent::Summary(RelaySummary {
+                period: Duration::from_millis(s.period_ms),
+                stats: s.stats,
+                refusals: s.refusals,
+                joins: s.joins,
+                new_devices: s.new_devices,
+                joins_refused: s.joins_refused,
+                online: s.online,
+                registered: s.registered,
+                in_flight_bytes: s.in_flight_bytes,
+                waiting_bytes: s.waiting_bytes,
+            }),
+            _ => return,
+        };
+        let _ = self.events.send(e);
+    }
+
+    fn store_done(&mut self, results: &mut Vec<Vec<(OpId, StoreResult)>>) {
+        for batch in results.drain(..) {
+            self.outstanding -= batch.len().min(self.outstanding);
+            self.with_server(|s, now, links| {
+                for (id, result) in batch {
+                    s.store_done(now, id, result, links);
+                }
+            });
         }
-        let _ = events.send(RelayEvent::Drained { node, count });
-        if more {
-            backlog.notify_one();
+    }
+
+    fn handle(&mut self, batch: &mut Vec<Incoming>) {
+        self.with_server(|s, now, links| {
+            s.records(
+                now,
+                batch.drain(..).map(|i| (i.from, i.cell, i.data)),
+                links,
+            );
+        });
+    }
+
+    /// Handles the departures whose last messages were among the `handled` just handled.
+    fn departures(&mut self, handled: usize) {
+        for l in &mut self.leaving {
+            l.0 = l.0.saturating_sub(handled);
+        }
+        while let Some(&(0, node)) = self.leaving.front() {
+            self.leaving.pop_front();
+            self.left(node);
+        }
+    }
+
+    fn joined(&mut self, peer: &PeerInfo) {
+        let node = peer.node;
+        // Back before its departure was handled: the new connection replaces the old.
+        self.leaving.retain(|l| l.1 != node);
+        match self.node.sender(node) {
+            Ok(sender) => {
+                self.outboxes.insert(
+                    node,
+                    Outbox::counted(sender, Arc::clone(&self.memory.waiting)),
+                );
+            }
+            // Gone already: registered all the same, and its departure follows.
+            Err(_) => {
+                self.outboxes.remove(&node);
+            }
+        }
+        let (nt, id) = (
+            peer.binding.node_token().token().to_bytes(),
+            peer.binding.identity().token().to_bytes(),
+        );
+        self.with_server(|s, now, _| s.joined(now, peer.cell, node, peer.addr, nt, id));
+    }
+
+    fn left(&mut self, node: NodeId) {
+        self.with_server(|s, now, _| s.left(now, node));
+        self.outboxes.remove(&node);
+    }
+
+    /// After missed node events: devices online here that the node no longer has are gone,
+    /// and peers the relay has not seen join are joined.
+    fn resync(&mut self) {
+        let peers = self.node.peers();
+        let known: HashSet<NodeId> = peers.iter().map(|p| p.node).collect();
+        let gone: Vec<NodeId> = lock(&self.server)
+            .online()
+            .filter(|n| !known.contains(n))
+            .collect();
+        for n in gone {
+            self.left(n);
+        }
+        for p in peers {
+            if !lock(&self.server).is_online(p.node) {
+                self.joined(&p);
+            }
         }
     }
 }

@@ -11,6 +11,7 @@
 //! queue     device:[32] seq:u64                  id:[16] from:[32] expires_at:u64 envelope
 //! by_id     device:[32] id:[16] from:[32]        seq:u64
 //! expiry    expires_at:u64 device:[32] seq:u64   ()
+//! revoked   cell:[32] node:[32]                  revocation token (signed by the cell)
 //! meta      "format" | "next_seq"                u64
 //! ```
 //!
@@ -27,12 +28,16 @@
 //! reads what a reconnecting device should be sent, and [`Store::remove`] deletes what it
 //! acknowledged; [`Store::expire`], run periodically, deletes what outlived the time to live,
 //! and [`Store::forget_devices`] drops registrations that expired, with their queues.
+//! [`Store::revoke`] keeps a cell's revocation of a device and drops the device's
+//! registration and queue with it, in one durable transaction; [`Store::revocations`] reads
+//! them back when the relay starts.
 //!
 //! # Formats
 //!
-//! `meta.format` is 2. A format-1 file (index keyed by device and id, devices without
-//! `last_seen`) is migrated when opened, in one transaction: the index is rebuilt from the
-//! queue and every device gets `last_seen` = the time of opening. Any other format is refused.
+//! `meta.format` is 3. A format-2 file (no `revoked` table) gets the empty table. A format-1
+//! file (index keyed by device and id, devices without `last_seen`) is migrated too, in one
+//! transaction: the index is rebuilt from the queue and every device gets `last_seen` = the
+//! time of opening. Any other format is refused.
 //!
 //! # Durability
 //!
@@ -80,6 +85,7 @@ use bytes::Bytes;
 use cellmesh_core::Timestamp;
 use cellmesh_core::id::{CellId, NodeId};
 use cellmesh_core::keys::PublicKey;
+use cellmesh_core::relay::server::{StoreOp, StoreResult, Stored, StoredEnvelope};
 use cellmesh_core::relay::{MsgId, RefuseCode};
 use redb::{
     ReadableDatabase as _, ReadableTable as _, ReadableTableMetadata as _, TableDefinition,
@@ -264,6 +270,12 @@ impl Store {
                 .map(|v| v.value());
             match format {
                 Some(FORMAT) => {}
+                // Format 2 lacked only the `revoked` table, which is created below.
+                Some(2) => {
+                    meta.insert(FORMAT_KEY, FORMAT)
+                        .map_err(db_error("write the format"))?;
+                    tracing::info!("relay store migrated from format 2 to {FORMAT}");
+                }
                 Some(1) => {
                     migrate_from_1(&txn, now)?;
                     meta.insert(FORMAT_KEY, FORMAT)
@@ -283,6 +295,7 @@ impl Store {
             txn.open_table(DEVICES).map_err(db_error("open a table"))?;
             txn.open_table(INDEX).map_err(db_error("open a table"))?;
             txn.open_table(EXPIRY).map_err(db_error("open a table"))?;
+            txn.open_table(REVOKED).map_err(db_error("open a table"))?;
             let queue = txn.open_table(QUEUE).map_err(db_error("open a table"))?;
             let stored_next = meta
                 .get(NEXT_SEQ_KEY)
@@ -347,21 +360,28 @@ impl Store {
         identity: &[u8],
         now: Timestamp,
     ) -> Result<(), StoreError> {
-        let len = u16::try_from(node_token.len()).map_err(|_| StoreError::TokenTooLong {
-            len: node_token.len(),
-        })?;
-        let mut value = Vec::with_capacity(8 + 2 + node_token.len() + identity.len());
-        value.extend_from_slice(&now.0.to_be_bytes());
-        value.extend_from_slice(&len.to_be_bytes());
-        value.extend_from_slice(node_token);
-        value.extend_from_slice(identity);
+        self.put_devices(&[(cell, node, node_token, identity, now)])
+    }
 
+    /// [`Store::put_device`] for many, in one transaction.
+    pub fn put_devices(&self, devices: &[NewDevice<'_>]) -> Result<(), StoreError> {
         let txn = self.registration_txn()?;
         {
-            let mut devices = txn.open_table(DEVICES).map_err(db_error("open a table"))?;
-            devices
-                .insert(&device_key(cell, node), value.as_slice())
-                .map_err(db_error("write a device"))?;
+            let mut table = txn.open_table(DEVICES).map_err(db_error("open a table"))?;
+            for &(cell, node, node_token, identity, now) in devices {
+                let len =
+                    u16::try_from(node_token.len()).map_err(|_| StoreError::TokenTooLong {
+                        len: node_token.len(),
+                    })?;
+                let mut value = Vec::with_capacity(8 + 2 + node_token.len() + identity.len());
+                value.extend_from_slice(&now.0.to_be_bytes());
+                value.extend_from_slice(&len.to_be_bytes());
+                value.extend_from_slice(node_token);
+                value.extend_from_slice(identity);
+                table
+                    .insert(&device_key(cell, node), value.as_slice())
+                    .map_err(db_error("write a device"))?;
+            }
         }
         txn.commit().map_err(db_error("commit"))
     }
@@ -426,11 +446,55 @@ impl Store {
         if devices.is_empty() {
             return Ok(0);
         }
+        self.forget_with(devices, None)
+    }
+
+    /// Keeps `revocation` (a token in its encoding) of `node` by `cell`, and drops the
+    /// device's registration and everything queued for it, in one transaction committed
+    /// durably before this returns; returns how many messages went. Keeping the same pair
+    /// again replaces the token.
+    pub fn revoke(
+        &self,
+        cell: CellId,
+        node: NodeId,
+        revocation: &[u8],
+    ) -> Result<usize, StoreError> {
+        self.forget_with(&[(cell, node)], Some(revocation))
+    }
+
+    /// Every revocation kept, as tokens in their encoding, ordered by cell and device.
+    pub fn revocations(&self) -> Result<Vec<Vec<u8>>, StoreError> {
+        let txn = self
+            .db
+            .begin_read()
+            .map_err(db_error("begin a transaction"))?;
+        let table = txn.open_table(REVOKED).map_err(db_error("open a table"))?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(db_error("read revocations"))? {
+            let (_, value) = entry.map_err(db_error("read revocations"))?;
+            out.push(value.value().to_vec());
+        }
+        Ok(out)
+    }
+
+    /// [`Store::forget_devices`], keeping a revocation of the (single) device in the same
+    /// transaction when there is one.
+    fn forget_with(
+        &self,
+        devices: &[(CellId, NodeId)],
+        revocation: Option<&[u8]>,
+    ) -> Result<usize, StoreError> {
         let _writer = lock(&self.writer);
         let txn = self
             .db
             .begin_write()
             .map_err(db_error("begin a transaction"))?;
+        if let (Some(token), [(cell, node)]) = (revocation, devices) {
+            let mut revoked = txn.open_table(REVOKED).map_err(db_error("open a table"))?;
+            revoked
+                .insert(&device_key(*cell, *node), token)
+                .map_err(db_error("write a revocation"))?;
+        }
         let mut dropped = 0;
         let mut emptied = Vec::new();
         {
@@ -560,43 +624,62 @@ impl Store {
     /// transaction; returns how many were queued. Ids not queued (already removed, never
     /// stored) are ignored.
     pub fn remove(&self, device: NodeId, ids: &[MsgId]) -> Result<usize, StoreError> {
+        Ok(self.remove_many(&[(device, ids)])?[0])
+    }
+
+    /// [`Store::remove`] for many devices, in one transaction (one `fsync` for all); returns
+    /// how many were removed for each.
+    pub fn remove_many(&self, batch: &[(NodeId, &[MsgId])]) -> Result<Vec<usize>, StoreError> {
         let _writer = lock(&self.writer);
-        let device = *device.key().as_bytes();
         let txn = self
             .db
             .begin_write()
             .map_err(db_error("begin a transaction"))?;
-        let mut freed = Usage::default();
+        let mut freed: Vec<(DeviceKey, Usage)> = Vec::with_capacity(batch.len());
         {
             let mut tables = WriteTables::open(&txn)?;
-            for &id in ids {
-                let low = index_key(&device, id, &[0; KEY_LEN]);
-                let high = index_key(&device, id, &[0xff; KEY_LEN]);
-                let found = tables
-                    .index
-                    .range::<&[u8; INDEX_KEY_LEN]>(&low..=&high)
-                    .map_err(db_error("read the index"))?
-                    .map(|entry| entry.map(|(key, seq)| (*key.value(), seq.value())))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(db_error("read the index"))?;
-                for (key, seq) in found {
-                    tables
+            for &(device, ids) in batch {
+                let device = *device.key().as_bytes();
+                let mut f = Usage::default();
+                for &id in ids {
+                    let low = index_key(&device, id, &[0; KEY_LEN]);
+                    let high = index_key(&device, id, &[0xff; KEY_LEN]);
+                    let found = tables
                         .index
-                        .remove(&key)
-                        .map_err(db_error("remove a message"))?;
-                    if let Some(record) = tables.remove_message(&device, seq)? {
-                        freed.add(record.envelope_len);
+                        .range::<&[u8; INDEX_KEY_LEN]>(&low..=&high)
+                        .map_err(db_error("read the index"))?
+                        .map(|entry| entry.map(|(key, seq)| (*key.value(), seq.value())))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(db_error("read the index"))?;
+                    for (key, seq) in found {
+                        tables
+                            .index
+                            .remove(&key)
+                            .map_err(db_error("remove a message"))?;
+                        if let Some(record) = tables.remove_message(&device, seq)? {
+                            f.add(record.envelope_len);
+                        }
                     }
+                }
+                freed.push((device, f));
+            }
+        }
+        let counts: Vec<usize> = freed.iter().map(|(_, f)| f.count).collect();
+        if counts.iter().all(|c| *c == 0) {
+            return Ok(counts);
+        }
+        txn.commit().map_err(db_error("commit"))?;
+        {
+            let mut usage = lock(&self.usage);
+            for (device, f) in &freed {
+                if f.count > 0 {
+                    usage.entry(*device).or_default().subtract(*f);
                 }
             }
         }
-        if freed.count == 0 {
-            return Ok(0);
-        }
-        txn.commit().map_err(db_error("commit"))?;
-        lock(&self.usage).entry(device).or_default().subtract(freed);
-        self.forget_empty(&[device]);
-        Ok(freed.count)
+        let devices: Vec<DeviceKey> = freed.into_iter().map(|(d, _)| d).collect();
+        self.forget_empty(&devices);
+        Ok(counts)
     }
 
     /// Deletes every message that has expired at `now`, in one transaction; returns how many.
@@ -659,6 +742,152 @@ impl Store {
         self.forget_empty(&freed.into_keys().collect::<Vec<_>>());
         tracing::debug!(count, "expired queued messages");
         Ok(count)
+    }
+
+    /// Carries out a relay server's operations in order (see
+    /// [`cellmesh_core::relay::server`]) and says what came of each. A run of consecutive
+    /// operations of one kind that writes (queueing, deleting what was delivered,
+    /// registering) is committed in one transaction: one `fsync` for all of them. Each
+    /// read sees every write before it.
+    pub fn apply(&self, ops: &[StoreOp]) -> Vec<StoreResult> {
+        let mut results = Vec::with_capacity(ops.len());
+        let mut i = 0;
+        while i < ops.len() {
+            let run = ops[i..]
+                .iter()
+                .take_while(|op| std::mem::discriminant(*op) == std::mem::discriminant(&ops[i]))
+                .count();
+            let batch = &ops[i..i + run];
+            match &ops[i] {
+                StoreOp::Enqueue { .. } => self.apply_enqueues(batch, &mut results),
+                StoreOp::Remove { .. } => {
+                    let list: Vec<(NodeId, &[MsgId])> = batch
+                        .iter()
+                        .filter_map(|op| match op {
+                            StoreOp::Remove { device, ids } => Some((*device, ids.as_slice())),
+                            _ => None,
+                        })
+                        .collect();
+                    match self.remove_many(&list) {
+                        Ok(counts) => results.extend(counts.into_iter().map(StoreResult::Removed)),
+                        Err(e) => results.extend(batch.iter().map(|_| failed(&e))),
+                    }
+                }
+                StoreOp::PutDevice { .. } => {
+                    let list: Vec<NewDevice<'_>> = batch
+                        .iter()
+                        .filter_map(|op| match op {
+                            StoreOp::PutDevice {
+                                cell,
+                                node,
+                                node_token,
+                                identity,
+                                now,
+                            } => Some((*cell, *node, &node_token[..], &identity[..], *now)),
+                            _ => None,
+                        })
+                        .collect();
+                    let r = match self.put_devices(&list) {
+                        Ok(()) => StoreResult::Done,
+                        Err(e) => failed(&e),
+                    };
+                    results.extend(batch.iter().map(|_| r.clone()));
+                }
+                StoreOp::Devices { .. }
+                | StoreOp::Pending { .. }
+                | StoreOp::Expire { .. }
+                | StoreOp::Revoke { .. }
+                | StoreOp::Sweep { .. } => {
+                    results.extend(batch.iter().map(|op| self.apply_one(op)));
+                }
+            }
+            i += run;
+        }
+        results
+    }
+
+    /// Consecutive [`StoreOp::Enqueue`]s, as one batch.
+    fn apply_enqueues(&self, batch: &[StoreOp], results: &mut Vec<StoreResult>) {
+        let mut messages = Vec::new();
+        let mut sizes = Vec::with_capacity(batch.len());
+        let mut now = Timestamp(0);
+        for op in batch {
+            if let StoreOp::Enqueue { now: at, envelopes } = op {
+                now = now.max(*at);
+                sizes.push(envelopes.len());
+                messages.extend(envelopes.iter().map(|e| NewMessage {
+                    to: e.to,
+                    id: e.id,
+                    from: e.from,
+                    envelope: &e.envelope,
+                }));
+            }
+        }
+        let mut all = self.enqueue(now, &messages).into_iter().map(|r| {
+            r.map(|e| match e {
+                Enqueued::Stored => Stored::Stored,
+                Enqueued::Duplicate => Stored::Duplicate,
+                Enqueued::Replaced => Stored::Replaced,
+            })
+            .map_err(|e| e.refuse_code())
+        });
+        for n in sizes {
+            results.push(StoreResult::Enqueued(all.by_ref().take(n).collect()));
+        }
+    }
+
+    fn apply_one(&self, op: &StoreOp) -> StoreResult {
+        let r = match op {
+            StoreOp::Devices { cell } => self.devices(*cell).map(StoreResult::Devices),
+            StoreOp::Pending {
+                device,
+                now,
+                limit,
+                max_bytes,
+            } => self.pending(*device, *now, *limit, *max_bytes).map(|q| {
+                StoreResult::Pending(
+                    q.into_iter()
+                        .map(|q| StoredEnvelope {
+                            id: q.id,
+                            from: q.from,
+                            envelope: q.envelope,
+                        })
+                        .collect(),
+                )
+            }),
+            StoreOp::Expire { now } => self.expire(*now).map(StoreResult::Count),
+            StoreOp::Revoke {
+                cell,
+                node,
+                revocation,
+            } => self
+                .revoke(*cell, *node, revocation)
+                .map(StoreResult::Count),
+            StoreOp::Sweep { touch, forget, now } => self
+                .touch_devices(touch, *now)
+                .and_then(|()| self.forget_devices(forget))
+                .map(StoreResult::Count),
+            // Writes that `apply` batches (it never hands them here).
+            StoreOp::Enqueue { .. } | StoreOp::Remove { .. } | StoreOp::PutDevice { .. } => {
+                return self
+                    .apply(std::slice::from_ref(op))
+                    .pop()
+                    .unwrap_or(StoreResult::Done);
+            }
+        };
+        r.unwrap_or_else(|e| failed(&e))
+    }
+
+    /// Every device with something queued (expired messages included until
+    /// [`Store::expire`] deletes them), in key order. Never touches the disk.
+    pub fn queued_devices(&self) -> Vec<NodeId> {
+        let mut out: Vec<NodeId> = lock(&self.usage)
+            .iter()
+            .filter(|(_, u)| u.count > 0)
+            .filter_map(|(k, _)| PublicKey::from_bytes(k).ok().map(NodeId::from_key))
+            .collect();
+        out.sort();
+        out
     }
 
     /// How many messages, and how many envelope bytes, are queued for `device` (expired ones
@@ -831,12 +1060,13 @@ const INDEX: TableDefinition<&[u8; INDEX_KEY_LEN], u64> = TableDefinition::new("
 /// Format 1's index, keyed by device and id only; deleted by the migration.
 const INDEX_1: TableDefinition<&[u8; KEY_LEN + ID_LEN], u64> = TableDefinition::new("index");
 const EXPIRY: TableDefinition<&[u8; EXPIRY_KEY_LEN], ()> = TableDefinition::new("expiry");
+const REVOKED: TableDefinition<&[u8; DEVICE_KEY_LEN], &[u8]> = TableDefinition::new("revoked");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 const FORMAT_KEY: &str = "format";
 const NEXT_SEQ_KEY: &str = "next_seq";
-/// The layout above; format 1 is migrated, any other refused.
-const FORMAT: u64 = 2;
+/// The layout above; formats 1 and 2 are migrated, any other refused.
+const FORMAT: u64 = 3;
 
 const KEY_LEN: usize = 32;
 const ID_LEN: usize = 16;
@@ -856,6 +1086,14 @@ type DeviceKey = [u8; KEY_LEN];
 
 /// A registered device's `(node_token, identity)`.
 type TokenPair = (Vec<u8>, Vec<u8>);
+
+/// A store error as a relay server's operation reports it.
+fn failed(e: &StoreError) -> StoreResult {
+    StoreResult::Failed(e.to_string())
+}
+
+/// A registration to write: cell, device, node token, identity token, seen at.
+pub type NewDevice<'a> = (CellId, NodeId, &'a [u8], &'a [u8], Timestamp);
 
 /// State only writers touch, under the writer lock.
 struct Writer {
@@ -1808,7 +2046,7 @@ mod tests {
             ));
             assert_eq!(store.remove(a, &[id(2)]).unwrap(), 1);
         }
-        // Opened again, it is format 2 already.
+        // Opened again, it is this format already.
         let store = Store::open_at(&path, StoreLimits::default(), T0.plus(99)).unwrap();
         assert_eq!(store.registered().unwrap(), [(c, a, now)]);
         let pending = store.pending(a, T0, 10, usize::MAX).unwrap();
@@ -1824,12 +2062,75 @@ mod tests {
         {
             let db = redb::Database::create(&path).unwrap();
             let txn = db.begin_write().unwrap();
-            txn.open_table(META).unwrap().insert(FORMAT_KEY, 3).unwrap();
+            txn.open_table(META).unwrap().insert(FORMAT_KEY, 4).unwrap();
             txn.commit().unwrap();
         }
         assert!(matches!(
             Store::open(&path, StoreLimits::default()),
             Err(StoreError::Corrupt("unknown store format"))
         ));
+    }
+
+    #[test]
+    fn a_revocation_is_kept_across_reopen_and_drops_the_device_and_its_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay").join("store.redb");
+        let (c, a, b) = (cell(10), node(1), node(2));
+        {
+            let store = open(&dir, StoreLimits::default());
+            store.put_device(c, a, b"ta", b"ia", T0).unwrap();
+            store.put_device(c, b, b"tb", b"ib", T0).unwrap();
+            let r = store.enqueue(T0, &[msg(a, id(1), b"for a"), msg(b, id(2), b"for b")]);
+            assert!(r.iter().all(Result::is_ok));
+            assert_eq!(store.revoke(c, a, b"revocation of a").unwrap(), 1);
+            assert_eq!(store.queued(a), (0, 0));
+            assert_eq!(
+                store.devices(c).unwrap(),
+                [(b"tb".to_vec(), b"ib".to_vec())]
+            );
+            // Again: replaced, nothing more dropped.
+            assert_eq!(store.revoke(c, a, b"revocation of a").unwrap(), 0);
+        }
+        let store = Store::open(&path, StoreLimits::default()).unwrap();
+        assert_eq!(store.revocations().unwrap(), [b"revocation of a".to_vec()]);
+        assert_eq!(store.registered().unwrap().len(), 1);
+        assert_eq!(store.queued(b), (1, 5));
+    }
+
+    #[test]
+    fn a_format_2_store_is_migrated_with_an_empty_revoked_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay").join("store.redb");
+        let (c, a) = (cell(10), node(1));
+        {
+            let store = open(&dir, StoreLimits::default());
+            store.put_device(c, a, b"t", b"i", T0).unwrap();
+            assert!(store.enqueue(T0, &[msg(a, id(1), b"kept")])[0].is_ok());
+        }
+        // Make it what format 2 wrote: no `revoked` table, format 2.
+        {
+            let db = redb::Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            assert!(txn.delete_table(REVOKED).unwrap());
+            txn.open_table(META).unwrap().insert(FORMAT_KEY, 2).unwrap();
+            txn.commit().unwrap();
+        }
+        let store = Store::open(&path, StoreLimits::default()).unwrap();
+        assert!(store.revocations().unwrap().is_empty());
+        assert_eq!(store.queued(a), (1, 4));
+        assert_eq!(store.registered().unwrap().len(), 1);
+        assert_eq!(store.revoke(c, a, b"r").unwrap(), 1);
+        drop(store);
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_read().unwrap();
+        let format = txn
+            .open_table(META)
+            .unwrap()
+            .get(FORMAT_KEY)
+            .unwrap()
+            .unwrap()
+            .value();
+        assert_eq!(format, FORMAT);
+        assert_eq!(FORMAT, 3);
     }
 }

@@ -504,6 +504,7 @@ async fn a_relay_that_swaps_keys_or_forges_messages_is_caught() {
                         request,
                         cell,
                         devices,
+                        revocations: Vec::new(),
                     },
                 )
                 .await;

@@ -1,7 +1,6 @@
 //! What a relay bounds against its own users: announcements, registrations, connection slots,
 //! joins and LOOKUPs, over real TCP on loopback.
 
-use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -11,13 +10,13 @@ use bytes::Bytes;
 use cellmesh::core::keys::KeyPair;
 use cellmesh::core::limits::Rate;
 use cellmesh::core::mnemonic::CellSecrets;
-use cellmesh::core::relay::{MsgId, Record, RefuseCode, put_record, records};
+use cellmesh::core::relay::{MsgId, Record, RefuseCode};
 use cellmesh::core::wire::NackCode;
 use cellmesh::home::Unlocked;
 use cellmesh::mailbox::{Mailbox, MailboxConfig, Status};
 use cellmesh::node::{JoinError, Node, NodeConfig, NodeEvent};
 use cellmesh::relay::{Relay, RelayConfig, RelayEvent};
-use common::{device, offline, recv, registered, tap};
+use common::{RawDevice, device, offline, recv, registered, tap};
 use rand_core::{OsRng, RngCore as _};
 
 mod common;
@@ -430,53 +429,6 @@ async fn lookups_over_the_rate_wait_their_turn() {
     .await
     .expect("the asker disconnected");
     assert_eq!(reason, "too many LOOKUPs");
-}
-
-/// A device speaking the relay protocol itself, through a node joined to the relay.
-struct RawDevice {
-    node: Node,
-    relay: cellmesh::core::id::NodeId,
-    pending: VecDeque<Record>,
-}
-
-impl RawDevice {
-    async fn join(keys: &Unlocked, relay: SocketAddr) -> Self {
-        let node = Node::start(keys, NodeConfig::default()).await.unwrap();
-        let peer = node.join(relay).await.unwrap();
-        Self {
-            node,
-            relay: peer.node,
-            pending: VecDeque::new(),
-        }
-    }
-
-    async fn send(&self, records: &[Record]) {
-        let mut buf = Vec::new();
-        for r in records {
-            if buf.len() + r.encoded_len() + 4 > 60_000 {
-                self.node
-                    .send(self.relay, Bytes::from(std::mem::take(&mut buf)))
-                    .await
-                    .unwrap();
-            }
-            put_record(&mut buf, r);
-        }
-        if !buf.is_empty() {
-            self.node.send(self.relay, Bytes::from(buf)).await.unwrap();
-        }
-    }
-
-    /// The next record from the relay, within 10 s.
-    async fn next(&mut self) -> Record {
-        while self.pending.is_empty() {
-            let m = tokio::time::timeout(Duration::from_secs(10), self.node.recv())
-                .await
-                .expect("a record within 10 s")
-                .expect("node running");
-            self.pending.extend(records(m.data).map(Result::unwrap));
-        }
-        self.pending.pop_front().unwrap()
-    }
 }
 
 const SLASH_64_TEST: &str = "addresses_of_one_ipv6_slash_64_share_the_per_address_limit";

@@ -122,6 +122,9 @@ pub enum DirectoryError {
     /// The node token carries no X25519 key.
     #[error("a device token carries no agreement key")]
     NoAgreementKey,
+    /// A revocation the answer carries is not the cell's signed revocation of a device.
+    #[error("a revocation in the answer does not verify: {0}")]
+    Revocation(crate::revoked::InvalidRevocation),
 }
 
 /// This device, as the sender and recipient of end-to-end messages.

@@ -6,6 +6,8 @@
 //!  submit(cell, body) ─► directory (LOOKUP, checked) ─► seal per device ─► FORWARD ──► relay
 //!  Event::Sent ◄── outcome ◄── ACCEPTED/REFUSED, REPLY (acknowledgement) ◄────────────┘
 //!  Event::Messages ◄── open ◄── DELIVER ◄── relay
+//!  Event::Revocations ◄── checked ◄── DIRECTORY's revocations (never sealed for again)
+//!  revoke(token) ──► REVOKE ──► relay ──► REVOKED ──► Event::RevokeAnswered
 //!  handle_taken(n) ──► ACK (end to end) now ──► DELIVERED once the duplicate memory is on disk
 //!  poll_commit ──► the store (sessions, duplicate memory, sends) ──► handle_committed
 //! ```
@@ -46,6 +48,7 @@ use rand_core::CryptoRngCore;
 use thiserror::Error;
 use zeroize::Zeroizing;
 
+use crate::codec::DecodeError;
 use crate::device::Revocations;
 use crate::e2e::{
     AckHandle, Directory, DirectoryError, Endpoint, LocalDevice, MAX_BODY, Message, OpenError,
@@ -53,6 +56,7 @@ use crate::e2e::{
 };
 use crate::id::{CellId, NodeId};
 use crate::relay::{Accepted, DirectoryEntry, MAX_IDS, MsgId, Record, RefuseCode, put_record};
+use crate::revoked::CellRevocation;
 use crate::{Instant, Timestamp};
 
 use sends::{DevState, DeviceSend, PendingSend, Sends, Told};
@@ -76,8 +80,7 @@ pub const BUNDLE_BYTES: usize = 64 * 1024;
 pub const BUNDLE_MESSAGES: usize = 256;
 /// Most messages in one [`Event::Messages`].
 pub const HAND_OVER: usize = 256;
-/// Records are batched into link payloads of about this size.
-pub const MAX_BATCH: usize = 64 * 1024;
+pub use crate::relay::MAX_BATCH;
 /// How often sessions and the duplicate memory are swept of what has expired. Milliseconds.
 const SWEEP_MS: u64 = 3600 * 1000;
 /// How long an envelope answered with RESET is left with the relay (not told DELIVERED) for
@@ -180,6 +183,10 @@ pub enum SendError {
         "not sent: the relay did not list the devices of {0} in time (is it reachable?); nothing left this device, and sending it again is safe"
     )]
     NotSent(CellId),
+    /// The relay answered a LOOKUP in a shape this version no longer reads (a DIRECTORY
+    /// without the cell's revocations): it is older than this device.
+    #[error("the relay is too old: its directory answers carry no revocations (upgrade the relay)")]
+    IncompatibleRelay,
     /// The mailbox closed first.
     #[error("mailbox closed")]
     Closed,
@@ -206,6 +213,17 @@ pub enum Event {
     /// Messages from other cells, in order. Tell the mailbox when the application has them
     /// ([`Mailbox::handle_taken`]): only then are they acknowledged.
     Messages(Vec<Message>),
+    /// Revocations this mailbox had not honoured, found in a DIRECTORY and checked: each a
+    /// cell's signed revocation of one of its devices. Honoured from now on; keep them (the
+    /// home's keystore) so that the next run honours them too.
+    Revocations(Vec<crate::token::Token>),
+    /// The relay answered a [`Mailbox::revoke`].
+    RevokeAnswered {
+        /// The token it was asked with.
+        token: Token,
+        /// Kept by the relay (or kept already), or refused ([`SendError::Refused`]).
+        result: Result<(), SendError>,
+    },
 }
 
 /// What an earlier run saved, handed back to [`Mailbox::new`].
@@ -300,6 +318,10 @@ pub struct Mailbox {
     fresh: Vec<Fresh>,
     directories: BTreeMap<CellId, Cached>,
     lookups: BTreeMap<u32, (CellId, Vec<Waiting>)>,
+    /// REVOKEs the relay has not answered, by request number.
+    revokes: BTreeMap<u32, (Token, crate::token::Token)>,
+    /// The relay answered a LOOKUP in a retired shape (until the link is up again).
+    incompatible: bool,
     next_request: u32,
     /// When sends submitted while their cell was looked up are due, in the order they were
     /// submitted (some may have been sealed since: then nothing is due at that time).
@@ -373,6 +395,8 @@ impl Mailbox {
             fresh: Vec::new(),
             directories: BTreeMap::new(),
             lookups: BTreeMap::new(),
+            revokes: BTreeMap::new(),
+            incompatible: false,
             next_request: 1,
             lookup_deadlines: VecDeque::new(),
             deadlines: VecDeque::new(),
@@ -439,12 +463,19 @@ impl Mailbox {
     /// answered again, every lookup again, and seals saved sends again.
     pub fn handle_connected(&mut self) {
         self.connected = true;
+        self.incompatible = false;
         let sends = &self.sends;
         self.out.retain(|r| match r {
             Record::Forward { id, .. } => !sends.contains(id),
-            Record::Lookup { .. } | Record::Receive => false,
+            Record::Lookup { .. } | Record::Receive | Record::Revoke { .. } => false,
             _ => true,
         });
+        for (request, (_, revocation)) in &self.revokes {
+            self.out.push(Record::Revoke {
+                request: *request,
+                revocation: Box::new(revocation.clone()),
+            });
+        }
         // A link takes messages only once it says so: one that only sends never does.
         if self.config.receive {
             self.out.insert(0, Record::Receive);
@@ -565,6 +596,37 @@ impl Mailbox {
         self.lookup_for(cell, Waiting::Lookup(token));
     }
 
+    /// Hands the relay a revocation to keep: it then refuses the revoked device and gives the
+    /// revocation to everyone who looks the cell up. The answer comes as
+    /// [`Event::RevokeAnswered`] with `token` (sent again after a reconnection until it
+    /// comes). This mailbox honours the revocation from now on, whatever the relay says.
+    pub fn revoke(&mut self, revocation: crate::token::Token, token: Token) {
+        if self.closed {
+            return self.events.push_back(Event::RevokeAnswered {
+                token,
+                result: Err(SendError::Closed),
+            });
+        }
+        let checked = match CellRevocation::verify(&revocation) {
+            Ok(r) => r,
+            Err(_) => {
+                return self.events.push_back(Event::RevokeAnswered {
+                    token,
+                    result: Err(SendError::Refused(RefuseCode::Invalid)),
+                });
+            }
+        };
+        let _ = checked.insert_into(&mut self.revocations);
+        self.directories.remove(&checked.cell());
+        self.drop_revoked(checked.cell(), checked.node());
+        let request = self.next_request();
+        self.revokes.insert(request, (token, revocation.clone()));
+        self.out.push(Record::Revoke {
+            request,
+            revocation: Box::new(revocation),
+        });
+    }
+
     /// The application has taken the first `count` messages ever handed over: what they
     /// came in is acknowledged end to end, and told DELIVERED once remembered on disk.
     pub fn handle_taken(&mut self, count: u64) {
@@ -609,16 +671,32 @@ impl Mailbox {
     pub fn handle_payload(&mut self, payload: Bytes, now: Instant, rng: &mut impl CryptoRngCore) {
         let mut delivered = Vec::new();
         for record in crate::relay::records(payload) {
-            let Ok(record) = record else {
+            let record = match record {
+                Ok(record) => record,
+                // A DIRECTORY of the retired shape: the relay is older than this device, and
+                // every lookup through it would get one.
+                Err(DecodeError::UnsupportedVersion(_)) => {
+                    self.incompatible_relay();
+                    break;
+                }
                 // The records before it stand; nothing after it can be trusted to be framed.
-                break;
+                Err(_) => break,
             };
             match record {
                 Record::Directory {
                     request,
                     cell,
                     devices,
-                } => self.directory(request, cell, &devices, now),
+                    revocations,
+                } => self.directory(request, cell, &devices, &revocations, now),
+                Record::Revoked { request, result } => {
+                    if let Some((token, _)) = self.revokes.remove(&request) {
+                        self.events.push_back(Event::RevokeAnswered {
+                            token,
+                            result: result.map_err(SendError::Refused),
+                        });
+                    }
+                }
                 Record::Accepted { to, id, status } => self.relay_answer(to, id, Ok(status), now),
                 Record::Refused { to, id, code } => self.relay_answer(to, id, Err(code), now),
                 Record::Deliver { from, id, envelope } => {
@@ -780,6 +858,12 @@ impl Mailbox {
                     Waiting::Restored => {}
                 }
             }
+        }
+        for (_, (token, _)) in std::mem::take(&mut self.revokes) {
+            self.events.push_back(Event::RevokeAnswered {
+                token,
+                result: Err(SendError::Closed),
+            });
         }
         let mut tokens = Vec::new();
         for send in self.sends.iter_mut() {
@@ -943,17 +1027,105 @@ impl Mailbox {
     }
 
     fn lookup_for(&mut self, cell: CellId, waiting: Waiting) {
+        if self.incompatible {
+            return self.fail_waiter(waiting, &SendError::IncompatibleRelay);
+        }
         if let Some((_, waiters)) = self.lookups.values_mut().find(|(c, _)| *c == cell) {
             waiters.push(waiting);
             return;
         }
-        let request = self.next_request;
-        self.next_request = self.next_request.wrapping_add(1).max(1);
+        let request = self.next_request();
         self.lookups.insert(request, (cell, vec![waiting]));
         self.out.push(Record::Lookup { request, cell });
     }
 
-    fn directory(&mut self, request: u32, cell: CellId, entries: &[DirectoryEntry], now: Instant) {
+    /// The next number for a LOOKUP or a REVOKE (never 0).
+    fn next_request(&mut self) -> u32 {
+        let request = self.next_request;
+        self.next_request = self.next_request.wrapping_add(1).max(1);
+        request
+    }
+
+    fn fail_waiter(&mut self, waiting: Waiting, error: &SendError) {
+        match waiting {
+            Waiting::Send(f) => self.report(f.token, Err(error.clone())),
+            Waiting::Lookup(token) => self.events.push_back(Event::Looked {
+                token,
+                result: Err(error.clone()),
+            }),
+            Waiting::Restored => {}
+        }
+    }
+
+    /// Every lookup waiting fails with [`SendError::IncompatibleRelay`], and every lookup
+    /// until the link is up again.
+    fn incompatible_relay(&mut self) {
+        self.incompatible = true;
+        for (_, (_, waiters)) in std::mem::take(&mut self.lookups) {
+            for w in waiters {
+                self.fail_waiter(w, &SendError::IncompatibleRelay);
+            }
+        }
+    }
+
+    /// A revocation of `node` by `cell` is honoured from now on: kept sends stop waiting for
+    /// the device (refused, `not_allowed`), so that nothing, a RESET least of all (anyone can
+    /// forge one), seals them for it again.
+    fn drop_revoked(&mut self, cell: CellId, node: NodeId) {
+        let mut ids = Vec::new();
+        for send in self.sends.iter_mut().filter(|s| s.cell == cell) {
+            for dev in send.devices.iter_mut().filter(|d| d.node == node) {
+                if !dev.state.settled() {
+                    dev.state = DevState::Refused(RefuseCode::NotAllowed);
+                    dev.device = None;
+                    ids.push(send.id);
+                }
+            }
+        }
+        for id in ids {
+            self.settle(id);
+        }
+    }
+
+    /// Checks the revocations a DIRECTORY for `cell` carries and honours the new ones (the
+    /// application is told, to keep them). A signed revocation counts even if the answer
+    /// around it does not check out; one that does not verify, or that another cell issued,
+    /// makes the answer untrusted, as a lie about a device does.
+    fn learn_revocations(
+        &mut self,
+        cell: CellId,
+        tokens: &[crate::token::Token],
+    ) -> Result<(), DirectoryError> {
+        let mut learned = Vec::new();
+        let mut bad = None;
+        for t in tokens {
+            match CellRevocation::verify(t) {
+                Ok(r) if r.cell() == cell => {
+                    if !self.revocations.is_revoked(cell, r.node())
+                        && r.insert_into(&mut self.revocations).is_ok()
+                    {
+                        self.drop_revoked(cell, r.node());
+                        learned.push(t.clone());
+                    }
+                }
+                Ok(r) => bad = Some(DirectoryError::WrongCell(r.cell())),
+                Err(e) => bad = Some(DirectoryError::Revocation(e)),
+            }
+        }
+        if !learned.is_empty() {
+            self.events.push_back(Event::Revocations(learned));
+        }
+        bad.map_or(Ok(()), Err)
+    }
+
+    fn directory(
+        &mut self,
+        request: u32,
+        cell: CellId,
+        entries: &[DirectoryEntry],
+        revocations: &[crate::token::Token],
+        now: Instant,
+    ) {
         let Some((asked, waiters)) = self.lookups.remove(&request) else {
             return;
         };
@@ -962,7 +1134,10 @@ impl Mailbox {
                 cell: asked,
                 error: DirectoryError::WrongCell(cell),
             })
+        } else if let Err(error) = self.learn_revocations(cell, revocations) {
+            Err(SendError::Directory { cell, error })
         } else {
+            // With what was just learned: a device the cell revoked is never sealed for.
             match Directory::verify(cell, entries, now.timestamp(), &self.revocations) {
                 Ok(dir) => Ok(dir),
                 Err(DirectoryError::NoDevices(c)) => Err(SendError::UnknownCell(c)),

@@ -10,68 +10,10 @@ use rand_core::SeedableRng as _;
 use super::*;
 use crate::relay::records;
 use crate::testing::TestNode;
+use crate::world::Disk;
 
 const T0: Timestamp = Timestamp(1_800_000_000);
 const START: Instant = Instant(1_800_000_100_000);
-
-/// What a device keeps on disk.
-#[derive(Clone, Default)]
-struct Disk {
-    sessions: BTreeMap<SessionKey, Vec<u8>>,
-    seen: BTreeMap<(CellId, MsgId), Timestamp>,
-    floors: BTreeMap<CellId, Timestamp>,
-    sends: BTreeMap<MsgId, Vec<u8>>,
-    commits: u64,
-}
-
-impl Disk {
-    fn apply(&mut self, commit: Commit) {
-        self.commits += 1;
-        for op in commit.ops {
-            match op {
-                StoreOp::PutSession(k, v) => {
-                    self.sessions.insert(k, v.to_vec());
-                }
-                StoreOp::DeleteSession(k) => {
-                    self.sessions.remove(&k);
-                }
-                StoreOp::Seen(SeenChange::Put { cell, id, time }) => {
-                    self.seen.insert((cell, id), time);
-                }
-                StoreOp::Seen(SeenChange::Forget { cell, id, .. }) => {
-                    self.seen.remove(&(cell, id));
-                }
-                StoreOp::Seen(SeenChange::Floor { cell, floor }) => {
-                    self.floors.insert(cell, floor);
-                }
-                StoreOp::Seen(SeenChange::ExpireBefore(t)) => self.seen.retain(|_, v| *v >= t),
-                StoreOp::PutSend(id, v) => {
-                    self.sends.insert(id, v.to_vec());
-                }
-                StoreOp::DeleteSend(id) => {
-                    self.sends.remove(&id);
-                }
-            }
-        }
-    }
-
-    fn saved(&self) -> Saved {
-        Saved {
-            sessions: self
-                .sessions
-                .iter()
-                .map(|(k, v)| (*k, Zeroizing::new(v.clone())))
-                .collect(),
-            seen: self.seen.iter().map(|((c, i), t)| (*c, *i, *t)).collect(),
-            floors: self.floors.iter().map(|(c, t)| (*c, *t)).collect(),
-            sends: self
-                .sends
-                .values()
-                .map(|v| Zeroizing::new(v.clone()))
-                .collect(),
-        }
-    }
-}
 
 /// A device: its identity, its store, and (while it runs) its mailbox and application.
 struct Device {
@@ -88,6 +30,9 @@ struct Device {
     /// Whether the application takes what it is handed at once.
     takes: bool,
     outcomes: BTreeMap<Token, Result<Sent, SendError>>,
+    /// Revocations the mailbox reported learning, and answers to its REVOKEs.
+    learned: Vec<crate::token::Token>,
+    revoke_answers: BTreeMap<Token, Result<(), SendError>>,
 }
 
 impl Device {
@@ -116,6 +61,13 @@ struct Relay {
     outgoing: BTreeMap<NodeId, Vec<Record>>,
     /// Every FORWARD, as (to, from, id, envelope): what a relay could replay.
     log: Vec<(NodeId, NodeId, MsgId, Bytes)>,
+    /// Revocations it hands out with each cell's directory.
+    revocations: BTreeMap<CellId, Vec<crate::token::Token>>,
+    /// What it answers every REVOKE (kept, if absent).
+    revoke_refusal: Option<RefuseCode>,
+    /// Whether a REVOKE it kept drops the device from the directory (a relay that does not
+    /// is what a sender must not trust).
+    drops_revoked: bool,
 }
 
 impl Relay {
@@ -177,14 +129,38 @@ impl Relay {
                         .get(&cell)
                         .map(|d| d.iter().map(|(_, e)| e.clone()).collect())
                         .unwrap_or_default();
+                    let revocations = self.revocations.get(&cell).cloned().unwrap_or_default();
                     self.send(
                         from,
                         Record::Directory {
                             request,
                             cell,
                             devices,
+                            revocations,
                         },
                     );
+                }
+                Record::Revoke {
+                    request,
+                    revocation,
+                } => {
+                    let result = match self.revoke_refusal {
+                        Some(code) => Err(code),
+                        None => {
+                            let r = CellRevocation::verify(&revocation).expect("a valid one");
+                            if self.drops_revoked
+                                && let Some(list) = self.directory.get_mut(&r.cell())
+                            {
+                                list.retain(|(n, _)| *n != r.node());
+                            }
+                            self.revocations
+                                .entry(r.cell())
+                                .or_default()
+                                .push(*revocation);
+                            Ok(())
+                        }
+                    };
+                    self.send(from, Record::Revoked { request, result });
                 }
                 Record::Forward { to, id, envelope } => {
                     self.log.push((to, from, id, envelope.clone()));
@@ -284,6 +260,8 @@ fn world_of(with_bob2: bool) -> World {
             taken: 0,
             takes: true,
             outcomes: BTreeMap::new(),
+            learned: Vec::new(),
+            revoke_answers: BTreeMap::new(),
         })
         .collect();
     World {
@@ -395,6 +373,10 @@ impl World {
                             dev.got.extend(m);
                         }
                         Event::Looked { .. } => {}
+                        Event::Revocations(tokens) => dev.learned.extend(tokens),
+                        Event::RevokeAnswered { token, result } => {
+                            dev.revoke_answers.insert(token, result);
+                        }
                     }
                 }
                 if dev.takes && dev.taken < dev.handed {
@@ -469,10 +451,10 @@ fn a_message_is_delivered_to_every_device_and_acknowledged_once_taken() {
     assert_eq!(w.bodies(BOB2), vec![&b"hello"[..]]);
     // Both devices acknowledged: nothing kept, nothing saved.
     assert_eq!(w.devices[ALICE].mb().sends_kept(), 0);
-    assert!(w.devices[ALICE].disk.sends.is_empty());
+    assert!(w.devices[ALICE].disk.sends_kept() == 0);
     // Both told the relay, once the duplicate memory was on disk.
     assert_eq!(w.relay.waiting_for(w.devices[BOB].node()), 0);
-    assert_eq!(w.devices[BOB].disk.seen.len(), 1);
+    assert_eq!(w.devices[BOB].disk.seen_len(), 1);
 }
 
 #[test]
@@ -500,7 +482,7 @@ fn nothing_is_acknowledged_before_the_application_has_it() {
     ));
     // Saved all the same: a retry under its id, in this run or a later one, learns its
     // outcome instead of sending it twice (SECURITY.md, "Restarts and durable state").
-    assert_eq!(w.devices[ALICE].disk.sends.len(), 1);
+    assert_eq!(w.devices[ALICE].disk.sends_kept(), 1);
     // Bob's next run gets it again, takes it: delivered, once.
     w.devices[BOB].takes = true;
     w.devices[BOB].got.clear();
@@ -538,7 +520,7 @@ fn queued_messages_survive_restarts_of_both_sides() {
         assert_eq!(status(w.outcome(ALICE, *t)), Some(Status::Queued));
     }
     // Saved before reported: the two queued, and the three BOB2 has not had.
-    assert_eq!(w.devices[ALICE].disk.sends.len(), 5);
+    assert_eq!(w.devices[ALICE].disk.sends_kept(), 5);
     w.stop(ALICE);
     w.devices[BOB].got.clear();
     w.start(BOB);
@@ -546,7 +528,7 @@ fn queued_messages_survive_restarts_of_both_sides() {
     // Alice comes back: her saved sends and sessions open Bob's acknowledgements.
     w.start(ALICE);
     assert_eq!(
-        w.devices[ALICE].disk.sends.len(),
+        w.devices[ALICE].disk.sends_kept(),
         5,
         "BOB2 has not acknowledged yet"
     );
@@ -554,7 +536,7 @@ fn queued_messages_survive_restarts_of_both_sides() {
     assert_eq!(w.bodies(BOB2), vec![&b"a"[..], b"b", b"c", b"x", b"y"]);
     w.settle();
     assert!(
-        w.devices[ALICE].disk.sends.is_empty(),
+        w.devices[ALICE].disk.sends_kept() == 0,
         "every device acknowledged"
     );
 }
@@ -679,8 +661,7 @@ fn envelopes_under_a_new_lease_wait_for_its_commit() {
     assert!(
         w.devices[ALICE]
             .disk
-            .sessions
-            .keys()
+            .session_keys()
             .any(|k| matches!(k, SessionKey::Outbound(_)))
     );
     w.crash(ALICE);
@@ -870,7 +851,7 @@ fn a_send_waiting_for_its_lookup_while_the_relay_is_unreachable_ends_as_not_sent
     w.advance(60_000);
     assert!(w.bodies(BOB).is_empty());
     assert_eq!(w.devices[ALICE].mb().sends_kept(), 0);
-    assert!(w.devices[ALICE].disk.sends.is_empty());
+    assert!(w.devices[ALICE].disk.sends_kept() == 0);
     // Sent again, it goes as any other.
     let again = w.send(ALICE, bob_cell, b"into the void");
     assert_eq!(status(w.outcome(ALICE, again)), Some(Status::Delivered));
@@ -938,7 +919,7 @@ fn a_send_no_device_acknowledges_is_kept_seven_days_then_forgotten() {
     let bob_cell = w.cell(BOB);
     let t = w.send(ALICE, bob_cell, b"for a device that never returns");
     assert_eq!(status(w.outcome(ALICE, t)), Some(Status::Queued));
-    assert_eq!(w.devices[ALICE].disk.sends.len(), 1);
+    assert_eq!(w.devices[ALICE].disk.sends_kept(), 1);
     w.advance(RETAIN * 1000 - 1000);
     assert_eq!(
         w.devices[ALICE].mb().sends_kept(),
@@ -948,7 +929,218 @@ fn a_send_no_device_acknowledges_is_kept_seven_days_then_forgotten() {
     w.advance(1000);
     assert_eq!(w.devices[ALICE].mb().sends_kept(), 0);
     assert!(
-        w.devices[ALICE].disk.sends.is_empty(),
+        w.devices[ALICE].disk.sends_kept() == 0,
         "and deleted from disk"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Revocations (issue 10, finding 10)
+// ---------------------------------------------------------------------------------------------
+
+fn revocation_of(w: &mut World, by: usize, node: NodeId) -> crate::token::Token {
+    let dev = &mut w.devices[by];
+    crate::device::revocation(&dev.id.cell, node, T0, &mut dev.rng).unwrap()
+}
+
+/// The worst case: a relay that still lists the revoked device beside the revocation. A
+/// sender that never imported the revocation learns it from the directory, seals only for
+/// the devices left, and is told to keep it.
+#[test]
+fn a_sender_learns_a_revocation_from_the_directory_and_never_seals_for_the_device() {
+    let mut w = world();
+    let bob2 = w.devices[BOB2].node();
+    let token = revocation_of(&mut w, BOB, bob2);
+    w.relay.revocations.insert(w.cell(BOB), vec![token.clone()]);
+    for d in [ALICE, BOB, BOB2] {
+        w.start(d);
+    }
+    let bob_cell = w.cell(BOB);
+    let t = w.send(ALICE, bob_cell, b"not for the lost phone");
+    let Some(Ok(sent)) = w.outcome(ALICE, t) else {
+        panic!("not sent: {:?}", w.outcome(ALICE, t))
+    };
+    assert_eq!((sent.status, sent.devices), (Status::Delivered, 1));
+    assert!(w.relay.log.iter().all(|(to, ..)| *to != bob2));
+    assert!(w.bodies(BOB2).is_empty());
+    assert_eq!(w.bodies(BOB), vec![&b"not for the lost phone"[..]]);
+    assert_eq!(w.devices[ALICE].learned, vec![token]);
+    // Learned once: the next lookup (after the cache) tells nothing new.
+    w.advance(DIRECTORY_TTL_MS + 1);
+    let t = w.send(ALICE, bob_cell, b"again");
+    assert!(matches!(w.outcome(ALICE, t), Some(Ok(s)) if s.devices == 1));
+    assert_eq!(w.devices[ALICE].learned.len(), 1);
+}
+
+#[test]
+fn a_directory_with_a_forged_or_foreign_revocation_is_not_trusted() {
+    let mut w = world();
+    let alice_node = w.devices[ALICE].node();
+    // Alice's cell's revocation handed out as Bob's: the relay mixes cells up.
+    let foreign = revocation_of(&mut w, ALICE, alice_node);
+    w.relay.revocations.insert(w.cell(BOB), vec![foreign]);
+    w.start(ALICE);
+    let bob_cell = w.cell(BOB);
+    let t = w.send(ALICE, bob_cell, b"x");
+    assert!(matches!(
+        w.outcome(ALICE, t),
+        Some(Err(SendError::Directory {
+            error: DirectoryError::WrongCell(_),
+            ..
+        }))
+    ));
+    // An identity token passed off as a revocation.
+    let identity = w.devices[BOB].id.identity.clone();
+    w.relay.revocations.insert(bob_cell, vec![identity]);
+    w.advance(DIRECTORY_TTL_MS + 1);
+    let t = w.send(ALICE, bob_cell, b"y");
+    assert!(matches!(
+        w.outcome(ALICE, t),
+        Some(Err(SendError::Directory {
+            error: DirectoryError::Revocation(_),
+            ..
+        }))
+    ));
+    assert!(w.relay.log.is_empty());
+}
+
+#[test]
+fn a_revoke_goes_to_the_relay_and_its_answer_comes_back() {
+    let mut w = world();
+    w.relay.drops_revoked = true;
+    w.start(ALICE);
+    w.start(BOB);
+    let bob2 = w.devices[BOB2].node();
+    let token = revocation_of(&mut w, BOB, bob2);
+    w.devices[BOB].mb().revoke(token.clone(), 77);
+    w.settle();
+    assert_eq!(w.devices[BOB].revoke_answers.get(&77), Some(&Ok(())));
+    assert_eq!(
+        w.relay.revocations.get(&w.cell(BOB)),
+        Some(&vec![token.clone()])
+    );
+    // Bob's own mailbox honours it at once: a send to its own cell skips the device.
+    let bob_cell = w.cell(BOB);
+    let t = w.send(BOB, bob_cell, b"note to self");
+    assert!(
+        w.relay.log.iter().all(|(to, ..)| *to != bob2),
+        "{:?}",
+        w.outcome(BOB, t)
+    );
+    // A refusal comes back with its code; a token that is no revocation never leaves.
+    w.relay.revoke_refusal = Some(RefuseCode::TooMany);
+    w.devices[BOB].mb().revoke(token, 78);
+    let identity = w.devices[BOB].id.identity.clone();
+    w.devices[BOB].mb().revoke(identity, 79);
+    w.settle();
+    let answers = &w.devices[BOB].revoke_answers;
+    assert_eq!(
+        answers.get(&78),
+        Some(&Err(SendError::Refused(RefuseCode::TooMany)))
+    );
+    assert_eq!(
+        answers.get(&79),
+        Some(&Err(SendError::Refused(RefuseCode::Invalid)))
+    );
+}
+
+#[test]
+fn a_revoke_is_sent_again_after_a_reconnection_and_ends_closed_on_close() {
+    let mut w = world();
+    w.start(BOB);
+    let bob2 = w.devices[BOB2].node();
+    let token = revocation_of(&mut w, BOB, bob2);
+    let node = w.devices[BOB].node();
+    // The link goes down before the REVOKE reaches the relay.
+    w.devices[BOB].mb().handle_disconnected();
+    w.relay.disconnect(node);
+    w.devices[BOB].mb().revoke(token.clone(), 5);
+    w.settle();
+    assert!(w.devices[BOB].revoke_answers.is_empty());
+    w.relay.connect(node);
+    w.devices[BOB].mb().handle_connected();
+    w.settle();
+    assert_eq!(w.devices[BOB].revoke_answers.get(&5), Some(&Ok(())));
+    assert_eq!(w.relay.revocations.get(&w.cell(BOB)).map(Vec::len), Some(1));
+    // One never answered ends closed.
+    w.devices[BOB].mb().handle_disconnected();
+    w.devices[BOB].mb().revoke(token, 6);
+    w.devices[BOB].mb().close(0);
+    w.settle();
+    assert_eq!(
+        w.devices[BOB].revoke_answers.get(&6),
+        Some(&Err(SendError::Closed))
+    );
+}
+
+/// A relay older than this device answers LOOKUP with the DIRECTORY of before revocations
+/// (0x30): every send waiting for it, and every one after, fails as an incompatible relay.
+#[test]
+fn a_directory_of_the_old_shape_is_an_incompatible_relay() {
+    let mut w = world();
+    w.start(ALICE);
+    let bob_cell = w.cell(BOB);
+    let now = w.now;
+    let dev = &mut w.devices[ALICE];
+    let mb = dev.mailbox.as_mut().unwrap();
+    mb.submit(bob_cell, Bytes::from_static(b"hi"), None, 1, now);
+    // Take the LOOKUP out, and answer it the old way.
+    let mut request = None;
+    while let Some(p) = mb.poll_transmit(now, &mut dev.rng) {
+        for r in records(p) {
+            if let Ok(Record::Lookup { request: n, .. }) = r {
+                request = Some(n);
+            }
+        }
+    }
+    let request = request.expect("a LOOKUP");
+    let mut record = vec![0x30];
+    record.extend_from_slice(&request.to_be_bytes());
+    record.extend_from_slice(bob_cell.key().as_bytes());
+    record.push(0);
+    let mut payload = (record.len() as u32).to_be_bytes().to_vec();
+    payload.extend_from_slice(&record);
+    mb.handle_payload(Bytes::from(payload), now, &mut dev.rng);
+    mb.submit(bob_cell, Bytes::from_static(b"again"), None, 2, now);
+    let mut outcomes = BTreeMap::new();
+    while let Some(ev) = mb.poll_event() {
+        if let Event::Sent { token, result } = ev {
+            outcomes.insert(token, result);
+        }
+    }
+    assert_eq!(outcomes.get(&1), Some(&Err(SendError::IncompatibleRelay)));
+    assert_eq!(outcomes.get(&2), Some(&Err(SendError::IncompatibleRelay)));
+    assert!(
+        SendError::IncompatibleRelay
+            .to_string()
+            .contains("upgrade the relay")
+    );
+}
+
+/// A send kept for a device that has not acknowledged it stops waiting for it once the
+/// device is found revoked: nothing (a RESET least of all) seals it for the device again.
+#[test]
+fn a_kept_send_stops_waiting_for_a_device_found_revoked() {
+    let mut w = world();
+    w.devices[BOB2].takes = false;
+    for d in [ALICE, BOB, BOB2] {
+        w.start(d);
+    }
+    let bob_cell = w.cell(BOB);
+    let t = w.send(ALICE, bob_cell, b"first");
+    assert!(matches!(w.outcome(ALICE, t), Some(Ok(s)) if s.devices == 2));
+    assert_eq!(w.devices[ALICE].mb().sends_kept(), 1, "kept for Bob 2");
+    let bob2 = w.devices[BOB2].node();
+    let token = revocation_of(&mut w, BOB, bob2);
+    w.relay.revocations.insert(bob_cell, vec![token]);
+    w.advance(DIRECTORY_TTL_MS + 1);
+    let t = w.send(ALICE, bob_cell, b"second");
+    assert!(matches!(w.outcome(ALICE, t), Some(Ok(s)) if s.devices == 1));
+    let mb = w.devices[ALICE].mb();
+    assert!(mb.sends.iter().all(|s| {
+        s.devices
+            .iter()
+            .all(|d| d.node != bob2 || d.state == DevState::Refused(RefuseCode::NotAllowed))
+    }),);
+    assert_eq!(mb.sends_kept(), 0);
 }

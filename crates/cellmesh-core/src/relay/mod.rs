@@ -16,12 +16,19 @@
 //!   0x21 FORWARD    to_node:[32] id:[16] envelope:rest          envelope ≤ MAX_ENVELOPE
 //!   0x22 DELIVERED  count:u16 id:[16]*count                     1 ≤ count ≤ MAX_IDS
 //!   0x23 RECEIVE                                                this link takes messages
+//!   0x24 REVOKE     request:u32 revocation:bytes16               one signed revocation token
 //!   relay → device
-//!   0x30 DIRECTORY  request:u32 cell:[32] count:u8 { node_token:bytes16 identity:bytes16 }*
 //!   0x31 ACCEPTED   to_node:[32] id:[16] status:u8              1 pushed, 2 queued
 //!   0x32 REFUSED    to_node:[32] id:[16] code:u8                see RefuseCode
 //!   0x33 DELIVER    from_node:[32] id:[16] envelope:rest
+//!   0x34 DIRECTORY  request:u32 cell:[32] count:u8 { node_token:bytes16 identity:bytes16 }*
+//!                   rcount:u8 { revocation:bytes16 }*            count, rcount ≤ 64
+//!   0x35 REVOKED    request:u32 code:u8                          0 accepted, else RefuseCode
 //! ```
+//!
+//! 0x30 was the DIRECTORY of relays before revocations travelled (no `rcount`): it decodes as
+//! [`DecodeError::UnsupportedVersion`], so that a mailbox can say its relay is too old
+//! rather than that it is broken.
 //!
 //! Ids in these records are routing fields: they are compared with ids of verified devices,
 //! never used to check a signature, so decoding does not check that they are curve points.
@@ -31,6 +38,12 @@
 //! messages with those ids, so the relay may delete them. The tokens in a DIRECTORY are only
 //! claims until the asker checks them against the cell id it asked for
 //! ([`crate::e2e::Directory::verify`]).
+
+#[cfg(any(test, feature = "testing"))]
+pub mod harness;
+#[cfg(any(test, feature = "testing"))]
+pub mod mem_store;
+pub mod server;
 
 use bytes::Bytes;
 
@@ -44,10 +57,16 @@ use crate::wire::MAX_PAYLOAD;
 pub const MAX_ENVELOPE: usize = MAX_PAYLOAD - 128;
 /// Largest record in a relay payload.
 pub const MAX_RECORD: usize = MAX_PAYLOAD;
+/// Records are batched into link payloads of about this size (a record larger than it goes
+/// alone): big enough to amortise framing and encryption, small enough that the buffers are
+/// reused from the heap rather than mapped and zeroed by the kernel each time.
+pub const MAX_BATCH: usize = 64 * 1024;
 /// Most ids in one DELIVERED.
 pub const MAX_IDS: usize = 4096;
 /// Most devices one DIRECTORY lists.
 pub const MAX_DEVICES: usize = 64;
+/// Most revocations one DIRECTORY carries (as many as a relay keeps for one cell).
+pub const MAX_REVOCATIONS: usize = 64;
 
 /// A message id: 16 random bytes chosen by the sender, the same on every retry, so that
 /// receivers and relays can drop duplicates.
@@ -105,6 +124,10 @@ pub enum RefuseCode {
     NotAllowed,
     /// The relay could not store the message (internal error); retry later.
     Unavailable,
+    /// A REVOKE whose token does not verify or is no cell's revocation of one of its devices.
+    Invalid,
+    /// A REVOKE past the most revocations the relay keeps for a cell, or in all.
+    TooMany,
     /// A code this version does not know.
     Other(u8),
 }
@@ -119,6 +142,8 @@ impl RefuseCode {
             Self::TooLarge => 4,
             Self::NotAllowed => 5,
             Self::Unavailable => 6,
+            Self::Invalid => 7,
+            Self::TooMany => 8,
             Self::Other(c) => c,
         }
     }
@@ -132,6 +157,8 @@ impl RefuseCode {
             4 => Self::TooLarge,
             5 => Self::NotAllowed,
             6 => Self::Unavailable,
+            7 => Self::Invalid,
+            8 => Self::TooMany,
             c => Self::Other(c),
         }
     }
@@ -145,6 +172,8 @@ impl RefuseCode {
             Self::TooLarge => "too_large",
             Self::NotAllowed => "not_allowed",
             Self::Unavailable => "unavailable",
+            Self::Invalid => "invalid",
+            Self::TooMany => "too_many",
             Self::Other(_) => "other",
         }
     }
@@ -193,6 +222,15 @@ pub enum Record {
     /// one-shot send's, is handed only answers to what it sent: acknowledgements and
     /// RESETs; messages for the device wait in its queue).
     Receive,
+    /// Device → relay: keep this revocation, refuse the device it revokes, and hand it to
+    /// everyone who looks the cell up. Answered by one REVOKED with the same `request`.
+    Revoke {
+        /// Echoed in the answer.
+        request: u32,
+        /// A cell's signed revocation of one of its devices (a claim until the relay checks
+        /// it).
+        revocation: Box<Token>,
+    },
     /// Relay → device: the answer to a LOOKUP (empty when the cell is unknown).
     Directory {
         /// The LOOKUP's request number.
@@ -201,6 +239,15 @@ pub enum Record {
         cell: CellId,
         /// Its devices, as the relay claims them.
         devices: Vec<DirectoryEntry>,
+        /// The cell's revocations the relay holds: claims until the asker checks them.
+        revocations: Vec<Token>,
+    },
+    /// Relay → device: the answer to a REVOKE.
+    Revoked {
+        /// The REVOKE's request number.
+        request: u32,
+        /// Kept (or already kept), or refused with a code.
+        result: Result<(), RefuseCode>,
     },
     /// Relay → device: the FORWARD with this id to this device was accepted.
     Accepted {
@@ -235,10 +282,14 @@ const LOOKUP: u8 = 0x20;
 const FORWARD: u8 = 0x21;
 const DELIVERED: u8 = 0x22;
 const RECEIVE: u8 = 0x23;
-const DIRECTORY: u8 = 0x30;
+const REVOKE: u8 = 0x24;
+/// The DIRECTORY of relays without revocations; no longer spoken.
+const DIRECTORY_V1: u8 = 0x30;
 const ACCEPTED: u8 = 0x31;
 const REFUSED: u8 = 0x32;
 const DELIVER: u8 = 0x33;
+const DIRECTORY: u8 = 0x34;
+const REVOKED: u8 = 0x35;
 
 impl Record {
     /// Exact length of [`Record::encode`]'s output (without the batch length prefix).
@@ -248,14 +299,25 @@ impl Record {
             Self::Forward { envelope, .. } => 32 + 16 + envelope.len(),
             Self::Delivered(ids) => 2 + 16 * ids.len(),
             Self::Receive => 0,
-            Self::Directory { devices, .. } => {
+            Self::Revoke { revocation, .. } => 4 + 2 + revocation.encoded_len(),
+            Self::Directory {
+                devices,
+                revocations,
+                ..
+            } => {
                 4 + 32
                     + 1
                     + devices
                         .iter()
                         .map(|d| 4 + d.node_token.encoded_len() + d.identity.encoded_len())
                         .sum::<usize>()
+                    + 1
+                    + revocations
+                        .iter()
+                        .map(|t| 2 + t.encoded_len())
+                        .sum::<usize>()
             }
+            Self::Revoked { .. } => 4 + 1,
             Self::Accepted { .. } | Self::Refused { .. } => 32 + 16 + 1,
             Self::Deliver { envelope, .. } => 32 + 16 + envelope.len(),
         }
@@ -283,11 +345,21 @@ impl Record {
                     out.extend_from_slice(&id.0);
                 }
             }
+            Self::Revoke {
+                request,
+                revocation,
+            } => {
+                out.push(REVOKE);
+                out.extend_from_slice(&request.to_be_bytes());
+                put_bytes16(out, &revocation.to_bytes());
+            }
             Self::Directory {
                 request,
                 cell,
                 devices,
+                revocations,
             } => {
+                // Callers keep both lists within their bounds (64 each), so the counts fit.
                 out.push(DIRECTORY);
                 out.extend_from_slice(&request.to_be_bytes());
                 out.extend_from_slice(cell.key().as_bytes());
@@ -296,6 +368,18 @@ impl Record {
                     put_bytes16(out, &d.node_token.to_bytes());
                     put_bytes16(out, &d.identity.to_bytes());
                 }
+                out.push(revocations.len() as u8);
+                for t in revocations {
+                    put_bytes16(out, &t.to_bytes());
+                }
+            }
+            Self::Revoked { request, result } => {
+                out.push(REVOKED);
+                out.extend_from_slice(&request.to_be_bytes());
+                out.push(match result {
+                    Ok(()) => 0,
+                    Err(code) => code.code(),
+                });
             }
             Self::Accepted { to, id, status } => {
                 out.push(ACCEPTED);
@@ -382,12 +466,38 @@ impl Record {
                         identity,
                     });
                 }
+                let n = r.u8()? as usize;
+                check_len("revocations", n, MAX_REVOCATIONS)?;
+                let mut revocations = Vec::with_capacity(n);
+                for _ in 0..n {
+                    revocations.push(Token::decode(r.bytes16("revocation", MAX_TOKEN_LEN)?)?);
+                }
                 r.finish()?;
                 Self::Directory {
                     request,
                     cell,
                     devices,
+                    revocations,
                 }
+            }
+            DIRECTORY_V1 => return Err(DecodeError::UnsupportedVersion(DIRECTORY_V1)),
+            REVOKE => {
+                let request = r.u32()?;
+                let revocation = Box::new(Token::decode(r.bytes16("revocation", MAX_TOKEN_LEN)?)?);
+                r.finish()?;
+                Self::Revoke {
+                    request,
+                    revocation,
+                }
+            }
+            REVOKED => {
+                let request = r.u32()?;
+                let result = match r.u8()? {
+                    0 => Ok(()),
+                    c => Err(RefuseCode::from_code(c)),
+                };
+                r.finish()?;
+                Self::Revoked { request, result }
             }
             ACCEPTED => {
                 let to = NodeId::from_key(key(&mut r)?);
@@ -468,6 +578,14 @@ mod tests {
     fn samples() -> Vec<Record> {
         let a = TestNode::new(1, crate::Timestamp(1_800_000_000));
         let id = MsgId([7; 16]);
+        let mut rng = <rand_chacha::ChaCha20Rng as rand_core::SeedableRng>::from_seed([3; 32]);
+        let revocation = crate::device::revocation(
+            &a.cell,
+            a.node_id(),
+            crate::Timestamp(1_800_000_000),
+            &mut rng,
+        )
+        .unwrap();
         vec![
             Record::Lookup {
                 request: 9,
@@ -486,6 +604,25 @@ mod tests {
                     node_token: a.node_token.clone(),
                     identity: a.identity.clone(),
                 }],
+                revocations: vec![revocation.clone()],
+            },
+            Record::Directory {
+                request: 10,
+                cell: a.cell_id(),
+                devices: Vec::new(),
+                revocations: Vec::new(),
+            },
+            Record::Revoke {
+                request: 11,
+                revocation: Box::new(revocation),
+            },
+            Record::Revoked {
+                request: 11,
+                result: Ok(()),
+            },
+            Record::Revoked {
+                request: 12,
+                result: Err(RefuseCode::TooMany),
             },
             Record::Accepted {
                 to: a.node_id(),
@@ -517,6 +654,46 @@ mod tests {
         }
         let decoded: Vec<_> = records(Bytes::from(batch)).map(Result::unwrap).collect();
         assert_eq!(decoded, samples());
+    }
+
+    #[test]
+    fn a_directory_of_the_first_shape_is_an_unsupported_version() {
+        let a = TestNode::new(1, crate::Timestamp(1_800_000_000));
+        // 0x30 request cell count=0: what relays sent before revocations travelled.
+        let mut old = vec![0x30, 0, 0, 0, 9];
+        old.extend_from_slice(a.cell_id().key().as_bytes());
+        old.push(0);
+        assert_eq!(
+            Record::decode(Bytes::from(old)),
+            Err(DecodeError::UnsupportedVersion(0x30))
+        );
+    }
+
+    #[test]
+    fn directories_and_revoked_refuse_what_their_bounds_forbid() {
+        let a = TestNode::new(1, crate::Timestamp(1_800_000_000));
+        let mut out = vec![DIRECTORY, 0, 0, 0, 1];
+        out.extend_from_slice(a.cell_id().key().as_bytes());
+        out.push(0);
+        out.push(MAX_REVOCATIONS as u8 + 1);
+        assert!(matches!(
+            Record::decode(Bytes::from(out)),
+            Err(DecodeError::TooLarge { .. })
+        ));
+        // Every code but 0 is a refusal, known or not.
+        for code in 1..=255u8 {
+            let r = Record::decode(Bytes::from(vec![REVOKED, 0, 0, 0, 1, code])).unwrap();
+            assert_eq!(
+                r,
+                Record::Revoked {
+                    request: 1,
+                    result: Err(RefuseCode::from_code(code))
+                }
+            );
+            let mut again = Vec::new();
+            r.encode(&mut again);
+            assert_eq!(again, vec![REVOKED, 0, 0, 0, 1, code]);
+        }
     }
 
     #[test]
