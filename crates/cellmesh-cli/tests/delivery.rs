@@ -283,3 +283,29 @@ fn a_send_through_a_listen_while_the_relay_is_down_is_unsent_by_its_deadline() {
     l.finish();
     a_listen.stop();
 }
+
+/// Found by the delivery checker: a relay killed (SIGKILL, a crash, a power cut) forgot every
+/// registration since its last queue write, since registrations were committed without
+/// waiting for the disk; a device that registered and then went offline was an unknown cell
+/// to its senders (or, of a cell with two devices, a device no one sealed for) until it
+/// joined again.
+#[test]
+fn a_relay_killed_after_a_registration_still_knows_the_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let (relay, addr) = start_relay(dir.path());
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    registered(&a, &addr);
+    let b_cell = registered(&b, &addr);
+    drop(relay);
+    let data = dir.path().join("relay-data");
+    let mut relay = Proc::start(
+        &dir.path().join("relay"),
+        "relay",
+        &["--listen", &addr, "--data", data.to_str().unwrap()],
+    );
+    relay.expect("listening", |v| v["event"] == "listening");
+    assert_eq!(
+        send(&a, &b_cell, "are you still known?", &[])["status"],
+        "queued"
+    );
+}
