@@ -561,3 +561,45 @@ fn addresses_of_one_ipv6_slash_64_share_the_per_address_limit() {
         relay.shutdown().await;
     });
 }
+
+/// SECURITY.md, "Resource limits": FORWARDs are bounded per sending cell by a token bucket
+/// (200,000 a second, bursts of 400,000 by default). Past its burst a cell's FORWARDs are
+/// refused `rate_limited` (a mailbox sends them again 100 ms later), and another cell's are
+/// not held back by it.
+#[tokio::test]
+async fn forwards_past_a_cells_burst_are_refused_and_other_cells_are_not_held_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = start_relay(dir.path(), |c| {
+        c.rate_per_cell = 1;
+        c.burst_per_cell = 3;
+    })
+    .await;
+    let addr = relay.local_addrs()[0];
+    let mut a = RawDevice::join(&device(dir.path(), "a"), addr).await;
+    let mut b = RawDevice::join(&device(dir.path(), "b"), addr).await;
+    assert_ne!(a.node.cell(), b.node.cell());
+    let to = a.node.node_id();
+    let forward = |n: u8| Record::Forward {
+        to,
+        id: MsgId([n; 16]),
+        envelope: Bytes::from_static(b"sealed"),
+    };
+    a.send(&(0..6).map(forward).collect::<Vec<_>>()).await;
+    let (mut accepted, mut limited) = (0, 0);
+    for _ in 0..6 {
+        match a.next().await {
+            Record::Accepted { .. } => accepted += 1,
+            Record::Refused {
+                code: RefuseCode::RateLimited,
+                ..
+            } => limited += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!((accepted, limited), (3, 3), "the burst, then refusals");
+    b.send(&[forward(9)]).await;
+    assert!(
+        matches!(b.next().await, Record::Accepted { .. }),
+        "another cell is not held back"
+    );
+}

@@ -311,6 +311,21 @@ impl World {
         self.relay.disconnect(node);
     }
 
+    /// Device `d`'s link to the relay goes down (its process runs on).
+    fn cut(&mut self, d: usize) {
+        let node = self.devices[d].node();
+        self.devices[d].mb().handle_disconnected();
+        self.relay.disconnect(node);
+    }
+
+    /// Device `d`'s link to the relay is up again.
+    fn reconnect(&mut self, d: usize) {
+        let node = self.devices[d].node();
+        self.relay.connect(node);
+        self.devices[d].mb().handle_connected();
+        self.settle();
+    }
+
     fn send(&mut self, from: usize, to_cell: CellId, body: &[u8]) -> Token {
         self.send_with(from, to_cell, body, None)
     }
@@ -465,6 +480,9 @@ fn nothing_is_acknowledged_before_the_application_has_it() {
         w.outcome(ALICE, t),
         Some(Err(SendError::Unknown(_)))
     ));
+    // Saved all the same: a retry under its id, in this run or a later one, learns its
+    // outcome instead of sending it twice (SECURITY.md, "Restarts and durable state").
+    assert_eq!(w.devices[ALICE].disk.sends_kept(), 1);
     // Bob's next run gets it again, takes it: delivered, once.
     w.devices[BOB].takes = true;
     w.devices[BOB].got.clear();
@@ -802,6 +820,118 @@ fn a_bundled_message_sent_again_under_its_id_arrives_once() {
         assert_eq!(status(w.outcome(ALICE, again)), Some(Status::Delivered));
         assert_eq!(w.devices[BOB].got.len(), 3);
     }
+}
+
+/// Found by the delivery checker: a send through a running `listen` whose relay was down
+/// waited for its directory lookup with no deadline (the acknowledgement timeout started
+/// only once it was sealed). It ends at its deadline, as not sent, and never goes later.
+#[test]
+fn a_send_waiting_for_its_lookup_while_the_relay_is_unreachable_ends_as_not_sent() {
+    let mut w = world_of(false);
+    w.start(ALICE);
+    w.start(BOB);
+    w.cut(ALICE);
+    let bob_cell = w.cell(BOB);
+    let t = w.send(ALICE, bob_cell, b"into the void");
+    let due = w.now.plus_millis(Config::default().ack_timeout_ms);
+    let wake = w.devices[ALICE].mb().poll_timeout();
+    assert!(
+        wake.is_some_and(|at| at <= due),
+        "the mailbox asks to be woken by the deadline, not {wake:?}"
+    );
+    w.advance(Config::default().ack_timeout_ms - 1);
+    assert_eq!(w.outcome(ALICE, t), None);
+    w.advance(1);
+    assert_eq!(
+        w.outcome(ALICE, t),
+        Some(&Err(SendError::NotSent(bob_cell)))
+    );
+    // The relay is back: nothing of it goes, since the application was told it did not.
+    w.reconnect(ALICE);
+    w.advance(60_000);
+    assert!(w.bodies(BOB).is_empty());
+    assert_eq!(w.devices[ALICE].mb().sends_kept(), 0);
+    assert!(w.devices[ALICE].disk.sends_kept() == 0);
+    // Sent again, it goes as any other.
+    let again = w.send(ALICE, bob_cell, b"into the void");
+    assert_eq!(status(w.outcome(ALICE, again)), Some(Status::Delivered));
+    assert_eq!(w.bodies(BOB), vec![&b"into the void"[..]]);
+}
+
+/// A send has one deadline from the moment it is submitted: a lookup answered late leaves
+/// it only the rest of it to be acknowledged.
+#[test]
+fn a_send_whose_lookup_was_answered_late_ends_by_its_deadline() {
+    let mut w = world_of(false);
+    w.start(ALICE);
+    w.devices[BOB].takes = false;
+    w.start(BOB);
+    w.cut(ALICE);
+    let bob_cell = w.cell(BOB);
+    let t = w.send(ALICE, bob_cell, b"late");
+    w.advance(6_000);
+    w.reconnect(ALICE);
+    assert_eq!(w.bodies(BOB), vec![&b"late"[..]], "sealed once looked up");
+    assert_eq!(w.outcome(ALICE, t), None, "not taken yet");
+    w.advance(Config::default().ack_timeout_ms - 6_000);
+    assert!(
+        matches!(w.outcome(ALICE, t), Some(Err(SendError::Unknown(_)))),
+        "{:?}",
+        w.outcome(ALICE, t)
+    );
+}
+
+/// A send again under the id of one whose outcome was unknown, while the relay is down,
+/// is answered by its own deadline too (it waited for an acknowledgement that could not
+/// come).
+#[test]
+fn a_retry_under_the_id_of_an_unknown_send_ends_by_its_deadline() {
+    let mut w = world_of(false);
+    w.start(ALICE);
+    w.devices[BOB].takes = false;
+    w.start(BOB);
+    let bob_cell = w.cell(BOB);
+    let id = MsgId([0x77; 16]);
+    let t = w.send_with(ALICE, bob_cell, b"once", Some(id));
+    w.advance(Config::default().ack_timeout_ms);
+    assert_eq!(w.outcome(ALICE, t), Some(&Err(SendError::Unknown(id))));
+    w.cut(ALICE);
+    let retry = w.send_with(ALICE, bob_cell, b"once", Some(id));
+    assert_eq!(w.outcome(ALICE, retry), None);
+    let due = w.now.plus_millis(Config::default().ack_timeout_ms);
+    let wake = w.devices[ALICE].mb().poll_timeout();
+    assert!(wake.is_some_and(|at| at <= due), "woken by {wake:?}");
+    w.advance(Config::default().ack_timeout_ms);
+    assert_eq!(w.outcome(ALICE, retry), Some(&Err(SendError::Unknown(id))));
+    // Taken once the relay is back: shown once.
+    w.reconnect(ALICE);
+    w.devices[BOB].takes = true;
+    w.settle();
+    assert_eq!(w.bodies(BOB), vec![&b"once"[..]]);
+}
+
+/// SECURITY.md, "Resource limits": a send no device acknowledged is kept (and saved) for
+/// the relay's time to live, 7 days, and then forgotten, in memory and on disk.
+#[test]
+fn a_send_no_device_acknowledges_is_kept_seven_days_then_forgotten() {
+    let mut w = world_of(false);
+    w.start(ALICE);
+    let bob_cell = w.cell(BOB);
+    let t = w.send(ALICE, bob_cell, b"for a device that never returns");
+    assert_eq!(status(w.outcome(ALICE, t)), Some(Status::Queued));
+    assert_eq!(w.devices[ALICE].disk.sends_kept(), 1);
+    w.advance(RETAIN * 1000 - 1000);
+    assert_eq!(
+        w.devices[ALICE].mb().sends_kept(),
+        1,
+        "kept up to its expiry"
+    );
+    w.advance(1000);
+    assert_eq!(w.devices[ALICE].mb().sends_kept(), 0);
+    assert!(
+        w.devices[ALICE].disk.sends_kept() == 0,
+        "and deleted from disk"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
