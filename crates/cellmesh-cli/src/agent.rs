@@ -10,13 +10,15 @@
 //! ```text
 //! send   → listen   {"to": CELL_ID, "body": BASE64, "id": HEX, "relay": RELAY | null}
 //! listen → send     {"status": "delivered"|"queued", "id": HEX, "devices": N}
-//!                 | {"status": "unknown"|"refused", "code": TEXT}
+//!                 | {"status": "unknown"|"unsent"|"refused", "code": TEXT}
 //!                 | {"error": TEXT, "unknown_cell": bool}
 //! ```
 //!
 //! Once the request is written the listen has the message: a `send` that gets no answer
 //! (the listen died, or did not answer in 40 s) reports `unknown` with its id, never an
-//! error that would invite a retry under another id.
+//! error that would invite a retry under another id. The listen itself answers within its
+//! mailbox's deadline (10 s from the request, the relay's lookup included), `unsent` when
+//! the relay did not list the recipient's devices by then: the message never left.
 //!
 //! `relay` is the relay the send named itself (`--relay`, `CELLMESH_RELAY`), `null` when it
 //! would use the saved one: the device has one connection, so a send that names another
@@ -51,6 +53,8 @@ pub enum Outcome {
     Sent(Sent),
     /// No acknowledgement, and the relay did not say it stored it: it may still arrive.
     Unknown,
+    /// Never sealed (the relay did not list the cell's devices in time): it will not arrive.
+    NotSent(String),
     /// The relay refused it (the code's name).
     Refused(String),
     UnknownCell(CellId),
@@ -62,6 +66,7 @@ impl From<Result<Sent, MailboxError>> for Outcome {
         match result {
             Ok(sent) => Self::Sent(sent),
             Err(MailboxError::Send(SendError::Unknown(_))) => Self::Unknown,
+            Err(MailboxError::Send(e @ SendError::NotSent(_))) => Self::NotSent(e.to_string()),
             Err(MailboxError::Send(SendError::Refused(code))) => {
                 Self::Refused(code.name().to_string())
             }
@@ -81,6 +86,7 @@ impl Outcome {
                 "devices": sent.devices,
             }),
             Self::Unknown => json!({"status": "unknown"}),
+            Self::NotSent(why) => json!({"status": "unsent", "code": why}),
             Self::Refused(code) => json!({"status": "refused", "code": code}),
             Self::UnknownCell(c) => {
                 json!({"error": format!("unknown cell {c}"), "unknown_cell": true})
@@ -291,7 +297,8 @@ pub async fn send(
         .await
         .context("cannot hand the message to the running listen")?;
     let mut line = String::new();
-    // The listen's own send waits up to its acknowledgement timeout; this waits a bit more.
+    // The listen answers by its mailbox's deadline (10 s, the lookup included); this waits
+    // well past it, for a listen that is stuck.
     // From here on the listen has the message and may still deliver it (a send waiting for
     // a relay that is down is kept, and goes once it is back): no answer, or a listen gone
     // before it answered, is `unknown`, so that a retry goes under the same id.
@@ -326,6 +333,10 @@ pub async fn send(
         Some("delivered") => Status::Delivered,
         Some("queued") => Status::Queued,
         Some("unknown") => return Ok(Some(Outcome::Unknown)),
+        Some("unsent") => {
+            let why = v["code"].as_str().unwrap_or("not sent").to_string();
+            return Ok(Some(Outcome::NotSent(why)));
+        }
         Some("refused") => {
             let code = v["code"].as_str().unwrap_or("other").to_string();
             return Ok(Some(Outcome::Refused(code)));

@@ -329,7 +329,8 @@ pub struct SendArgs {
     /// a send whose outcome was `unknown` delivers it at most once.
     #[arg(long, value_name = "HEX", value_parser = parse_id)]
     id: Option<MsgId>,
-    /// Print one JSON object (`status`: delivered, queued, unknown or refused; `id`, `devices`).
+    /// Print one JSON object (`status`: delivered, queued, unknown, unsent or refused; `id`,
+    /// `devices`).
     #[arg(long)]
     json: bool,
     #[command(flatten)]
@@ -1087,6 +1088,15 @@ fn report(
             bail!(
                 "unknown: no device acknowledged message {id} in time, and the relay did not say it stored it; it may still be delivered. Sending it again with `--id {id}` delivers it at most once"
             )
+        }
+        Outcome::NotSent(why) => {
+            if out.json {
+                out.line(
+                    json!({"status": "unsent", "id": id.to_hex(), "to": to_text}),
+                    String::new(),
+                )?;
+            }
+            bail!("{why}")
         }
         Outcome::Refused(code) => {
             if out.json {

@@ -16,7 +16,9 @@
 //! relay is up), so a seed replays the same operations; only the processes' timing
 //! differs. `CHECKER_SEED=N` replays a seed (each run prints its own), `CHECKER_OPS=N`
 //! sets the number of operations (default 60, about a minute), `CHECKER_LONG=1` runs 400,
-//! `CHECKER_PRINT=1` prints the history of a run that passed too.
+//! `CHECKER_PRINT=1` prints the history of a run that passed too. Every plan, short or long,
+//! has at least one send through a running `listen` while the relay is down (answered
+//! `unsent` or `unknown` by the listen's 10 s deadline).
 
 mod common;
 
@@ -147,6 +149,10 @@ fn plan(rng: &mut ChaCha8Rng, n: usize) -> Vec<Op> {
     let mut listening = [false; DEVICES.len()];
     // While the relay is down: operations left before it comes back.
     let mut down: Option<u64> = None;
+    // Where the plan makes sure of a send through a listen while the relay is down (left
+    // to chance, a short plan often had none).
+    let through_listen_at = (n / 4) as u64 + below(rng, (n / 2).max(1) as u64);
+    let mut through_listen = false;
     let mut ops = Vec::with_capacity(n);
     let stop = |rng: &mut ChaCha8Rng| {
         if rng.next_u32().is_multiple_of(2) {
@@ -165,6 +171,26 @@ fn plan(rng: &mut ChaCha8Rng, n: usize) -> Vec<Op> {
             to: below(rng, CELLS as u64) as usize,
             cut: None,
         };
+        if down.is_none() && !through_listen && ops.len() as u64 >= through_listen_at {
+            through_listen = true;
+            let from = match pick(rng, true, &listening) {
+                Some(d) => d,
+                None => {
+                    let d = below(rng, devices) as usize;
+                    listening[d] = true;
+                    ops.push(Op::Listen(d));
+                    d
+                }
+            };
+            ops.push(Op::RelayDown(stop(rng)));
+            ops.push(Op::Send {
+                from,
+                to: below(rng, CELLS as u64) as usize,
+                cut: None,
+            });
+            ops.push(Op::RelayUp);
+            continue;
+        }
         if let Some(left) = down {
             if left == 0 {
                 ops.push(Op::RelayUp);

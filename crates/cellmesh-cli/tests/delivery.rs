@@ -241,3 +241,71 @@ fn a_send_a_listen_took_and_never_answered_is_unknown() {
     assert_eq!(said["id"], request["id"]);
     assert!(stderr.contains("--id"), "{stderr}");
 }
+
+/// Found by the delivery checker: a send through a running listen while the relay was down
+/// waited for its directory lookup with no deadline, so `send` gave up after its own 40 s
+/// and said `unknown`. It is answered by the send's deadline, as `unsent` (it never left the
+/// device), and it does not go once the relay is back.
+#[test]
+fn a_send_through_a_listen_while_the_relay_is_down_is_unsent_by_its_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let (relay, addr) = start_relay(dir.path());
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    registered(&a, &addr);
+    let b_cell = registered(&b, &addr);
+    let mut a_listen = Proc::start(&a, "listen", &[]);
+    a_listen.expect("listening", |v| v["event"] == "listening");
+    // Stopped cleanly: a relay killed loses the registrations of its last moments (they are
+    // written without waiting for the disk), and B would be unknown to it afterwards.
+    relay.stop();
+    let began = std::time::Instant::now();
+    let out = run(&a, &["send", &b_cell, "lost", "--json"], None);
+    let took = began.elapsed();
+    let stderr = failed_cleanly(&out);
+    let said: Value = serde_json::from_slice(&out.stdout).expect("a status line");
+    assert_eq!(said["status"], "unsent", "{said} {stderr}");
+    assert!(stderr.contains("not sent"), "{stderr}");
+    // The mailbox's deadline is 10 s; `send` alone would have waited 40.
+    assert!(took.as_secs() < 25, "answered after {took:?}");
+    // The relay comes back where it was; the listen reconnects and sends what it is given
+    // now, and the message it said it did not send never goes: B's first is the later one.
+    let data = dir.path().join("relay-data");
+    let mut relay = Proc::start(
+        &dir.path().join("relay"),
+        "relay",
+        &["--listen", &addr, "--data", data.to_str().unwrap()],
+    );
+    relay.expect("listening", |v| v["event"] == "listening");
+    assert_eq!(send(&a, &b_cell, "after", &[])["status"], "queued");
+    let mut l = listen(&b, 1);
+    let first = l.expect("message", |v| v.get("body").is_some());
+    assert_eq!(first["body"], "after");
+    l.finish();
+    a_listen.stop();
+}
+
+/// Found by the delivery checker: a relay killed (SIGKILL, a crash, a power cut) forgot every
+/// registration since its last queue write, since registrations were committed without
+/// waiting for the disk; a device that registered and then went offline was an unknown cell
+/// to its senders (or, of a cell with two devices, a device no one sealed for) until it
+/// joined again.
+#[test]
+fn a_relay_killed_after_a_registration_still_knows_the_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let (relay, addr) = start_relay(dir.path());
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    registered(&a, &addr);
+    let b_cell = registered(&b, &addr);
+    drop(relay);
+    let data = dir.path().join("relay-data");
+    let mut relay = Proc::start(
+        &dir.path().join("relay"),
+        "relay",
+        &["--listen", &addr, "--data", data.to_str().unwrap()],
+    );
+    relay.expect("listening", |v| v["event"] == "listening");
+    assert_eq!(
+        send(&a, &b_cell, "are you still known?", &[])["status"],
+        "queued"
+    );
+}

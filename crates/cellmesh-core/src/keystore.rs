@@ -334,6 +334,20 @@ mod tests {
         assert!(open(&flipped, &pass, b"hdr").is_err());
     }
 
+    /// SECURITY.md, "Nonces": every seal draws a new salt, so a new key; the same secrets
+    /// under the same passphrase sealed twice share neither salt nor nonce nor ciphertext.
+    #[test]
+    fn every_seal_has_a_salt_and_so_a_key_of_its_own() {
+        let mut rng = ChaCha20Rng::from_seed([6; 32]);
+        let s = secrets(&mut rng);
+        let pass = Passphrase::new("pw".into());
+        let a = seal(&s, &pass, FAST, b"", &mut rng).unwrap();
+        let b = seal(&s, &pass, FAST, b"", &mut rng).unwrap();
+        assert_ne!(a.salt, b.salt);
+        assert_ne!(a.nonce, b.nonce);
+        assert_ne!(a.ciphertext, b.ciphertext);
+    }
+
     #[test]
     fn ciphertext_does_not_contain_the_secrets() {
         let mut rng = ChaCha20Rng::from_seed([4; 32]);

@@ -43,5 +43,7 @@ pub mod testing;
 mod time;
 pub mod token;
 pub mod wire;
+#[cfg(any(test, feature = "testing"))]
+pub mod world;
 
 pub use time::{Instant, Timestamp};

@@ -355,4 +355,41 @@ mod tests {
         let skipped = frame(&mut a, b"skip", 5000);
         assert_eq!(open(&mut b, skipped), Err(FrameRejected::BadEpoch(6)));
     }
+
+    /// SECURITY.md, "Threat model": a network observer sees each DATA payload's size plus a
+    /// fixed 34 bytes (length, type, epoch, counter, message type, tag).
+    #[test]
+    fn a_data_frame_is_its_payload_plus_34_bytes() {
+        let (mut a, _) = pair(SessionConfig::default());
+        for len in [0, 1, 53, 1000, 65_536] {
+            let mut out = Vec::new();
+            let msg = Message::Data(Bytes::from(vec![7; len]));
+            a.seal(&msg, Instant(0), &mut out).unwrap();
+            assert_eq!(out.len(), len + 34);
+        }
+    }
+
+    /// SECURITY.md, "Nonces": the counter grows by one per frame across epochs and never
+    /// resets; at its end sealing fails, and nothing is written, rather than wrap.
+    #[test]
+    fn the_counter_runs_on_across_epochs_and_sealing_fails_rather_than_wrap() {
+        let config = SessionConfig {
+            rekey_after_frames: 2,
+            rekey_after_ms: u64::MAX,
+        };
+        let (mut a, mut b) = pair(config);
+        for i in 0..5u64 {
+            let f = frame(&mut a, b"x", 0);
+            assert_eq!(f[4..12], i.to_be_bytes(), "counter {i}");
+            assert!(open(&mut b, f).is_ok());
+        }
+        assert_eq!(a.send_epoch(), 2);
+        a.send.counter = u64::MAX - 1;
+        let mut out = Vec::new();
+        let msg = Message::Data(Bytes::from_static(b"last"));
+        assert!(a.seal(&msg, Instant(0), &mut out).is_ok());
+        out.clear();
+        assert_eq!(a.seal(&msg, Instant(0), &mut out), Err(Exhausted));
+        assert!(out.is_empty(), "nothing sealed under a wrapped counter");
+    }
 }

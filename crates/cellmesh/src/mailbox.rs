@@ -44,7 +44,7 @@ use tokio::task::JoinHandle;
 
 use crate::home::Unlocked;
 use crate::identity::DeviceIdentity;
-use crate::node::{JoinError, Node, NodeConfig, NodeEvent, StartError, Transport};
+use crate::node::{JoinError, Node, NodeConfig, NodeEvent, PeerInfo, StartError, Transport};
 use crate::outbox::Outbox;
 use crate::state::{DeviceState, StateError, StateKeys};
 
@@ -61,8 +61,10 @@ pub struct MailboxConfig {
     pub transport: Transport,
     /// Pad bodies to hide their size.
     pub padding: Padding,
-    /// How long a send waits for an end-to-end acknowledgement before it is reported (as
-    /// queued if the relay stored it, otherwise as [`SendError::Unknown`]).
+    /// How long after it is submitted a send's outcome is due, the lookup of the recipient's
+    /// devices included: queued if the relay stored it, [`SendError::Unknown`] if it was
+    /// sealed and no device acknowledged it, [`SendError::NotSent`] if the relay had not
+    /// listed the devices yet (a relay that is down).
     pub ack_timeout: Duration,
     /// Messages handed over and not yet taken with [`Mailbox::recv`] before the relay link
     /// pauses.
@@ -344,6 +346,7 @@ impl Mailbox {
             relay_addr: config.relay,
             transport: config.transport.clone(),
             connected: true,
+            joining: None,
             node,
             outbox,
             store,
@@ -495,6 +498,10 @@ struct Driver {
     relay_addr: SocketAddr,
     transport: Transport,
     connected: bool,
+    /// A join of the relay under way: on a task of its own, so that timers, commands and
+    /// the store are served while it lasts (against a relay that drops packets, the whole
+    /// setup deadline).
+    joining: Option<JoinHandle<Result<PeerInfo, JoinError>>>,
     node: Node,
     outbox: Option<Outbox>,
     store: Option<Arc<DeviceState>>,
@@ -557,15 +564,18 @@ impl Driver {
                 }
                 () = progress.notify.notified() => {}
                 done = wait_commit(&mut self.commit) => self.committed(done),
+                joined = wait_join(&mut self.joining) => {
+                    self.joined(joined);
+                    if self.revoked.load(Ordering::Acquire) {
+                        break self.progress.taken.load(Ordering::Acquire);
+                    }
+                }
                 ev = events.recv() => match ev {
                     Ok(NodeEvent::Left { peer, .. }) if peer.node == self.relay => {
                         self.connected = false;
                         self.outbox = None;
                         self.core.handle_disconnected();
-                        self.reconnect().await;
-                        if self.revoked.load(Ordering::Acquire) {
-                            break self.progress.taken.load(Ordering::Acquire);
-                        }
+                        self.reconnect();
                     }
                     Err(broadcast::error::RecvError::Closed) => {
                         break self.progress.taken.load(Ordering::Acquire);
@@ -577,10 +587,7 @@ impl Driver {
                 }
                 _ = tick.tick() => {
                     if !self.connected {
-                        self.reconnect().await;
-                        if self.revoked.load(Ordering::Acquire) {
-                            break self.progress.taken.load(Ordering::Acquire);
-                        }
+                        self.reconnect();
                     }
                     if let Some((_, at)) = &self.failed
                         && *at <= tokio::time::Instant::now()
@@ -720,14 +727,22 @@ impl Driver {
         }
     }
 
-    /// Joins the relay again (pinned to the same node).
-    async fn reconnect(&mut self) {
-        match self
-            .node
-            .join_with(self.relay_addr, &self.transport, Some(self.relay))
-            .await
-        {
-            Ok(_) => {
+    /// Starts joining the relay again (pinned to the same node), unless a join is under way.
+    fn reconnect(&mut self) {
+        if self.joining.is_none() {
+            self.joining = Some(self.node.spawn_join(
+                self.relay_addr,
+                self.transport.clone(),
+                Some(self.relay),
+            ));
+        }
+    }
+
+    /// A join started by [`Driver::reconnect`] ended.
+    fn joined(&mut self, result: Option<Result<PeerInfo, JoinError>>) {
+        self.joining = None;
+        match result {
+            Some(Ok(_)) => {
                 tracing::info!(relay = %self.relay, "reconnected to the relay");
                 let Ok(link) = self.node.sender(self.relay) else {
                     return;
@@ -736,15 +751,16 @@ impl Driver {
                 self.connected = true;
                 self.core.handle_connected();
             }
-            Err(JoinError::Refused {
+            Some(Err(JoinError::Refused {
                 code: cellmesh_core::wire::NackCode::Revoked,
                 reason,
                 ..
-            }) => {
+            })) => {
                 tracing::error!(%reason, "the relay refuses this device: its cell revoked it");
                 self.revoked.store(true, Ordering::Release);
             }
-            Err(e) => tracing::debug!(error = %e, "relay still unreachable"),
+            Some(Err(e)) => tracing::debug!(error = %e, "relay still unreachable"),
+            None => tracing::error!("the task joining the relay failed"),
         }
     }
 
@@ -776,6 +792,9 @@ impl Driver {
         for (_, done) in std::mem::take(&mut self.sends) {
             let _ = done.tx.send(Err(SendError::Closed));
         }
+        if let Some(joining) = self.joining.take() {
+            joining.abort();
+        }
         for (_, done) in std::mem::take(&mut self.revokes) {
             let _ = done.send(Err(SendError::Closed));
         }
@@ -794,6 +813,15 @@ async fn wait_commit(
     commit: &mut Option<JoinHandle<(Commit, Result<(), StateError>)>>,
 ) -> Option<(Commit, Result<(), StateError>)> {
     match commit {
+        Some(task) => task.await.ok(),
+        None => std::future::pending().await,
+    }
+}
+
+async fn wait_join(
+    joining: &mut Option<JoinHandle<Result<PeerInfo, JoinError>>>,
+) -> Option<Result<PeerInfo, JoinError>> {
+    match joining {
         Some(task) => task.await.ok(),
         None => std::future::pending().await,
     }

@@ -679,6 +679,18 @@ impl Node {
         join(&self.shared, addr, transport, expected).await
     }
 
+    /// [`Node::join_with`] on a task of its own, for a caller whose loop must not wait for a
+    /// join: one to an address that drops packets takes the whole setup deadline.
+    pub(crate) fn spawn_join(
+        &self,
+        addr: SocketAddr,
+        transport: Transport,
+        expected: Option<NodeId>,
+    ) -> JoinHandle<Result<PeerInfo, JoinError>> {
+        let shared = Arc::clone(&self.shared);
+        tokio::spawn(async move { join(&shared, addr, &transport, expected).await })
+    }
+
     /// The joined peers.
     pub fn peers(&self) -> Vec<PeerInfo> {
         self.shared.state().core.peers().cloned().collect()

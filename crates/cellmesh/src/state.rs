@@ -502,3 +502,151 @@ fn db_error<E: Into<redb::Error>>(
         source: Arc::new(e.into()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The claims SECURITY.md makes of `state.redb` ("What the device keeps on disk").
+
+    use super::*;
+
+    fn keys(n: u8) -> StateKeys {
+        StateKeys {
+            seal: <XChaCha20Poly1305 as chacha20poly1305::KeyInit>::new_from_slice(&[n; 32])
+                .unwrap(),
+            mac: Zeroizing::new([n ^ 0x55; 32]),
+        }
+    }
+
+    const BODY: &[u8] = b"a body that must never rest in clear";
+    const SESSION_SECRET: &[u8] = b"session keys that must never rest in clear";
+
+    fn cell() -> CellId {
+        CellId::from_key(PublicKey::from_bytes_unchecked(&[0xc1; 32]))
+    }
+
+    fn ops() -> Vec<StoreOp> {
+        let node = NodeId::from_key(PublicKey::from_bytes_unchecked(&[0xd2; 32]));
+        vec![
+            StoreOp::PutSession(
+                SessionKey::Outbound(node),
+                Zeroizing::new(SESSION_SECRET.to_vec()),
+            ),
+            StoreOp::Seen(SeenChange::Put {
+                cell: cell(),
+                id: MsgId([0xe3; 16]),
+                time: Timestamp(1_800_000_000),
+            }),
+            StoreOp::PutSend(MsgId([0xf4; 16]), Zeroizing::new(BODY.to_vec())),
+        ]
+    }
+
+    fn contains(hay: &[u8], needle: &[u8]) -> bool {
+        hay.windows(needle.len()).any(|w| w == needle)
+    }
+
+    #[test]
+    fn the_file_is_private_and_shows_no_body_session_id_or_cell() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let state = DeviceState::open_with(dir.path(), keys(1)).unwrap();
+        state.commit(&ops()).unwrap();
+        let saved = state.load().unwrap();
+        assert_eq!(&saved.sends[0][..], BODY);
+        assert_eq!(
+            saved.seen,
+            vec![(cell(), MsgId([0xe3; 16]), Timestamp(1_800_000_000))]
+        );
+        drop(state);
+        let path = dir.path().join(STATE_FILE);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let file = std::fs::read(&path).unwrap();
+        for (what, needle) in [
+            ("a body", BODY),
+            ("a session record", SESSION_SECRET),
+            ("a message id", &[0xe3; 16][..]),
+            ("a send's id", &[0xf4; 16][..]),
+            ("a cell", &[0xc1; 32][..]),
+            ("a node", &[0xd2; 32][..]),
+        ] {
+            assert!(!contains(&file, needle), "{what} in clear in the file");
+        }
+    }
+
+    /// SECURITY.md, "Nonces": a fresh random 192-bit nonce for every value written, so the
+    /// same value written twice at the same place is sealed under two nonces.
+    #[test]
+    fn every_value_is_sealed_under_a_nonce_of_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = DeviceState::open_with(dir.path(), keys(1)).unwrap();
+        let sealed: Vec<Vec<u8>> = (0..64)
+            .map(|_| state.seal_value("sends", &[7; 16], BODY))
+            .collect();
+        let nonces: std::collections::BTreeSet<&[u8]> =
+            sealed.iter().map(|v| &v[..NONCE]).collect();
+        assert_eq!(nonces.len(), sealed.len());
+        for v in &sealed {
+            assert_eq!(&state.open_value("sends", &[7; 16], v).unwrap()[..], BODY);
+        }
+    }
+
+    #[test]
+    fn a_value_moved_or_altered_does_not_open_and_the_error_names_the_file() {
+        for tamper in ["move to another key", "move to another table", "flip a bit"] {
+            let dir = tempfile::tempdir().unwrap();
+            let state = DeviceState::open_with(dir.path(), keys(1)).unwrap();
+            state.commit(&ops()).unwrap();
+            let other = MsgId([0x77; 16]);
+            state
+                .commit(&[StoreOp::PutSend(other, Zeroizing::new(b"x".to_vec()))])
+                .unwrap();
+            let (k1, k2) = (state.mac(&[&[0xf4; 16]]), state.mac(&[&other.0]));
+            let txn = state.db.begin_write().unwrap();
+            {
+                let mut sends = txn.open_table(SENDS).unwrap();
+                let v = sends.get(&k1).unwrap().unwrap().value().to_vec();
+                match tamper {
+                    "move to another key" => {
+                        sends.insert(&k2, &v[..]).unwrap();
+                    }
+                    "move to another table" => {
+                        let mut floors = txn.open_table(FLOORS).unwrap();
+                        floors.insert(&k1, &v[..]).unwrap();
+                    }
+                    _ => {
+                        let mut bad = v.clone();
+                        bad[NONCE + 3] ^= 1;
+                        sends.insert(&k1, &bad[..]).unwrap();
+                    }
+                }
+            }
+            txn.commit().unwrap();
+            let Err(err) = state.load() else {
+                panic!("{tamper}: the state still loads");
+            };
+            assert!(matches!(err, StateError::Corrupt { .. }), "{tamper}: {err}");
+            let path = dir.path().join(STATE_FILE);
+            assert!(
+                err.to_string().contains(&path.display().to_string()),
+                "{tamper}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn one_process_at_a_time_and_a_state_of_another_device_is_begun_anew() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = DeviceState::open_with(dir.path(), keys(1)).unwrap();
+        state.commit(&ops()).unwrap();
+        assert!(matches!(
+            DeviceState::open_with(dir.path(), keys(1)),
+            Err(StateError::Busy { .. })
+        ));
+        drop(state);
+        // The home's keystore was replaced: what the file holds could only be read with the
+        // old device's secrets. It is deleted, not misread.
+        let state = DeviceState::open_with(dir.path(), keys(2)).unwrap();
+        let saved = state.load().unwrap();
+        assert!(saved.sessions.is_empty() && saved.seen.is_empty() && saved.sends.is_empty());
+    }
+}

@@ -44,8 +44,8 @@
 //! Every method that writes does so in one redb write transaction and commits it before it
 //! returns. redb commits with [`redb::Durability::Immediate`] by default: when `commit` returns
 //! the data has been flushed to disk (`fsync`), and a crash at any point leaves either the whole
-//! transaction or none of it. Queue writes never lower that (registrations do, see
-//! [`Store::put_device`]). So when [`Store::enqueue`] returns
+//! transaction or none of it. Queue writes and registrations never lower that (refreshes of
+//! a device's `last_seen` do). So when [`Store::enqueue`] returns
 //! `Ok(Enqueued::Stored)` for a message, it survives a crash or power loss. Batching many
 //! FORWARDs into one call pays for one `fsync` instead of one each, which is where the
 //! throughput comes from.
@@ -365,7 +365,12 @@ impl Store {
 
     /// [`Store::put_device`] for many, in one transaction.
     pub fn put_devices(&self, devices: &[NewDevice<'_>]) -> Result<(), StoreError> {
-        let txn = self.registration_txn()?;
+        // Durable, as queue writes are: a device that registered and went offline must
+        // still be in the directory after a crash (its senders would find no device).
+        let txn = self
+            .db
+            .begin_write()
+            .map_err(db_error("begin a transaction"))?;
         {
             let mut table = txn.open_table(DEVICES).map_err(db_error("open a table"))?;
             for &(cell, node, node_token, identity, now) in devices {
@@ -898,10 +903,11 @@ impl Store {
             .map_or((0, 0), |u| (u.count, u.bytes))
     }
 
-    /// A write transaction for registrations, committed without waiting for the disk: a
-    /// device registers again at every join (every device joins again after a restart), so
-    /// a registration lost in a crash costs nothing, and a join is not held up by an `fsync`.
-    /// The next durable commit (any queue write) takes it to disk too.
+    /// A write transaction for `last_seen` refreshes, committed without waiting for the disk:
+    /// one lost in a crash costs a device at most a sweep's worth of its time to live, and
+    /// the next durable commit takes it to disk too. Registrations themselves are durable
+    /// ([`Store::put_devices`]): a relay that forgot one after a crash listed no device of a
+    /// cell whose devices were away, so its senders were told the cell was unknown.
     fn registration_txn(&self) -> Result<redb::WriteTransaction, StoreError> {
         let mut txn = self
             .db
@@ -1853,6 +1859,9 @@ mod tests {
         let store = open(&dir, StoreLimits::default());
         let mode = std::fs::metadata(&store.path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
+        // The data directory it made: 0700 (SECURITY.md, "What the relay keeps on disk").
+        let made = std::fs::metadata(dir.path().join("relay")).unwrap();
+        assert_eq!(made.permissions().mode() & 0o777, 0o700);
     }
 
     #[test]

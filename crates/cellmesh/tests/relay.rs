@@ -814,3 +814,87 @@ async fn a_device_that_never_reads_its_answers_is_disconnected() {
     assert_eq!(sent.status, Status::Delivered);
     assert_eq!(b.next().await.body, &b"still here"[..]);
 }
+
+/// A proxy to `upstream` that can become a black hole, as a relay whose packets are dropped
+/// looks: [`BlackHole::swallow`] cuts every connection through it, and later connections are
+/// accepted and read but never answered, so a join waits out its whole setup deadline.
+struct BlackHole {
+    addr: SocketAddr,
+    swallowing: Arc<std::sync::atomic::AtomicBool>,
+    cut: tokio::sync::watch::Sender<bool>,
+}
+
+impl BlackHole {
+    async fn start(upstream: SocketAddr) -> Self {
+        use std::sync::atomic::Ordering;
+        use tokio::io::AsyncReadExt as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let swallowing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (cut, cut_rx) = tokio::sync::watch::channel(false);
+        let holes = Arc::clone(&swallowing);
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if holes.load(Ordering::SeqCst) {
+                    tokio::spawn(async move {
+                        let mut buf = [0u8; 4096];
+                        while matches!(client.read(&mut buf).await, Ok(1..)) {}
+                    });
+                    continue;
+                }
+                let mut server = tokio::net::TcpStream::connect(upstream).await.unwrap();
+                let mut cut = cut_rx.clone();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = cut.wait_for(|c| *c) => {}
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            swallowing,
+            cut,
+        }
+    }
+
+    fn swallow(&self) {
+        self.swallowing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = self.cut.send(true);
+    }
+}
+
+/// A send while the relay is unreachable in the worst way, dropping packets rather than
+/// refusing connections (each attempt to join it again then takes the whole 10 s setup
+/// deadline): it still ends by its own deadline, as not sent. The mailbox's driver used to
+/// wait on each attempt, and its timers and new sends with it.
+#[tokio::test]
+async fn a_send_while_the_relay_drops_packets_ends_by_its_deadline_as_not_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = loopback_relay(dir.path()).await;
+    let hole = BlackHole::start(relay.local_addrs()[0]).await;
+    let (alice, bob) = (device(dir.path(), "alice"), device(dir.path(), "bob"));
+    let a = mailbox(&alice, hole.addr).await;
+    let bob_cell = bob.keystore.cell;
+    hole.swallow();
+    let began = std::time::Instant::now();
+    let sent = tokio::time::timeout(
+        Duration::from_secs(30),
+        a.send(bob_cell, Bytes::from_static(b"into the hole")),
+    )
+    .await
+    .expect("an outcome within 30 s");
+    let took = began.elapsed();
+    assert!(
+        matches!(&sent, Err(MailboxError::Send(SendError::NotSent(c))) if *c == bob_cell),
+        "{sent:?}"
+    );
+    // The deadline is 5 s (`mailbox`); a driver waiting on joins answered after 10 s or more.
+    assert!(took < Duration::from_secs(8), "answered after {took:?}");
+    tokio::time::timeout(Duration::from_secs(20), a.close())
+        .await
+        .expect("closed within 20 s");
+    drop(relay);
+}

@@ -1,7 +1,6 @@
 //! What a relay bounds against its own users: announcements, registrations, connection slots,
 //! joins and LOOKUPs, over real TCP on loopback.
 
-use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -11,13 +10,13 @@ use bytes::Bytes;
 use cellmesh::core::keys::KeyPair;
 use cellmesh::core::limits::Rate;
 use cellmesh::core::mnemonic::CellSecrets;
-use cellmesh::core::relay::{MsgId, Record, RefuseCode, put_record, records};
+use cellmesh::core::relay::{MsgId, Record, RefuseCode};
 use cellmesh::core::wire::NackCode;
 use cellmesh::home::Unlocked;
 use cellmesh::mailbox::{Mailbox, MailboxConfig, Status};
 use cellmesh::node::{JoinError, Node, NodeConfig, NodeEvent};
 use cellmesh::relay::{Relay, RelayConfig, RelayEvent};
-use common::{device, offline, recv, registered, tap};
+use common::{RawDevice, device, offline, recv, registered, tap};
 use rand_core::{OsRng, RngCore as _};
 
 mod common;
@@ -432,53 +431,6 @@ async fn lookups_over_the_rate_wait_their_turn() {
     assert_eq!(reason, "too many LOOKUPs");
 }
 
-/// A device speaking the relay protocol itself, through a node joined to the relay.
-struct RawDevice {
-    node: Node,
-    relay: cellmesh::core::id::NodeId,
-    pending: VecDeque<Record>,
-}
-
-impl RawDevice {
-    async fn join(keys: &Unlocked, relay: SocketAddr) -> Self {
-        let node = Node::start(keys, NodeConfig::default()).await.unwrap();
-        let peer = node.join(relay).await.unwrap();
-        Self {
-            node,
-            relay: peer.node,
-            pending: VecDeque::new(),
-        }
-    }
-
-    async fn send(&self, records: &[Record]) {
-        let mut buf = Vec::new();
-        for r in records {
-            if buf.len() + r.encoded_len() + 4 > 60_000 {
-                self.node
-                    .send(self.relay, Bytes::from(std::mem::take(&mut buf)))
-                    .await
-                    .unwrap();
-            }
-            put_record(&mut buf, r);
-        }
-        if !buf.is_empty() {
-            self.node.send(self.relay, Bytes::from(buf)).await.unwrap();
-        }
-    }
-
-    /// The next record from the relay, within 10 s.
-    async fn next(&mut self) -> Record {
-        while self.pending.is_empty() {
-            let m = tokio::time::timeout(Duration::from_secs(10), self.node.recv())
-                .await
-                .expect("a record within 10 s")
-                .expect("node running");
-            self.pending.extend(records(m.data).map(Result::unwrap));
-        }
-        self.pending.pop_front().unwrap()
-    }
-}
-
 const SLASH_64_TEST: &str = "addresses_of_one_ipv6_slash_64_share_the_per_address_limit";
 
 /// The namespace test cannot run here: it says so and passes, except under CI (`CI=true`),
@@ -608,4 +560,46 @@ fn addresses_of_one_ipv6_slash_64_share_the_per_address_limit() {
         }
         relay.shutdown().await;
     });
+}
+
+/// SECURITY.md, "Resource limits": FORWARDs are bounded per sending cell by a token bucket
+/// (200,000 a second, bursts of 400,000 by default). Past its burst a cell's FORWARDs are
+/// refused `rate_limited` (a mailbox sends them again 100 ms later), and another cell's are
+/// not held back by it.
+#[tokio::test]
+async fn forwards_past_a_cells_burst_are_refused_and_other_cells_are_not_held_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = start_relay(dir.path(), |c| {
+        c.rate_per_cell = 1;
+        c.burst_per_cell = 3;
+    })
+    .await;
+    let addr = relay.local_addrs()[0];
+    let mut a = RawDevice::join(&device(dir.path(), "a"), addr).await;
+    let mut b = RawDevice::join(&device(dir.path(), "b"), addr).await;
+    assert_ne!(a.node.cell(), b.node.cell());
+    let to = a.node.node_id();
+    let forward = |n: u8| Record::Forward {
+        to,
+        id: MsgId([n; 16]),
+        envelope: Bytes::from_static(b"sealed"),
+    };
+    a.send(&(0..6).map(forward).collect::<Vec<_>>()).await;
+    let (mut accepted, mut limited) = (0, 0);
+    for _ in 0..6 {
+        match a.next().await {
+            Record::Accepted { .. } => accepted += 1,
+            Record::Refused {
+                code: RefuseCode::RateLimited,
+                ..
+            } => limited += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!((accepted, limited), (3, 3), "the burst, then refusals");
+    b.send(&[forward(9)]).await;
+    assert!(
+        matches!(b.next().await, Record::Accepted { .. }),
+        "another cell is not held back"
+    );
 }

@@ -274,6 +274,7 @@ impl Pending {
             Some("delivered") => Outcome::Delivered(devices),
             Some("queued") => Outcome::Queued(devices),
             Some("unknown") => Outcome::Unknown,
+            Some("unsent") => Outcome::Unsent,
             Some("refused") => Outcome::Refused(v["code"].as_str().unwrap_or("?").to_string()),
             _ => Outcome::Error(format!("{}: {line:?}", out.status)),
         };

@@ -12,7 +12,8 @@
 //!    names another sender or id than the send's;
 //! 3. a message answered `delivered` was printed by some device of its cell (implied by 1,
 //!    and reported on its own); one answered otherwise (`unknown`, `refused`, an error)
-//!    was printed at most once per device.
+//!    was printed at most once per device;
+//! 4. a message answered `unsent` (it never left its device) was printed by no device.
 //!
 //! One duplicate is tolerated and counted: a copy printed by a `listen` killed with
 //! SIGKILL, shown again by the device's next `listen`. A listen acknowledges a message
@@ -37,6 +38,8 @@ pub enum Outcome {
     Delivered(u64),
     Queued(u64),
     Unknown,
+    /// Never sealed: the relay did not list the cell's devices in time.
+    Unsent,
     Refused(String),
     /// No status line: the error on stderr.
     Error(String),
@@ -256,6 +259,7 @@ impl History {
                     Outcome::Delivered(_) => "delivered",
                     Outcome::Queued(_) => "queued",
                     Outcome::Unknown => "unknown",
+                    Outcome::Unsent => "unsent",
                     Outcome::Refused(_) => "refused",
                     Outcome::Error(_) => "error",
                 })
@@ -275,6 +279,12 @@ impl History {
                         failures.push(format!("{what}: {} never printed it", name(d)));
                     }
                     continue;
+                }
+                if outcome == Outcome::Unsent {
+                    failures.push(format!(
+                        "{what}: answered unsent, yet {} printed it",
+                        name(d)
+                    ));
                 }
                 if got.len() == 1 {
                     continue;
@@ -323,4 +333,46 @@ impl History {
         }
         out
     }
+}
+
+/// Check 4 can fail: a message answered `unsent` and printed anyway is reported.
+#[test]
+fn a_message_answered_unsent_that_is_printed_fails_the_check() {
+    let mut h = History {
+        devices: vec![
+            DeviceInfo {
+                name: "a".into(),
+                cell: 0,
+            },
+            DeviceInfo {
+                name: "b".into(),
+                cell: 1,
+            },
+        ],
+        cells: vec!["cell-a".into(), "cell-b".into()],
+        ..History::default()
+    };
+    h.sends.insert(
+        1,
+        Sent {
+            seq: 1,
+            from: 0,
+            to: 1,
+            marker: false,
+            id: None,
+            outcome: Some(Outcome::Unsent),
+        },
+    );
+    assert!(h.check().failures.is_empty(), "not printed: fine");
+    h.receipts.push(Receipt {
+        device: 1,
+        run: 1,
+        at: Duration::ZERO,
+        body: "m1".into(),
+        from: "cell-a".into(),
+        id: String::new(),
+    });
+    let failures = h.check().failures;
+    assert_eq!(failures.len(), 1, "{failures:?}");
+    assert!(failures[0].contains("answered unsent"), "{failures:?}");
 }

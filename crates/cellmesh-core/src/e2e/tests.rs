@@ -796,3 +796,158 @@ fn a_lapsed_device_is_left_out_of_a_directory_not_fatal_to_it() {
     assert_eq!(dir.devices.len(), 1);
     assert_eq!(dir.devices[0].node(), bob.node_id());
 }
+
+/// SECURITY.md, "What a relay cannot see" and "Sizes": an acknowledgement is 74 + 16 × ids
+/// bytes in epoch 1 and 32 more (the responder's ephemeral key) in epoch 0, and it is never
+/// padded; a padded message's plaintext is a power of two of at least 256 bytes.
+#[test]
+fn acknowledgements_and_padded_messages_have_the_documented_sizes() {
+    let mut w = world();
+    w.alice.padding = Padding::PowerOfTwo;
+    w.bob.padding = Padding::PowerOfTwo;
+    let mut epochs = BTreeSet::new();
+    let bob = w.bob_device.node();
+    for round in 0..3 {
+        let sent: Vec<_> = (0..=round).map(|n| w.send(&vec![1; 10 * n])).collect();
+        for (id, env) in &sent {
+            w.deliver(*id, env);
+        }
+        for reply in w.bob.poll_acks(&mut w.rng) {
+            let epoch = u32::from_be_bytes(reply.envelope[34..38].try_into().unwrap());
+            epochs.insert(epoch);
+            let opened = w
+                .alice
+                .open(bob, reply.id, &reply.envelope, T, &none(), &mut w.rng)
+                .unwrap();
+            let Opened::Acked { ids, .. } = opened else {
+                panic!("{opened:?}")
+            };
+            let ephemeral = if epoch == 0 { 32 } else { 0 };
+            assert_eq!(reply.envelope.len(), 74 + 16 * ids.len() + ephemeral);
+        }
+    }
+    assert_eq!(epochs, BTreeSet::from([0, 1]), "both epochs seen");
+    // Epoch 1 now: a MSG is 54 bytes of header, times and tag around its plaintext.
+    for len in [0, 1, 200, 300, 5000] {
+        let (_, env) = w.send(&vec![2; len]);
+        assert_eq!(env[1], MSG);
+        let plain = env.len() - 54;
+        assert!(
+            plain.is_power_of_two() && plain >= 256,
+            "{len}-byte body: {plain}-byte plaintext"
+        );
+    }
+}
+
+/// SECURITY.md, "What a relay can do": RESET is unauthenticated. Made from nothing but the
+/// session id in a message's clear header, it ends the sender's session, and the next
+/// message starts a new one in epoch 0; contents stay protected (it opens nothing).
+#[test]
+fn a_reset_forged_from_the_clear_header_alone_ends_the_session() {
+    let mut w = world();
+    let (id, env) = w.send(b"one");
+    w.deliver(id, &env);
+    w.acks_back();
+    let (id2, env2) = w.send(b"epoch one");
+    assert_eq!(env2[1], MSG);
+    let mut forged = vec![E2E_VERSION, RESET];
+    forged.extend_from_slice(&env2[2..18]);
+    let bob = w.bob_device.node();
+    let any_id = MsgId([0x42; 16]);
+    assert!(matches!(
+        w.alice
+            .open(bob, any_id, &forged, T, &none(), &mut w.rng)
+            .unwrap(),
+        Opened::Reset { from } if from == bob
+    ));
+    let (_, env3) = w.send(b"again");
+    assert_eq!(env3[1], INIT, "a new session, back in epoch 0");
+    // Bob still opens the message sealed before the forgery.
+    assert_eq!(w.deliver(id2, &env2).messages[0].body, &b"epoch one"[..]);
+}
+
+/// SECURITY.md, "What a relay can do": a relay that names the wrong sender in DELIVER makes
+/// an INIT fail (`WrongSender`), a MSG look like an unknown session (answered with a RESET
+/// to the device it named) and an acknowledgement be dropped: nothing is delivered or
+/// acknowledged under the wrong name.
+#[test]
+fn a_sender_misnamed_by_the_relay_gets_nothing_through() {
+    let mut w = world();
+    let mallory = TestNode::new(3, T0).node_id();
+    let (id, env) = w.send(b"first");
+    assert_eq!(
+        w.bob
+            .open(mallory, id, &env, T, &none(), &mut w.rng)
+            .unwrap_err(),
+        OpenError::WrongSender
+    );
+    w.deliver(id, &env);
+    let replies = w.bob.poll_acks(&mut w.rng);
+    for reply in &replies {
+        assert!(
+            w.alice
+                .open(mallory, reply.id, &reply.envelope, T, &none(), &mut w.rng)
+                .is_err(),
+            "an acknowledgement under another name is dropped"
+        );
+    }
+    let bob = w.bob_device.node();
+    for reply in replies {
+        w.alice
+            .open(bob, reply.id, &reply.envelope, T, &none(), &mut w.rng)
+            .unwrap();
+    }
+    let (id2, env2) = w.send(b"epoch one");
+    assert_eq!(env2[1], MSG);
+    let reset = reset_of(w.bob.open(mallory, id2, &env2, T, &none(), &mut w.rng));
+    assert_eq!(
+        reset.to, mallory,
+        "the RESET goes to the device the relay named"
+    );
+    assert_eq!(reset.envelope[1], RESET);
+}
+
+/// SECURITY.md, "Revocation": a recipient that knows a device's revocation refuses its INIT
+/// (and keeps nothing of it); one that does not know it opens it.
+#[test]
+fn an_init_from_a_device_the_recipient_knows_revoked_is_refused() {
+    let mut w = world();
+    let (id, env) = w.send(b"from a revoked device");
+    let mut revoked = Revocations::new();
+    let token = crate::device::revocation(&w.a.cell, w.alice_node, T0, &mut w.rng).unwrap();
+    revoked
+        .insert(&token.verify(T.timestamp(), 60).unwrap())
+        .unwrap();
+    let refused = w.bob.open(w.alice_node, id, &env, T, &revoked, &mut w.rng);
+    assert!(refused.is_err(), "{refused:?}");
+    assert_eq!(w.bob.sessions().2, 0, "nothing kept");
+    assert!(matches!(w.bob_opens(id, &env), Ok(Opened::Messages(_))));
+}
+
+/// SECURITY.md, "Forward secrecy": each side erases its ephemeral secret once it has
+/// derived epoch 1, in memory and in the next saved form of the session.
+#[test]
+fn ephemeral_secrets_are_gone_from_memory_and_saved_forms_once_in_epoch_one() {
+    let mut w = world();
+    let bob = w.bob_device.node();
+    let (id, env) = w.send(b"one");
+    let alice_secret = w.alice.outbound[&bob]
+        .ratchet
+        .as_ref()
+        .unwrap()
+        .secret
+        .dangerous_bytes();
+    let got = w.deliver(id, &env);
+    let key = (w.alice_node, got.ack.session);
+    // The INIT carries Alice's ephemeral key: Bob derives epoch 1 as he opens it and keeps
+    // no ephemeral secret beyond that (his public key goes out with his replies).
+    assert!(w.bob.inbound[&key].ratchet.is_none());
+    w.acks_back();
+    let (id2, env2) = w.send(b"two");
+    assert_eq!(env2[1], MSG, "epoch 1");
+    w.deliver(id2, &env2);
+    assert!(w.alice.outbound[&bob].ratchet.is_none());
+    let saved_alice = w.alice.outbound[&bob].save();
+    let holds = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|x| x == needle);
+    assert!(!holds(&saved_alice, &alice_secret[..]));
+}

@@ -94,8 +94,10 @@ const MAX_RESET_HOLDS: usize = 65_536;
 pub struct Config {
     /// Pad bodies to hide their size.
     pub padding: Padding,
-    /// How long a send waits for an acknowledgement before it is reported (as queued if the
-    /// relay stored it, otherwise as [`SendError::Unknown`]). Milliseconds.
+    /// How long after it is submitted a send's outcome is due, lookup of the recipient's
+    /// devices included: by then it is reported as queued if the relay stored it, as
+    /// [`SendError::Unknown`] if it was sealed and not answered, and as
+    /// [`SendError::NotSent`] if it still waited for its lookup. Milliseconds.
     pub ack_timeout_ms: u64,
     /// Messages handed to the application and not yet taken before the mailbox stops
     /// reading the relay ([`Mailbox::wants_input`]).
@@ -174,6 +176,13 @@ pub enum SendError {
         "outcome unknown: no device acknowledged the message in time (it may still arrive; send it again with the same id to be sure)"
     )]
     Unknown(MsgId),
+    /// The relay did not list the cell's devices in time (it is unreachable, or slow), so
+    /// the message was never sealed: nothing left this device, and nothing will. Sending it
+    /// again, under any id, cannot deliver it twice.
+    #[error(
+        "not sent: the relay did not list the devices of {0} in time (is it reachable?); nothing left this device, and sending it again is safe"
+    )]
+    NotSent(CellId),
     /// The relay answered a LOOKUP in a shape this version no longer reads (a DIRECTORY
     /// without the cell's revocations): it is older than this device.
     #[error("the relay is too old: its directory answers carry no revocations (upgrade the relay)")]
@@ -264,6 +273,9 @@ struct Fresh {
     /// makes the same envelope, which the recipient recognises).
     id: Option<MsgId>,
     token: Token,
+    /// When its outcome is due: [`Config::ack_timeout_ms`] after it was submitted, whether
+    /// it still waits for its lookup then (not sent) or for an acknowledgement (unknown).
+    due: Instant,
 }
 
 enum Waiting {
@@ -311,8 +323,11 @@ pub struct Mailbox {
     /// The relay answered a LOOKUP in a retired shape (until the link is up again).
     incompatible: bool,
     next_request: u32,
-    /// Sends by when their outcome is due, and by when they are forgotten (in the order they
-    /// were made, since every send gets the same delays).
+    /// When sends submitted while their cell was looked up are due, in the order they were
+    /// submitted (some may have been sealed since: then nothing is due at that time).
+    lookup_deadlines: VecDeque<Instant>,
+    /// Sealed sends by when their outcome is due (in order of time), and by when they are
+    /// forgotten (in the order they were made, since every send is kept as long).
     deadlines: VecDeque<(Instant, MsgId)>,
     expiries: VecDeque<(Timestamp, MsgId)>,
     retries: Vec<(Instant, MsgId, NodeId)>,
@@ -383,6 +398,7 @@ impl Mailbox {
             revokes: BTreeMap::new(),
             incompatible: false,
             next_request: 1,
+            lookup_deadlines: VecDeque::new(),
             deadlines: VecDeque::new(),
             expiries: VecDeque::new(),
             retries: Vec::new(),
@@ -541,19 +557,30 @@ impl Mailbox {
                 None if settled => {
                     self.report(token, Err(SendError::Refused(RefuseCode::Other(0))))
                 }
-                None => send.tokens.push((token, id)),
+                None => {
+                    // It waits for the same answers as the first send, and by a deadline of
+                    // its own: a relay that is down does not keep it waiting longer.
+                    send.tokens.push((token, id));
+                    let due = now.plus_millis(self.config.ack_timeout_ms);
+                    self.arm_deadline(due, envelope);
+                }
             }
             return;
         }
+        let due = now.plus_millis(self.config.ack_timeout_ms);
         let fresh = Fresh {
             cell: to,
             body,
             id,
             token,
+            due,
         };
         match self.directories.get(&to) {
             Some(c) if now.millis_since(c.at) < DIRECTORY_TTL_MS => self.fresh.push(fresh),
-            _ => self.lookup_for(to, Waiting::Send(fresh)),
+            _ => {
+                self.lookup_deadlines.push_back(due);
+                self.lookup_for(to, Waiting::Send(fresh));
+            }
         }
     }
 
@@ -757,6 +784,7 @@ impl Mailbox {
             self.deadlines.pop_front();
             self.outcome_due(id);
         }
+        self.lookups_due(now);
         let ended: Vec<MsgId> = self
             .reset_holds
             .iter()
@@ -901,7 +929,13 @@ impl Mailbox {
     /// When to call [`Mailbox::handle_timeout`] next.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let retry = self.retries.iter().map(|(at, ..)| *at).min();
-        let deadline = self.deadlines.front().map(|(at, _)| *at);
+        let deadline = [
+            self.deadlines.front().map(|(at, _)| *at),
+            self.lookup_deadlines.front().copied(),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         let expiry = self
             .expiries
             .front()
@@ -956,6 +990,40 @@ impl Mailbox {
         for change in self.seen.take_changes() {
             self.ops.push(StoreOp::Seen(change));
         }
+    }
+
+    /// Ends the sends still waiting for their lookup at their deadline: never sealed, so
+    /// not sent (and never later: a late answer finds no one waiting).
+    fn lookups_due(&mut self, now: Instant) {
+        let mut due = false;
+        while self.lookup_deadlines.front().is_some_and(|at| *at <= now) {
+            self.lookup_deadlines.pop_front();
+            due = true;
+        }
+        if !due {
+            return;
+        }
+        let mut ended = Vec::new();
+        for (cell, waiters) in self.lookups.values_mut() {
+            waiters.retain(|w| match w {
+                Waiting::Send(f) if f.due <= now => {
+                    ended.push((f.token, *cell));
+                    false
+                }
+                _ => true,
+            });
+        }
+        // A lookup no one waits for any more is not asked again on the next connection.
+        self.lookups.retain(|_, (_, waiters)| !waiters.is_empty());
+        for (token, cell) in ended {
+            self.report(token, Err(SendError::NotSent(cell)));
+        }
+    }
+
+    /// The outcome of the kept send `id` is due at `at`.
+    fn arm_deadline(&mut self, at: Instant, id: MsgId) {
+        let i = self.deadlines.partition_point(|(t, _)| *t <= at);
+        self.deadlines.insert(i, (at, id));
     }
 
     fn lookup_for(&mut self, cell: CellId, waiting: Waiting) {
@@ -1169,6 +1237,8 @@ impl Mailbox {
         rng: &mut impl CryptoRngCore,
     ) {
         let single = bundle.len() == 1;
+        // Each message's deadline counts from its submission; the bundle's is the earliest.
+        let due = bundle.iter().map(|f| f.due).min().unwrap_or(now);
         let id = match bundle.first().and_then(|f| f.id) {
             Some(id) => id,
             None => self.sends.next_id(),
@@ -1210,8 +1280,7 @@ impl Mailbox {
         if self.sends.len() >= MAX_RETAINED {
             self.forget_reported();
         }
-        self.deadlines
-            .push_back((now.plus_millis(self.config.ack_timeout_ms), id));
+        self.arm_deadline(due, id);
         self.expiries.push_back((send.created.plus(RETAIN), id));
         self.sends.insert(send);
     }

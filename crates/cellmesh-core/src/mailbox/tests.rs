@@ -10,68 +10,10 @@ use rand_core::SeedableRng as _;
 use super::*;
 use crate::relay::records;
 use crate::testing::TestNode;
+use crate::world::Disk;
 
 const T0: Timestamp = Timestamp(1_800_000_000);
 const START: Instant = Instant(1_800_000_100_000);
-
-/// What a device keeps on disk.
-#[derive(Clone, Default)]
-struct Disk {
-    sessions: BTreeMap<SessionKey, Vec<u8>>,
-    seen: BTreeMap<(CellId, MsgId), Timestamp>,
-    floors: BTreeMap<CellId, Timestamp>,
-    sends: BTreeMap<MsgId, Vec<u8>>,
-    commits: u64,
-}
-
-impl Disk {
-    fn apply(&mut self, commit: Commit) {
-        self.commits += 1;
-        for op in commit.ops {
-            match op {
-                StoreOp::PutSession(k, v) => {
-                    self.sessions.insert(k, v.to_vec());
-                }
-                StoreOp::DeleteSession(k) => {
-                    self.sessions.remove(&k);
-                }
-                StoreOp::Seen(SeenChange::Put { cell, id, time }) => {
-                    self.seen.insert((cell, id), time);
-                }
-                StoreOp::Seen(SeenChange::Forget { cell, id, .. }) => {
-                    self.seen.remove(&(cell, id));
-                }
-                StoreOp::Seen(SeenChange::Floor { cell, floor }) => {
-                    self.floors.insert(cell, floor);
-                }
-                StoreOp::Seen(SeenChange::ExpireBefore(t)) => self.seen.retain(|_, v| *v >= t),
-                StoreOp::PutSend(id, v) => {
-                    self.sends.insert(id, v.to_vec());
-                }
-                StoreOp::DeleteSend(id) => {
-                    self.sends.remove(&id);
-                }
-            }
-        }
-    }
-
-    fn saved(&self) -> Saved {
-        Saved {
-            sessions: self
-                .sessions
-                .iter()
-                .map(|(k, v)| (*k, Zeroizing::new(v.clone())))
-                .collect(),
-            seen: self.seen.iter().map(|((c, i), t)| (*c, *i, *t)).collect(),
-            floors: self.floors.iter().map(|(c, t)| (*c, *t)).collect(),
-            sends: self
-                .sends
-                .values()
-                .map(|v| Zeroizing::new(v.clone()))
-                .collect(),
-        }
-    }
-}
 
 /// A device: its identity, its store, and (while it runs) its mailbox and application.
 struct Device {
@@ -369,6 +311,21 @@ impl World {
         self.relay.disconnect(node);
     }
 
+    /// Device `d`'s link to the relay goes down (its process runs on).
+    fn cut(&mut self, d: usize) {
+        let node = self.devices[d].node();
+        self.devices[d].mb().handle_disconnected();
+        self.relay.disconnect(node);
+    }
+
+    /// Device `d`'s link to the relay is up again.
+    fn reconnect(&mut self, d: usize) {
+        let node = self.devices[d].node();
+        self.relay.connect(node);
+        self.devices[d].mb().handle_connected();
+        self.settle();
+    }
+
     fn send(&mut self, from: usize, to_cell: CellId, body: &[u8]) -> Token {
         self.send_with(from, to_cell, body, None)
     }
@@ -494,10 +451,10 @@ fn a_message_is_delivered_to_every_device_and_acknowledged_once_taken() {
     assert_eq!(w.bodies(BOB2), vec![&b"hello"[..]]);
     // Both devices acknowledged: nothing kept, nothing saved.
     assert_eq!(w.devices[ALICE].mb().sends_kept(), 0);
-    assert!(w.devices[ALICE].disk.sends.is_empty());
+    assert!(w.devices[ALICE].disk.sends_kept() == 0);
     // Both told the relay, once the duplicate memory was on disk.
     assert_eq!(w.relay.waiting_for(w.devices[BOB].node()), 0);
-    assert_eq!(w.devices[BOB].disk.seen.len(), 1);
+    assert_eq!(w.devices[BOB].disk.seen_len(), 1);
 }
 
 #[test]
@@ -523,6 +480,9 @@ fn nothing_is_acknowledged_before_the_application_has_it() {
         w.outcome(ALICE, t),
         Some(Err(SendError::Unknown(_)))
     ));
+    // Saved all the same: a retry under its id, in this run or a later one, learns its
+    // outcome instead of sending it twice (SECURITY.md, "Restarts and durable state").
+    assert_eq!(w.devices[ALICE].disk.sends_kept(), 1);
     // Bob's next run gets it again, takes it: delivered, once.
     w.devices[BOB].takes = true;
     w.devices[BOB].got.clear();
@@ -560,7 +520,7 @@ fn queued_messages_survive_restarts_of_both_sides() {
         assert_eq!(status(w.outcome(ALICE, *t)), Some(Status::Queued));
     }
     // Saved before reported: the two queued, and the three BOB2 has not had.
-    assert_eq!(w.devices[ALICE].disk.sends.len(), 5);
+    assert_eq!(w.devices[ALICE].disk.sends_kept(), 5);
     w.stop(ALICE);
     w.devices[BOB].got.clear();
     w.start(BOB);
@@ -568,7 +528,7 @@ fn queued_messages_survive_restarts_of_both_sides() {
     // Alice comes back: her saved sends and sessions open Bob's acknowledgements.
     w.start(ALICE);
     assert_eq!(
-        w.devices[ALICE].disk.sends.len(),
+        w.devices[ALICE].disk.sends_kept(),
         5,
         "BOB2 has not acknowledged yet"
     );
@@ -576,7 +536,7 @@ fn queued_messages_survive_restarts_of_both_sides() {
     assert_eq!(w.bodies(BOB2), vec![&b"a"[..], b"b", b"c", b"x", b"y"]);
     w.settle();
     assert!(
-        w.devices[ALICE].disk.sends.is_empty(),
+        w.devices[ALICE].disk.sends_kept() == 0,
         "every device acknowledged"
     );
 }
@@ -701,8 +661,7 @@ fn envelopes_under_a_new_lease_wait_for_its_commit() {
     assert!(
         w.devices[ALICE]
             .disk
-            .sessions
-            .keys()
+            .session_keys()
             .any(|k| matches!(k, SessionKey::Outbound(_)))
     );
     w.crash(ALICE);
@@ -861,6 +820,118 @@ fn a_bundled_message_sent_again_under_its_id_arrives_once() {
         assert_eq!(status(w.outcome(ALICE, again)), Some(Status::Delivered));
         assert_eq!(w.devices[BOB].got.len(), 3);
     }
+}
+
+/// Found by the delivery checker: a send through a running `listen` whose relay was down
+/// waited for its directory lookup with no deadline (the acknowledgement timeout started
+/// only once it was sealed). It ends at its deadline, as not sent, and never goes later.
+#[test]
+fn a_send_waiting_for_its_lookup_while_the_relay_is_unreachable_ends_as_not_sent() {
+    let mut w = world_of(false);
+    w.start(ALICE);
+    w.start(BOB);
+    w.cut(ALICE);
+    let bob_cell = w.cell(BOB);
+    let t = w.send(ALICE, bob_cell, b"into the void");
+    let due = w.now.plus_millis(Config::default().ack_timeout_ms);
+    let wake = w.devices[ALICE].mb().poll_timeout();
+    assert!(
+        wake.is_some_and(|at| at <= due),
+        "the mailbox asks to be woken by the deadline, not {wake:?}"
+    );
+    w.advance(Config::default().ack_timeout_ms - 1);
+    assert_eq!(w.outcome(ALICE, t), None);
+    w.advance(1);
+    assert_eq!(
+        w.outcome(ALICE, t),
+        Some(&Err(SendError::NotSent(bob_cell)))
+    );
+    // The relay is back: nothing of it goes, since the application was told it did not.
+    w.reconnect(ALICE);
+    w.advance(60_000);
+    assert!(w.bodies(BOB).is_empty());
+    assert_eq!(w.devices[ALICE].mb().sends_kept(), 0);
+    assert!(w.devices[ALICE].disk.sends_kept() == 0);
+    // Sent again, it goes as any other.
+    let again = w.send(ALICE, bob_cell, b"into the void");
+    assert_eq!(status(w.outcome(ALICE, again)), Some(Status::Delivered));
+    assert_eq!(w.bodies(BOB), vec![&b"into the void"[..]]);
+}
+
+/// A send has one deadline from the moment it is submitted: a lookup answered late leaves
+/// it only the rest of it to be acknowledged.
+#[test]
+fn a_send_whose_lookup_was_answered_late_ends_by_its_deadline() {
+    let mut w = world_of(false);
+    w.start(ALICE);
+    w.devices[BOB].takes = false;
+    w.start(BOB);
+    w.cut(ALICE);
+    let bob_cell = w.cell(BOB);
+    let t = w.send(ALICE, bob_cell, b"late");
+    w.advance(6_000);
+    w.reconnect(ALICE);
+    assert_eq!(w.bodies(BOB), vec![&b"late"[..]], "sealed once looked up");
+    assert_eq!(w.outcome(ALICE, t), None, "not taken yet");
+    w.advance(Config::default().ack_timeout_ms - 6_000);
+    assert!(
+        matches!(w.outcome(ALICE, t), Some(Err(SendError::Unknown(_)))),
+        "{:?}",
+        w.outcome(ALICE, t)
+    );
+}
+
+/// A send again under the id of one whose outcome was unknown, while the relay is down,
+/// is answered by its own deadline too (it waited for an acknowledgement that could not
+/// come).
+#[test]
+fn a_retry_under_the_id_of_an_unknown_send_ends_by_its_deadline() {
+    let mut w = world_of(false);
+    w.start(ALICE);
+    w.devices[BOB].takes = false;
+    w.start(BOB);
+    let bob_cell = w.cell(BOB);
+    let id = MsgId([0x77; 16]);
+    let t = w.send_with(ALICE, bob_cell, b"once", Some(id));
+    w.advance(Config::default().ack_timeout_ms);
+    assert_eq!(w.outcome(ALICE, t), Some(&Err(SendError::Unknown(id))));
+    w.cut(ALICE);
+    let retry = w.send_with(ALICE, bob_cell, b"once", Some(id));
+    assert_eq!(w.outcome(ALICE, retry), None);
+    let due = w.now.plus_millis(Config::default().ack_timeout_ms);
+    let wake = w.devices[ALICE].mb().poll_timeout();
+    assert!(wake.is_some_and(|at| at <= due), "woken by {wake:?}");
+    w.advance(Config::default().ack_timeout_ms);
+    assert_eq!(w.outcome(ALICE, retry), Some(&Err(SendError::Unknown(id))));
+    // Taken once the relay is back: shown once.
+    w.reconnect(ALICE);
+    w.devices[BOB].takes = true;
+    w.settle();
+    assert_eq!(w.bodies(BOB), vec![&b"once"[..]]);
+}
+
+/// SECURITY.md, "Resource limits": a send no device acknowledged is kept (and saved) for
+/// the relay's time to live, 7 days, and then forgotten, in memory and on disk.
+#[test]
+fn a_send_no_device_acknowledges_is_kept_seven_days_then_forgotten() {
+    let mut w = world_of(false);
+    w.start(ALICE);
+    let bob_cell = w.cell(BOB);
+    let t = w.send(ALICE, bob_cell, b"for a device that never returns");
+    assert_eq!(status(w.outcome(ALICE, t)), Some(Status::Queued));
+    assert_eq!(w.devices[ALICE].disk.sends_kept(), 1);
+    w.advance(RETAIN * 1000 - 1000);
+    assert_eq!(
+        w.devices[ALICE].mb().sends_kept(),
+        1,
+        "kept up to its expiry"
+    );
+    w.advance(1000);
+    assert_eq!(w.devices[ALICE].mb().sends_kept(), 0);
+    assert!(
+        w.devices[ALICE].disk.sends_kept() == 0,
+        "and deleted from disk"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -711,4 +711,30 @@ mod tests {
             }
         }
     }
+
+    /// SECURITY.md, "Threat model": a FORWARD or DELIVER in a payload is its envelope plus
+    /// 53 bytes (length prefix, type, device, id).
+    #[test]
+    fn a_forward_or_deliver_costs_its_envelope_plus_53_bytes() {
+        let a = TestNode::new(1, crate::Timestamp(1_800_000_000));
+        for len in [0, 1, 1000] {
+            let envelope = Bytes::from(vec![5; len]);
+            for r in [
+                Record::Forward {
+                    to: a.node_id(),
+                    id: MsgId([1; 16]),
+                    envelope: envelope.clone(),
+                },
+                Record::Deliver {
+                    from: a.node_id(),
+                    id: MsgId([1; 16]),
+                    envelope: envelope.clone(),
+                },
+            ] {
+                let mut payload = Vec::new();
+                put_record(&mut payload, &r);
+                assert_eq!(payload.len(), len + 53);
+            }
+        }
+    }
 }

@@ -12,6 +12,7 @@ use cellmesh::core::id::CellId;
 use cellmesh::core::id::NodeId;
 use cellmesh::core::keystore::{KdfParams, Passphrase};
 use cellmesh::core::mnemonic::Mnemonic;
+use cellmesh::core::relay::{Record, put_record, records};
 use cellmesh::home::{Home, Unlocked};
 use cellmesh::mailbox::{Mailbox, MailboxError, MailboxSender, Sent, Ticket};
 use cellmesh::node::{Node, NodeEvent};
@@ -259,6 +260,7 @@ impl Reader {
     }
 
     /// Sends through the mailbox and waits for the outcome.
+    /// Sends these records, batched into payloads of about 60 KB.
     pub async fn send(&self, to: CellId, body: Bytes) -> Result<Sent, MailboxError> {
         self.sender.send(to, body).await
     }
@@ -287,5 +289,58 @@ impl Reader {
             let _ = stop.send(());
         }
         let _ = (&mut self.task).await;
+    }
+}
+
+/// A device speaking the relay protocol itself, through a node joined to the relay.
+pub struct RawDevice {
+    /// Its node.
+    pub node: Node,
+    /// The relay it joined.
+    pub relay: NodeId,
+    pending: std::collections::VecDeque<Record>,
+}
+
+impl RawDevice {
+    /// Joins the relay at `relay` as the device of `keys`.
+    pub async fn join(keys: &Unlocked, relay: SocketAddr) -> Self {
+        let node = Node::start(keys, cellmesh::node::NodeConfig::default())
+            .await
+            .unwrap();
+        let peer = node.join(relay).await.unwrap();
+        Self {
+            node,
+            relay: peer.node,
+            pending: std::collections::VecDeque::new(),
+        }
+    }
+
+    /// Sends these records, batched into payloads of about 60 KB.
+    pub async fn send(&self, records: &[Record]) {
+        let mut buf = Vec::new();
+        for r in records {
+            if buf.len() + r.encoded_len() + 4 > 60_000 {
+                self.node
+                    .send(self.relay, Bytes::from(std::mem::take(&mut buf)))
+                    .await
+                    .unwrap();
+            }
+            put_record(&mut buf, r);
+        }
+        if !buf.is_empty() {
+            self.node.send(self.relay, Bytes::from(buf)).await.unwrap();
+        }
+    }
+
+    /// The next record from the relay, within 10 s.
+    pub async fn next(&mut self) -> Record {
+        while self.pending.is_empty() {
+            let m = tokio::time::timeout(Duration::from_secs(10), self.node.recv())
+                .await
+                .expect("a record within 10 s")
+                .expect("node running");
+            self.pending.extend(records(m.data).map(Result::unwrap));
+        }
+        self.pending.pop_front().unwrap()
     }
 }
