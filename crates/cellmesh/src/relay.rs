@@ -58,7 +58,6 @@ use cellmesh_core::limits::{ByteLimits, Rate, RegistrationLimits, RegistrationRe
 use cellmesh_core::relay::server::{
     Action, OpId, Outlets, RelayServer, ServerConfig, ServerEvent, StoreOp, StoreResult,
 };
-use cellmesh_core::relay::{Accepted, MsgId, RefuseCode};
 use cellmesh_core::revoked::RevocationLimits;
 use cellmesh_core::token::Token;
 use cellmesh_core::wire::NackCode;
@@ -192,139 +191,15 @@ impl RelayConfig {
     }
 }
 
-/// Something the relay did, for operators (and for the demo, to show what a relay sees).
-#[derive(Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum RelayEvent {
-    /// A device joined (and, if it was not registered, was recorded in the directory).
-    Registered {
-        /// Its cell.
-        cell: CellId,
-        /// The device.
-        node: NodeId,
-        /// Its address.
-        addr: SocketAddr,
-        /// Whether it was not registered before.
-        new: bool,
-    },
-    /// A join was refused (NACK), by the relay's limits or its allow-list.
-    JoinRefused {
-        /// The cell the device claimed.
-        cell: CellId,
-        /// The device.
-        node: NodeId,
-        /// The NACK code.
-        code: NackCode,
-        /// Why.
-        reason: String,
-    },
-    /// A cell's revocation of one of its devices was kept: the device was dropped from the
-    /// directory with its queue, disconnected if online, and is refused from now on.
-    Revoked {
-        /// The issuing cell.
-        cell: CellId,
-        /// The revoked device.
-        node: NodeId,
-        /// The device that carried the REVOKE.
-        by: NodeId,
-        /// Queued envelopes that went with the device.
-        messages: usize,
-    },
-    /// A REVOKE was refused (or could not be kept).
-    RevokeRefused {
-        /// The device that sent it.
-        by: NodeId,
-        /// The code REVOKED carried.
-        code: RefuseCode,
-        /// Why.
-        reason: String,
-    },
-    /// A device went offline.
-    Offline {
-        /// The device.
-        node: NodeId,
-    },
-    /// An envelope was accepted: pushed to its online device, or queued. Made only with
-    /// [`RelayConfig::envelope_events`].
-    Forwarded {
-        /// Sending device.
-        from: NodeId,
-        /// Recipient device.
-        to: NodeId,
-        /// Message id.
-        id: MsgId,
-        /// Envelope size in bytes (all the relay learns of the content).
-        bytes: usize,
-        /// Pushed or queued.
-        status: Accepted,
-    },
-    /// A FORWARD was refused. Made only with [`RelayConfig::envelope_events`] (the summary
-    /// counts refusals by code).
-    Refused {
-        /// Sending device.
-        from: NodeId,
-        /// Message id.
-        id: MsgId,
-        /// Why.
-        code: RefuseCode,
-    },
-    /// Queued envelopes were handed to a device that came online.
-    Drained {
-        /// The device.
-        node: NodeId,
-        /// How many.
-        count: usize,
-    },
-    /// A device was disconnected for misbehaving or for holding too much of the relay.
-    Disconnected {
-        /// The device.
-        node: NodeId,
-        /// Why.
-        reason: &'static str,
-    },
-    /// Registrations not seen for their time to live were dropped, with their queues.
-    Expired {
-        /// Devices.
-        devices: usize,
-        /// Queued envelopes that went with them.
-        messages: usize,
-    },
-    /// The store failed: a FORWARD it was to hold was refused `unavailable`, or a delivered
-    /// envelope stays queued (it is delivered again and dropped as a duplicate).
-    StoreFailed {
-        /// What the relay was doing.
-        doing: &'static str,
-        /// The store's error.
-        error: String,
-    },
-    /// Counts since the last summary (see [`RelayConfig::summary_every`]).
-    Summary(RelaySummary),
-}
+/// Something the relay did, for operators (and for the demo, to show what a relay sees): the
+/// relay server machine's own events. Per-envelope ones ([`RelayEvent::Forwarded`],
+/// [`RelayEvent::Refused`]), which name who sends to whom, are made only with
+/// [`RelayConfig::envelope_events`].
+pub use cellmesh_core::relay::server::ServerEvent as RelayEvent;
 
-/// Counts over one period, for [`RelayEvent::Summary`]: no device or message is named.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct RelaySummary {
-    /// The period's length.
-    pub period: Duration,
-    /// Envelopes pushed, queued and refused in the period, and the bytes accepted.
-    pub stats: RelayStats,
-    /// The period's refusals by code (codes with none left out).
-    pub refusals: Vec<(RefuseCode, u64)>,
-    /// Joins in the period.
-    pub joins: u64,
-    /// Devices registered for the first time in the period.
-    pub new_devices: u64,
-    /// Joins refused in the period.
-    pub joins_refused: u64,
-    /// Devices online now.
-    pub online: usize,
-    /// Devices registered now.
-    pub registered: usize,
-    /// Bytes held now for pushed envelopes not yet DELIVERED.
-    pub in_flight_bytes: usize,
-    /// Bytes written now for devices that their links have not taken.
-    pub waiting_bytes: usize,
-}
+/// Counts over one period, for [`RelayEvent::Summary`] (see [`RelayConfig::summary_every`]):
+/// no device or message is named.
+pub use cellmesh_core::relay::server::Summary as RelaySummary;
 
 /// Starting a relay failed.
 #[derive(Debug, Error)]
@@ -597,8 +472,7 @@ impl Loop {
                         ahead => self.leaving.push_back((ahead, peer.node)),
                     },
                     Ok(NodeEvent::JoinRefused { node, cell, code, reason, by_peer: false, .. }) => {
-                        lock(&self.server).join_refused();
-                        let _ = self.events.send(RelayEvent::JoinRefused { cell, node, code, reason });
+                        self.with_server(|s, _, _| s.join_refused(cell, node, code, reason));
                     }
                     Ok(_) => {}
                     Err(broadcast::error::RecvError::Lagged(n)) => {
@@ -713,72 +587,15 @@ impl Loop {
     }
 
     fn event(&self, e: ServerEvent) {
-        let e = match e {
-            ServerEvent::Registered {
-                cell,
-                node,
-                addr,
-                new,
-            } => RelayEvent::Registered {
-                cell,
-                node,
-                addr,
-                new,
-            },
-            ServerEvent::Offline { node } => RelayEvent::Offline { node },
-            ServerEvent::Forwarded {
-                from,
-                to,
-                id,
-                bytes,
-                status,
-            } => RelayEvent::Forwarded {
-                from,
-                to,
-                id,
-                bytes,
-                status,
-            },
-            ServerEvent::Refused { from, id, code } => RelayEvent::Refused { from, id, code },
-            ServerEvent::Drained { node, count } => RelayEvent::Drained { node, count },
-            ServerEvent::Disconnected { node, reason } => RelayEvent::Disconnected { node, reason },
-            ServerEvent::Expired { devices, messages } => RelayEvent::Expired { devices, messages },
-            ServerEvent::Revoked {
-                cell,
-                node,
-                by,
-                messages,
-            } => RelayEvent::Revoked {
-                cell,
-                node,
-                by,
-                messages,
-            },
-            ServerEvent::RevokeRefused { by, code, reason } => {
-                RelayEvent::RevokeRefused { by, code, reason }
-            }
+        match &e {
             ServerEvent::EnvelopesExpired { count } => {
                 tracing::info!(expired = count, "expired queued envelopes");
-                return;
             }
             ServerEvent::StoreFailed { doing, error } => {
                 tracing::warn!(doing, %error, "relay store failed");
-                RelayEvent::StoreFailed { doing, error }
             }
-            ServerEvent::Summary(s) => RelayEvent::Summary(RelaySummary {
-                period: Duration::from_millis(s.period_ms),
-                stats: s.stats,
-                refusals: s.refusals,
-                joins: s.joins,
-                new_devices: s.new_devices,
-                joins_refused: s.joins_refused,
-                online: s.online,
-                registered: s.registered,
-                in_flight_bytes: s.in_flight_bytes,
-                waiting_bytes: s.waiting_bytes,
-            }),
-            _ => return,
-        };
+            _ => {}
+        }
         let _ = self.events.send(e);
     }
 

@@ -49,6 +49,7 @@ use crate::limits::{
 };
 use crate::revoked::{InvalidRevocation, Offered, RelayRevocations, RevocationLimits};
 use crate::token::Token;
+use crate::wire::NackCode;
 use crate::{Instant, Timestamp};
 
 /// What one pushed envelope costs in memory beyond its bytes (its map entry and allocation),
@@ -304,6 +305,17 @@ pub enum ServerEvent {
         /// Whether it was not registered before.
         new: bool,
     },
+    /// A join was refused (NACK), by the relay's limits, its allow-list or a revocation.
+    JoinRefused {
+        /// The cell the device claimed.
+        cell: CellId,
+        /// The device.
+        node: NodeId,
+        /// The NACK code.
+        code: NackCode,
+        /// Why.
+        reason: String,
+    },
     /// A device went offline.
     Offline {
         /// The device.
@@ -414,8 +426,8 @@ impl Stats {
 /// Counts over one period, for [`ServerEvent::Summary`]: no device or message is named.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Summary {
-    /// The period's length, in milliseconds.
-    pub period_ms: u64,
+    /// The period's length.
+    pub period: std::time::Duration,
     /// Envelopes pushed, queued and refused in the period, and the bytes accepted.
     pub stats: Stats,
     /// The period's refusals by code (codes with none left out), by code.
@@ -722,8 +734,14 @@ impl RelayServer {
     }
 
     /// A join was refused (by the link's checks or [`RelayServer::check_join`]): counted.
-    pub fn join_refused(&mut self) {
+    pub fn join_refused(&mut self, cell: CellId, node: NodeId, code: NackCode, reason: String) {
         self.period.joins_refused += 1;
+        self.event(ServerEvent::JoinRefused {
+            cell,
+            node,
+            code,
+            reason,
+        });
     }
 
     /// Device `node` of `cell` joined from `addr` with these tokens. A device that joins
@@ -1550,7 +1568,7 @@ impl RelayServer {
         let p = std::mem::take(&mut self.period);
         self.period.started = now;
         let summary = Summary {
-            period_ms: now.millis_since(p.started),
+            period: std::time::Duration::from_millis(now.millis_since(p.started)),
             stats: p.stats,
             refusals: p.refusals.into_values().collect(),
             joins: p.joins,
