@@ -629,12 +629,12 @@ impl Store {
     /// transaction; returns how many were queued. Ids not queued (already removed, never
     /// stored) are ignored.
     pub fn remove(&self, device: NodeId, ids: &[MsgId]) -> Result<usize, StoreError> {
-        Ok(self.remove_many(&[(device, ids)])?[0])
+        Ok(self.remove_many(&[(device, Removal::Any(ids))])?[0])
     }
 
-    /// [`Store::remove`] for many devices, in one transaction (one `fsync` for all); returns
-    /// how many were removed for each.
-    pub fn remove_many(&self, batch: &[(NodeId, &[MsgId])]) -> Result<Vec<usize>, StoreError> {
+    /// [`Store::remove`] for many devices, in one transaction (one `fsync` for all), each by
+    /// ids from any sender or by (id, sender) pairs; returns how many were removed for each.
+    pub fn remove_many(&self, batch: &[(NodeId, Removal<'_>)]) -> Result<Vec<usize>, StoreError> {
         let _writer = lock(&self.writer);
         let txn = self
             .db
@@ -643,12 +643,22 @@ impl Store {
         let mut freed: Vec<(DeviceKey, Usage)> = Vec::with_capacity(batch.len());
         {
             let mut tables = WriteTables::open(&txn)?;
-            for &(device, ids) in batch {
+            for (device, removal) in batch {
                 let device = *device.key().as_bytes();
                 let mut f = Usage::default();
-                for &id in ids {
-                    let low = index_key(&device, id, &[0; KEY_LEN]);
-                    let high = index_key(&device, id, &[0xff; KEY_LEN]);
+                let keys: Vec<(MsgId, [u8; KEY_LEN], [u8; KEY_LEN])> = match removal {
+                    Removal::Any(ids) => ids
+                        .iter()
+                        .map(|id| (*id, [0; KEY_LEN], [0xff; KEY_LEN]))
+                        .collect(),
+                    Removal::From(items) => items
+                        .iter()
+                        .map(|(id, from)| (*id, *from.key().as_bytes(), *from.key().as_bytes()))
+                        .collect(),
+                };
+                for (id, lo, hi) in keys {
+                    let low = index_key(&device, id, &lo);
+                    let high = index_key(&device, id, &hi);
                     let found = tables
                         .index
                         .range::<&[u8; INDEX_KEY_LEN]>(&low..=&high)
@@ -766,12 +776,16 @@ impl Store {
             match &ops[i] {
                 StoreOp::Enqueue { .. } => self.apply_enqueues(batch, &mut results),
                 StoreOp::Remove { .. } => {
-                    let list: Vec<(NodeId, &[MsgId])> = batch
+                    let list: Vec<(NodeId, &[(MsgId, NodeId)])> = batch
                         .iter()
                         .filter_map(|op| match op {
-                            StoreOp::Remove { device, ids } => Some((*device, ids.as_slice())),
+                            StoreOp::Remove { device, items } => Some((*device, items.as_slice())),
                             _ => None,
                         })
+                        .collect();
+                    let list: Vec<(NodeId, Removal<'_>)> = list
+                        .into_iter()
+                        .map(|(d, items)| (d, Removal::From(items)))
                         .collect();
                     match self.remove_many(&list) {
                         Ok(counts) => results.extend(counts.into_iter().map(StoreResult::Removed)),
@@ -1092,6 +1106,15 @@ type DeviceKey = [u8; KEY_LEN];
 
 /// A registered device's `(node_token, identity)`.
 type TokenPair = (Vec<u8>, Vec<u8>);
+
+/// What [`Store::remove_many`] deletes from one device's queue.
+#[derive(Clone, Copy, Debug)]
+pub enum Removal<'a> {
+    /// Every message with one of these ids, from any sender.
+    Any(&'a [MsgId]),
+    /// Exactly these messages, each by its id and its sender.
+    From(&'a [(MsgId, NodeId)]),
+}
 
 /// A store error as a relay server's operation reports it.
 fn failed(e: &StoreError) -> StoreResult {

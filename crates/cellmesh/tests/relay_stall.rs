@@ -86,6 +86,20 @@ async fn a_device_acknowledging_ten_thousand_queued_one_by_one_does_not_stall_th
             .await
             .unwrap(),
     );
+    // Measured once b's link takes messages (until
+    // its RECEIVE reaches the relay, what a sends it is queued).
+    let b_cell = b.cell();
+    for i in 0.. {
+        let sent = a
+            .send(b_cell, Bytes::from(format!("warm {i}")))
+            .await
+            .unwrap();
+        b.next().await;
+        if sent.status == cellmesh::mailbox::Status::Delivered {
+            break;
+        }
+        assert!(i < 100, "b never took a message live");
+    }
     let quiet = round_trips(&a, &mut b, 30).await;
 
     // The slow device comes back and acknowledges each envelope in a DELIVERED of its own,

@@ -171,15 +171,15 @@ impl MemStore {
                     .map(|e| self.enqueue_one(*now, e))
                     .collect(),
             ),
-            StoreOp::Remove { device, ids } => {
+            StoreOp::Remove { device, items } => {
                 let mut removed = 0;
-                for id in ids {
-                    let seqs: Vec<u64> = self
+                for (id, from) in items {
+                    let seq = self
                         .index
                         .get(&(*device, *id))
-                        .map(|by| by.values().copied().collect())
-                        .unwrap_or_default();
-                    for seq in seqs {
+                        .and_then(|by| by.get(from))
+                        .copied();
+                    if let Some(seq) = seq {
                         removed += usize::from(self.remove_seq(*device, seq));
                     }
                 }

@@ -192,14 +192,14 @@ pub enum StoreOp {
         /// What.
         envelopes: Vec<StoreEnvelope>,
     },
-    /// Delete these ids (from any sender) from `device`'s queue; answered with
-    /// [`StoreResult::Removed`]. Need not be durable: a message delivered again after a
-    /// crash is dropped by its receiver as a duplicate.
+    /// Delete these envelopes, each named by its id and its sender, from `device`'s queue;
+    /// answered with [`StoreResult::Removed`]. Need not be durable: a message delivered
+    /// again after a crash is dropped by its receiver as a duplicate.
     Remove {
         /// The device that took them.
         device: NodeId,
-        /// Their ids.
-        ids: Vec<MsgId>,
+        /// Their ids and senders.
+        items: Vec<(MsgId, NodeId)>,
     },
     /// Read the tokens of every device registered in `cell`; answered with
     /// [`StoreResult::Devices`].
@@ -516,7 +516,7 @@ struct Batch<'a> {
     to_store: &'a mut Vec<StoreEnvelope>,
     /// Bytes of the envelopes in `to_store`.
     to_store_bytes: &'a mut usize,
-    removed: &'a mut BTreeMap<NodeId, Vec<MsgId>>,
+    removed: &'a mut BTreeMap<NodeId, Vec<(MsgId, NodeId)>>,
 }
 
 /// Counts for the next [`Summary`].
@@ -847,7 +847,7 @@ impl RelayServer {
     ) {
         let mut to_store = Vec::new();
         let mut to_store_bytes = 0;
-        let mut removed: BTreeMap<NodeId, Vec<MsgId>> = BTreeMap::new();
+        let mut removed: BTreeMap<NodeId, Vec<(MsgId, NodeId)>> = BTreeMap::new();
         for (from, from_cell, payload) in payloads {
             for record in records(payload) {
                 let Ok(record) = record else {
@@ -870,11 +870,11 @@ impl RelayServer {
         if !to_store.is_empty() {
             self.enqueue(now, to_store, true);
         }
-        for (device, ids) in removed {
-            let acked = ids.iter().copied().collect();
+        for (device, items) in removed {
+            let acked = items.iter().map(|(id, _)| *id).collect();
             self.op(
                 Pending::Remove(device, acked),
-                StoreOp::Remove { device, ids },
+                StoreOp::Remove { device, items },
             );
         }
         self.drains(now, outlets);
@@ -1279,19 +1279,37 @@ impl RelayServer {
                     online.wanted = true;
                 }
             }
+            // An id names what this relay handed the device under it: the copy it pushed, and
+            // the copies the store handed, each from its sender. Another sender's envelope
+            // under the same id that the device was not handed stays queued (a sender that
+            // can guess an id must not get another's message acknowledged in its place).
             Record::Delivered(ids) => {
-                if let Some(online) = self.online.get_mut(&from) {
-                    let mut freed = 0;
-                    for id in &ids {
-                        if let Some((_, env)) = online.in_flight.remove(id) {
-                            freed += env.len() + IN_FLIGHT_OVERHEAD;
-                        }
+                let Some(online) = self.online.get_mut(&from) else {
+                    return;
+                };
+                let mut freed = 0;
+                let mut items = Vec::new();
+                let lowest =
+                    NodeId::from_key(crate::keys::PublicKey::from_bytes_unchecked(&[0; 32]));
+                for id in &ids {
+                    if let Some((sender, env)) = online.in_flight.remove(id) {
+                        freed += env.len() + IN_FLIGHT_OVERHEAD;
+                        items.push((*id, sender));
                     }
-                    let cell = online.cell;
-                    self.budget.release(from, cell, freed);
+                    items.extend(
+                        online
+                            .drained
+                            .range((*id, lowest, [0; 16])..)
+                            .take_while(|k| k.0 == *id)
+                            .map(|k| (k.0, k.1)),
+                    );
                 }
-                if self.stored.contains(&from) {
-                    batch.removed.entry(from).or_default().extend(ids);
+                let cell = online.cell;
+                self.budget.release(from, cell, freed);
+                if self.stored.contains(&from) && !items.is_empty() {
+                    items.sort_unstable();
+                    items.dedup();
+                    batch.removed.entry(from).or_default().extend(items);
                 }
             }
             _ => self.drop_device(from, "relay-only record"),

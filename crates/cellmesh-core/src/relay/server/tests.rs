@@ -706,3 +706,48 @@ fn a_delivered_for_another_device_s_ids_changes_nothing_for_it() {
     ids.sort();
     assert_eq!(ids, vec![MsgId([1; 16]), MsgId([2; 16])]);
 }
+
+/// The review's finding B: DELIVERED named ids only, and the relay deleted every queued
+/// envelope with that id whatever its sender. A sender that can guess another's id (an
+/// application may choose ids) queued its own under it first; the recipient's DELIVERED for
+/// that copy then deleted the other sender's unseen. Now only what the relay handed goes.
+#[test]
+fn a_delivered_id_removes_only_the_copies_the_relay_handed_not_another_sender_s() {
+    let t = START.timestamp();
+    let (attacker, recipient) = devices();
+    let victim = TestNode::new(3, t);
+    let mut r = Bench::new();
+    r.join(&attacker);
+    r.join(&victim);
+    r.join(&recipient);
+    r.leave(&recipient);
+    let id = MsgId([9; 16]);
+    // The attacker's copy is big enough to be a drain's whole first chunk.
+    let big = Bytes::from(vec![crate::e2e::E2E_VERSION; 300 << 10]);
+    r.send(
+        &attacker,
+        &[Record::Forward {
+            to: recipient.node_id(),
+            id,
+            envelope: big,
+        }],
+    );
+    r.forward(&victim, &recipient, 9);
+    assert_eq!(r.store.queued(recipient.node_id()), 2);
+    r.join(&recipient);
+    r.send(&recipient, &[Record::Receive]);
+    let first = r.take(&recipient);
+    assert!(
+        matches!(&first[..], [Record::Deliver { from, .. }] if *from == attacker.node_id()),
+        "the first chunk is the attacker's copy alone: {first:?}"
+    );
+    r.send(&recipient, &[Record::Delivered(vec![id])]);
+    let next = r.take(&recipient);
+    assert!(
+        next.iter()
+            .any(|x| matches!(x, Record::Deliver { from, id: got, .. } if *from == victim.node_id() && *got == id)),
+        "the victim's copy is still handed: {next:?}"
+    );
+    r.send(&recipient, &[Record::Delivered(vec![id])]);
+    assert_eq!(r.store.queued(recipient.node_id()), 0);
+}
