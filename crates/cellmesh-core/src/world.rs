@@ -527,6 +527,8 @@ impl World {
             return;
         };
         self.wire.retain(|_, p| p.link != link);
+        self.last_arrival.remove(&(link, true));
+        self.last_arrival.remove(&(link, false));
         let node = self.devices[d].id.node_id();
         if let Some(relay) = self.relay.as_mut() {
             relay.left(self.now, node);

@@ -170,30 +170,6 @@ impl StoreError {
     }
 }
 
-/// A message waiting for its recipient, as [`Store::pending`] returns it.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Queued {
-    /// The sender's message id.
-    pub id: MsgId,
-    /// The sending device.
-    pub from: NodeId,
-    /// When the store stops offering it and [`Store::expire`] may delete it.
-    pub expires_at: Timestamp,
-    /// The end-to-end envelope, opaque to the relay.
-    pub envelope: Bytes,
-}
-
-impl fmt::Debug for Queued {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Queued")
-            .field("id", &self.id)
-            .field("from", &self.from)
-            .field("expires_at", &self.expires_at)
-            .field("envelope_len", &self.envelope.len())
-            .finish()
-    }
-}
-
 /// A message to queue: one FORWARD.
 #[derive(Clone, Copy)]
 pub struct NewMessage<'a> {
@@ -350,8 +326,8 @@ impl Store {
     }
 
     /// Registers device `node` of `cell` with its node token and identity token, seen at
-    /// `now`, replacing any earlier registration of the same pair. Committed without an
-    /// `fsync` (a crash may lose it; the device registers again when it joins again).
+    /// `now`, replacing any earlier registration of the same pair, durably: a device that
+    /// registered and went offline must still be in the directory after a crash.
     pub fn put_device(
         &self,
         cell: CellId,
@@ -592,7 +568,7 @@ impl Store {
         now: Timestamp,
         limit: usize,
         max_bytes: usize,
-    ) -> Result<Vec<Queued>, StoreError> {
+    ) -> Result<Vec<StoredEnvelope>, StoreError> {
         let mut out = Vec::new();
         if limit == 0 {
             return Ok(out);
@@ -863,17 +839,9 @@ impl Store {
                 now,
                 limit,
                 max_bytes,
-            } => self.pending(*device, *now, *limit, *max_bytes).map(|q| {
-                StoreResult::Pending(
-                    q.into_iter()
-                        .map(|q| StoredEnvelope {
-                            id: q.id,
-                            from: q.from,
-                            envelope: q.envelope,
-                        })
-                        .collect(),
-                )
-            }),
+            } => self
+                .pending(*device, *now, *limit, *max_bytes)
+                .map(StoreResult::Pending),
             StoreOp::Expire { now } => self.expire(*now).map(StoreResult::Count),
             StoreOp::Revoke {
                 cell,
@@ -1221,10 +1189,13 @@ impl<'a> Record<'a> {
         })
     }
 
-    /// The record as [`Queued`]. `senders` caches parsed sender keys: parsing checks a curve
+    /// The record as the relay server reads it. `senders` caches parsed sender keys: parsing checks a curve
     /// point, which costs more than the rest of reading a message, and a queue usually holds
     /// many messages from few senders.
-    fn to_queued(&self, senders: &mut HashMap<DeviceKey, NodeId>) -> Result<Queued, StoreError> {
+    fn to_queued(
+        &self,
+        senders: &mut HashMap<DeviceKey, NodeId>,
+    ) -> Result<StoredEnvelope, StoreError> {
         let from = match senders.get(self.from) {
             Some(from) => *from,
             None => {
@@ -1235,10 +1206,9 @@ impl<'a> Record<'a> {
                 from
             }
         };
-        Ok(Queued {
+        Ok(StoredEnvelope {
             id: self.id,
             from,
-            expires_at: self.expires_at,
             envelope: Bytes::copy_from_slice(self.envelope),
         })
     }
@@ -1480,7 +1450,7 @@ mod tests {
         }
     }
 
-    fn ids(queued: &[Queued]) -> Vec<MsgId> {
+    fn ids(queued: &[StoredEnvelope]) -> Vec<MsgId> {
         queued.iter().map(|q| q.id).collect()
     }
 
@@ -1512,8 +1482,9 @@ mod tests {
         assert_eq!(pending[2].envelope, Bytes::from_static(b"three"));
         assert_eq!(pending[0].from, node(200));
         let ttl = StoreLimits::default().ttl.as_secs();
-        assert_eq!(pending[0].expires_at, T0.plus(ttl));
-        assert_eq!(pending[2].expires_at, T0.plus(1 + ttl));
+        // Each is kept for the time to live from when it was queued.
+        let at_ttl = store.pending(a, T0.plus(ttl), 100, usize::MAX).unwrap();
+        assert_eq!(ids(&at_ttl), [id(3)]);
         assert_eq!(store.queued(a), (3, 11));
         assert_eq!(store.queued(b), (1, 5));
 

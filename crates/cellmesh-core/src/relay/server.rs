@@ -170,8 +170,8 @@ pub enum Stored {
 /// except where said otherwise.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StoreOp {
-    /// Record device `node` of `cell` with its tokens, seen at `now`. Need not be durable:
-    /// a device registers again at every join.
+    /// Record device `node` of `cell` with its tokens, seen at `now`, durably: a device
+    /// that registered and went offline must be found by its senders after a crash.
     PutDevice {
         /// Its cell.
         cell: CellId,
