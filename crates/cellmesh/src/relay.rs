@@ -560,13 +560,11 @@ impl Loop {
         for action in actions {
             match action {
                 Action::Send { to, payload } => {
+                    // A device without an outbox has left (or its link closed as it joined):
+                    // what was for it goes as anything on a closed link does, and its mailbox
+                    // asks again when it is back.
                     if let Some(outbox) = self.outboxes.get(&to) {
                         outbox.send(payload);
-                    } else if let Ok(sender) = self.node.sender(to) {
-                        // Not (or no longer) online here: never wait on its link in this loop.
-                        tokio::spawn(async move {
-                            let _ = sender.send(payload).await;
-                        });
                     }
                 }
                 Action::Disconnect { node, reason } => {
