@@ -32,6 +32,7 @@ pub mod keys;
 pub mod keystore;
 pub mod limits;
 pub mod mailbox;
+pub mod mesh;
 pub mod mnemonic;
 pub mod node;
 pub mod peers;
