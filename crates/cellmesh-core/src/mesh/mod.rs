@@ -12,7 +12,9 @@
 //! Nothing here performs I/O or reads a clock: time enters as [`crate::Instant`].
 
 pub mod key;
+pub mod lookup;
 pub mod table;
 
 pub use key::{Distance, RoutingKey};
+pub use lookup::Lookup;
 pub use table::{Health, Insert, Peer, Role, RoutingTable};

@@ -296,16 +296,21 @@ impl RoutingTable {
             self.admit(bucket, peer, rtt_ms, now);
             return Insert::Added;
         }
-        let neighbours = self.neighbour_ids();
         let out = if self.is_neighbour(&peer.key) {
-            self.farthest_non_neighbour(bucket, &neighbours)
-        } else {
+            self.farthest_non_neighbour(bucket, &self.neighbour_ids())
+        } else if self.buckets[bucket]
+            .iter()
+            .any(|n| self.entries[n].health.slower_than(rtt_ms))
+        {
+            let neighbours = self.neighbour_ids();
             self.buckets[bucket]
                 .iter()
                 .filter(|n| !neighbours.contains(n))
                 .filter(|n| self.entries[*n].health.slower_than(rtt_ms))
                 .max_by_key(|n| self.entries[*n].health.srtt_ms)
                 .copied()
+        } else {
+            None
         };
         match out {
             Some(out) => {
@@ -344,8 +349,14 @@ impl RoutingTable {
     /// The `n` entries closest to `target`, closest first.
     pub fn closest(&self, target: &RoutingKey, n: usize) -> Vec<&Entry> {
         let mut all: Vec<&Entry> = self.entries.values().collect();
+        if n == 0 {
+            return Vec::new();
+        }
+        if all.len() > n {
+            all.select_nth_unstable_by_key(n - 1, |e| e.peer.key.distance(target));
+            all.truncate(n);
+        }
         all.sort_by_key(|e| e.peer.key.distance(target));
-        all.truncate(n);
         all
     }
 
