@@ -14,7 +14,9 @@
 pub mod key;
 pub mod lookup;
 pub mod table;
+pub mod wire;
 
 pub use key::{Distance, RoutingKey};
 pub use lookup::Lookup;
 pub use table::{Health, Insert, Peer, Role, RoutingTable};
+pub use wire::MeshMessage;
