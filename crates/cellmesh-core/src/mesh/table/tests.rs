@@ -35,6 +35,19 @@ fn table() -> RoutingTable {
 
 const T0: Instant = Instant(1_000_000);
 
+/// A table whose `NEIGHBOURS` closest peers sit deep, in bucket `depth` (ids 1000 and up),
+/// so that the buckets a test fills hold no neighbour.
+fn with_neighbours_at(depth: usize, rtt_ms: Option<u32>) -> RoutingTable {
+    let mut t = table();
+    for i in 0..NEIGHBOURS as u32 {
+        assert_eq!(
+            t.insert(at(1000 + i, depth, i), Role::Server, rtt_ms, T0),
+            Insert::Added
+        );
+    }
+    t
+}
+
 #[test]
 fn clients_and_ourselves_are_refused() {
     let mut t = table();
@@ -56,15 +69,9 @@ fn clients_and_ourselves_are_refused() {
 
 #[test]
 fn a_full_bucket_keeps_the_peers_it_has_and_newcomers_wait() {
-    let mut t = table();
     // Bucket 0 is the far half of the space: a neighbour never falls in it while the deep
     // buckets hold NEIGHBOURS peers.
-    for i in 0..NEIGHBOURS as u32 {
-        assert_eq!(
-            t.insert(at(1000 + i, 200, i), Role::Server, None, T0),
-            Insert::Added
-        );
-    }
+    let mut t = with_neighbours_at(200, None);
     for i in 0..BUCKET_SIZE as u32 {
         assert_eq!(
             t.insert(at(i, 0, i), Role::Server, Some(50), T0),
@@ -88,10 +95,7 @@ fn a_full_bucket_keeps_the_peers_it_has_and_newcomers_wait() {
 
 #[test]
 fn a_slow_peer_gives_way_to_a_much_faster_one_and_waits() {
-    let mut t = table();
-    for i in 0..NEIGHBOURS as u32 {
-        t.insert(at(1000 + i, 200, i), Role::Server, None, T0);
-    }
+    let mut t = with_neighbours_at(200, None);
     for i in 0..BUCKET_SIZE as u32 {
         let rtt = if i == 7 { 900 } else { 60 };
         t.insert(at(i, 0, i), Role::Server, Some(rtt), T0);
@@ -128,10 +132,7 @@ fn one_of_the_closest_always_gets_in() {
 
 #[test]
 fn three_missed_pings_evict_and_a_waiting_peer_takes_the_place() {
-    let mut t = table();
-    for i in 0..NEIGHBOURS as u32 {
-        t.insert(at(1000 + i, 200, i), Role::Server, Some(10), T0);
-    }
+    let mut t = with_neighbours_at(200, Some(10));
     for i in 0..BUCKET_SIZE as u32 {
         t.insert(at(i, 0, i), Role::Server, Some(10), T0);
     }
@@ -255,10 +256,7 @@ fn a_removed_neighbour_is_replaced_by_the_closest_waiting_peer() {
 
 #[test]
 fn a_waiting_peer_that_becomes_one_of_the_closest_takes_a_farther_peer_s_place() {
-    let mut t = table();
-    for i in 0..NEIGHBOURS as u32 {
-        t.insert(at(1000 + i, 10, i), Role::Server, None, T0);
-    }
+    let mut t = with_neighbours_at(10, None);
     for i in 0..BUCKET_SIZE as u32 {
         t.insert(at(i, 3, 100 + i), Role::Server, None, T0);
     }
