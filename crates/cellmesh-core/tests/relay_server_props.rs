@@ -5,16 +5,19 @@
 //! acknowledges until nothing more arrives, and then:
 //!
 //! - every FORWARD got one answer (or `pushed` and then `queued`, when what its device did
-//!   not acknowledge before leaving was kept), unless a restart came while its store
-//!   operation was held (its sender never heard, and sends it again);
+//!   not acknowledge before leaving was kept, or `pushed` and then a transient REFUSED, when
+//!   the store could not keep it), unless a restart came while its store operation was held
+//!   (its sender never heard, and sends it again);
 //! - every FORWARD answered `queued` reached its recipient device, which acknowledged it
 //!   while connected (what a device was handed and not acknowledged when its connection
 //!   ended is lost with it, and must be handed again);
-//! - every FORWARD answered `pushed` did too, when no restart came (pushed copies live in
+//! - every FORWARD answered `pushed` did too, when no restart came after it (pushed copies live in
 //!   memory until acknowledged: a crash loses them, and their senders, who were promised
 //!   nothing durable, send them again when no acknowledgement comes);
-//! - with a store that fails for a while (a full disk), all of the above but the last but
-//!   one: what was answered `queued` still arrives;
+//! - with a store that fails for a while (a full disk), all of the above, except that a
+//!   FORWARD answered `pushed` whose sender went offline after it may be lost (the store
+//!   could not keep it, and its sender was not there to hear REFUSED: its mailbox sends what
+//!   was pushed again when its link comes back);
 //! - nothing was delivered to a device that was not forwarded to it, by its sender.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -23,7 +26,7 @@ use bytes::Bytes;
 use cellmesh_core::id::NodeId;
 use cellmesh_core::relay::harness::RelayHarness;
 use cellmesh_core::relay::server::RETRY_MS;
-use cellmesh_core::relay::{Accepted, MAX_IDS, MsgId, Record};
+use cellmesh_core::relay::{Accepted, MAX_IDS, MsgId, Record, RefuseCode};
 use cellmesh_core::testing::{START, TestNode};
 use proptest::prelude::*;
 
@@ -100,11 +103,13 @@ struct Model {
     acked_upto: Vec<usize>,
     /// What each device acknowledged: it has it.
     acked: Vec<BTreeSet<MsgId>>,
-    restarted: bool,
+    /// Forwards made before a restart (what was pushed of them is lost with the machine).
+    restarted: BTreeSet<MsgId>,
     /// Whether the store failed at some point: a pushed copy that it could not keep when
-    /// its device left is lost (its sender, told `pushed`, sends it again on no
-    /// acknowledgement).
+    /// its device left is lost, and its sender hears so if it is online.
     failed: bool,
+    /// Forwards whose sender went offline after sending them.
+    sender_left: BTreeSet<MsgId>,
     next: u16,
 }
 
@@ -118,8 +123,9 @@ impl Model {
             exempt: BTreeSet::new(),
             acked_upto: vec![0; 3],
             acked: vec![BTreeSet::new(); 3],
-            restarted: false,
+            restarted: BTreeSet::new(),
             failed: false,
+            sender_left: BTreeSet::new(),
             next: 0,
         }
     }
@@ -160,6 +166,16 @@ impl Model {
             if self.online.contains(&d) && !self.h.server.is_online(self.node(d)) {
                 self.online.remove(&d);
                 self.acked_upto[d] = self.records_of(d).len();
+                self.sender_went(d);
+            }
+        }
+    }
+
+    /// Device `d` went offline: it hears nothing more of what it sent.
+    fn sender_went(&mut self, d: usize) {
+        for (id, (from, _)) in &self.forwards {
+            if *from == d {
+                self.sender_left.insert(*id);
             }
         }
     }
@@ -169,6 +185,7 @@ impl Model {
             Op::Join(d) => {
                 if self.online.contains(&d) {
                     self.h.leave(&self.devices[d]);
+                    self.sender_went(d);
                 }
                 self.acked_upto[d] = self.records_of(d).len();
                 self.h.join(&self.devices[d]);
@@ -177,6 +194,7 @@ impl Model {
             Op::Leave(d) => {
                 if self.online.remove(&d) {
                     self.h.leave(&self.devices[d]);
+                    self.sender_went(d);
                 }
                 // What it was handed and did not acknowledge is lost with its connection.
                 self.acked_upto[d] = self.records_of(d).len();
@@ -233,8 +251,9 @@ impl Model {
                 self.online.clear();
                 for d in 0..3 {
                     self.acked_upto[d] = self.records_of(d).len();
+                    self.sender_went(d);
                 }
-                self.restarted = true;
+                self.restarted.extend(self.forwards.keys().copied());
             }
             _ => {}
         }
@@ -286,9 +305,13 @@ impl Model {
         for (id, (from, to)) in &self.forwards {
             let answers = answered.get(id).map_or(&[][..], Vec::as_slice);
             // One answer; or `pushed`, then `queued` once what its device did not acknowledge
-            // before leaving was kept.
-            let once =
-                answers.len() <= 1 || answers == [Ok(Accepted::Pushed), Ok(Accepted::Queued)];
+            // before leaving was kept, or a transient refusal if it could not be.
+            let once = match answers {
+                [] | [_] => true,
+                [Ok(Accepted::Pushed), Ok(Accepted::Queued)] => true,
+                [Ok(Accepted::Pushed), Err(code)] => RefuseCode::from_code(*code).is_transient(),
+                _ => false,
+            };
             prop_assert!(once, "{id:?} answered {answers:?}");
             if !self.exempt.contains(id) {
                 prop_assert!(
@@ -301,7 +324,10 @@ impl Model {
                 Some(Ok(Accepted::Queued)) => {
                     prop_assert!(delivered, "{id:?} queued for {to} and never delivered")
                 }
-                Some(Ok(Accepted::Pushed)) if !self.restarted && !self.failed => {
+                Some(Ok(Accepted::Pushed))
+                    if !(self.restarted.contains(id)
+                        || self.failed && self.sender_left.contains(id)) =>
+                {
                     prop_assert!(delivered, "{id:?} pushed to {to} and never delivered")
                 }
                 _ => {}

@@ -1387,9 +1387,14 @@ impl Mailbox {
             return;
         };
         // One answer per FORWARD, except that a pushed envelope whose device left before
-        // taking it is reported again, as queued.
-        let later_queued = dev.state == DevState::Pushed && answer == Ok(Accepted::Queued);
-        if dev.state != DevState::Sent && !later_queued {
+        // taking it is reported again: queued, or refused with a transient code when the
+        // relay could not keep it (13.5), and then it is sent again as after any other.
+        let again = dev.state == DevState::Pushed
+            && match answer {
+                Ok(a) => a == Accepted::Queued,
+                Err(code) => code.is_transient(),
+            };
+        if dev.state != DevState::Sent && !again {
             return;
         }
         dev.state = match answer {

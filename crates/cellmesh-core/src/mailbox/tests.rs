@@ -116,6 +116,18 @@ impl Relay {
         self.queued.entry(node).or_default().extend(pushed);
     }
 
+    /// `node`'s link is gone, and what was pushed to it could not be kept (the relay's store
+    /// failed): each sender, told `pushed`, is told REFUSED `unavailable` (13.5).
+    fn disconnect_unkept(&mut self, node: NodeId) {
+        self.online.remove(&node);
+        self.receiving.remove(&node);
+        self.outgoing.remove(&node);
+        for (from, id, _) in self.pushed.remove(&node).unwrap_or_default() {
+            let code = RefuseCode::Unavailable;
+            self.send(from, Record::Refused { to: node, id, code });
+        }
+    }
+
     fn send(&mut self, to: NodeId, r: Record) {
         self.outgoing.entry(to).or_default().push(r);
     }
@@ -1143,4 +1155,34 @@ fn a_kept_send_stops_waiting_for_a_device_found_revoked() {
             .all(|d| d.node != bob2 || d.state == DevState::Refused(RefuseCode::NotAllowed))
     }),);
     assert_eq!(mb.sends_kept(), 0);
+}
+
+/// The review of 2026-12-02, finding A: the relay could not keep what it had pushed to a
+/// device that left before taking it, and told nobody. It tells the sender REFUSED
+/// `unavailable` after `pushed` now, and the sender sends it again as after any transient
+/// refusal, rather than waiting for a reconnection that may never come.
+#[test]
+fn a_pushed_envelope_the_relay_could_not_keep_is_sent_again() {
+    let mut w = world_of(false);
+    w.start(ALICE);
+    // Bob is handed the message and goes before taking it.
+    w.devices[BOB].takes = false;
+    w.start(BOB);
+    let bob_cell = w.cell(BOB);
+    let t = w.send(ALICE, bob_cell, b"hello");
+    let bob = w.devices[BOB].node();
+    assert_eq!(w.relay.waiting_for(bob), 1, "pushed, not taken");
+    w.devices[BOB].mailbox = None;
+    w.devices[BOB].got.clear();
+    w.relay.disconnect_unkept(bob);
+    w.settle();
+    assert_eq!(w.relay.waiting_for(bob), 0, "lost at the relay");
+    w.advance(RETRY_AFTER_MS);
+    assert_eq!(w.relay.waiting_for(bob), 1, "sent again, and queued");
+    w.devices[BOB].takes = true;
+    w.start(BOB);
+    assert_eq!(w.bodies(BOB), vec![&b"hello"[..]]);
+    // Reported once it was queued, and finished once Bob acknowledged it.
+    assert_eq!(status(w.outcome(ALICE, t)), Some(Status::Queued));
+    assert_eq!(w.devices[ALICE].mb().sends_kept(), 0);
 }

@@ -910,6 +910,16 @@ impl RelayServer {
                             self.refused(from, to, id, RefuseCode::Unavailable);
                         }
                     }
+                    // Pushed copies of a departed device: lost here, so their senders, told
+                    // `pushed`, hear it and send them again.
+                    Pending::Enqueue {
+                        items,
+                        answer: false,
+                    } => {
+                        for (from, to, id, _) in items {
+                            self.unkept(from, to, id, RefuseCode::Unavailable);
+                        }
+                    }
                     // Still in the store: read again after a pause (asked again at once, a
                     // failing store is asked as fast as it fails).
                     Pending::Drain(node) => {
@@ -993,10 +1003,13 @@ impl RelayServer {
                             self.want_drain(to);
                         }
                         Err(code) if answer => self.refused(from, to, id, code),
-                        Err(code) => self.event(ServerEvent::StoreFailed {
-                            doing: "keeping an unacknowledged envelope",
-                            error: code.name().to_owned(),
-                        }),
+                        Err(code) => {
+                            self.event(ServerEvent::StoreFailed {
+                                doing: "keeping an unacknowledged envelope",
+                                error: code.name().to_owned(),
+                            });
+                            self.unkept(from, to, id, code);
+                        }
                     }
                 }
             }
@@ -1629,6 +1642,27 @@ impl RelayServer {
             self.event(ServerEvent::Refused { from, id, code });
         }
         self.out.push(from, &Record::Refused { to, id, code });
+    }
+
+    /// A pushed envelope whose device left before DELIVERED could not be kept in the store:
+    /// its sender, answered `pushed`, is answered again, REFUSED with a transient code, so
+    /// that it sends it again (13.5). One that is not online hears nothing: its mailbox sends
+    /// what was pushed again when its link comes back. Not counted again in the stats: the
+    /// FORWARD was counted `pushed`.
+    fn unkept(&mut self, from: NodeId, to: NodeId, id: MsgId, code: RefuseCode) {
+        // The store's refusals are transient (`queue_full`, `unavailable`); another would
+        // end the sender's attempt for a device that may still take it.
+        let code = if code.is_transient() {
+            code
+        } else {
+            RefuseCode::Unavailable
+        };
+        if self.watched {
+            self.event(ServerEvent::Refused { from, id, code });
+        }
+        if self.online.contains_key(&from) && !self.dropped.contains(&from) {
+            self.out.push(from, &Record::Refused { to, id, code });
+        }
     }
 
     fn failed(&mut self, doing: &'static str, error: String) {

@@ -751,3 +751,73 @@ fn a_delivered_id_removes_only_the_copies_the_relay_handed_not_another_sender_s(
     r.send(&recipient, &[Record::Delivered(vec![id])]);
     assert_eq!(r.store.queued(recipient.node_id()), 0);
 }
+
+// ---------------------------------------------------------------------------------------------
+// The review of 2026-12-02: A, C and D
+// ---------------------------------------------------------------------------------------------
+
+/// Finding A: a pushed envelope the store could not keep when its device left was lost
+/// silently, its sender told `pushed` and nothing more. It hears REFUSED now, and sends it
+/// again.
+#[test]
+fn a_pushed_envelope_the_store_cannot_keep_at_its_device_s_departure_is_refused_to_its_sender() {
+    let (a, b) = devices();
+    let mut r = Bench::new();
+    r.join(&a);
+    r.join(&b);
+    r.send(&b, &[Record::Receive]);
+    r.forward(&a, &b, 1);
+    assert_eq!(
+        answers(&r.take(&a)),
+        vec![(MsgId([1; 16]), Ok(Accepted::Pushed))]
+    );
+    assert_eq!(delivered(&r.take(&b)), vec![MsgId([1; 16])]);
+    // b leaves without DELIVERED while the disk is full: the copy cannot be kept.
+    r.store.failing = true;
+    r.leave(&b);
+    assert_eq!(r.store.queued(b.node_id()), 0);
+    assert_eq!(
+        answers(&r.take(&a)),
+        vec![(MsgId([1; 16]), Err(RefuseCode::Unavailable))],
+        "the sender told `pushed` hears that it was not kept"
+    );
+    // The sender sends it again once the disk has room: queued, and b gets it.
+    r.store.failing = false;
+    r.forward(&a, &b, 1);
+    assert_eq!(
+        answers(&r.take(&a)),
+        vec![(MsgId([1; 16]), Ok(Accepted::Queued))]
+    );
+    r.join(&b);
+    r.send(&b, &[Record::Receive]);
+    assert_eq!(delivered(&r.take(&b)), vec![MsgId([1; 16])]);
+}
+
+/// Finding A, the store's own refusal: a queue at its bound cannot keep the pushed copy
+/// either, and its sender hears `queue_full` (transient) after `pushed`.
+#[test]
+fn a_pushed_envelope_a_full_queue_cannot_keep_is_refused_to_its_sender_with_the_store_s_code() {
+    let (a, b) = devices();
+    let store = crate::relay::mem_store::MemStore::new(crate::relay::mem_store::MemStoreLimits {
+        max_messages: 1,
+        ..Default::default()
+    });
+    let mut r = Bench::over(store, crate::relay::harness::config());
+    r.join(&a);
+    r.join(&b);
+    r.leave(&b);
+    r.forward(&a, &b, 1);
+    r.join(&b);
+    r.send(&b, &[Record::Receive]);
+    // 1 is drained from the queue (still queued until DELIVERED), 2 is pushed.
+    r.forward(&a, &b, 2);
+    let mut got = delivered(&r.take(&b));
+    got.sort();
+    assert_eq!(got, vec![MsgId([1; 16]), MsgId([2; 16])]);
+    r.take(&a);
+    r.leave(&b);
+    assert_eq!(
+        answers(&r.take(&a)),
+        vec![(MsgId([2; 16]), Err(RefuseCode::QueueFull))]
+    );
+}
