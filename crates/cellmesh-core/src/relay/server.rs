@@ -901,23 +901,16 @@ impl RelayServer {
             (pending, StoreResult::Failed(error)) => {
                 self.failed(pending.doing(), error);
                 match pending {
-                    // Nothing was queued: each sender is refused, and retries with the same id.
-                    Pending::Enqueue {
-                        items,
-                        answer: true,
-                    } => {
+                    // Nothing was queued: each sender is refused and retries with the same
+                    // id; for pushed copies of a departed device (`answer: false`) after its
+                    // `pushed`, so that it sends them again.
+                    Pending::Enqueue { items, answer } => {
                         for (from, to, id, _) in items {
-                            self.refused(from, to, id, RefuseCode::Unavailable);
-                        }
-                    }
-                    // Pushed copies of a departed device: lost here, so their senders, told
-                    // `pushed`, hear it and send them again.
-                    Pending::Enqueue {
-                        items,
-                        answer: false,
-                    } => {
-                        for (from, to, id, _) in items {
-                            self.unkept(from, to, id, RefuseCode::Unavailable);
+                            if answer {
+                                self.refused(from, to, id, RefuseCode::Unavailable);
+                            } else {
+                                self.unkept(from, to, id, RefuseCode::Unavailable);
+                            }
                         }
                     }
                     // Still in the store: read again after a pause (asked again at once, a
